@@ -1,0 +1,268 @@
+"""Controller half of the local backend: volumes are sparse image files on one node.
+
+Snapshots and clones are full copies made with ``cp --reflink=auto --sparse=always``: a
+reflink (shared extents, instant) where the filesystem offers it (XFS, btrfs), a sparse
+copy elsewhere. A snapshot is therefore independent of its source volume, and deleting
+either never affects the other.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from csi import proc
+from csi.backends.local.layout import Layout
+from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from csi.files import TEMP_SUFFIX, fsync_dir, fsync_file
+from csi.model import TOPOLOGY_NODE_KEY, Capability, GiB, MiB, Segment, Snapshot, SourceRef, Volume, VolumeSpec
+
+DEFAULT_VOLUME_BYTES = 1 * GiB
+COPY_TIMEOUT = 3600.0
+PARAM_PREALLOCATE = "preallocate"
+
+
+def round_up(size: int, unit: int = MiB) -> int:
+    return -(-size // unit) * unit
+
+
+def choose_size(required: int, limit: int, minimum: int = 0) -> int:
+    """The volume size for a capacity range: the required size (or the default when
+    none is given, or the minimum a source needs) rounded up to whole MiB."""
+    size = round_up(max(required or min(DEFAULT_VOLUME_BYTES, limit or DEFAULT_VOLUME_BYTES), minimum, 1))
+    if limit and size > limit:
+        raise OutOfRange(f"no size of whole MiB fits the range {required}..{limit} bytes (needs at least {size})")
+    return size
+
+
+class LocalVolumes:
+    parameter_keys = frozenset({PARAM_PREALLOCATE})
+
+    def __init__(self, root: str, node_id: str) -> None:
+        self.layout = Layout(root)
+        self.layout.ensure()
+        self.layout.recover()
+        self.node_id = node_id
+        self.topology: tuple[Segment, ...] = ({TOPOLOGY_NODE_KEY: node_id},)
+
+    # -- capacity and capabilities -------------------------------------------------
+
+    def unsupported(self, capability: Capability) -> str | None:
+        if capability.access_mode.multi_node:
+            return f"the local backend keeps volumes on one node and cannot offer {capability.access_mode.value}"
+        return None
+
+    def health(self) -> str | None:
+        if not os.access(self.layout.root, os.W_OK | os.X_OK):
+            return f"directory {self.layout.root} is not writable"
+        return None
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.layout.root)
+        return st.f_bavail * st.f_frsize
+
+    def max_volume_bytes(self) -> int:
+        return self.free_bytes()
+
+    # -- volumes --------------------------------------------------------------------
+
+    def create_volume(self, spec: VolumeSpec) -> Volume:
+        preallocate = _parse_bool(spec.parameters.get(PARAM_PREALLOCATE, "false"), PARAM_PREALLOCATE)
+        local_id = self.layout.local_id("volume", spec.name)
+        source_image, source_size = self._source(spec.source)
+        size = choose_size(spec.required_bytes, spec.limit_bytes, source_size)
+        existing = self.layout.read_record("volume", local_id)
+        if existing is not None:
+            return self._matching(local_id, existing, spec)
+        image = self.layout.image("volume", local_id)
+        temp = image + TEMP_SUFFIX
+        try:
+            if source_image:
+                copy_image(source_image, temp)
+            else:
+                open(temp, "wb").close()
+            os.truncate(temp, size)
+            if preallocate:
+                _preallocate(temp, size)
+            fsync_file(temp)
+            record = {
+                "name": spec.name,
+                "source": _source_record(spec.source),
+                "parameters": dict(spec.parameters),
+                "created": time.time(),
+                "published": {},
+            }
+            self.layout.write_record("volume", local_id, record)
+            os.rename(temp, image)
+            fsync_dir(os.path.dirname(image))
+        except BaseException:
+            self.layout.remove("volume", local_id)
+            raise
+        return self.get_volume(local_id)
+
+    def _matching(self, local_id: str, record: dict[str, Any], spec: VolumeSpec) -> Volume:
+        volume = self._volume(local_id, record)
+        if record["name"] != spec.name:
+            raise AlreadyExists(f"volume ID {local_id} already belongs to {record['name']!r}")
+        if volume.source != spec.source:
+            raise AlreadyExists(f"volume {spec.name!r} exists with another content source")
+        too_small = volume.capacity_bytes < spec.required_bytes
+        too_large = bool(spec.limit_bytes) and volume.capacity_bytes > spec.limit_bytes
+        if too_small or too_large:
+            raise AlreadyExists(
+                f"volume {spec.name!r} exists with {volume.capacity_bytes} bytes, outside the requested range"
+            )
+        return volume
+
+    def _source(self, source: SourceRef | None) -> tuple[str | None, int]:
+        if source is None:
+            return None, 0
+        if not self.layout.exists(source.kind, source.local_id):
+            raise NotFound(f"source {source.kind} {source.local_id!r} does not exist")
+        image = self.layout.image(source.kind, source.local_id)
+        return image, os.stat(image).st_size
+
+    def delete_volume(self, local_id: str) -> None:
+        record = self.layout.read_record("volume", local_id)
+        if record and record["published"]:
+            nodes = ", ".join(sorted(record["published"]))
+            raise FailedPrecondition(f"volume {local_id} is still published to node(s) {nodes}")
+        self.layout.remove("volume", local_id)
+
+    def get_volume(self, local_id: str) -> Volume:
+        record = self.layout.read_record("volume", local_id)
+        if record is None:
+            raise NotFound(f"volume {local_id!r} does not exist")
+        return self._volume(local_id, record)
+
+    def lookup_volume(self, name: str) -> Volume | None:
+        local_id = self.layout.local_id("volume", name)
+        record = self.layout.read_record("volume", local_id)
+        return self._volume(local_id, record) if record else None
+
+    def list_volumes(self) -> Sequence[Volume]:
+        return [self.get_volume(local_id) for local_id in self.layout.ids("volume")]
+
+    def _volume(self, local_id: str, record: dict[str, Any]) -> Volume:
+        source = record.get("source")
+        return Volume(
+            local_id=local_id,
+            name=record["name"],
+            capacity_bytes=os.stat(self.layout.image("volume", local_id)).st_size,
+            source=SourceRef(source["kind"], source["local_id"]) if source else None,
+            topology=self.topology,
+            published_nodes=tuple(sorted(record["published"])),
+        )
+
+    def expand_volume(self, local_id: str, required_bytes: int, limit_bytes: int) -> int:
+        record = self.layout.read_record("volume", local_id)
+        if record is None:
+            raise NotFound(f"volume {local_id!r} does not exist")
+        image = self.layout.image("volume", local_id)
+        current = os.stat(image).st_size
+        if required_bytes <= current:
+            return current
+        size = choose_size(required_bytes, limit_bytes)
+        os.truncate(image, size)
+        if _parse_bool(record["parameters"].get(PARAM_PREALLOCATE, "false"), PARAM_PREALLOCATE):
+            _preallocate(image, size)
+        fsync_file(image)
+        return size
+
+    # -- snapshots ------------------------------------------------------------------
+
+    def create_snapshot(self, name: str, source_local_id: str, parameters: Mapping[str, str]) -> Snapshot:
+        local_id = self.layout.local_id("snapshot", name)
+        existing = self.layout.read_record("snapshot", local_id)
+        if existing is not None:
+            if existing["name"] != name or existing["source"] != source_local_id:
+                raise AlreadyExists(f"snapshot {name!r} exists for another source volume")
+            return self._snapshot(local_id, existing)
+        source_image, _ = self._source(SourceRef("volume", source_local_id))
+        assert source_image is not None
+        image = self.layout.image("snapshot", local_id)
+        temp = image + TEMP_SUFFIX
+        try:
+            copy_image(source_image, temp)
+            fsync_file(temp)
+            self.layout.write_record(
+                "snapshot", local_id, {"name": name, "source": source_local_id, "created": time.time()}
+            )
+            os.rename(temp, image)
+            fsync_dir(os.path.dirname(image))
+        except BaseException:
+            self.layout.remove("snapshot", local_id)
+            raise
+        return self.get_snapshot(local_id)
+
+    def delete_snapshot(self, local_id: str) -> None:
+        self.layout.remove("snapshot", local_id)
+
+    def get_snapshot(self, local_id: str) -> Snapshot:
+        record = self.layout.read_record("snapshot", local_id)
+        if record is None:
+            raise NotFound(f"snapshot {local_id!r} does not exist")
+        return self._snapshot(local_id, record)
+
+    def list_snapshots(self) -> Sequence[Snapshot]:
+        return [self.get_snapshot(local_id) for local_id in self.layout.ids("snapshot")]
+
+    def _snapshot(self, local_id: str, record: dict[str, Any]) -> Snapshot:
+        return Snapshot(
+            local_id=local_id,
+            name=record["name"],
+            source_volume_local_id=record["source"],
+            size_bytes=os.stat(self.layout.image("snapshot", local_id)).st_size,
+            created_at=record["created"],
+        )
+
+    # -- publication ----------------------------------------------------------------
+
+    def publish_volume(self, local_id: str, node_id: str, capability: Capability, readonly: bool) -> dict[str, str]:
+        record = self.layout.read_record("volume", local_id)
+        if record is None:
+            raise NotFound(f"volume {local_id!r} does not exist")
+        if node_id != self.node_id:
+            raise NotFound(f"node {node_id!r} cannot reach volume {local_id}: it is local to node {self.node_id!r}")
+        published: dict[str, bool] = record["published"]
+        if node_id in published and published[node_id] != readonly:
+            state = "read-only" if published[node_id] else "read-write"
+            raise AlreadyExists(f"volume {local_id} is already published {state} to node {node_id!r}")
+        if node_id not in published:
+            published[node_id] = readonly
+            self.layout.write_record("volume", local_id, record)
+        return {"image": self.layout.image("volume", local_id)}
+
+    def unpublish_volume(self, local_id: str, node_id: str) -> None:
+        record = self.layout.read_record("volume", local_id)
+        if record is None or node_id not in record["published"]:
+            return
+        del record["published"][node_id]
+        self.layout.write_record("volume", local_id, record)
+
+
+def copy_image(source: str, target: str) -> None:
+    """Copy an image, sharing extents where the filesystem can and keeping holes."""
+    proc.run(["cp", "--reflink=auto", "--sparse=always", source, target], timeout=COPY_TIMEOUT)
+
+
+def _source_record(source: SourceRef | None) -> dict[str, str] | None:
+    return {"kind": source.kind, "local_id": source.local_id} if source else None
+
+
+def _parse_bool(value: str, key: str) -> bool:
+    if value.lower() in ("true", "yes", "1"):
+        return True
+    if value.lower() in ("false", "no", "0"):
+        return False
+    raise InvalidArgument(f"parameter {key!r} must be true or false, got {value!r}")
+
+
+def _preallocate(path: str, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)

@@ -1,0 +1,32 @@
+"""Node half of the local backend: a volume's image becomes a block device through a
+loop device. The device is found again from the image path, so a restarted node plugin
+needs no saved state to detach it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from csi import loopdev
+from csi.backends.local.layout import Layout
+from csi.errors import NotFound
+
+
+class LocalConnector:
+    def __init__(self, root: str) -> None:
+        self.layout = Layout(root)
+
+    def attach(self, local_id: str, publish_context: Mapping[str, str]) -> str:
+        image = self.layout.image("volume", local_id)
+        if not os.path.exists(image):
+            raise NotFound(f"volume {local_id!r} has no image on this node")
+        return loopdev.attach(image)
+
+    def detach(self, local_id: str) -> None:
+        loopdev.detach(self.layout.image("volume", local_id))
+
+    def refresh_size(self, local_id: str, device: str) -> None:
+        loopdev.refresh_size(device)
+
+    def present(self, local_id: str) -> bool:
+        return os.path.exists(self.layout.image("volume", local_id))

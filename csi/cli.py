@@ -1,0 +1,111 @@
+"""Command line: flags and the config file to objects, and the only place that picks
+concrete backend implementations.
+
+    cairn-csi --endpoint unix:///run/cairn/csi.sock --node-id NODE [--config FILE]
+    cairn-csi client --endpoint ... COMMAND     (see csi/client.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+from csi import DRIVER_NAME, __version__, config
+from csi import log as logsetup
+from csi.backends import local
+from csi.backends.base import Backend
+from csi.config import BackendConfig
+from csi.controller import ControllerService
+from csi.errors import ConfigError
+from csi.identity import IdentityService
+from csi.node import NodeService
+from csi.nodestate import NodeState
+from csi.scheduler import Scheduler
+from csi.server import Server, Services
+
+log = logging.getLogger("csi")
+
+DEFAULT_ROOT = "/var/lib/cairn-csi"
+
+BUILDERS: dict[str, Callable[[BackendConfig, str], Backend]] = {
+    "local": local.build,
+}
+
+
+def build_backends(driver_config: config.DriverConfig, node_id: str) -> list[Backend]:
+    backends = []
+    for entry in driver_config.backends:
+        builder = BUILDERS.get(entry.kind)
+        if builder is None:
+            raise ConfigError(f"backend {entry.name!r}: unknown kind {entry.kind!r} (known: {', '.join(BUILDERS)})")
+        backends.append(builder(entry, node_id))
+    return backends
+
+
+def parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="cairn-csi", description=f"{DRIVER_NAME}: a CSI driver with many backends")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument(
+        "--endpoint",
+        default=env("CSI_ENDPOINT", f"unix://{DEFAULT_ROOT}/csi.sock"),
+        help="unix:///path/csi.sock or tcp://host:port (env CSI_ENDPOINT)",
+    )
+    p.add_argument("--node-id", default=env("NODE_ID") or socket.gethostname(), help="this node's ID (env NODE_ID)")
+    p.add_argument(
+        "--config", default=env("CAIRN_CONFIG"), help="driver config file (YAML); none: embedded local backend"
+    )
+    p.add_argument("--data-dir", default=f"{DEFAULT_ROOT}/local", help="directory of the embedded local backend")
+    p.add_argument("--state-dir", default=f"{DEFAULT_ROOT}/node", help="where the node plugin records staged volumes")
+    p.add_argument("--mode", choices=("all", "controller", "node"), default="all", help="which CSI services to serve")
+    p.add_argument("--max-volumes-per-node", type=int, default=0, help="attach limit reported to Kubernetes (0: none)")
+    p.add_argument("--workers", type=int, default=8, help="gRPC worker threads")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    return p
+
+
+def build_server(args: argparse.Namespace) -> Server:
+    driver_config = config.load(args.config) if args.config else config.embedded_default(args.data_dir)
+    scheduler = Scheduler(build_backends(driver_config, args.node_id))
+    controller = ControllerService(scheduler) if args.mode in ("all", "controller") else None
+    node = None
+    if args.mode in ("all", "node"):
+        node = NodeService(scheduler, args.node_id, NodeState(args.state_dir), args.max_volumes_per_node)
+    identity = IdentityService(scheduler, controller=controller is not None)
+    return Server(args.endpoint, Services(identity, controller, node), workers=args.workers)
+
+
+def serve(argv: Sequence[str]) -> int:
+    args = parser().parse_args(argv)
+    logsetup.setup(args.log_level, args.log_json)
+    try:
+        server = build_server(args)
+        server.start()
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %s: stopping", signal.Signals(signum).name)
+        server.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    server.wait()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["client"]:
+        from csi import client
+
+        return client.main(argv[1:])
+    return serve(argv)

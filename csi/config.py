@@ -1,0 +1,87 @@
+"""The driver configuration file: which named backends this driver serves.
+
+    backends:
+      - name: local            # [a-z0-9-], unique; appears in every volume ID
+        kind: local            # local (rbd, nfs and lvm follow)
+        group: fast            # optional; a StorageClass may name a group instead
+        path: /var/lib/cairn   # settings of the kind, checked by the backend itself
+
+Without a file the driver serves the embedded default: one local backend named ``local``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from csi.errors import ConfigError
+from csi.ids import BACKEND_NAME
+
+DEFAULT_BACKEND_NAME = "local"
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: str
+    kind: str
+    group: str | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DriverConfig:
+    backends: tuple[BackendConfig, ...]
+
+    @property
+    def groups(self) -> frozenset[str]:
+        return frozenset(b.group for b in self.backends if b.group)
+
+
+def embedded_default(data_dir: str) -> DriverConfig:
+    return DriverConfig((BackendConfig(DEFAULT_BACKEND_NAME, "local", None, {"path": data_dir}),))
+
+
+def load(path: str) -> DriverConfig:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    return parse(data, path)
+
+
+def parse(data: Any, source: str = "config") -> DriverConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with a 'backends' list")
+    unknown = set(data) - {"backends"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level keys {sorted(unknown)}")
+    entries = data.get("backends")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{source}: 'backends' must be a non-empty list")
+    backends = tuple(_parse_backend(entry, f"{source}: backends[{i}]") for i, entry in enumerate(entries))
+    names = [b.name for b in backends]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"{source}: backend names must be unique, repeated: {duplicates}")
+    clashes = sorted({b.group for b in backends if b.group} & set(names))
+    if clashes:
+        raise ConfigError(f"{source}: group names must differ from backend names: {clashes}")
+    return DriverConfig(backends)
+
+
+def _parse_backend(entry: Any, where: str) -> BackendConfig:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    name, kind, group = entry.get("name"), entry.get("kind"), entry.get("group")
+    if not isinstance(name, str) or not BACKEND_NAME.match(name):
+        raise ConfigError(f"{where}: 'name' must match {BACKEND_NAME.pattern}, got {name!r}")
+    if not isinstance(kind, str) or not kind:
+        raise ConfigError(f"{where} ({name}): 'kind' is required")
+    if group is not None and (not isinstance(group, str) or not BACKEND_NAME.match(group)):
+        raise ConfigError(f"{where} ({name}): 'group' must match {BACKEND_NAME.pattern}, got {group!r}")
+    settings = {k: v for k, v in entry.items() if k not in ("name", "kind", "group")}
+    return BackendConfig(name, kind, group, settings)

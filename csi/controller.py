@@ -1,0 +1,361 @@
+"""The CSI Controller service: validate the request, take the in-flight lock, let the
+scheduler or the volume's backend do the work, answer in protobuf. No backend-specific
+code lives here; every error is a domain error that ``status.py`` maps to a code."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TypeVar
+
+import grpc
+from google.protobuf.wrappers_pb2 import Int64Value
+
+from csi import convert, ids
+from csi.backends.base import Backend
+from csi.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted, Unimplemented
+from csi.generated import csi_pb2 as pb
+from csi.generated import csi_pb2_grpc as pb_grpc
+from csi.locks import InFlight
+from csi.model import Capability, Volume, VolumeSpec
+from csi.mount import parse_filesystem
+from csi.scheduler import (
+    KUBERNETES_PREFIX,
+    PARAM_FS_TYPE,
+    PARAM_MKFS_OPTIONS,
+    PlacementRequest,
+    Scheduler,
+    backend_parameters,
+)
+
+log = logging.getLogger(__name__)
+
+CAPABILITIES = (
+    pb.ControllerServiceCapability.RPC.CREATE_DELETE_VOLUME,
+    pb.ControllerServiceCapability.RPC.PUBLISH_UNPUBLISH_VOLUME,
+    pb.ControllerServiceCapability.RPC.LIST_VOLUMES,
+    pb.ControllerServiceCapability.RPC.GET_CAPACITY,
+    pb.ControllerServiceCapability.RPC.CREATE_DELETE_SNAPSHOT,
+    pb.ControllerServiceCapability.RPC.LIST_SNAPSHOTS,
+    pb.ControllerServiceCapability.RPC.CLONE_VOLUME,
+    pb.ControllerServiceCapability.RPC.PUBLISH_READONLY,
+    pb.ControllerServiceCapability.RPC.EXPAND_VOLUME,
+    pb.ControllerServiceCapability.RPC.LIST_VOLUMES_PUBLISHED_NODES,
+    pb.ControllerServiceCapability.RPC.VOLUME_CONDITION,
+    pb.ControllerServiceCapability.RPC.GET_VOLUME,
+    pb.ControllerServiceCapability.RPC.SINGLE_NODE_MULTI_WRITER,
+    pb.ControllerServiceCapability.RPC.GET_SNAPSHOT,
+)
+
+TOKEN_PREFIX = "after:"
+T = TypeVar("T")
+
+
+def volume_context(parameters: Mapping[str, str]) -> dict[str, str]:
+    """What the node needs from the StorageClass, checked here so a typo fails at
+    CreateVolume rather than at the first mount."""
+    context = {}
+    if PARAM_FS_TYPE in parameters:
+        context[PARAM_FS_TYPE] = parse_filesystem(parameters[PARAM_FS_TYPE]).value
+    if PARAM_MKFS_OPTIONS in parameters:
+        try:
+            shlex.split(parameters[PARAM_MKFS_OPTIONS])
+        except ValueError as exc:
+            raise InvalidArgument(f"parameter {PARAM_MKFS_OPTIONS!r} does not parse: {exc}") from exc
+        context[PARAM_MKFS_OPTIONS] = parameters[PARAM_MKFS_OPTIONS]
+    return context
+
+
+def check_filesystems(capabilities: Iterable[Capability]) -> None:
+    for cap in capabilities:
+        if cap.fs_type:
+            parse_filesystem(cap.fs_type)
+
+
+def paginate(items: Sequence[T], key: Callable[[T], str], max_entries: int, token: str) -> tuple[list[T], str]:
+    """One page of ``items`` (sorted by ``key``) after the cursor in ``token``. The
+    cursor is the last key of the previous page, so deletions between pages neither
+    skip nor repeat entries."""
+    if max_entries < 0:
+        raise InvalidArgument("max_entries must not be negative")
+    if token:
+        if not token.startswith(TOKEN_PREFIX):
+            raise Aborted(f"starting_token {token!r} is not a token this driver issued")
+        after = token.removeprefix(TOKEN_PREFIX)
+        items = [item for item in items if key(item) > after]
+    if max_entries and len(items) > max_entries:
+        page = list(items[:max_entries])
+        return page, TOKEN_PREFIX + key(page[-1])
+    return list(items), ""
+
+
+class ControllerService(pb_grpc.ControllerServicer):
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.inflight = InFlight()
+
+    def _route(self, object_id: str, what: str = "volume") -> tuple[Backend, str]:
+        ref = ids.decode(object_id, what)
+        return self.scheduler.backend(ref.backend, what, object_id), ref.local_id
+
+    # -- volumes --------------------------------------------------------------------
+
+    def CreateVolume(self, request: pb.CreateVolumeRequest, context: grpc.ServicerContext) -> pb.CreateVolumeResponse:
+        convert.require(request.name, "name")
+        caps = convert.capabilities(request.volume_capabilities)
+        check_filesystems(caps)
+        required, limit = convert.capacity_range(request.capacity_range)
+        if request.mutable_parameters:
+            raise InvalidArgument("mutable_parameters are not supported: Cairn does not offer ControllerModifyVolume")
+        parameters = dict(request.parameters)
+        vol_context = volume_context(parameters)
+        source = convert.content_source(request.volume_content_source)
+        spec = VolumeSpec(
+            name=request.name,
+            required_bytes=required,
+            limit_bytes=limit,
+            capabilities=caps,
+            parameters=backend_parameters(parameters),
+            source=source[1] if source else None,
+            secrets=dict(request.secrets),
+        )
+        with self.inflight.hold(request.name, "volume name"):
+            for backend in self.scheduler.select(parameters):
+                if backend.volumes.lookup_volume(request.name) is not None:
+                    # A retry: the backend compares the request with what it made.
+                    return self._created(backend, backend.volumes.create_volume(spec), vol_context)
+            if source:
+                self.scheduler.backend(source[0].backend, source[1].kind, str(source[0]))
+            placement = PlacementRequest(
+                parameters=parameters,
+                capabilities=caps,
+                required_bytes=required,
+                requisite=convert.segments(request.accessibility_requirements.requisite),
+                preferred=convert.segments(request.accessibility_requirements.preferred),
+                source_backend=source[0].backend if source else None,
+            )
+            full: ResourceExhausted | None = None
+            for backend in self.scheduler.place(placement):
+                try:
+                    return self._created(backend, backend.volumes.create_volume(spec), vol_context)
+                except ResourceExhausted as exc:
+                    log.warning("backend full, trying the next", extra={"backend": backend.name, "error": str(exc)})
+                    full = exc
+            assert full is not None
+            raise full
+
+    @staticmethod
+    def _created(backend: Backend, volume: Volume, vol_context: Mapping[str, str]) -> pb.CreateVolumeResponse:
+        return pb.CreateVolumeResponse(volume=convert.volume(backend.name, volume, vol_context))
+
+    def DeleteVolume(self, request: pb.DeleteVolumeRequest, context: grpc.ServicerContext) -> pb.DeleteVolumeResponse:
+        convert.require(request.volume_id, "volume_id")
+        try:
+            backend, local_id = self._route(request.volume_id)
+        except NotFound as exc:
+            log.warning("deleting a volume that cannot exist: %s", exc)
+            return pb.DeleteVolumeResponse()
+        with self.inflight.hold(request.volume_id):
+            backend.volumes.delete_volume(local_id)
+        return pb.DeleteVolumeResponse()
+
+    def ControllerPublishVolume(
+        self, request: pb.ControllerPublishVolumeRequest, context: grpc.ServicerContext
+    ) -> pb.ControllerPublishVolumeResponse:
+        convert.require(request.volume_id, "volume_id")
+        convert.require(request.node_id, "node_id")
+        if not request.HasField("volume_capability"):
+            raise InvalidArgument("volume_capability is required")
+        cap = convert.capability(request.volume_capability)
+        check_filesystems([cap])
+        backend, local_id = self._route(request.volume_id)
+        reason = backend.volumes.unsupported(cap)
+        if reason:
+            raise InvalidArgument(f"volume {request.volume_id}: {reason}")
+        with self.inflight.hold(request.volume_id):
+            publish_context = backend.volumes.publish_volume(local_id, request.node_id, cap, request.readonly)
+        return pb.ControllerPublishVolumeResponse(publish_context=publish_context)
+
+    def ControllerUnpublishVolume(
+        self, request: pb.ControllerUnpublishVolumeRequest, context: grpc.ServicerContext
+    ) -> pb.ControllerUnpublishVolumeResponse:
+        convert.require(request.volume_id, "volume_id")
+        try:
+            backend, local_id = self._route(request.volume_id)
+            with self.inflight.hold(request.volume_id):
+                nodes = [request.node_id] if request.node_id else backend.volumes.get_volume(local_id).published_nodes
+                for node in nodes:
+                    backend.volumes.unpublish_volume(local_id, node)
+        except NotFound as exc:
+            # Nothing can be published from a volume that does not exist; answering OK
+            # lets the attacher release its VolumeAttachment instead of retrying forever.
+            log.info("unpublishing a volume that does not exist: %s", exc)
+        return pb.ControllerUnpublishVolumeResponse()
+
+    def ValidateVolumeCapabilities(
+        self, request: pb.ValidateVolumeCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> pb.ValidateVolumeCapabilitiesResponse:
+        convert.require(request.volume_id, "volume_id")
+        caps = convert.capabilities(request.volume_capabilities)
+        backend, local_id = self._route(request.volume_id)
+        backend.volumes.get_volume(local_id)
+        problems = [r for r in (backend.volumes.unsupported(c) for c in caps) if r]
+        unknown = sorted(set(backend_parameters(request.parameters)) - backend.volumes.parameter_keys)
+        if unknown:
+            problems.append(f"unknown parameters {unknown}")
+        try:
+            check_filesystems(caps)
+        except InvalidArgument as exc:
+            problems.append(str(exc))
+        if problems:
+            return pb.ValidateVolumeCapabilitiesResponse(message="; ".join(problems))
+        confirmed = pb.ValidateVolumeCapabilitiesResponse.Confirmed(
+            volume_context=request.volume_context,
+            volume_capabilities=request.volume_capabilities,
+            parameters=request.parameters,
+            mutable_parameters=request.mutable_parameters,
+        )
+        return pb.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
+
+    def ListVolumes(self, request: pb.ListVolumesRequest, context: grpc.ServicerContext) -> pb.ListVolumesResponse:
+        volumes = sorted(
+            (
+                (ids.encode(b.name, v.local_id), b, v)
+                for b in self.scheduler.backends.values()
+                for v in b.volumes.list_volumes()
+            ),
+            key=lambda entry: entry[0],
+        )
+        page, next_token = paginate(volumes, lambda entry: entry[0], request.max_entries, request.starting_token)
+        entries = [
+            pb.ListVolumesResponse.Entry(
+                volume=convert.volume(backend.name, volume, {}),
+                status=pb.ListVolumesResponse.VolumeStatus(
+                    published_node_ids=volume.published_nodes, volume_condition=convert.volume_condition(volume)
+                ),
+            )
+            for _, backend, volume in page
+        ]
+        return pb.ListVolumesResponse(entries=entries, next_token=next_token)
+
+    def ControllerGetVolume(
+        self, request: pb.ControllerGetVolumeRequest, context: grpc.ServicerContext
+    ) -> pb.ControllerGetVolumeResponse:
+        convert.require(request.volume_id, "volume_id")
+        backend, local_id = self._route(request.volume_id)
+        volume = backend.volumes.get_volume(local_id)
+        return pb.ControllerGetVolumeResponse(
+            volume=convert.volume(backend.name, volume, {}),
+            status=pb.ControllerGetVolumeResponse.VolumeStatus(
+                published_node_ids=volume.published_nodes, volume_condition=convert.volume_condition(volume)
+            ),
+        )
+
+    def GetCapacity(self, request: pb.GetCapacityRequest, context: grpc.ServicerContext) -> pb.GetCapacityResponse:
+        caps = tuple(
+            convert.capability(c, f"volume_capabilities[{i}]") for i, c in enumerate(request.volume_capabilities)
+        )
+        parameters = dict(request.parameters)
+        volume_context(parameters)
+        selectors = {k for k in parameters if not k.startswith(KUBERNETES_PREFIX)} & {"backend", "group"}
+        candidates = self.scheduler.select(parameters) if selectors else list(self.scheduler.backends.values())
+        candidates = self.scheduler.check_parameters(candidates, parameters)
+        candidates = [b for b in candidates if not any(b.volumes.unsupported(c) for c in caps)]
+        if request.HasField("accessible_topology"):
+            wanted = dict(request.accessible_topology.segments)
+            candidates = [b for b in candidates if self.scheduler.reachable(b, (wanted,))]
+        if not candidates:
+            return pb.GetCapacityResponse(available_capacity=0)
+        return pb.GetCapacityResponse(
+            available_capacity=max(b.volumes.free_bytes() for b in candidates),
+            maximum_volume_size=Int64Value(value=max(b.volumes.max_volume_bytes() for b in candidates)),
+        )
+
+    def ControllerGetCapabilities(
+        self, request: pb.ControllerGetCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> pb.ControllerGetCapabilitiesResponse:
+        return pb.ControllerGetCapabilitiesResponse(
+            capabilities=[
+                pb.ControllerServiceCapability(rpc=pb.ControllerServiceCapability.RPC(type=c)) for c in CAPABILITIES
+            ]
+        )
+
+    def ControllerExpandVolume(
+        self, request: pb.ControllerExpandVolumeRequest, context: grpc.ServicerContext
+    ) -> pb.ControllerExpandVolumeResponse:
+        convert.require(request.volume_id, "volume_id")
+        if not request.HasField("capacity_range"):
+            raise InvalidArgument("capacity_range is required")
+        required, limit = convert.capacity_range(request.capacity_range)
+        backend, local_id = self._route(request.volume_id)
+        with self.inflight.hold(request.volume_id):
+            capacity = backend.volumes.expand_volume(local_id, required, limit)
+        # The node must always act: a filesystem to grow, or a device to refresh.
+        return pb.ControllerExpandVolumeResponse(capacity_bytes=capacity, node_expansion_required=True)
+
+    def ControllerModifyVolume(
+        self, request: pb.ControllerModifyVolumeRequest, context: grpc.ServicerContext
+    ) -> pb.ControllerModifyVolumeResponse:
+        raise Unimplemented("ControllerModifyVolume is not offered by Cairn")
+
+    # -- snapshots ------------------------------------------------------------------
+
+    def CreateSnapshot(
+        self, request: pb.CreateSnapshotRequest, context: grpc.ServicerContext
+    ) -> pb.CreateSnapshotResponse:
+        convert.require(request.name, "name")
+        convert.require(request.source_volume_id, "source_volume_id")
+        backend, local_id = self._route(request.source_volume_id)
+        parameters = backend_parameters(request.parameters)
+        unknown = sorted(set(parameters) - backend.volumes.parameter_keys)
+        if unknown:
+            raise InvalidArgument(f"unknown snapshot parameters {unknown} for backend {backend.name!r}")
+        with self.inflight.hold(request.name, "snapshot name"):
+            snapshot = backend.volumes.create_snapshot(request.name, local_id, parameters)
+        return pb.CreateSnapshotResponse(snapshot=convert.snapshot(backend.name, snapshot))
+
+    def DeleteSnapshot(
+        self, request: pb.DeleteSnapshotRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteSnapshotResponse:
+        convert.require(request.snapshot_id, "snapshot_id")
+        try:
+            backend, local_id = self._route(request.snapshot_id, "snapshot")
+        except NotFound as exc:
+            log.warning("deleting a snapshot that cannot exist: %s", exc)
+            return pb.DeleteSnapshotResponse()
+        with self.inflight.hold(request.snapshot_id, "snapshot"):
+            backend.volumes.delete_snapshot(local_id)
+        return pb.DeleteSnapshotResponse()
+
+    def GetSnapshot(self, request: pb.GetSnapshotRequest, context: grpc.ServicerContext) -> pb.GetSnapshotResponse:
+        convert.require(request.snapshot_id, "snapshot_id")
+        backend, local_id = self._route(request.snapshot_id, "snapshot")
+        return pb.GetSnapshotResponse(snapshot=convert.snapshot(backend.name, backend.volumes.get_snapshot(local_id)))
+
+    def ListSnapshots(
+        self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext
+    ) -> pb.ListSnapshotsResponse:
+        try:
+            snapshots = self._snapshots(request.snapshot_id, request.source_volume_id)
+        except NotFound:
+            snapshots = []
+        page, next_token = paginate(
+            snapshots, lambda entry: entry.snapshot_id, request.max_entries, request.starting_token
+        )
+        return pb.ListSnapshotsResponse(
+            entries=[pb.ListSnapshotsResponse.Entry(snapshot=s) for s in page], next_token=next_token
+        )
+
+    def _snapshots(self, snapshot_id: str, source_volume_id: str) -> list[pb.Snapshot]:
+        if snapshot_id:
+            backend, local_id = self._route(snapshot_id, "snapshot")
+            found = [convert.snapshot(backend.name, backend.volumes.get_snapshot(local_id))]
+        else:
+            backends = self.scheduler.backends.values()
+            if source_volume_id:
+                backends = [self._route(source_volume_id)[0]]
+            found = [convert.snapshot(b.name, s) for b in backends for s in b.volumes.list_snapshots()]
+        if source_volume_id:
+            found = [s for s in found if s.source_volume_id == source_volume_id]
+        return sorted(found, key=lambda s: s.snapshot_id)

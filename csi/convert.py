@@ -1,0 +1,122 @@
+"""Protobuf <-> domain model, and the field checks every service shares.
+
+Protobuf stops here: services hand the domain objects built here to the scheduler and
+backends, and build their answers from domain objects with the functions below."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from csi import ids
+from csi.errors import InvalidArgument
+from csi.generated import csi_pb2 as pb
+from csi.model import AccessMode, AccessType, Capability, FilesystemStats, Segment, Snapshot, SourceRef, Volume
+
+
+def require(value: object, field: str) -> None:
+    """InvalidArgument naming ``field`` when it is empty or unset."""
+    if not value:
+        raise InvalidArgument(f"{field} is required")
+
+
+def capability(message: pb.VolumeCapability, field: str = "volume_capability") -> Capability:
+    if not message.HasField("access_mode") or message.access_mode.mode == pb.VolumeCapability.AccessMode.UNKNOWN:
+        raise InvalidArgument(f"{field}.access_mode is required")
+    mode = AccessMode(pb.VolumeCapability.AccessMode.Mode.Name(message.access_mode.mode))
+    kind = message.WhichOneof("access_type")
+    if kind == "block":
+        return Capability(AccessType.BLOCK, mode)
+    if kind == "mount":
+        return Capability(AccessType.MOUNT, mode, message.mount.fs_type, tuple(message.mount.mount_flags))
+    raise InvalidArgument(f"{field}.access_type (mount or block) is required")
+
+
+def capabilities(messages: Iterable[pb.VolumeCapability], field: str = "volume_capabilities") -> tuple[Capability, ...]:
+    result = tuple(capability(m, f"{field}[{i}]") for i, m in enumerate(messages))
+    require(result, field)
+    return result
+
+
+def capacity_range(message: pb.CapacityRange) -> tuple[int, int]:
+    required, limit = message.required_bytes, message.limit_bytes
+    if required < 0 or limit < 0:
+        raise InvalidArgument("capacity_range bytes must not be negative")
+    if limit and required > limit:
+        raise InvalidArgument(f"capacity_range.required_bytes {required} exceeds limit_bytes {limit}")
+    return required, limit
+
+
+def content_source(message: pb.VolumeContentSource) -> tuple[ids.ObjectId, SourceRef] | None:
+    kind = message.WhichOneof("type")
+    if kind is None:
+        return None
+    if kind == "snapshot":
+        require(message.snapshot.snapshot_id, "volume_content_source.snapshot.snapshot_id")
+        ref = ids.decode(message.snapshot.snapshot_id, "snapshot")
+        return ref, SourceRef("snapshot", ref.local_id)
+    require(message.volume.volume_id, "volume_content_source.volume.volume_id")
+    ref = ids.decode(message.volume.volume_id, "volume")
+    return ref, SourceRef("volume", ref.local_id)
+
+
+def segments(messages: Iterable[pb.Topology]) -> tuple[Segment, ...]:
+    return tuple(dict(m.segments) for m in messages)
+
+
+def topology(segment: Segment) -> pb.Topology:
+    return pb.Topology(segments=dict(segment))
+
+
+def volume(backend: str, vol: Volume, context: Mapping[str, str]) -> pb.Volume:
+    message = pb.Volume(
+        volume_id=ids.encode(backend, vol.local_id),
+        capacity_bytes=vol.capacity_bytes,
+        volume_context={**context, **vol.context},
+        accessible_topology=[topology(s) for s in vol.topology],
+    )
+    if vol.source is not None:
+        source_id = ids.encode(backend, vol.source.local_id)
+        if vol.source.kind == "snapshot":
+            message.content_source.snapshot.snapshot_id = source_id
+        else:
+            message.content_source.volume.volume_id = source_id
+    return message
+
+
+def volume_condition(vol: Volume) -> pb.VolumeCondition:
+    return pb.VolumeCondition(abnormal=vol.condition.abnormal, message=vol.condition.message)
+
+
+def timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def snapshot(backend: str, snap: Snapshot) -> pb.Snapshot:
+    return pb.Snapshot(
+        snapshot_id=ids.encode(backend, snap.local_id),
+        source_volume_id=ids.encode(backend, snap.source_volume_local_id),
+        size_bytes=snap.size_bytes,
+        creation_time=timestamp(snap.created_at),
+        ready_to_use=snap.ready,
+    )
+
+
+def usage(stats: FilesystemStats) -> list[pb.VolumeUsage]:
+    return [
+        pb.VolumeUsage(
+            unit=pb.VolumeUsage.BYTES,
+            total=stats.total_bytes,
+            available=stats.available_bytes,
+            used=stats.used_bytes,
+        ),
+        pb.VolumeUsage(
+            unit=pb.VolumeUsage.INODES,
+            total=stats.total_inodes,
+            available=stats.available_inodes,
+            used=stats.used_inodes,
+        ),
+    ]

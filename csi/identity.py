@@ -1,0 +1,45 @@
+"""The CSI Identity service: who the plugin is, what it offers, whether it is ready."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.protobuf.wrappers_pb2 import BoolValue
+
+from csi import DRIVER_NAME, __version__
+from csi.generated import csi_pb2 as pb
+from csi.generated import csi_pb2_grpc as pb_grpc
+from csi.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+Service = pb.PluginCapability.Service
+Expansion = pb.PluginCapability.VolumeExpansion
+
+
+class IdentityService(pb_grpc.IdentityServicer):
+    def __init__(self, scheduler: Scheduler, controller: bool) -> None:
+        self.scheduler = scheduler
+        self.controller = controller
+
+    def GetPluginInfo(
+        self, request: pb.GetPluginInfoRequest, context: grpc.ServicerContext
+    ) -> pb.GetPluginInfoResponse:
+        return pb.GetPluginInfoResponse(name=DRIVER_NAME, vendor_version=__version__)
+
+    def GetPluginCapabilities(
+        self, request: pb.GetPluginCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> pb.GetPluginCapabilitiesResponse:
+        services = [Service.VOLUME_ACCESSIBILITY_CONSTRAINTS]
+        if self.controller:
+            services.insert(0, Service.CONTROLLER_SERVICE)
+        capabilities = [pb.PluginCapability(service=Service(type=s)) for s in services]
+        capabilities.append(pb.PluginCapability(volume_expansion=Expansion(type=Expansion.ONLINE)))
+        return pb.GetPluginCapabilitiesResponse(capabilities=capabilities)
+
+    def Probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeResponse:
+        problems = {name: p for name, b in self.scheduler.backends.items() if (p := b.volumes.health())}
+        if problems:
+            log.warning("not ready", extra={"problems": problems})
+        return pb.ProbeResponse(ready=BoolValue(value=not problems))

@@ -1,0 +1,35 @@
+"""Per-object in-flight locks.
+
+A second call on an object that already has an operation in flight gets ABORTED at once
+(the CSI spec's answer, which makes the sidecars retry with back-off) instead of blocking
+a server thread behind a slow backend."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from csi.errors import Aborted
+
+
+class InFlight:
+    def __init__(self) -> None:
+        self._held: set[str] = set()
+        self._mutex = threading.Lock()
+
+    @contextmanager
+    def hold(self, key: str, what: str = "volume") -> Iterator[None]:
+        with self._mutex:
+            if key in self._held:
+                raise Aborted(f"an operation on {what} {key!r} is already in progress")
+            self._held.add(key)
+        try:
+            yield
+        finally:
+            with self._mutex:
+                self._held.discard(key)
+
+    def busy(self, key: str) -> bool:
+        with self._mutex:
+            return key in self._held

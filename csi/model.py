@@ -1,0 +1,121 @@
+"""The domain model: frozen dataclasses and enums shared by services and backends.
+
+Nothing here knows about protobuf or gRPC; ``convert.py`` translates at the service edge.
+Backends see volumes and snapshots by their *local* ID (unique within the backend); the
+services turn local IDs into driver-wide IDs with ``ids.py``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+TOPOLOGY_NODE_KEY = "topology.cairn.csi.io/node"
+
+Segment = Mapping[str, str]
+"""One topology segment, for example {"topology.cairn.csi.io/node": "worker-1"}."""
+
+
+class AccessMode(enum.Enum):
+    SINGLE_NODE_WRITER = "SINGLE_NODE_WRITER"
+    SINGLE_NODE_READER_ONLY = "SINGLE_NODE_READER_ONLY"
+    MULTI_NODE_READER_ONLY = "MULTI_NODE_READER_ONLY"
+    MULTI_NODE_SINGLE_WRITER = "MULTI_NODE_SINGLE_WRITER"
+    MULTI_NODE_MULTI_WRITER = "MULTI_NODE_MULTI_WRITER"
+    SINGLE_NODE_SINGLE_WRITER = "SINGLE_NODE_SINGLE_WRITER"
+    SINGLE_NODE_MULTI_WRITER = "SINGLE_NODE_MULTI_WRITER"
+
+    @property
+    def multi_node(self) -> bool:
+        return self.name.startswith("MULTI_NODE")
+
+    @property
+    def read_only(self) -> bool:
+        return self.name.endswith("READER_ONLY")
+
+
+class AccessType(enum.Enum):
+    MOUNT = "mount"
+    BLOCK = "block"
+
+
+class Filesystem(enum.Enum):
+    EXT4 = "ext4"
+    XFS = "xfs"
+
+
+DEFAULT_FILESYSTEM = Filesystem.EXT4
+
+
+@dataclass(frozen=True)
+class Capability:
+    """One requested volume capability: how the volume is accessed and by whom."""
+
+    access_type: AccessType
+    access_mode: AccessMode
+    fs_type: str = ""
+    mount_flags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """The content source of a new volume, by local ID within the same backend."""
+
+    kind: Literal["snapshot", "volume"]
+    local_id: str
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """What CreateVolume asks of a backend, validated and normalised by the service."""
+
+    name: str
+    required_bytes: int
+    limit_bytes: int
+    capabilities: tuple[Capability, ...]
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    source: SourceRef | None = None
+    secrets: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VolumeCondition:
+    abnormal: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class Volume:
+    local_id: str
+    name: str
+    capacity_bytes: int
+    source: SourceRef | None = None
+    context: Mapping[str, str] = field(default_factory=dict)
+    topology: tuple[Segment, ...] = ()
+    published_nodes: tuple[str, ...] = ()
+    condition: VolumeCondition = VolumeCondition(False, "volume is healthy")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    local_id: str
+    name: str
+    source_volume_local_id: str
+    size_bytes: int
+    created_at: float
+    ready: bool = True
+
+
+@dataclass(frozen=True)
+class FilesystemStats:
+    total_bytes: int
+    available_bytes: int
+    used_bytes: int
+    total_inodes: int
+    available_inodes: int
+    used_inodes: int

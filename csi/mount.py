@@ -1,0 +1,191 @@
+"""The one place that formats, mounts, bind-mounts, unmounts, grows filesystems and reads
+filesystem statistics. Everything here is idempotent where the CSI flows need it to be:
+mounting what is already mounted the same way and unmounting what is not mounted are
+both no-ops."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from csi import proc
+from csi.errors import CommandFailed, FailedPrecondition, InvalidArgument
+from csi.model import Filesystem, FilesystemStats
+
+MKFS_TIMEOUT = 600.0
+
+# Options that make mkfs fast on a volume that was just created and so holds only zeros:
+# skip discarding every block and initialise inode tables and the journal lazily.
+_FAST_MKFS = {
+    Filesystem.EXT4: ["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"],
+    Filesystem.XFS: ["-K"],
+}
+
+# XFS refuses to mount two filesystems with one UUID; a restored snapshot or a clone
+# shares its source's UUID, so Cairn always mounts XFS with nouuid.
+_ALWAYS_MOUNT_OPTIONS = {Filesystem.EXT4: (), Filesystem.XFS: ("nouuid",)}
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    source: str
+    target: str
+    fstype: str
+    options: tuple[str, ...]
+    root: str
+    device_number: str
+
+
+def parse_filesystem(name: str) -> Filesystem:
+    try:
+        return Filesystem(name)
+    except ValueError:
+        supported = ", ".join(f.value for f in Filesystem)
+        raise InvalidArgument(f"filesystem {name!r} is not supported (supported: {supported})") from None
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as octal.
+    for code in ("\\040", "\\011", "\\012", "\\134"):
+        field = field.replace(code, chr(int(code[1:], 8)))
+    return field
+
+
+def mounts() -> list[MountEntry]:
+    """The mount table of this process's mount namespace."""
+    entries = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as table:
+        for line in table:
+            fields = line.split()
+            sep = fields.index("-")
+            entries.append(
+                MountEntry(
+                    source=_unescape(fields[sep + 2]),
+                    target=_unescape(fields[4]),
+                    fstype=fields[sep + 1],
+                    options=tuple(fields[5].split(",")),
+                    root=_unescape(fields[3]),
+                    device_number=fields[2],
+                )
+            )
+    return entries
+
+
+def find_mount(target: str) -> MountEntry | None:
+    """The topmost mount on ``target``, or None."""
+    target = os.path.realpath(target)
+    found = None
+    for entry in mounts():
+        if entry.target == target:
+            found = entry
+    return found
+
+
+def is_mounted(target: str) -> bool:
+    return find_mount(target) is not None
+
+
+def probe_filesystem(device: str) -> str | None:
+    """The filesystem type on ``device``, or None when the device holds nothing that
+    blkid recognises. A partition table or unknown signature refuses formatting."""
+    result = proc.run(["blkid", "-p", "-o", "export", device], ok_codes=(0, 2))
+    if result.returncode == 2:
+        return None
+    found = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    if "TYPE" in found:
+        return found["TYPE"]
+    raise FailedPrecondition(f"device {device} holds data blkid cannot name ({found}); refusing to format it")
+
+
+def make_filesystem(device: str, fs: Filesystem, options: Sequence[str] = ()) -> None:
+    argv = [f"mkfs.{fs.value}", "-q", *_FAST_MKFS[fs], *options, device]
+    proc.run(argv, timeout=MKFS_TIMEOUT)
+
+
+def mount(source: str, target: str, fstype: str, options: Sequence[str] = ()) -> None:
+    argv = ["mount", "-t", fstype]
+    if options:
+        argv += ["-o", ",".join(options)]
+    proc.run([*argv, source, target])
+
+
+def format_and_mount(
+    device: str, target: str, fs: Filesystem, mkfs_options: Sequence[str], mount_options: Sequence[str]
+) -> bool:
+    """Mount ``device`` on ``target`` as ``fs``, creating the filesystem first only when the
+    device is blank. Returns True when it formatted."""
+    existing = probe_filesystem(device)
+    formatted = existing is None
+    if existing is None:
+        make_filesystem(device, fs, mkfs_options)
+    elif existing != fs.value:
+        raise FailedPrecondition(f"device {device} already holds {existing}, not the {fs.value} asked for")
+    options = list(dict.fromkeys([*_ALWAYS_MOUNT_OPTIONS[fs], *mount_options]))
+    mount(device, target, fs.value, options)
+    return formatted
+
+
+def bind(source: str, target: str, readonly: bool = False, options: Sequence[str] = ()) -> None:
+    """Bind-mount ``source`` (directory or device node) on ``target``; read-only takes a
+    second remount, which is undone if it fails so no writable bind is left behind."""
+    proc.run(["mount", "--bind", source, target])
+    extra = [o for o in options if o not in ("bind", "rw", "ro")]
+    if readonly or extra:
+        remount = ["remount", "bind", "ro" if readonly else "rw", *extra]
+        try:
+            proc.run(["mount", "-o", ",".join(remount), target])
+        except CommandFailed:
+            unmount(target)
+            raise
+
+
+def unmount(target: str) -> None:
+    """Unmount everything stacked on ``target``; a path that is not mounted is fine."""
+    for _ in range(8):
+        if not is_mounted(target):
+            return
+        proc.run(["umount", target])
+    raise FailedPrecondition(f"{target} is still mounted after 8 unmounts")
+
+
+def grow_filesystem(device: str, mount_path: str, fs: Filesystem) -> None:
+    """Grow the mounted filesystem on ``device`` to fill it."""
+    if fs is Filesystem.EXT4:
+        proc.run(["resize2fs", device], timeout=MKFS_TIMEOUT)
+    else:
+        proc.run(["xfs_growfs", mount_path], timeout=MKFS_TIMEOUT)
+
+
+def filesystem_stats(path: str) -> FilesystemStats:
+    st = os.statvfs(path)
+    return FilesystemStats(
+        total_bytes=st.f_blocks * st.f_frsize,
+        available_bytes=st.f_bavail * st.f_frsize,
+        used_bytes=(st.f_blocks - st.f_bfree) * st.f_frsize,
+        total_inodes=st.f_files,
+        available_inodes=st.f_favail,
+        used_inodes=st.f_files - st.f_ffree,
+    )
+
+
+def device_size(device: str) -> int:
+    """Size in bytes of a block device (or regular file)."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def remove_path(path: str) -> None:
+    """Remove an unmounted target (directory or file); a missing path is fine."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.rmdir(path)
+        else:
+            os.unlink(path)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise

@@ -1,0 +1,137 @@
+"""Choosing a backend for a new volume: cinder-scheduler, translated.
+
+A StorageClass picks candidates with ``backend: NAME`` or ``group: NAME`` (optional when
+the driver serves a single backend). Candidates then pass filters, like Cinder's:
+
+1. parameters: a candidate must understand every backend parameter in the class;
+2. capabilities: it must offer every requested access mode and type;
+3. content source: a clone or restore stays on the source's backend;
+4. topology: its volumes must be reachable from a requisite segment;
+5. capacity: it must have the requested bytes free.
+
+Survivors are weighed: those matching an earlier preferred segment first, then the one
+with the most free space. The controller tries them in that order, moving on when a
+backend reports it is out of space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from csi.backends.base import Backend
+from csi.errors import InvalidArgument, NotFound, ResourceExhausted
+from csi.model import Capability, Segment
+
+PARAM_BACKEND = "backend"
+PARAM_GROUP = "group"
+PARAM_FS_TYPE = "fsType"
+PARAM_MKFS_OPTIONS = "mkfsOptions"
+SERVICE_PARAMETERS = frozenset({PARAM_BACKEND, PARAM_GROUP, PARAM_FS_TYPE, PARAM_MKFS_OPTIONS})
+KUBERNETES_PREFIX = "csi.storage.k8s.io/"
+
+
+@dataclass(frozen=True)
+class PlacementRequest:
+    parameters: Mapping[str, str]
+    capabilities: tuple[Capability, ...]
+    required_bytes: int
+    requisite: tuple[Segment, ...] = ()
+    preferred: tuple[Segment, ...] = ()
+    source_backend: str | None = None
+    skip: frozenset[str] = field(default_factory=frozenset)
+
+
+def backend_parameters(parameters: Mapping[str, str]) -> dict[str, str]:
+    """The parameters meant for the backend: all but the service's own and the ones the
+    Kubernetes sidecars add (``csi.storage.k8s.io/...``)."""
+    return {k: v for k, v in parameters.items() if k not in SERVICE_PARAMETERS and not k.startswith(KUBERNETES_PREFIX)}
+
+
+def segment_matches(backend_segment: Segment, requested: Segment) -> bool:
+    return all(requested.get(key) == value for key, value in backend_segment.items())
+
+
+class Scheduler:
+    def __init__(self, backends: Iterable[Backend]) -> None:
+        self.backends: dict[str, Backend] = {b.name: b for b in backends}
+
+    def backend(self, name: str, what: str, object_id: str) -> Backend:
+        """The backend an ID names; an ID naming no configured backend names nothing."""
+        try:
+            return self.backends[name]
+        except KeyError:
+            raise NotFound(f"{what} {object_id!r} does not exist (backend {name!r} is not configured)") from None
+
+    def select(self, parameters: Mapping[str, str]) -> list[Backend]:
+        """The candidates a StorageClass names, before filtering."""
+        name, group = parameters.get(PARAM_BACKEND), parameters.get(PARAM_GROUP)
+        if name and group:
+            raise InvalidArgument(f"give parameter {PARAM_BACKEND!r} or {PARAM_GROUP!r}, not both")
+        if name:
+            if name not in self.backends:
+                raise InvalidArgument(f"backend {name!r} is not configured (configured: {', '.join(self.backends)})")
+            return [self.backends[name]]
+        if group:
+            members = [b for b in self.backends.values() if b.group == group]
+            if not members:
+                raise InvalidArgument(f"backend group {group!r} is not configured")
+            return members
+        if len(self.backends) == 1:
+            return list(self.backends.values())
+        raise InvalidArgument(
+            f"parameter {PARAM_BACKEND!r} or {PARAM_GROUP!r} is required: this driver serves "
+            f"{len(self.backends)} backends ({', '.join(self.backends)})"
+        )
+
+    def check_parameters(self, candidates: Sequence[Backend], parameters: Mapping[str, str]) -> list[Backend]:
+        """Candidates that understand every backend parameter; a parameter no candidate
+        understands is a mistake in the StorageClass."""
+        keys = set(backend_parameters(parameters))
+        for key in sorted(keys):
+            if not any(key in b.volumes.parameter_keys for b in candidates):
+                raise InvalidArgument(
+                    f"unknown parameter {key!r} for backend(s) {', '.join(b.name for b in candidates)}"
+                )
+        return [b for b in candidates if keys <= b.volumes.parameter_keys]
+
+    def place(self, request: PlacementRequest) -> list[Backend]:
+        candidates = self.check_parameters(self.select(request.parameters), request.parameters)
+        candidates = [b for b in candidates if b.name not in request.skip]
+        refusals: list[str] = []
+        capable = []
+        for backend in candidates:
+            reasons = [r for r in (backend.volumes.unsupported(c) for c in request.capabilities) if r]
+            if request.source_backend and backend.name != request.source_backend:
+                reasons.append(f"the content source lives on backend {request.source_backend!r}")
+            if reasons:
+                refusals.append(f"{backend.name}: {'; '.join(reasons)}")
+            else:
+                capable.append(backend)
+        if not capable:
+            raise InvalidArgument("no backend can provide this volume: " + " | ".join(refusals))
+        reachable = [b for b in capable if self.reachable(b, request.requisite)]
+        if not reachable:
+            raise ResourceExhausted(
+                "no backend is reachable from the requested topology "
+                f"({', '.join(f'{b.name}: {list(b.volumes.topology)}' for b in capable)})"
+            )
+        free = {b.name: b.volumes.free_bytes() for b in reachable}
+        roomy = [b for b in reachable if free[b.name] >= request.required_bytes]
+        if not roomy:
+            detail = ", ".join(f"{name}: {size} free" for name, size in free.items())
+            raise ResourceExhausted(f"no backend has {request.required_bytes} bytes free ({detail})")
+        return sorted(roomy, key=lambda b: (self._preference(b, request.preferred), -free[b.name]))
+
+    @staticmethod
+    def reachable(backend: Backend, requisite: tuple[Segment, ...]) -> bool:
+        if not requisite or not backend.volumes.topology:
+            return True
+        return any(segment_matches(s, r) for s in backend.volumes.topology for r in requisite)
+
+    @staticmethod
+    def _preference(backend: Backend, preferred: tuple[Segment, ...]) -> int:
+        for rank, wanted in enumerate(preferred):
+            if not backend.volumes.topology or any(segment_matches(s, wanted) for s in backend.volumes.topology):
+                return rank
+        return len(preferred)

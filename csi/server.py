@@ -1,0 +1,176 @@
+"""The gRPC server: endpoint parsing, one interceptor that logs every call with its
+secrets stripped and turns exceptions into status codes, the standard health service,
+and a graceful stop that removes the socket."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from csi import status
+from csi.errors import ConfigError
+from csi.generated import csi_pb2 as pb
+from csi.generated import csi_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+STRIPPED = "***stripped***"
+# Called every few seconds by the sidecars and kubelet; logged at debug level only.
+_QUIET = {
+    "Probe",
+    "GetPluginInfo",
+    "GetPluginCapabilities",
+    "ControllerGetCapabilities",
+    "NodeGetCapabilities",
+    "NodeGetInfo",
+    "GetCapacity",
+}
+
+
+def redacted(message: Message) -> dict[str, Any]:
+    """The message as a dict, with every field the spec marks ``csi_secret`` replaced."""
+    out: dict[str, Any] = {}
+    for field, value in message.ListFields():
+        if field.GetOptions().Extensions[pb.csi_secret]:
+            out[field.name] = STRIPPED
+        elif field.message_type is not None and field.message_type.GetOptions().map_entry:
+            out[field.name] = {k: (redacted(v) if isinstance(v, Message) else v) for k, v in value.items()}
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            out[field.name] = [redacted(v) for v in value] if _repeated(field) else redacted(value)
+        elif field.type == FieldDescriptor.TYPE_ENUM:
+            names = field.enum_type.values_by_number
+            out[field.name] = [names[v].name for v in value] if _repeated(field) else names[value].name
+        else:
+            out[field.name] = list(value) if _repeated(field) else value
+    return out
+
+
+def _repeated(field: FieldDescriptor) -> bool:
+    return bool(field.is_repeated)
+
+
+class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Logs each unary call and maps whatever it raises through ``status.to_status``."""
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        rpc = details.method.rsplit("/", 1)[-1]
+        inner = handler.unary_unary
+        level = logging.DEBUG if rpc in _QUIET else logging.INFO
+
+        def call(request: Message, context: grpc.ServicerContext) -> Message:
+            started = time.monotonic()
+            try:
+                log.log(level, "call", extra={"rpc": rpc, "request": redacted(request)})
+                response = inner(request, context)
+                log.log(
+                    level,
+                    "done",
+                    extra={"rpc": rpc, "seconds": round(time.monotonic() - started, 3), "response": redacted(response)},
+                )
+                return response
+            except Exception as exc:
+                code, message = status.to_status(exc)
+                extra = {
+                    "rpc": rpc,
+                    "code": code.name,
+                    "error": message,
+                    "seconds": round(time.monotonic() - started, 3),
+                }
+                if code is grpc.StatusCode.INTERNAL:
+                    log.exception("failed", extra=extra)
+                else:
+                    log.info("failed", extra=extra)
+                context.abort(code, message)
+                raise  # abort() always raises; this line is never reached
+
+        return grpc.unary_unary_rpc_method_handler(
+            call, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    address: str
+    socket_path: str | None
+
+
+def parse_endpoint(endpoint: str) -> Endpoint:
+    """``unix:///path/csi.sock`` (or ``unix:/path``) or ``tcp://host:port``."""
+    if endpoint.startswith("unix:"):
+        path = "/" + endpoint.removeprefix("unix:").lstrip("/")
+        return Endpoint(f"unix://{path}", path)
+    if endpoint.startswith("tcp://"):
+        return Endpoint(endpoint.removeprefix("tcp://"), None)
+    raise ConfigError(f"endpoint {endpoint!r} must be unix:///path or tcp://host:port")
+
+
+@dataclass
+class Services:
+    identity: pb_grpc.IdentityServicer
+    controller: pb_grpc.ControllerServicer | None
+    node: pb_grpc.NodeServicer | None
+
+
+class Server:
+    def __init__(self, endpoint: str, services: Services, workers: int = 8) -> None:
+        self.endpoint = parse_endpoint(endpoint)
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[CallInterceptor()])
+        pb_grpc.add_IdentityServicer_to_server(services.identity, self._server)
+        if services.controller is not None:
+            pb_grpc.add_ControllerServicer_to_server(services.controller, self._server)
+        if services.node is not None:
+            pb_grpc.add_NodeServicer_to_server(services.node, self._server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        path = self.endpoint.socket_path
+        if path:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _remove_stale_socket(path)
+        if self._server.add_insecure_port(self.endpoint.address) == 0:
+            raise ConfigError(f"cannot listen on {self.endpoint.address}")
+        self._server.start()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"endpoint": self.endpoint.address})
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Refuse new calls, let calls in flight finish (up to ``grace`` seconds), then
+        remove the socket. Safe to call more than once."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+        if self.endpoint.socket_path:
+            _remove_stale_socket(self.endpoint.socket_path)
+        log.info("stopped")
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"{path} exists and is not a socket; refusing to remove it")
+    os.unlink(path)
