@@ -105,7 +105,7 @@ def serve(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["client"]:
-        from csi import client
+        from csi.client import main as client_main
 
-        return client.main(argv[1:])
+        return client_main(argv[1:])
     return serve(argv)

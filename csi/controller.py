@@ -352,7 +352,7 @@ class ControllerService(pb_grpc.ControllerServicer):
             backend, local_id = self._route(snapshot_id, "snapshot")
             found = [convert.snapshot(backend.name, backend.volumes.get_snapshot(local_id))]
         else:
-            backends = self.scheduler.backends.values()
+            backends = list(self.scheduler.backends.values())
             if source_volume_id:
                 backends = [self._route(source_volume_id)[0]]
             found = [convert.snapshot(b.name, s) for b in backends for s in b.volumes.list_snapshots()]

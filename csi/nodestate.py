@@ -7,6 +7,7 @@ under the node's state directory (a hostPath that outlives the plugin's containe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -60,7 +61,5 @@ class NodeState:
         write_atomically(self._path(staged.volume_id), staged.to_json())
 
     def delete(self, volume_id: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(volume_id))
-        except FileNotFoundError:
-            pass

@@ -43,7 +43,7 @@ def redacted(message: Message) -> dict[str, Any]:
     """The message as a dict, with every field the spec marks ``csi_secret`` replaced."""
     out: dict[str, Any] = {}
     for field, value in message.ListFields():
-        if field.GetOptions().Extensions[pb.csi_secret]:
+        if field.GetOptions().Extensions[pb.csi_secret]:  # type: ignore[index]
             out[field.name] = STRIPPED
         elif field.message_type is not None and field.message_type.GetOptions().map_entry:
             out[field.name] = {k: (redacted(v) if isinstance(v, Message) else v) for k, v in value.items()}
@@ -76,7 +76,7 @@ class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             started = time.monotonic()
             try:
                 log.log(level, "call", extra={"rpc": rpc, "request": redacted(request)})
-                response = inner(request, context)
+                response: Message = inner(request, context)
                 log.log(
                     level,
                     "done",

@@ -29,7 +29,7 @@ CODES: dict[type[errors.CairnError], grpc.StatusCode] = {
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The code and message for ``exc``; the most specific class in the table wins."""
     for cls in type(exc).__mro__:
-        code = CODES.get(cls)  # type: ignore[call-overload]
+        code = CODES.get(cls)
         if code is not None:
             return code, str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"

@@ -15,6 +15,7 @@ at start-up, when nothing is in flight) removes both.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -93,10 +94,8 @@ class Layout:
         goes last so an interrupted removal is finished by the next call or recovery."""
         image = self.image(kind, local_id)
         for path in (image, image + TEMP_SUFFIX, self.record_path(kind, local_id)):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            except FileNotFoundError:
-                pass
         fsync_dir(os.path.dirname(image))
 
     def recover(self) -> None:
