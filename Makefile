@@ -1,0 +1,50 @@
+# Cairn: the two commands are `make run` and `make test`.
+SHELL := /bin/bash
+VENV ?= $(CURDIR)/.venv
+TOOLS ?= $(CURDIR)/.tools
+RUN_DIR ?= $(CURDIR)/.run
+NODE_ID ?= $(shell hostname)
+export VENV TOOLS
+
+.PHONY: run demo test lint unit integration conformance bench proto setup-run setup-test clean
+
+## run: start the driver on the embedded local backend (root needed to stage volumes)
+run: setup-run
+	@echo "Cairn serves on unix://$(RUN_DIR)/csi.sock (node $(NODE_ID)); data in $(RUN_DIR)/local"
+	@echo "Try:  $(VENV)/bin/cairn-csi client --endpoint unix://$(RUN_DIR)/csi.sock info"
+	@echo "      $(VENV)/bin/cairn-csi client --endpoint unix://$(RUN_DIR)/csi.sock create my-volume --size 1Gi"
+	@echo "Stop with Ctrl-C (SIGTERM works too)."
+	exec $(VENV)/bin/cairn-csi --endpoint unix://$(RUN_DIR)/csi.sock --node-id $(NODE_ID) \
+		--data-dir $(RUN_DIR)/local --state-dir $(RUN_DIR)/node
+
+## demo: a full lifecycle through the socket, printing each step
+demo: setup-run
+	scripts/demo.sh $(VENV)/bin/cairn-csi
+
+## test: install everything, then lint, type-check and run every test tier but bench
+test: setup-test lint
+	CAIRN_REQUIRE_ALL=1 PATH="$(TOOLS)/bin:$$PATH" $(VENV)/bin/pytest -m "not bench"
+
+lint:
+	$(VENV)/bin/ruff check csi tests bench
+	$(VENV)/bin/ruff format --check csi tests bench
+	$(VENV)/bin/mypy
+
+unit: setup-test
+	$(VENV)/bin/pytest -m "not integration and not conformance and not bench"
+
+integration conformance bench: setup-test
+	CAIRN_REQUIRE_ALL=1 PATH="$(TOOLS)/bin:$$PATH" $(VENV)/bin/pytest -m $@
+
+## proto: regenerate csi/generated from the pinned CSI spec
+proto: setup-test
+	PYTHON=$(VENV)/bin/python proto/generate.sh
+
+setup-run:
+	scripts/setup.sh run
+
+setup-test:
+	scripts/setup.sh test
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Install what Cairn needs on a Debian host, idempotently and without a terminal:
+#   scripts/setup.sh run    host tools for the local backend, and the Python venv
+#   scripts/setup.sh test   all of that, plus the dev dependencies and csi-sanity
+set -euo pipefail
+
+what=${1:-test}
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv=${VENV:-$root/.venv}
+tools=${TOOLS:-$root/.tools}
+python=${PYTHON:-/usr/bin/python3}
+csi_sanity_version=${CSI_SANITY_VERSION:-v5.6.0}
+
+# Host tools of the local backend and the node plugin: loop devices, blkid, mount,
+# mkfs and grow tools for ext4 and XFS, cp with reflink.
+packages=(util-linux mount e2fsprogs xfsprogs coreutils python3 python3-venv)
+[ "$what" = test ] && ! command -v go >/dev/null && packages+=(golang-go)
+
+missing=()
+for pkg in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${missing[*]}"
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+  "$python" -m venv "$venv"
+fi
+extra=""; [ "$what" = test ] && extra="[dev]"
+stamp="$venv/.installed$extra"
+if [ ! -e "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
+  "$venv/bin/pip" install -q --disable-pip-version-check -e "$root$extra"
+  touch "$stamp"
+fi
+
+if [ "$what" = test ] && [ ! -x "$tools/bin/csi-sanity" ]; then
+  echo "installing csi-sanity $csi_sanity_version"
+  GOBIN="$tools/bin" go install "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$csi_sanity_version"
+fi
