@@ -153,11 +153,10 @@ class ControllerService(pb_grpc.ControllerServicer):
         convert.require(request.volume_id, "volume_id")
         try:
             backend, local_id = self._route(request.volume_id)
+            with self.inflight.hold(request.volume_id):
+                backend.volumes.delete_volume(local_id)
         except NotFound as exc:
-            log.warning("deleting a volume that cannot exist: %s", exc)
-            return pb.DeleteVolumeResponse()
-        with self.inflight.hold(request.volume_id):
-            backend.volumes.delete_volume(local_id)
+            log.info("nothing to delete: %s", exc)
         return pb.DeleteVolumeResponse()
 
     def ControllerPublishVolume(
@@ -321,11 +320,10 @@ class ControllerService(pb_grpc.ControllerServicer):
         convert.require(request.snapshot_id, "snapshot_id")
         try:
             backend, local_id = self._route(request.snapshot_id, "snapshot")
+            with self.inflight.hold(request.snapshot_id, "snapshot"):
+                backend.volumes.delete_snapshot(local_id)
         except NotFound as exc:
-            log.warning("deleting a snapshot that cannot exist: %s", exc)
-            return pb.DeleteSnapshotResponse()
-        with self.inflight.hold(request.snapshot_id, "snapshot"):
-            backend.volumes.delete_snapshot(local_id)
+            log.info("nothing to delete: %s", exc)
         return pb.DeleteSnapshotResponse()
 
     def GetSnapshot(self, request: pb.GetSnapshotRequest, context: grpc.ServicerContext) -> pb.GetSnapshotResponse:

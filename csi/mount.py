@@ -115,16 +115,39 @@ def format_and_mount(
     device: str, target: str, fs: Filesystem, mkfs_options: Sequence[str], mount_options: Sequence[str]
 ) -> bool:
     """Mount ``device`` on ``target`` as ``fs``, creating the filesystem first only when the
-    device is blank. Returns True when it formatted."""
+    device is blank, and growing an existing one that is smaller than the device.
+    Returns True when it formatted."""
     existing = probe_filesystem(device)
     formatted = existing is None
     if existing is None:
         make_filesystem(device, fs, mkfs_options)
     elif existing != fs.value:
         raise FailedPrecondition(f"device {device} already holds {existing}, not the {fs.value} asked for")
+    elif fs is Filesystem.EXT4 and "ro" not in mount_options:
+        grow_ext4_offline(device)
     options = list(dict.fromkeys([*_ALWAYS_MOUNT_OPTIONS[fs], *mount_options]))
     mount(device, target, fs.value, options)
+    if fs is Filesystem.XFS and not formatted and "ro" not in mount_options:
+        # XFS grows only while mounted; xfs_growfs is a no-op when nothing is to grow.
+        grow_filesystem(device, target, fs)
     return formatted
+
+
+def ext4_size(device: str) -> int:
+    """Bytes the ext4 filesystem on ``device`` spans, from its superblock."""
+    header = proc.run(["dumpe2fs", "-h", device]).stdout
+    fields = dict(line.split(":", 1) for line in header.splitlines() if ":" in line)
+    return int(fields["Block count"]) * int(fields["Block size"])
+
+
+def grow_ext4_offline(device: str) -> None:
+    """Grow an unmounted ext4 filesystem that is smaller than its device: a volume
+    restored into a larger one, or expanded while no node had it staged. Offline
+    growth works on every kernel; resize2fs insists on a fresh check first."""
+    if device_size(device) - ext4_size(device) < 1 << 20:
+        return
+    proc.run(["e2fsck", "-f", "-p", device], timeout=MKFS_TIMEOUT, ok_codes=(0, 1))
+    proc.run(["resize2fs", device], timeout=MKFS_TIMEOUT)
 
 
 def bind(source: str, target: str, readonly: bool = False, options: Sequence[str] = ()) -> None:

@@ -1,0 +1,160 @@
+"""Test support: a real driver process on a temporary socket, host checks, and the
+leak check every integration test ends with."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi import loopdev, mount
+from csi.generated import csi_pb2 as pb
+from csi.generated import csi_pb2_grpc as pb_grpc
+
+STRICT = os.environ.get("CAIRN_REQUIRE_ALL") == "1"
+"""Set by `make test`, which installs every prerequisite: a missing one is then a
+failure of the set-up, not a reason to skip."""
+
+NODE_ID = "test-node"
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip with ``reason`` unless ``condition``; under `make test` fail instead."""
+    if condition:
+        return
+    if STRICT:
+        pytest.fail(f"prerequisite missing although `make test` installs it: {reason}")
+    pytest.skip(reason)
+
+
+def require_tools(*names: str) -> None:
+    missing = [n for n in names if shutil.which(n) is None]
+    require(not missing, f"tools not installed: {', '.join(missing)}")
+
+
+def require_root() -> None:
+    require(os.geteuid() == 0, "needs root for loop devices and mounts")
+
+
+def has_capability(bit: int) -> bool:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> bit & 1)
+    return False
+
+
+CAP_SYS_RESOURCE = 24
+
+
+class Driver:
+    """A cairn-csi process serving every service on a unix socket under ``root``."""
+
+    def __init__(self, root: Path, extra_args: Sequence[str] = ()) -> None:
+        self.root = root
+        self.socket = root / "csi.sock"
+        self.data = root / "data"
+        self.state = root / "state"
+        self.log = root / "driver.log"
+        self.extra_args = list(extra_args)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.channel: grpc.Channel | None = None
+
+    def start(self) -> Driver:
+        argv = [
+            sys.executable, "-m", "csi",
+            "--endpoint", f"unix://{self.socket}",
+            "--node-id", NODE_ID,
+            "--data-dir", str(self.data),
+            "--state-dir", str(self.state),
+            "--log-level", "debug",
+            *self.extra_args,
+        ]  # fmt: skip
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while not self.socket.exists():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"driver exited with {self.process.returncode}:\n{self.log.read_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"driver did not create its socket:\n{self.log.read_text()}")
+            time.sleep(0.05)
+        self.channel = grpc.insecure_channel(f"unix://{self.socket}")
+        grpc.channel_ready_future(self.channel).result(timeout=30)
+        return self
+
+    def stop(self) -> int:
+        """SIGTERM the driver and return its exit code."""
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.process is None:
+            return 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self.process = None
+        return code
+
+    def restart(self) -> None:
+        assert self.stop() == 0
+        self.start()
+
+    @property
+    def identity(self) -> pb_grpc.IdentityStub:
+        return pb_grpc.IdentityStub(self.channel)
+
+    @property
+    def controller(self) -> pb_grpc.ControllerStub:
+        return pb_grpc.ControllerStub(self.channel)
+
+    @property
+    def node(self) -> pb_grpc.NodeStub:
+        return pb_grpc.NodeStub(self.channel)
+
+
+def mount_capability(fs_type: str = "", mode: str = "SINGLE_NODE_WRITER") -> pb.VolumeCapability:
+    return pb.VolumeCapability(
+        mount=pb.VolumeCapability.MountVolume(fs_type=fs_type),
+        access_mode=pb.VolumeCapability.AccessMode(mode=mode),
+    )
+
+
+def block_capability(mode: str = "SINGLE_NODE_WRITER") -> pb.VolumeCapability:
+    return pb.VolumeCapability(
+        block=pb.VolumeCapability.BlockVolume(),
+        access_mode=pb.VolumeCapability.AccessMode(mode=mode),
+    )
+
+
+def leftovers(root: Path) -> list[str]:
+    """Loop devices and mounts that still point into ``root``."""
+    prefix = str(root.resolve())
+    found = [f"mount {m.target}" for m in mount.mounts() if m.target.startswith(prefix)]
+    if shutil.which("losetup"):
+        found += [f"loop {dev} -> {back}" for dev, back in loopdev.attached().items() if back.startswith(prefix)]
+    return found
+
+
+def scrub(root: Path) -> None:
+    """Remove what a failed test left under ``root`` so the host stays clean; the test
+    has already been failed for it."""
+    prefix = str(root.resolve())
+    for entry in reversed(mount.mounts()):
+        if entry.target.startswith(prefix):
+            subprocess.run(["umount", "-l", entry.target], check=False)
+    if shutil.which("losetup"):
+        for dev, back in loopdev.attached().items():
+            if back.startswith(prefix):
+                subprocess.run(["losetup", "-d", dev], check=False)

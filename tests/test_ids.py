@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import pytest
+
+from csi import ids
+from csi.errors import NotFound
+
+
+def test_round_trip() -> None:
+    text = ids.encode("ceph-a", "pool/6f1c")
+    assert text == "1:ceph-a:pool/6f1c"
+    assert ids.decode(text) == ids.ObjectId("ceph-a", "pool/6f1c")
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        "",
+        "vol-1",
+        "2:local:x",
+        "1:Local:x",
+        "1:local:",
+        "1::x",
+        "1:local:has space",
+        "1:-bad:x",
+        "1:local:" + "x" * 130,
+    ],
+)
+def test_garbage_names_no_object(garbage: str) -> None:
+    with pytest.raises(NotFound, match="does not exist"):
+        ids.decode(garbage, "snapshot")
+
+
+def test_ids_are_at_most_128_bytes() -> None:
+    ids.encode("local", "x" * (128 - len("1:local:")))
+    with pytest.raises(ValueError, match="longer than 128"):
+        ids.encode("local", "x" * (129 - len("1:local:")))
+
+
+def test_backend_names_are_checked() -> None:
+    with pytest.raises(ValueError):
+        ids.encode("Bad_Name", "x")

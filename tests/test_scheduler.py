@@ -1,0 +1,129 @@
+"""The scheduler's filters and weighers, with stand-in backends that only report
+capacity, topology and capabilities (the scheduler reads nothing else)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import pytest
+
+from csi.backends.base import Backend, NodeConnector, VolumeBackend
+from csi.errors import InvalidArgument, NotFound, ResourceExhausted
+from csi.model import AccessMode, AccessType, Capability, Segment
+from csi.scheduler import PlacementRequest, Scheduler, backend_parameters
+
+RWO = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER)
+RWX_BLOCK = Capability(AccessType.BLOCK, AccessMode.MULTI_NODE_MULTI_WRITER)
+
+
+@dataclass
+class StandIn:
+    free: int
+    topology: tuple[Segment, ...] = ()
+    parameter_keys: frozenset[str] = frozenset()
+    multi_node: bool = False
+    calls: list[str] = field(default_factory=list)
+
+    def unsupported(self, capability: Capability) -> str | None:
+        if capability.access_mode.multi_node and not self.multi_node:
+            return "single node only"
+        return None
+
+    def free_bytes(self) -> int:
+        return self.free
+
+
+def backend(name: str, group: str | None = None, **kwargs: Any) -> Backend:
+    volumes = cast(VolumeBackend, StandIn(**kwargs))
+    return Backend(name, "stand-in", group, volumes, cast(NodeConnector, None))
+
+
+def request(parameters: dict[str, str], **kwargs: Any) -> PlacementRequest:
+    return PlacementRequest(
+        parameters=parameters, capabilities=kwargs.pop("caps", (RWO,)), required_bytes=kwargs.pop("size", 10), **kwargs
+    )
+
+
+def names(backends: list[Backend]) -> list[str]:
+    return [b.name for b in backends]
+
+
+def test_single_backend_needs_no_selector() -> None:
+    scheduler = Scheduler([backend("only", free=100)])
+    assert names(scheduler.place(request({}))) == ["only"]
+
+
+def test_several_backends_need_a_selector() -> None:
+    scheduler = Scheduler([backend("a", free=100), backend("b", free=100)])
+    with pytest.raises(InvalidArgument, match=r"'backend' or 'group' is required.*a, b"):
+        scheduler.place(request({}))
+
+
+def test_unknown_backend_and_group_are_named() -> None:
+    scheduler = Scheduler([backend("a", free=100)])
+    with pytest.raises(InvalidArgument, match="backend 'nope' is not configured"):
+        scheduler.place(request({"backend": "nope"}))
+    with pytest.raises(InvalidArgument, match="group 'nope' is not configured"):
+        scheduler.place(request({"group": "nope"}))
+
+
+def test_group_members_weighed_by_free_space() -> None:
+    scheduler = Scheduler([backend("a", "g", free=50), backend("b", "g", free=500), backend("c", free=900)])
+    assert names(scheduler.place(request({"group": "g"}))) == ["b", "a"]
+
+
+def test_capacity_filter() -> None:
+    scheduler = Scheduler([backend("a", "g", free=50), backend("b", "g", free=500)])
+    assert names(scheduler.place(request({"group": "g"}, size=100))) == ["b"]
+    with pytest.raises(ResourceExhausted, match="no backend has 1000 bytes free"):
+        scheduler.place(request({"group": "g"}, size=1000))
+
+
+def test_capability_filter_says_why() -> None:
+    scheduler = Scheduler([backend("a", "g", free=50), backend("b", "g", free=500, multi_node=True)])
+    assert names(scheduler.place(request({"group": "g"}, caps=(RWX_BLOCK,)))) == ["b"]
+    with pytest.raises(InvalidArgument, match="a: single node only"):
+        scheduler.place(request({"backend": "a"}, caps=(RWX_BLOCK,)))
+
+
+def test_topology_requisite_and_preferred() -> None:
+    key = "topology.cairn.csi.io/node"
+    scheduler = Scheduler(
+        [
+            backend("n1", "g", free=900, topology=({key: "n1"},)),
+            backend("n2", "g", free=100, topology=({key: "n2"},)),
+            backend("shared", "g", free=500),
+        ]
+    )
+    assert names(scheduler.place(request({"group": "g"}, requisite=({key: "n2"},)))) == ["shared", "n2"]
+    preferred = scheduler.place(request({"group": "g"}, requisite=({key: "n1"}, {key: "n2"}), preferred=({key: "n2"},)))
+    assert names(preferred)[0] in ("n2", "shared") and names(preferred)[-1] == "n1"
+    only_local = Scheduler([backend("n1", free=900, topology=({key: "n1"},))])
+    with pytest.raises(ResourceExhausted, match="topology"):
+        only_local.place(request({}, requisite=({key: "n3"},)))
+
+
+def test_backend_parameters_filter_candidates_and_reject_typos() -> None:
+    scheduler = Scheduler(
+        [backend("rbd", "g", free=10, parameter_keys=frozenset({"pool"})), backend("lvm", "g", free=900)]
+    )
+    assert names(scheduler.place(request({"group": "g", "pool": "fast"}))) == ["rbd"]
+    with pytest.raises(InvalidArgument, match="unknown parameter 'pol'"):
+        scheduler.place(request({"group": "g", "pol": "fast"}))
+
+
+def test_kubernetes_and_service_parameters_are_not_backend_parameters() -> None:
+    params = {"csi.storage.k8s.io/pvc/name": "x", "fsType": "xfs", "backend": "a", "pool": "p"}
+    assert backend_parameters(params) == {"pool": "p"}
+
+
+def test_content_source_pins_the_backend() -> None:
+    scheduler = Scheduler([backend("a", "g", free=900), backend("b", "g", free=100)])
+    assert names(scheduler.place(request({"group": "g"}, source_backend="b"))) == ["b"]
+
+
+def test_routing_an_id_to_an_unconfigured_backend_is_not_found() -> None:
+    scheduler = Scheduler([backend("a", free=1)])
+    with pytest.raises(NotFound, match="backend 'gone' is not configured"):
+        scheduler.backend("gone", "volume", "1:gone:x")
