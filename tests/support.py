@@ -69,6 +69,7 @@ class Driver:
         self.channel: grpc.Channel | None = None
 
     def start(self) -> Driver:
+        self.root.mkdir(parents=True, exist_ok=True)
         argv = [
             sys.executable, "-m", "csi",
             "--endpoint", f"unix://{self.socket}",

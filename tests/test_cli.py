@@ -1,0 +1,88 @@
+"""The command line as an operator meets it: start, stop on SIGTERM, refuse bad config,
+and the client commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from csi.client import parse_size
+from tests.support import Driver
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "csi", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_sigterm_stops_gracefully_and_removes_the_socket(tmp_path: Path) -> None:
+    driver = Driver(tmp_path).start()
+    assert driver.socket.exists()
+    assert driver.stop() == 0
+    assert not driver.socket.exists()
+    assert "stopping" in driver.log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("backends: [{name: a, kind: tape}]", "unknown kind 'tape'"),
+        ("backends: [{name: a, kind: local}]", "'path' is required"),
+        ("backends: [{name: a, kind: local, path: /tmp/x, colour: red}]", "unknown local settings ['colour']"),
+        ("nonsense: [", "cannot read config file"),
+    ],
+)
+def test_bad_config_stops_start_up_with_a_reason(tmp_path: Path, config: str, message: str) -> None:
+    path = tmp_path / "cairn.yaml"
+    path.write_text(config)
+    result = run_cli("--endpoint", f"unix://{tmp_path}/csi.sock", "--config", str(path))
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (tmp_path / "csi.sock").exists()
+
+
+def test_config_file_with_two_backends_serves_both(tmp_path: Path) -> None:
+    config = tmp_path / "cairn.yaml"
+    config.write_text(
+        f"backends:\n  - {{name: fast, kind: local, path: {tmp_path}/fast}}\n  - {{name: slow, kind: local, path: {tmp_path}/slow}}\n"
+    )
+    driver = Driver(tmp_path, ["--config", str(config)]).start()
+    endpoint = f"unix://{driver.socket}"
+    try:
+        refused = run_cli("client", "--endpoint", endpoint, "create", "pvc-a", "--size", "4Mi")
+        assert refused.returncode == 1
+        assert "INVALID_ARGUMENT" in refused.stderr and "'backend' or 'group' is required" in refused.stderr
+        created = run_cli(
+            "client", "--endpoint", endpoint, "create", "pvc-a", "--size", "4Mi", "--param", "backend=slow"
+        )
+        assert created.returncode == 0, created.stderr
+        assert "1:slow:vol-" in created.stdout and "4.0 MiB" in created.stdout
+        assert len(list((tmp_path / "slow" / "volumes").glob("*.img"))) == 1
+        assert list((tmp_path / "fast" / "volumes").glob("*.img")) == []
+        listed = run_cli("client", "--endpoint", endpoint, "list")
+        assert "1:slow:vol-" in listed.stdout
+        volume_id = listed.stdout.split()[0]
+        assert run_cli("client", "--endpoint", endpoint, "delete", volume_id).returncode == 0
+    finally:
+        assert driver.stop() == 0
+
+
+def test_client_info(tmp_path: Path) -> None:
+    driver = Driver(tmp_path).start()
+    try:
+        result = run_cli("client", "--endpoint", f"unix://{driver.socket}", "info")
+        assert result.returncode == 0, result.stderr
+        assert "cairn.csi.io" in result.stdout and "test-node" in result.stdout
+    finally:
+        driver.stop()
+
+
+def test_sizes() -> None:
+    assert parse_size("1Gi") == 1 << 30
+    assert parse_size("512Mi") == 512 << 20
+    assert parse_size("10G") == 10 * 10**9
+    assert parse_size("4096") == 4096
