@@ -21,9 +21,9 @@ run: setup-run
 demo: setup-run
 	scripts/demo.sh $(VENV)/bin/cairn-csi
 
-## test: install everything, then lint, type-check and run every test tier but bench
+## test: install everything, then lint, type-check and run every test tier
 test: setup-test lint
-	CAIRN_REQUIRE_ALL=1 PATH="$(TOOLS)/bin:$$PATH" $(VENV)/bin/pytest -m "not bench"
+	CAIRN_REQUIRE_ALL=1 PATH="$(TOOLS)/bin:$$PATH" $(VENV)/bin/pytest
 
 lint:
 	$(VENV)/bin/ruff check csi tests bench
@@ -31,10 +31,14 @@ lint:
 	$(VENV)/bin/mypy
 
 unit: setup-test
-	$(VENV)/bin/pytest -m "not integration and not conformance and not bench"
+	$(VENV)/bin/pytest -m "not integration and not conformance"
 
-integration conformance bench: setup-test
+integration conformance: setup-test
 	CAIRN_REQUIRE_ALL=1 PATH="$(TOOLS)/bin:$$PATH" $(VENV)/bin/pytest -m $@
+
+## bench: provisioning and staging figures as ratios to the raw operations (root)
+bench: setup-test
+	$(VENV)/bin/python bench/provision.py
 
 ## proto: regenerate csi/generated from the pinned CSI spec
 proto: setup-test
