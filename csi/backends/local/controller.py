@@ -132,9 +132,7 @@ class LocalVolumes:
         self.layout.remove("volume", local_id)
 
     def get_volume(self, local_id: str) -> Volume:
-        record = self.layout.read_record("volume", local_id)
-        if record is None:
-            raise NotFound(f"volume {local_id!r} does not exist")
+        record = self.layout.require_record("volume", local_id)
         return self._volume(local_id, record)
 
     def lookup_volume(self, name: str) -> Volume | None:
@@ -157,9 +155,7 @@ class LocalVolumes:
         )
 
     def expand_volume(self, local_id: str, required_bytes: int, limit_bytes: int) -> int:
-        record = self.layout.read_record("volume", local_id)
-        if record is None:
-            raise NotFound(f"volume {local_id!r} does not exist")
+        record = self.layout.require_record("volume", local_id)
         image = self.layout.image("volume", local_id)
         current = os.stat(image).st_size
         if required_bytes <= current:
@@ -201,9 +197,7 @@ class LocalVolumes:
         self.layout.remove("snapshot", local_id)
 
     def get_snapshot(self, local_id: str) -> Snapshot:
-        record = self.layout.read_record("snapshot", local_id)
-        if record is None:
-            raise NotFound(f"snapshot {local_id!r} does not exist")
+        record = self.layout.require_record("snapshot", local_id)
         return self._snapshot(local_id, record)
 
     def list_snapshots(self) -> Sequence[Snapshot]:
@@ -221,9 +215,7 @@ class LocalVolumes:
     # -- publication ----------------------------------------------------------------
 
     def publish_volume(self, local_id: str, node_id: str, capability: Capability, readonly: bool) -> dict[str, str]:
-        record = self.layout.read_record("volume", local_id)
-        if record is None:
-            raise NotFound(f"volume {local_id!r} does not exist")
+        record = self.layout.require_record("volume", local_id)
         if node_id != self.node_id:
             raise NotFound(f"node {node_id!r} cannot reach volume {local_id}: it is local to node {self.node_id!r}")
         published: dict[str, bool] = record["published"]

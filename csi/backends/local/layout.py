@@ -77,6 +77,13 @@ class Layout:
             record: dict[str, Any] = json.load(handle)
         return record
 
+    def require_record(self, kind: Kind, local_id: str) -> dict[str, Any]:
+        """The record of a complete object, or NotFound naming it."""
+        record = self.read_record(kind, local_id)
+        if record is None:
+            raise NotFound(f"{kind} {local_id!r} does not exist")
+        return record
+
     def write_record(self, kind: Kind, local_id: str, record: dict[str, Any]) -> None:
         path = self.record_path(kind, local_id)
         write_atomically(path, json.dumps(record, sort_keys=True).encode())
