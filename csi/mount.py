@@ -6,13 +6,17 @@ both no-ops."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from csi import proc
 from csi.errors import CommandFailed, FailedPrecondition, InvalidArgument
 from csi.model import Filesystem, FilesystemStats
+
+log = logging.getLogger(__name__)
 
 MKFS_TIMEOUT = 600.0
 
@@ -212,3 +216,32 @@ def remove_path(path: str) -> None:
     except OSError as exc:
         if exc.errno != errno.ENOENT:
             raise
+
+
+def writable_mount_of(device: str) -> str | None:
+    """One read-write mount point of the filesystem on ``device``, or None. Bind mounts
+    of it share the filesystem, so one is enough to freeze it."""
+    for entry in mounts():
+        if entry.source == device and "rw" in entry.options:
+            return entry.target
+    return None
+
+
+@contextmanager
+def frozen(devices: Sequence[str]) -> Iterator[None]:
+    """Freeze the filesystems mounted from ``devices`` (flushing their caches and holding
+    new writes) for the duration of the block, then thaw them, whatever happens."""
+    held: list[str] = []
+    try:
+        for device in devices:
+            target = writable_mount_of(device)
+            if target is not None:
+                proc.run(["fsfreeze", "--freeze", target], timeout=60)
+                held.append(target)
+        yield
+    finally:
+        for target in reversed(held):
+            try:
+                proc.run(["fsfreeze", "--unfreeze", target], timeout=60)
+            except CommandFailed:
+                log.exception("could not thaw %s", target)

@@ -337,3 +337,37 @@ def test_expansion_while_unstaged_is_finished_at_the_next_stage(driver: Driver, 
     vol.umount(target)
     vol.unstage()
     vol.delete()
+
+
+@pytest.mark.parametrize("fs", ["ext4", "xfs"])
+def test_snapshot_of_a_mounted_volume_holds_unsynced_writes(driver: Driver, fs: str) -> None:
+    vol = Volume(driver, f"busy-{fs}", mount_capability(fs), size=320 * MiB)
+    vol.publish()
+    vol.stage()
+    target = str(driver.root / "busy")
+    vol.mount(target)
+    Path(target, "unsynced").write_bytes(b"x" * 4 * MiB)  # still in the page cache: no sync
+    request = pb.CreateSnapshotRequest(name=f"busy-snap-{fs}", source_volume_id=vol.id)
+    snap = driver.controller.CreateSnapshot(request, timeout=120).snapshot
+    Path(target, "after").write_text("the volume is thawed again")
+    restore = pb.CreateVolumeRequest(
+        name=f"busy-restored-{fs}",
+        volume_capabilities=[vol.cap],
+        volume_content_source={"snapshot": {"snapshot_id": snap.snapshot_id}},
+        capacity_range={"required_bytes": 320 * MiB},
+    )
+    restored = Volume.__new__(Volume)
+    restored.driver, restored.cap = driver, vol.cap
+    restored.volume = driver.controller.CreateVolume(restore, timeout=120).volume
+    restored.id, restored.staging, restored.context = restored.volume.volume_id, str(driver.root / "staging-r"), {}
+    restored.publish()
+    restored.stage()
+    restored_target = str(driver.root / "restored")
+    restored.mount(restored_target)
+    assert Path(restored_target, "unsynced").stat().st_size == 4 * MiB
+    assert Path(restored_target, "unsynced").read_bytes() == b"x" * 4 * MiB
+    for each, path in ((restored, restored_target), (vol, target)):
+        each.umount(path)
+        each.unstage()
+        each.delete()
+    driver.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id), timeout=60)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from csi import proc
+from csi import loopdev, mount, proc
 from csi.backends.local.layout import Layout
 from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from csi.files import TEMP_SUFFIX, fsync_dir, fsync_file
@@ -236,8 +236,12 @@ class LocalVolumes:
 
 
 def copy_image(source: str, target: str) -> None:
-    """Copy an image, sharing extents where the filesystem can and keeping holes."""
-    proc.run(["cp", "--reflink=auto", "--sparse=always", source, target], timeout=COPY_TIMEOUT)
+    """A point-in-time copy of an image, sharing extents where the filesystem can and
+    keeping holes. When the image is staged on this host (the local backend's controller
+    and node run on the same host), its filesystem is frozen during the copy so the copy
+    holds everything written before it began and nothing torn."""
+    with mount.frozen(loopdev.find(source)):
+        proc.run(["cp", "--reflink=auto", "--sparse=always", source, target], timeout=COPY_TIMEOUT)
 
 
 def _source_record(source: SourceRef | None) -> dict[str, str] | None:
