@@ -14,7 +14,11 @@ csi_sanity_version=${CSI_SANITY_VERSION:-v5.6.0}
 # Host tools of the local backend and the node plugin: loop devices, blkid, mount,
 # mkfs and grow tools for ext4 and XFS, cp with reflink.
 packages=(util-linux mount e2fsprogs xfsprogs coreutils python3 python3-venv)
-[ "$what" = test ] && ! command -v go >/dev/null && packages+=(golang-go)
+if [ "$what" = test ]; then
+  command -v go >/dev/null || packages+=(golang-go)
+  # The vm tier: a stock Debian kernel booted by QEMU with a busybox initramfs.
+  packages+=(qemu-system-x86 linux-image-amd64 busybox-static cpio kmod)
+fi
 
 missing=()
 for pkg in "${packages[@]}"; do
