@@ -21,8 +21,9 @@ from csi.locks import InFlight
 from csi.model import Capability, Volume, VolumeSpec
 from csi.mount import parse_filesystem
 from csi.scheduler import (
-    KUBERNETES_PREFIX,
+    PARAM_BACKEND,
     PARAM_FS_TYPE,
+    PARAM_GROUP,
     PARAM_MKFS_OPTIONS,
     PlacementRequest,
     Scheduler,
@@ -257,8 +258,9 @@ class ControllerService(pb_grpc.ControllerServicer):
         )
         parameters = dict(request.parameters)
         volume_context(parameters)
-        selectors = {k for k in parameters if not k.startswith(KUBERNETES_PREFIX)} & {"backend", "group"}
-        candidates = self.scheduler.select(parameters) if selectors else list(self.scheduler.backends.values())
+        # Without a selector the question is "how much could any backend take".
+        named = PARAM_BACKEND in parameters or PARAM_GROUP in parameters
+        candidates = self.scheduler.select(parameters) if named else list(self.scheduler.backends.values())
         candidates = self.scheduler.check_parameters(candidates, parameters)
         candidates = [b for b in candidates if not any(b.volumes.unsupported(c) for c in caps)]
         if request.HasField("accessible_topology"):

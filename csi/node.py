@@ -217,7 +217,9 @@ class NodeService(pb_grpc.NodeServicer):
     ) -> pb.NodeUnpublishVolumeResponse:
         convert.require(request.volume_id, "volume_id")
         convert.require(request.target_path, "target_path")
-        self._route(request.volume_id)
+        # Only the ID's form is checked: unmounting needs no backend, so a pod can still be
+        # torn down after its backend left the configuration.
+        ids.decode(request.volume_id)
         with self.inflight.hold(request.volume_id):
             mount.unmount(request.target_path)
             mount.remove_path(request.target_path)
