@@ -48,7 +48,9 @@ for dir in etc var root; do
 done
 $bb mkdir -p $root/run/cairn-vm
 $bb mount -t 9p -o "cache=none,$nine" control $root/run/cairn-vm || fail "cannot mount the control share"
-$bb mount -t 9p -o "cache=none,$nine" repo "$root$($bb cat $root/run/cairn-vm/repo)" || fail "cannot mount the repository"
+repo="$root$($bb cat $root/run/cairn-vm/repo)"
+$bb mkdir -p "$repo"  # the repository may sit under /tmp, fresh in the guest
+$bb mount -t 9p -o "cache=none,$nine" repo "$repo" || fail "cannot mount the repository"
 $bb mount --move /dev $root/dev
 $bb mkdir -p $root/dev/pts $root/dev/shm
 $bb mount -t devpts devpts $root/dev/pts
