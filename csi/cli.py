@@ -33,18 +33,19 @@ log = logging.getLogger("csi")
 
 DEFAULT_ROOT = "/var/lib/cairn-csi"
 
-BUILDERS: dict[str, Callable[[BackendConfig, str], Backend]] = {
+# kind -> builder(config, node ID, whether this process serves the controller)
+BUILDERS: dict[str, Callable[[BackendConfig, str, bool], Backend]] = {
     "local": local.build,
 }
 
 
-def build_backends(driver_config: config.DriverConfig, node_id: str) -> list[Backend]:
+def build_backends(driver_config: config.DriverConfig, node_id: str, controller: bool) -> list[Backend]:
     backends = []
     for entry in driver_config.backends:
         builder = BUILDERS.get(entry.kind)
         if builder is None:
             raise ConfigError(f"backend {entry.name!r}: unknown kind {entry.kind!r} (known: {', '.join(BUILDERS)})")
-        backends.append(builder(entry, node_id))
+        backends.append(builder(entry, node_id, controller))
     return backends
 
 
@@ -73,8 +74,9 @@ def parser() -> argparse.ArgumentParser:
 
 def build_server(args: argparse.Namespace) -> Server:
     driver_config = config.load(args.config) if args.config else config.embedded_default(args.data_dir)
-    scheduler = Scheduler(build_backends(driver_config, args.node_id))
-    controller = ControllerService(scheduler) if args.mode in ("all", "controller") else None
+    serves_controller = args.mode in ("all", "controller")
+    scheduler = Scheduler(build_backends(driver_config, args.node_id, serves_controller))
+    controller = ControllerService(scheduler) if serves_controller else None
     node = None
     if args.mode in ("all", "node"):
         node = NodeService(scheduler, args.node_id, NodeState(args.state_dir), args.max_volumes_per_node)

@@ -86,3 +86,16 @@ def test_sizes() -> None:
     assert parse_size("512Mi") == 512 << 20
     assert parse_size("10G") == 10 * 10**9
     assert parse_size("4096") == 4096
+
+
+def test_a_node_plugin_leaves_the_controllers_work_in_progress_alone(tmp_path: Path) -> None:
+    volumes = tmp_path / "data" / "volumes"
+    volumes.mkdir(parents=True)
+    in_progress = volumes / "vol-00000000-0000-5000-8000-000000000000.img.tmp"
+    in_progress.write_bytes(b"being written by the controller")
+    node_plugin = Driver(tmp_path, ["--mode", "node"]).start()
+    assert node_plugin.stop() == 0
+    assert in_progress.exists(), "a node plugin must not run the controller's crash recovery"
+    controller = Driver(tmp_path, ["--mode", "controller"]).start()
+    assert controller.stop() == 0
+    assert not in_progress.exists(), "the controller cleans up after a crash at start-up"

@@ -17,7 +17,7 @@ from csi.errors import ConfigError
 SETTINGS = frozenset({"path", "node"})
 
 
-def build(config: BackendConfig, node_id: str) -> Backend:
+def build(config: BackendConfig, node_id: str, controller: bool) -> Backend:
     unknown = set(config.settings) - SETTINGS
     if unknown:
         raise ConfigError(f"backend {config.name!r}: unknown local settings {sorted(unknown)}")
@@ -25,4 +25,5 @@ def build(config: BackendConfig, node_id: str) -> Backend:
     if not isinstance(path, str) or not path:
         raise ConfigError(f"backend {config.name!r}: 'path' is required")
     owner = str(config.settings.get("node") or node_id)
-    return Backend(config.name, "local", config.group, LocalVolumes(path, owner), LocalConnector(path))
+    volumes = LocalVolumes(path, owner, recover=controller)
+    return Backend(config.name, "local", config.group, volumes, LocalConnector(path))

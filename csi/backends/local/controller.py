@@ -40,10 +40,13 @@ def choose_size(required: int, limit: int, minimum: int = 0) -> int:
 class LocalVolumes:
     parameter_keys = frozenset({PARAM_PREALLOCATE})
 
-    def __init__(self, root: str, node_id: str) -> None:
+    def __init__(self, root: str, node_id: str, recover: bool = True) -> None:
+        """``recover`` removes what crashed creations left; only the process that serves
+        the controller may do it (a node plugin on the same host must not)."""
         self.layout = Layout(root)
         self.layout.ensure()
-        self.layout.recover()
+        if recover:
+            self.layout.recover()
         self.node_id = node_id
         self.topology: tuple[Segment, ...] = ({TOPOLOGY_NODE_KEY: node_id},)
 
