@@ -6,7 +6,7 @@ RUN_DIR ?= $(CURDIR)/.run
 NODE_ID ?= $(shell hostname)
 export VENV TOOLS
 
-.PHONY: run demo test lint unit integration conformance bench proto setup-run setup-test clean
+.PHONY: run demo test lint unit integration conformance bench deploy proto setup-run setup-test clean
 
 ## run: start the driver on the embedded local backend (root needed to stage volumes)
 run: setup-run
@@ -39,6 +39,10 @@ integration conformance: setup-test
 ## bench: provisioning and staging figures as ratios to the raw operations (root)
 bench: setup-test
 	$(VENV)/bin/python bench/provision.py
+
+## deploy: re-render deploy/cairn-csi.yaml from the chart
+deploy: setup-test
+	HELM=$(TOOLS)/bin/helm deploy/render.sh
 
 ## proto: regenerate csi/generated from the pinned CSI spec
 proto: setup-test

@@ -10,6 +10,7 @@ venv=${VENV:-$root/.venv}
 tools=${TOOLS:-$root/.tools}
 python=${PYTHON:-/usr/bin/python3}
 csi_sanity_version=${CSI_SANITY_VERSION:-v5.6.0}
+helm_version=${HELM_VERSION:-v3.22.0}
 
 # Host tools of the local backend and the node plugin: loop devices, blkid, mount,
 # mkfs and grow tools for ext4 and XFS, cp with reflink.
@@ -44,4 +45,9 @@ fi
 if [ "$what" = test ] && [ ! -x "$tools/bin/csi-sanity" ]; then
   echo "installing csi-sanity $csi_sanity_version"
   GOBIN="$tools/bin" go install "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$csi_sanity_version"
+fi
+
+if [ "$what" = test ] && [ ! -x "$tools/bin/helm" ]; then
+  echo "installing helm $helm_version"
+  GOBIN="$tools/bin" go install "helm.sh/helm/v3/cmd/helm@$helm_version"
 fi

@@ -1,0 +1,67 @@
+{{/* Common names and labels. */}}
+{{- define "cairn.name" -}}cairn-csi{{- end }}
+{{- define "cairn.driver" -}}cairn.csi.io{{- end }}
+
+{{- define "cairn.labels" -}}
+app.kubernetes.io/name: cairn-csi
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end }}
+
+{{- define "cairn.selector" -}}
+app.kubernetes.io/name: cairn-csi
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "cairn.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{/* The local backends, and the one node that owns them (empty: any node). */}}
+{{- define "cairn.localNode" -}}
+{{- $nodes := list -}}
+{{- range .Values.backends -}}
+{{- if and (eq .kind "local") .node -}}{{- $nodes = append $nodes .node | uniq -}}{{- end -}}
+{{- end -}}
+{{- if gt (len $nodes) 1 -}}
+{{- fail (printf "local backends on several nodes (%s) need one controller per node, which this chart does not deploy yet; see docs/design.md" (join ", " $nodes)) -}}
+{{- end -}}
+{{- join "" $nodes -}}
+{{- end }}
+
+{{- define "cairn.hasLocal" -}}
+{{- range .Values.backends }}{{ if eq .kind "local" }}true{{ end }}{{ end -}}
+{{- end }}
+
+{{/* hostPath volumes and mounts for the directories of local backends. */}}
+{{- define "cairn.localVolumes" -}}
+{{- range .Values.backends }}
+{{- if eq .kind "local" }}
+- name: local-{{ .name }}
+  hostPath:
+    path: {{ .path }}
+    type: DirectoryOrCreate
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "cairn.localMounts" -}}
+{{- range .Values.backends }}
+{{- if eq .kind "local" }}
+- name: local-{{ .name }}
+  mountPath: {{ .path }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The CSI secret parameters, pointing every secret-taking call at one Secret. */}}
+{{- define "cairn.secretParameters" -}}
+{{- if .secretName }}
+{{- range list "provisioner" "controller-publish" "node-stage" "controller-expand" "node-expand" }}
+csi.storage.k8s.io/{{ . }}-secret-name: {{ $.secretName }}
+csi.storage.k8s.io/{{ . }}-secret-namespace: {{ $.secretNamespace | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
