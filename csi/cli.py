@@ -67,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("all", "controller", "node"), default="all", help="which CSI services to serve")
     p.add_argument("--max-volumes-per-node", type=int, default=0, help="attach limit reported to Kubernetes (0: none)")
     p.add_argument("--workers", type=int, default=8, help="gRPC worker threads")
+    p.add_argument(
+        "--health-port", type=int, default=0, help="TCP port serving only grpc.health.v1, for gRPC probes (0: off)"
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     return p
@@ -81,7 +84,8 @@ def build_server(args: argparse.Namespace) -> Server:
     if args.mode in ("all", "node"):
         node = NodeService(scheduler, args.node_id, NodeState(args.state_dir), args.max_volumes_per_node)
     identity = IdentityService(scheduler, controller=controller is not None)
-    return Server(args.endpoint, Services(identity, controller, node), workers=args.workers)
+    services = Services(identity, controller, node)
+    return Server(args.endpoint, services, workers=args.workers, health_port=args.health_port, ready=identity.ready)
 
 
 def serve(argv: Sequence[str]) -> int:

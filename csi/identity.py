@@ -38,8 +38,12 @@ class IdentityService(pb_grpc.IdentityServicer):
         capabilities.append(pb.PluginCapability(volume_expansion=Expansion(type=Expansion.ONLINE)))
         return pb.GetPluginCapabilitiesResponse(capabilities=capabilities)
 
-    def Probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeResponse:
+    def ready(self) -> bool:
+        """Whether every backend is healthy; what is wrong is logged."""
         problems = {name: p for name, b in self.scheduler.backends.items() if (p := b.volumes.health())}
         if problems:
             log.warning("not ready", extra={"problems": problems})
-        return pb.ProbeResponse(ready=BoolValue(value=not problems))
+        return not problems
+
+    def Probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeResponse:
+        return pb.ProbeResponse(ready=BoolValue(value=self.ready()))

@@ -126,9 +126,26 @@ class Services:
     node: pb_grpc.NodeServicer | None
 
 
+HEALTH_INTERVAL = 10.0
+
+
 class Server:
-    def __init__(self, endpoint: str, services: Services, workers: int = 8) -> None:
+    """The CSI services on ``endpoint``, and the standard gRPC health service there and,
+    with ``health_port``, alone on a TCP port for kubelet's gRPC probes. The health status
+    follows ``ready`` (checked every HEALTH_INTERVAL seconds): SERVING while it answers
+    True, NOT_SERVING otherwise."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        services: Services,
+        workers: int = 8,
+        health_port: int = 0,
+        ready: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.endpoint = parse_endpoint(endpoint)
+        self.health_port = health_port
+        self._ready = ready
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[CallInterceptor()])
         pb_grpc.add_IdentityServicer_to_server(services.identity, self._server)
         if services.controller is not None:
@@ -137,6 +154,10 @@ class Server:
             pb_grpc.add_NodeServicer_to_server(services.node, self._server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        self._health_server: grpc.Server | None = None
+        if health_port:
+            self._health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -146,9 +167,27 @@ class Server:
             _remove_stale_socket(path)
         if self._server.add_insecure_port(self.endpoint.address) == 0:
             raise ConfigError(f"cannot listen on {self.endpoint.address}")
+        if self._health_server is not None and self._health_server.add_insecure_port(f"[::]:{self.health_port}") == 0:
+            raise ConfigError(f"cannot listen for health checks on port {self.health_port}")
+        self._update_health()
         self._server.start()
-        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", extra={"endpoint": self.endpoint.address})
+        if self._health_server is not None:
+            self._health_server.start()
+        threading.Thread(target=self._watch_health, name="health", daemon=True).start()
+        log.info("serving", extra={"endpoint": self.endpoint.address, "health_port": self.health_port or None})
+
+    def _update_health(self) -> None:
+        try:
+            ready = self._ready()
+        except Exception:
+            log.exception("readiness check failed")
+            ready = False
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.health.set("", status)
+
+    def _watch_health(self) -> None:
+        while not self._stopped.wait(HEALTH_INTERVAL):
+            self._update_health()
 
     def stop(self, grace: float = 10.0) -> None:
         """Refuse new calls, let calls in flight finish (up to ``grace`` seconds), then
@@ -158,6 +197,8 @@ class Server:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
+        if self._health_server is not None:
+            self._health_server.stop(0).wait()
         if self.endpoint.socket_path:
             _remove_stale_socket(self.endpoint.socket_path)
         log.info("stopped")

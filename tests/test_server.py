@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -92,3 +93,40 @@ def test_secrets_are_stripped_at_every_depth() -> None:
     assert logged["volume_capabilities"] == [{"mount": {"fs_type": "xfs"}}]
     stage = redacted(pb.NodeStageVolumeRequest(volume_id="v", secrets={"k": "s3cr3t"}))
     assert "s3cr3t" not in repr(stage)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def test_health_port_serves_only_health_and_follows_readiness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    import csi.server
+
+    monkeypatch.setattr(csi.server, "HEALTH_INTERVAL", 0.05)
+    ready = {"now": True}
+    port = free_port()
+    instance = Server(
+        f"unix://{tmp_path}/s.sock", Services(Misbehaving(), None, None), health_port=port, ready=lambda: ready["now"]
+    )
+    instance.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            assert check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+            ready["now"] = False
+            deadline = time.monotonic() + 10
+            while check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline, "health never turned NOT_SERVING"
+                time.sleep(0.05)
+            with pytest.raises(grpc.RpcError) as caught:
+                pb_grpc.IdentityStub(channel).GetPluginInfo(pb.GetPluginInfoRequest(), timeout=10)
+            assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        instance.stop()
