@@ -6,6 +6,9 @@ deploy/ in step with the chart."""
 from __future__ import annotations
 
 import copy
+import json
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -215,3 +218,54 @@ def test_snapshot_crds_are_the_released_ones(tmp_path: Path) -> None:
     assert fetched == sorted(p.name for p in CRDS.glob("*.yaml"))
     for name in fetched:
         assert (tmp_path / name).read_bytes() == (CRDS / name).read_bytes(), name
+
+
+# Sidecar image -> Go module; livenessprobe and node-driver-registrar are not published as
+# versioned modules, so their few flags are checked by the kind workflow only.
+SIDECAR_MODULES = {
+    "csi-provisioner": "external-provisioner",
+    "csi-attacher": "external-attacher",
+    "csi-snapshotter": "external-snapshotter",
+    "csi-resizer": "external-resizer",
+    "snapshot-controller": "external-snapshotter",
+}
+
+
+def module_dir(module: str) -> Path:
+    result = subprocess.run(
+        ["go", "mod", "download", "-json", module],
+        capture_output=True, text=True, timeout=600, check=True, env={**os.environ, "GOFLAGS": "-mod=mod"}, cwd="/",
+    )  # fmt: skip
+    return Path(json.loads(result.stdout)["Dir"])
+
+
+def go_sources(directory: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in directory.rglob("*.go") if not p.name.endswith("_test.go"))
+
+
+def test_every_sidecar_flag_exists_in_the_pinned_release() -> None:
+    require_tools("go")
+    docs = render("local-values.yaml")
+    checked = 0
+    for doc in docs:
+        if doc["kind"] != "Deployment":
+            continue
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            name, _, tag = container["image"].rpartition("/")[2].partition(":")
+            if name not in SIDECAR_MODULES:
+                continue
+            major = tag.split(".")[0]
+            suffix = f"/{major}" if major not in ("v0", "v1") else ""
+            source = module_dir(f"github.com/kubernetes-csi/{SIDECAR_MODULES[name]}{suffix}@{tag}")
+            go_mod = (source / "go.mod").read_text()
+            lib_version = re.search(r"github.com/kubernetes-csi/csi-lib-utils (v\S+)", go_mod)
+            defined = go_sources(source / "cmd") + go_sources(source / "pkg")
+            if lib_version:
+                defined += go_sources(
+                    module_dir(f"github.com/kubernetes-csi/csi-lib-utils@{lib_version.group(1)}") / "standardflags"
+                )
+            for arg in container.get("args", []):
+                flag = arg.lstrip("-").split("=")[0]
+                assert f'"{flag}"' in defined, f"{name} {tag} has no flag --{flag}"
+                checked += 1
+    assert checked >= 20
