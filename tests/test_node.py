@@ -39,12 +39,22 @@ class Volume:
     """One volume driven through the CSI calls kubelet and the sidecars would make."""
 
     def __init__(
-        self, driver: Driver, name: str, cap: pb.VolumeCapability, size: int = 64 * MiB, **params: str
+        self,
+        driver: Driver,
+        name: str,
+        cap: pb.VolumeCapability,
+        size: int = 64 * MiB,
+        source: pb.VolumeContentSource | None = None,
+        **params: str,
     ) -> None:
         self.driver = driver
         self.cap = cap
         request = pb.CreateVolumeRequest(
-            name=name, volume_capabilities=[cap], parameters=params, capacity_range={"required_bytes": size}
+            name=name,
+            volume_capabilities=[cap],
+            parameters=params,
+            capacity_range={"required_bytes": size},
+            volume_content_source=source,
         )
         self.volume = driver.controller.CreateVolume(request, timeout=60).volume
         self.id = self.volume.volume_id
@@ -285,22 +295,12 @@ def test_restore_and_clone_carry_the_data(driver: Driver) -> None:
     snap = driver.controller.CreateSnapshot(
         pb.CreateSnapshotRequest(name="snap", source_volume_id=vol.id), timeout=60
     ).snapshot
-    copies = []
-    for name, source in (
-        ("restored", pb.VolumeContentSource(snapshot={"snapshot_id": snap.snapshot_id})),
-        ("cloned", pb.VolumeContentSource(volume={"volume_id": vol.id})),
-    ):
-        request = pb.CreateVolumeRequest(
-            name=name,
-            volume_capabilities=[vol.cap],
-            volume_content_source=source,
-            capacity_range={"required_bytes": 320 * MiB},
-        )
-        created = driver.controller.CreateVolume(request, timeout=60).volume
-        copy = Volume.__new__(Volume)
-        copy.driver, copy.cap, copy.volume, copy.id = driver, vol.cap, created, created.volume_id
-        copy.staging, copy.context = str(driver.root / f"staging-{name}"), {}
-        copies.append(copy)
+    copies = [
+        Volume(
+            driver, "restored", vol.cap, 320 * MiB, pb.VolumeContentSource(snapshot={"snapshot_id": snap.snapshot_id})
+        ),
+        Volume(driver, "cloned", vol.cap, 320 * MiB, pb.VolumeContentSource(volume={"volume_id": vol.id})),
+    ]
     for copy in copies:
         copy.publish()
         copy.stage()  # XFS clones share the origin's UUID: mounted side by side with nouuid
@@ -350,16 +350,8 @@ def test_snapshot_of_a_mounted_volume_holds_unsynced_writes(driver: Driver, fs: 
     request = pb.CreateSnapshotRequest(name=f"busy-snap-{fs}", source_volume_id=vol.id)
     snap = driver.controller.CreateSnapshot(request, timeout=120).snapshot
     Path(target, "after").write_text("the volume is thawed again")
-    restore = pb.CreateVolumeRequest(
-        name=f"busy-restored-{fs}",
-        volume_capabilities=[vol.cap],
-        volume_content_source={"snapshot": {"snapshot_id": snap.snapshot_id}},
-        capacity_range={"required_bytes": 320 * MiB},
-    )
-    restored = Volume.__new__(Volume)
-    restored.driver, restored.cap = driver, vol.cap
-    restored.volume = driver.controller.CreateVolume(restore, timeout=120).volume
-    restored.id, restored.staging, restored.context = restored.volume.volume_id, str(driver.root / "staging-r"), {}
+    source = pb.VolumeContentSource(snapshot={"snapshot_id": snap.snapshot_id})
+    restored = Volume(driver, f"busy-restored-{fs}", vol.cap, 320 * MiB, source)
     restored.publish()
     restored.stage()
     restored_target = str(driver.root / "restored")
