@@ -14,12 +14,12 @@ from google.protobuf.wrappers_pb2 import Int64Value
 
 from csi import convert, ids
 from csi.backends.base import Backend
-from csi.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted, Unimplemented
+from csi.errors import Aborted, InvalidArgument, NotFound, OutOfRange, ResourceExhausted, Unimplemented
 from csi.generated import csi_pb2 as pb
 from csi.generated import csi_pb2_grpc as pb_grpc
 from csi.locks import InFlight
-from csi.model import Capability, Volume, VolumeSpec
-from csi.mount import parse_filesystem
+from csi.model import AccessType, Capability, Volume, VolumeSpec
+from csi.mount import MINIMUM_BYTES, parse_filesystem
 from csi.scheduler import (
     PARAM_BACKEND,
     PARAM_FS_TYPE,
@@ -74,6 +74,19 @@ def check_filesystems(capabilities: Iterable[Capability]) -> None:
             parse_filesystem(cap.fs_type)
 
 
+def size_for_filesystem(
+    name: str, required: int, limit: int, capabilities: Iterable[Capability], context: Mapping[str, str]
+) -> int:
+    """The required size, raised to the smallest device the volume's filesystem accepts,
+    so a small XFS claim fails (or grows) here rather than at its first mount."""
+    names = {c.fs_type or context.get(PARAM_FS_TYPE, "") for c in capabilities if c.access_type is AccessType.MOUNT}
+    minimum = max((MINIMUM_BYTES[parse_filesystem(n)] for n in names if n), default=0)
+    if limit and limit < minimum:
+        wanted = ", ".join(sorted(n.upper() for n in names))
+        raise OutOfRange(f"volume {name!r}: {wanted} needs at least {minimum >> 20} MiB, above limit_bytes {limit}")
+    return max(required, minimum)
+
+
 def paginate(items: Sequence[T], key: Callable[[T], str], max_entries: int, token: str) -> tuple[list[T], str]:
     """One page of ``items`` (sorted by ``key``) after the cursor in ``token``. The
     cursor is the last key of the previous page, so deletions between pages neither
@@ -112,6 +125,7 @@ class ControllerService(pb_grpc.ControllerServicer):
         parameters = dict(request.parameters)
         vol_context = volume_context(parameters)
         source = convert.content_source(request.volume_content_source)
+        required = size_for_filesystem(request.name, required, limit, caps, vol_context)
         spec = VolumeSpec(
             name=request.name,
             required_bytes=required,

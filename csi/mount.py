@@ -27,6 +27,9 @@ _FAST_MKFS = {
     Filesystem.XFS: ["-K"],
 }
 
+# The smallest device each filesystem's mkfs accepts (mkfs.xfs: "must be larger than 300MB").
+MINIMUM_BYTES = {Filesystem.EXT4: 0, Filesystem.XFS: 300 << 20}
+
 # XFS refuses to mount two filesystems with one UUID; a restored snapshot or a clone
 # shares its source's UUID, so Cairn always mounts XFS with nouuid.
 _ALWAYS_MOUNT_OPTIONS = {Filesystem.EXT4: (), Filesystem.XFS: ("nouuid",)}

@@ -404,3 +404,22 @@ def test_secrets_never_reach_the_log(driver: Driver) -> None:
     assert "CreateVolume" in log
     assert "AQD-super-secret-key" not in log
     assert "***stripped***" in log
+
+
+def test_xfs_volumes_get_the_size_xfs_needs(shared_driver: Driver) -> None:
+    small = pb.CreateVolumeRequest(
+        name="small-xfs", volume_capabilities=[mount_capability("xfs")], capacity_range={"required_bytes": 64 << 20}
+    )
+    volume = shared_driver.controller.CreateVolume(small, timeout=30).volume
+    assert volume.capacity_bytes == 300 << 20
+    capped = pb.CreateVolumeRequest(
+        name="capped-xfs",
+        volume_capabilities=[RWO],
+        parameters={"fsType": "xfs"},
+        capacity_range={"required_bytes": 64 << 20, "limit_bytes": 100 << 20},
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        shared_driver.controller.CreateVolume(capped, timeout=30)
+    error: Any = caught.value
+    assert error.code() is grpc.StatusCode.OUT_OF_RANGE and "XFS needs at least" in error.details()
+    shared_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume.volume_id), timeout=30)
