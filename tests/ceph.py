@@ -1,0 +1,192 @@
+"""A throw-away single-host Ceph cluster for the tests: one monitor, one manager (pool
+statistics come from it) and one memstore OSD, all under one directory, on loopback only,
+with cephx on. The driver gets its own user, `client.cairn`, limited to the rbd profile
+on the test pool, so the tests exercise credentials the way a cluster would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+POOL = "cairn"
+USER = "cairn"
+DAEMONS = ("ceph-mon", "ceph-mgr", "ceph-osd", "ceph-authtool", "monmaptool", "rbd")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+CONF = """[global]
+fsid = {fsid}
+mon host = [v2:127.0.0.1:{port}]
+mon initial members = a
+auth cluster required = cephx
+auth service required = cephx
+auth client required = cephx
+auth allow insecure global id reclaim = false
+run dir = {root}/run
+admin socket = {root}/run/$name.asok
+pid file = {root}/run/$name.pid
+log file = {root}/log/$name.log
+mon cluster log file = {root}/log/cluster.log
+crash dir = {root}/crash
+mon data = {root}/mon/$cluster-$id
+mgr data = {root}/mgr/$cluster-$id
+osd data = {root}/osd/$cluster-$id
+log to stderr = false
+err to stderr = false
+public addr = 127.0.0.1
+cluster addr = 127.0.0.1
+ms bind ipv6 = false
+osd pool default size = 1
+osd pool default min size = 1
+mon allow pool size one = true
+mon allow pool delete = true
+mon osd initial require min compat client = mimic
+osd pool default pg num = 8
+osd pool default pgp num = 8
+osd pool default pg autoscale mode = off
+osd crush chooseleaf type = 0
+mon warn on pool no redundancy = false
+mon warn on insecure global id reclaim allowed = false
+mon data avail warn = 1
+mon data avail crit = 0
+mgr initial modules = iostat
+mgr stats period = 1
+mon mgr digest period = 1
+paxos propose interval = 0.1
+ms async op threads = 1
+osd op num shards = 1
+osd op num threads per shard = 2
+
+[osd]
+osd objectstore = memstore
+memstore device bytes = 4294967296
+osd max object name len = 460
+osd max object namespace len = 64
+osd min pg log entries = 100
+osd max pg log entries = 500
+
+[client]
+keyring = {root}/client.admin.keyring
+admin socket = {root}/run/$name.$pid.asok
+rados osd op timeout = 60
+rados mon op timeout = 60
+"""
+
+
+@dataclass
+class CephCluster:
+    root: Path
+    port: int = 0
+    admin_key: str = ""
+    user_key: str = ""
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "ceph.conf"
+
+    @property
+    def monitors(self) -> list[str]:
+        return [f"127.0.0.1:{self.port}"]
+
+    def _run(self, *argv: str, timeout: float = 120) -> str:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}\n{self.log_tails()}")
+        return result.stdout.strip()
+
+    def ceph(self, *args: str) -> str:
+        return self._run("ceph", "-c", str(self.conf), *args)
+
+    def rbd(self, *args: str) -> str:
+        return self._run("rbd", "-c", str(self.conf), *args)
+
+    def start(self) -> CephCluster:
+        self.port = _free_port()
+        for folder in ("run", "log", "crash", "mon/ceph-a", "mgr/ceph-x", "osd/ceph-0"):
+            (self.root / folder).mkdir(parents=True, exist_ok=True)
+        fsid = str(uuid.uuid4())
+        self.conf.write_text(CONF.format(fsid=fsid, port=self.port, root=self.root))
+        mon_keyring, admin_keyring = self.root / "mon.keyring", self.root / "client.admin.keyring"
+        self._run("ceph-authtool", "--create-keyring", str(mon_keyring), "--gen-key", "-n", "mon.", "--cap", "mon", "allow *")
+        self._run(
+            "ceph-authtool", "--create-keyring", str(admin_keyring), "--gen-key", "-n", "client.admin",
+            "--cap", "mon", "allow *", "--cap", "osd", "allow *", "--cap", "mgr", "allow *",
+        )  # fmt: skip
+        self._run("ceph-authtool", str(mon_keyring), "--import-keyring", str(admin_keyring))
+        monmap = self.root / "monmap"
+        self._run("monmaptool", "--create", "--fsid", fsid, "--addv", "a", f"[v2:127.0.0.1:{self.port}]", str(monmap))
+        self._run("ceph-mon", "-c", str(self.conf), "--mkfs", "-i", "a", "--monmap", str(monmap), "--keyring", str(mon_keyring))
+        self._run("ceph-mon", "-c", str(self.conf), "-i", "a")
+        self.ceph("config", "set", "mgr", "mgr/devicehealth/enable_monitoring", "false", "--force")
+        self.ceph("auth", "get-or-create", "mgr.x", "mon", "allow profile mgr", "osd", "allow *", "-o", str(self.root / "mgr/ceph-x/keyring"))
+        self._run("ceph-mgr", "-c", str(self.conf), "-i", "x")
+        osd_key = self._run("ceph-authtool", "--gen-print-key")
+        secret = self.root / "osd-secret.json"
+        secret.write_text(json.dumps({"cephx_secret": osd_key}))
+        osd_uuid = str(uuid.uuid4())  # the OSD must be made with the UUID it was registered under
+        osd_id = self.ceph("osd", "new", osd_uuid, "-i", str(secret))
+        self._run("ceph-authtool", "--create-keyring", str(self.root / f"osd/ceph-{osd_id}/keyring"), "--name", f"osd.{osd_id}", "--add-key", osd_key)
+        self._run("ceph-osd", "-c", str(self.conf), "-i", osd_id, "--mkfs", "--osd-uuid", osd_uuid)
+        self._run("ceph-osd", "-c", str(self.conf), "-i", osd_id)
+        self._wait("the OSD to come up", lambda: any(o["up"] for o in json.loads(self.ceph("osd", "dump", "--format", "json"))["osds"]))
+        self.ceph("osd", "pool", "create", POOL, "8", "8", "replicated")
+        self.rbd("pool", "init", POOL)
+        self.user_key = self.ceph(
+            "auth", "get-or-create-key", f"client.{USER}", "mon", "profile rbd", "osd", f"profile rbd pool={POOL}", "mgr", f"profile rbd pool={POOL}"
+        )  # fmt: skip
+        self.admin_key = self._run("ceph-authtool", "-p", "-n", "client.admin", str(admin_keyring))
+        self._wait_for_statistics()
+        return self
+
+    def _wait(self, what: str, ready: Callable[[], bool], timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"timed out waiting for {what}\n{self.log_tails()}")
+
+    def _wait_for_statistics(self) -> None:
+        """Pool statistics (GetCapacity) come from the manager once it is active."""
+
+        def reported() -> bool:
+            status = json.loads(self.ceph("status", "--format", "json"))
+            pgs = status.get("pgmap", {})
+            return bool(status.get("mgrmap", {}).get("available") and pgs.get("num_pgs", 0) > 0 and pgs.get("bytes_avail", 0) > 0)
+
+        self._wait("the manager's pool statistics", reported)
+
+    def stop(self) -> None:
+        """Kill the daemons this cluster started (found by their pid files and checked by
+        their command line), then leave the directory to the test's tmp_path."""
+        for pid_file in (self.root / "run").glob("*.pid"):
+            pid = int(pid_file.read_text().strip() or 0)
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if str(self.conf) in cmdline:
+                os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 10
+                while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+
+    def log_tails(self) -> str:
+        parts = []
+        for log in sorted((self.root / "log").glob("*.log")):
+            parts.append(f"== {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
+        return "\n".join(parts)
