@@ -18,7 +18,7 @@ from csi.errors import Aborted, InvalidArgument, NotFound, OutOfRange, ResourceE
 from csi.generated import csi_pb2 as pb
 from csi.generated import csi_pb2_grpc as pb_grpc
 from csi.locks import InFlight
-from csi.model import AccessType, Capability, Volume, VolumeSpec
+from csi.model import AccessType, Capability, Secrets, Volume, VolumeSpec
 from csi.mount import MINIMUM_BYTES, parse_filesystem
 from csi.scheduler import (
     PARAM_BACKEND,
@@ -137,7 +137,7 @@ class ControllerService(pb_grpc.ControllerServicer):
         )
         with self.inflight.hold(request.name, "volume name"):
             for backend in self.scheduler.select(parameters):
-                if backend.volumes.lookup_volume(request.name) is not None:
+                if backend.volumes.lookup_volume(request.name, secrets=spec.secrets) is not None:
                     # A retry: the backend compares the request with what it made.
                     return self._created(backend, backend.volumes.create_volume(spec), vol_context)
             if source:
@@ -169,7 +169,7 @@ class ControllerService(pb_grpc.ControllerServicer):
         try:
             backend, local_id = self._route(request.volume_id)
             with self.inflight.hold(request.volume_id):
-                backend.volumes.delete_volume(local_id)
+                backend.volumes.delete_volume(local_id, secrets=request.secrets)
         except NotFound as exc:
             log.info("nothing to delete: %s", exc)
         return pb.DeleteVolumeResponse()
@@ -188,7 +188,9 @@ class ControllerService(pb_grpc.ControllerServicer):
         if reason:
             raise InvalidArgument(f"volume {request.volume_id}: {reason}")
         with self.inflight.hold(request.volume_id):
-            publish_context = backend.volumes.publish_volume(local_id, request.node_id, cap, request.readonly)
+            publish_context = backend.volumes.publish_volume(
+                local_id, request.node_id, cap, request.readonly, secrets=request.secrets
+            )
         return pb.ControllerPublishVolumeResponse(publish_context=publish_context)
 
     def ControllerUnpublishVolume(
@@ -198,9 +200,13 @@ class ControllerService(pb_grpc.ControllerServicer):
         try:
             backend, local_id = self._route(request.volume_id)
             with self.inflight.hold(request.volume_id):
-                nodes = [request.node_id] if request.node_id else backend.volumes.get_volume(local_id).published_nodes
+                secrets = request.secrets
+                if request.node_id:
+                    nodes: Sequence[str] = [request.node_id]
+                else:
+                    nodes = backend.volumes.get_volume(local_id, secrets=secrets).published_nodes
                 for node in nodes:
-                    backend.volumes.unpublish_volume(local_id, node)
+                    backend.volumes.unpublish_volume(local_id, node, secrets=secrets)
         except NotFound as exc:
             # Nothing can be published from a volume that does not exist; answering OK
             # lets the attacher release its VolumeAttachment instead of retrying forever.
@@ -213,7 +219,7 @@ class ControllerService(pb_grpc.ControllerServicer):
         convert.require(request.volume_id, "volume_id")
         caps = convert.capabilities(request.volume_capabilities)
         backend, local_id = self._route(request.volume_id)
-        backend.volumes.get_volume(local_id)
+        backend.volumes.get_volume(local_id, secrets=request.secrets)
         problems = [r for r in (backend.volumes.unsupported(c) for c in caps) if r]
         unknown = sorted(set(backend_parameters(request.parameters)) - backend.volumes.parameter_keys)
         if unknown:
@@ -305,7 +311,7 @@ class ControllerService(pb_grpc.ControllerServicer):
         required, limit = convert.capacity_range(request.capacity_range)
         backend, local_id = self._route(request.volume_id)
         with self.inflight.hold(request.volume_id):
-            capacity = backend.volumes.expand_volume(local_id, required, limit)
+            capacity = backend.volumes.expand_volume(local_id, required, limit, secrets=request.secrets)
         # The node must always act: a filesystem to grow, or a device to refresh.
         return pb.ControllerExpandVolumeResponse(capacity_bytes=capacity, node_expansion_required=True)
 
@@ -327,7 +333,7 @@ class ControllerService(pb_grpc.ControllerServicer):
         if unknown:
             raise InvalidArgument(f"unknown snapshot parameters {unknown} for backend {backend.name!r}")
         with self.inflight.hold(request.name, "snapshot name"):
-            snapshot = backend.volumes.create_snapshot(request.name, local_id, parameters)
+            snapshot = backend.volumes.create_snapshot(request.name, local_id, parameters, secrets=request.secrets)
         return pb.CreateSnapshotResponse(snapshot=convert.snapshot(backend.name, snapshot))
 
     def DeleteSnapshot(
@@ -337,7 +343,7 @@ class ControllerService(pb_grpc.ControllerServicer):
         try:
             backend, local_id = self._route(request.snapshot_id, "snapshot")
             with self.inflight.hold(request.snapshot_id, "snapshot"):
-                backend.volumes.delete_snapshot(local_id)
+                backend.volumes.delete_snapshot(local_id, secrets=request.secrets)
         except NotFound as exc:
             log.info("nothing to delete: %s", exc)
         return pb.DeleteSnapshotResponse()
@@ -345,13 +351,14 @@ class ControllerService(pb_grpc.ControllerServicer):
     def GetSnapshot(self, request: pb.GetSnapshotRequest, context: grpc.ServicerContext) -> pb.GetSnapshotResponse:
         convert.require(request.snapshot_id, "snapshot_id")
         backend, local_id = self._route(request.snapshot_id, "snapshot")
-        return pb.GetSnapshotResponse(snapshot=convert.snapshot(backend.name, backend.volumes.get_snapshot(local_id)))
+        snapshot = backend.volumes.get_snapshot(local_id, secrets=request.secrets)
+        return pb.GetSnapshotResponse(snapshot=convert.snapshot(backend.name, snapshot))
 
     def ListSnapshots(
         self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext
     ) -> pb.ListSnapshotsResponse:
         try:
-            snapshots = self._snapshots(request.snapshot_id, request.source_volume_id)
+            snapshots = self._snapshots(request.snapshot_id, request.source_volume_id, request.secrets)
         except NotFound:
             snapshots = []
         page, next_token = paginate(
@@ -361,15 +368,15 @@ class ControllerService(pb_grpc.ControllerServicer):
             entries=[pb.ListSnapshotsResponse.Entry(snapshot=s) for s in page], next_token=next_token
         )
 
-    def _snapshots(self, snapshot_id: str, source_volume_id: str) -> list[pb.Snapshot]:
+    def _snapshots(self, snapshot_id: str, source_volume_id: str, secrets: Secrets) -> list[pb.Snapshot]:
         if snapshot_id:
             backend, local_id = self._route(snapshot_id, "snapshot")
-            found = [convert.snapshot(backend.name, backend.volumes.get_snapshot(local_id))]
+            found = [convert.snapshot(backend.name, backend.volumes.get_snapshot(local_id, secrets=secrets))]
         else:
             backends = list(self.scheduler.backends.values())
             if source_volume_id:
                 backends = [self._route(source_volume_id)[0]]
-            found = [convert.snapshot(b.name, s) for b in backends for s in b.volumes.list_snapshots()]
+            found = [convert.snapshot(b.name, s) for b in backends for s in b.volumes.list_snapshots(secrets=secrets)]
         if source_volume_id:
             found = [s for s in found if s.source_volume_id == source_volume_id]
         return sorted(found, key=lambda s: s.snapshot_id)

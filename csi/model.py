@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Literal
 
 GiB = 1 << 30
@@ -19,6 +20,10 @@ TOPOLOGY_NODE_KEY = "topology.cairn.csi.io/node"
 
 Segment = Mapping[str, str]
 """One topology segment, for example {"topology.cairn.csi.io/node": "worker-1"}."""
+
+Secrets = Mapping[str, str]
+"""The CSI secrets of a request (for Ceph: userID and userKey). Never logged."""
+NO_SECRETS: Secrets = MappingProxyType({})
 
 
 class AccessMode(enum.Enum):

@@ -110,7 +110,7 @@ class NodeService(pb_grpc.NodeServicer):
     ) -> None:
         undo: list[Callable[[], None]] = []
         try:
-            device = backend.connector.attach(local_id, dict(request.publish_context))
+            device = backend.connector.attach(local_id, dict(request.publish_context), secrets=request.secrets)
             undo.append(lambda: backend.connector.detach(local_id))
             if fs is not None:
                 mkfs_options = shlex.split(request.volume_context.get(PARAM_MKFS_OPTIONS, ""))

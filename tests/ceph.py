@@ -105,7 +105,9 @@ class CephCluster:
     def _run(self, *argv: str, timeout: float = 120) -> str:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
         if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}\n{self.log_tails()}")
+            raise RuntimeError(
+                f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}\n{self.log_tails()}"
+            )
         return result.stdout.strip()
 
     def ceph(self, *args: str) -> str:
@@ -121,7 +123,9 @@ class CephCluster:
         fsid = str(uuid.uuid4())
         self.conf.write_text(CONF.format(fsid=fsid, port=self.port, root=self.root))
         mon_keyring, admin_keyring = self.root / "mon.keyring", self.root / "client.admin.keyring"
-        self._run("ceph-authtool", "--create-keyring", str(mon_keyring), "--gen-key", "-n", "mon.", "--cap", "mon", "allow *")
+        self._run(
+            "ceph-authtool", "--create-keyring", str(mon_keyring), "--gen-key", "-n", "mon.", "--cap", "mon", "allow *"
+        )
         self._run(
             "ceph-authtool", "--create-keyring", str(admin_keyring), "--gen-key", "-n", "client.admin",
             "--cap", "mon", "allow *", "--cap", "osd", "allow *", "--cap", "mgr", "allow *",
@@ -129,20 +133,52 @@ class CephCluster:
         self._run("ceph-authtool", str(mon_keyring), "--import-keyring", str(admin_keyring))
         monmap = self.root / "monmap"
         self._run("monmaptool", "--create", "--fsid", fsid, "--addv", "a", f"[v2:127.0.0.1:{self.port}]", str(monmap))
-        self._run("ceph-mon", "-c", str(self.conf), "--mkfs", "-i", "a", "--monmap", str(monmap), "--keyring", str(mon_keyring))
+        self._run(
+            "ceph-mon",
+            "-c",
+            str(self.conf),
+            "--mkfs",
+            "-i",
+            "a",
+            "--monmap",
+            str(monmap),
+            "--keyring",
+            str(mon_keyring),
+        )
         self._run("ceph-mon", "-c", str(self.conf), "-i", "a")
         self.ceph("config", "set", "mgr", "mgr/devicehealth/enable_monitoring", "false", "--force")
-        self.ceph("auth", "get-or-create", "mgr.x", "mon", "allow profile mgr", "osd", "allow *", "-o", str(self.root / "mgr/ceph-x/keyring"))
+        self.ceph(
+            "auth",
+            "get-or-create",
+            "mgr.x",
+            "mon",
+            "allow profile mgr",
+            "osd",
+            "allow *",
+            "-o",
+            str(self.root / "mgr/ceph-x/keyring"),
+        )
         self._run("ceph-mgr", "-c", str(self.conf), "-i", "x")
         osd_key = self._run("ceph-authtool", "--gen-print-key")
         secret = self.root / "osd-secret.json"
         secret.write_text(json.dumps({"cephx_secret": osd_key}))
         osd_uuid = str(uuid.uuid4())  # the OSD must be made with the UUID it was registered under
         osd_id = self.ceph("osd", "new", osd_uuid, "-i", str(secret))
-        self._run("ceph-authtool", "--create-keyring", str(self.root / f"osd/ceph-{osd_id}/keyring"), "--name", f"osd.{osd_id}", "--add-key", osd_key)
+        self._run(
+            "ceph-authtool",
+            "--create-keyring",
+            str(self.root / f"osd/ceph-{osd_id}/keyring"),
+            "--name",
+            f"osd.{osd_id}",
+            "--add-key",
+            osd_key,
+        )
         self._run("ceph-osd", "-c", str(self.conf), "-i", osd_id, "--mkfs", "--osd-uuid", osd_uuid)
         self._run("ceph-osd", "-c", str(self.conf), "-i", osd_id)
-        self._wait("the OSD to come up", lambda: any(o["up"] for o in json.loads(self.ceph("osd", "dump", "--format", "json"))["osds"]))
+        self._wait(
+            "the OSD to come up",
+            lambda: any(o["up"] for o in json.loads(self.ceph("osd", "dump", "--format", "json"))["osds"]),
+        )
         self.ceph("osd", "pool", "create", POOL, "8", "8", "replicated")
         self.rbd("pool", "init", POOL)
         self.user_key = self.ceph(
@@ -166,7 +202,11 @@ class CephCluster:
         def reported() -> bool:
             status = json.loads(self.ceph("status", "--format", "json"))
             pgs = status.get("pgmap", {})
-            return bool(status.get("mgrmap", {}).get("available") and pgs.get("num_pgs", 0) > 0 and pgs.get("bytes_avail", 0) > 0)
+            return bool(
+                status.get("mgrmap", {}).get("available")
+                and pgs.get("num_pgs", 0) > 0
+                and pgs.get("bytes_avail", 0) > 0
+            )
 
         self._wait("the manager's pool statistics", reported)
 

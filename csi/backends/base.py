@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from csi.model import Capability, Segment, Snapshot, Volume, VolumeSpec
+from csi.model import NO_SECRETS, Capability, Secrets, Segment, Snapshot, Volume, VolumeSpec
 
 
 class VolumeBackend(Protocol):
@@ -47,48 +47,54 @@ class VolumeBackend(Protocol):
         OutOfRange. A failure at any step leaves nothing behind, and a retry after a
         crash finishes or cleans up what the crashed call began."""
 
-    def delete_volume(self, local_id: str) -> None:
+    def delete_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
         """Delete the volume; it is not an error when no such volume exists."""
 
-    def get_volume(self, local_id: str) -> Volume:
+    def get_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Volume:
         """The volume, or NotFound."""
 
-    def lookup_volume(self, name: str) -> Volume | None:
+    def lookup_volume(self, name: str, *, secrets: Secrets = NO_SECRETS) -> Volume | None:
         """The volume created for request name ``name``, or None."""
 
-    def list_volumes(self) -> Sequence[Volume]:
+    def list_volumes(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
         """Every volume, sorted by local ID."""
 
-    def expand_volume(self, local_id: str, required_bytes: int, limit_bytes: int) -> int:
+    def expand_volume(
+        self, local_id: str, required_bytes: int, limit_bytes: int, *, secrets: Secrets = NO_SECRETS
+    ) -> int:
         """Grow the volume to at least ``required_bytes``; return the new capacity.
         Asking for less than the current size is not an error and changes nothing."""
 
-    def create_snapshot(self, name: str, source_local_id: str, parameters: Mapping[str, str]) -> Snapshot:
+    def create_snapshot(
+        self, name: str, source_local_id: str, parameters: Mapping[str, str], *, secrets: Secrets = NO_SECRETS
+    ) -> Snapshot:
         """Take the snapshot named ``name`` of the volume. Idempotent on name; the same
         name for another source volume is AlreadyExists; a missing source is NotFound."""
 
-    def delete_snapshot(self, local_id: str) -> None:
+    def delete_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
         """Delete the snapshot; it is not an error when no such snapshot exists."""
 
-    def get_snapshot(self, local_id: str) -> Snapshot:
+    def get_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Snapshot:
         """The snapshot, or NotFound."""
 
-    def list_snapshots(self) -> Sequence[Snapshot]:
+    def list_snapshots(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
         """Every snapshot, sorted by local ID."""
 
-    def publish_volume(self, local_id: str, node_id: str, capability: Capability, readonly: bool) -> dict[str, str]:
+    def publish_volume(
+        self, local_id: str, node_id: str, capability: Capability, readonly: bool, *, secrets: Secrets = NO_SECRETS
+    ) -> dict[str, str]:
         """Record that ``node_id`` uses the volume and return the connection info the
         node needs (the publish context). Publishing again the same way returns the same
         answer; readonly differing from an existing publication is AlreadyExists; a
         single-node volume already published elsewhere is FailedPrecondition; a node that
         cannot reach the backend is NotFound."""
 
-    def unpublish_volume(self, local_id: str, node_id: str) -> None:
+    def unpublish_volume(self, local_id: str, node_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
         """Forget that ``node_id`` uses the volume; not an error if it did not."""
 
 
 class NodeConnector(Protocol):
-    def attach(self, local_id: str, publish_context: Mapping[str, str]) -> str:
+    def attach(self, local_id: str, publish_context: Mapping[str, str], *, secrets: Secrets = NO_SECRETS) -> str:
         """Make the volume a block device on this host and return its path; when it is
         attached already, return the existing device."""
 

@@ -17,7 +17,19 @@ from csi import loopdev, mount, proc
 from csi.backends.local.layout import Layout
 from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from csi.files import TEMP_SUFFIX, fsync_dir, fsync_file
-from csi.model import TOPOLOGY_NODE_KEY, Capability, GiB, MiB, Segment, Snapshot, SourceRef, Volume, VolumeSpec
+from csi.model import (
+    NO_SECRETS,
+    TOPOLOGY_NODE_KEY,
+    Capability,
+    GiB,
+    MiB,
+    Secrets,
+    Segment,
+    Snapshot,
+    SourceRef,
+    Volume,
+    VolumeSpec,
+)
 
 DEFAULT_VOLUME_BYTES = 1 * GiB
 COPY_TIMEOUT = 3600.0
@@ -127,23 +139,23 @@ class LocalVolumes:
         image = self.layout.image(source.kind, source.local_id)
         return image, os.stat(image).st_size
 
-    def delete_volume(self, local_id: str) -> None:
+    def delete_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
         record = self.layout.read_record("volume", local_id)
         if record and record["published"]:
             nodes = ", ".join(sorted(record["published"]))
             raise FailedPrecondition(f"volume {local_id} is still published to node(s) {nodes}")
         self.layout.remove("volume", local_id)
 
-    def get_volume(self, local_id: str) -> Volume:
+    def get_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Volume:
         record = self.layout.require_record("volume", local_id)
         return self._volume(local_id, record)
 
-    def lookup_volume(self, name: str) -> Volume | None:
+    def lookup_volume(self, name: str, *, secrets: Secrets = NO_SECRETS) -> Volume | None:
         local_id = self.layout.local_id("volume", name)
         record = self.layout.read_record("volume", local_id)
         return self._volume(local_id, record) if record else None
 
-    def list_volumes(self) -> Sequence[Volume]:
+    def list_volumes(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
         return [self.get_volume(local_id) for local_id in self.layout.ids("volume")]
 
     def _volume(self, local_id: str, record: dict[str, Any]) -> Volume:
@@ -157,7 +169,9 @@ class LocalVolumes:
             published_nodes=tuple(sorted(record["published"])),
         )
 
-    def expand_volume(self, local_id: str, required_bytes: int, limit_bytes: int) -> int:
+    def expand_volume(
+        self, local_id: str, required_bytes: int, limit_bytes: int, *, secrets: Secrets = NO_SECRETS
+    ) -> int:
         record = self.layout.require_record("volume", local_id)
         image = self.layout.image("volume", local_id)
         current = os.stat(image).st_size
@@ -172,7 +186,9 @@ class LocalVolumes:
 
     # -- snapshots ------------------------------------------------------------------
 
-    def create_snapshot(self, name: str, source_local_id: str, parameters: Mapping[str, str]) -> Snapshot:
+    def create_snapshot(
+        self, name: str, source_local_id: str, parameters: Mapping[str, str], *, secrets: Secrets = NO_SECRETS
+    ) -> Snapshot:
         local_id = self.layout.local_id("snapshot", name)
         existing = self.layout.read_record("snapshot", local_id)
         if existing is not None:
@@ -196,14 +212,14 @@ class LocalVolumes:
             raise
         return self.get_snapshot(local_id)
 
-    def delete_snapshot(self, local_id: str) -> None:
+    def delete_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
         self.layout.remove("snapshot", local_id)
 
-    def get_snapshot(self, local_id: str) -> Snapshot:
+    def get_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Snapshot:
         record = self.layout.require_record("snapshot", local_id)
         return self._snapshot(local_id, record)
 
-    def list_snapshots(self) -> Sequence[Snapshot]:
+    def list_snapshots(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
         return [self.get_snapshot(local_id) for local_id in self.layout.ids("snapshot")]
 
     def _snapshot(self, local_id: str, record: dict[str, Any]) -> Snapshot:
@@ -217,7 +233,9 @@ class LocalVolumes:
 
     # -- publication ----------------------------------------------------------------
 
-    def publish_volume(self, local_id: str, node_id: str, capability: Capability, readonly: bool) -> dict[str, str]:
+    def publish_volume(
+        self, local_id: str, node_id: str, capability: Capability, readonly: bool, *, secrets: Secrets = NO_SECRETS
+    ) -> dict[str, str]:
         record = self.layout.require_record("volume", local_id)
         if node_id != self.node_id:
             raise NotFound(f"node {node_id!r} cannot reach volume {local_id}: it is local to node {self.node_id!r}")
@@ -230,7 +248,7 @@ class LocalVolumes:
             self.layout.write_record("volume", local_id, record)
         return {"image": self.layout.image("volume", local_id)}
 
-    def unpublish_volume(self, local_id: str, node_id: str) -> None:
+    def unpublish_volume(self, local_id: str, node_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
         record = self.layout.read_record("volume", local_id)
         if record is None or node_id not in record["published"]:
             return

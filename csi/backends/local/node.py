@@ -10,13 +10,14 @@ from collections.abc import Mapping
 from csi import loopdev
 from csi.backends.local.layout import Layout
 from csi.errors import NotFound
+from csi.model import NO_SECRETS, Secrets
 
 
 class LocalConnector:
     def __init__(self, root: str) -> None:
         self.layout = Layout(root)
 
-    def attach(self, local_id: str, publish_context: Mapping[str, str]) -> str:
+    def attach(self, local_id: str, publish_context: Mapping[str, str], *, secrets: Secrets = NO_SECRETS) -> str:
         image = self.layout.image("volume", local_id)
         if not os.path.exists(image):
             raise NotFound(f"volume {local_id!r} has no image on this node")
