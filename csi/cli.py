@@ -33,9 +33,20 @@ log = logging.getLogger("csi")
 
 DEFAULT_ROOT = "/var/lib/cairn-csi"
 
+
 # kind -> builder(config, node ID, whether this process serves the controller)
+def _rbd(config: BackendConfig, node_id: str, controller: bool) -> Backend:
+    # Imported on use: python3-rbd is needed only where an rbd backend is configured.
+    try:
+        from csi.backends import rbd
+    except ImportError as exc:
+        raise ConfigError(f"backend {config.name!r}: the rbd kind needs python3-rbd and python3-rados ({exc})") from exc
+    return rbd.build(config, node_id, controller)
+
+
 BUILDERS: dict[str, Callable[[BackendConfig, str, bool], Backend]] = {
     "local": local.build,
+    "rbd": _rbd,
 }
 
 

@@ -149,6 +149,7 @@ class ControllerService(pb_grpc.ControllerServicer):
                 requisite=convert.segments(request.accessibility_requirements.requisite),
                 preferred=convert.segments(request.accessibility_requirements.preferred),
                 source_backend=source[0].backend if source else None,
+                secrets=spec.secrets,
             )
             full: ResourceExhausted | None = None
             for backend in self.scheduler.place(placement):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from csi.backends.base import Backend
 from csi.errors import InvalidArgument, NotFound, ResourceExhausted
-from csi.model import Capability, Segment
+from csi.model import NO_SECRETS, Capability, Secrets, Segment
 
 PARAM_BACKEND = "backend"
 PARAM_GROUP = "group"
@@ -40,6 +40,7 @@ class PlacementRequest:
     preferred: tuple[Segment, ...] = ()
     source_backend: str | None = None
     skip: frozenset[str] = field(default_factory=frozenset)
+    secrets: Secrets = NO_SECRETS
 
 
 def backend_parameters(parameters: Mapping[str, str]) -> dict[str, str]:
@@ -116,7 +117,7 @@ class Scheduler:
                 "no backend is reachable from the requested topology "
                 f"({', '.join(f'{b.name}: {list(b.volumes.topology)}' for b in capable)})"
             )
-        free = {b.name: b.volumes.free_bytes() for b in reachable}
+        free = {b.name: b.volumes.free_bytes(secrets=request.secrets) for b in reachable}
         roomy = [b for b in reachable if free[b.name] >= request.required_bytes]
         if not roomy:
             detail = ", ".join(f"{name}: {size} free" for name, size in free.items())

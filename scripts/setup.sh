@@ -19,6 +19,8 @@ if [ "$what" = test ]; then
   command -v go >/dev/null || packages+=(golang-go)
   # The vm tier: a stock Debian kernel booted by QEMU with a busybox initramfs.
   packages+=(qemu-system-x86 linux-image-amd64 busybox-static cpio kmod)
+  # The rbd backend and its throw-away test cluster.
+  packages+=(ceph-mon ceph-mgr ceph-osd ceph-common python3-rbd python3-rados rbd-fuse rbd-nbd fuse3)
 fi
 
 missing=()
@@ -35,6 +37,17 @@ fi
 if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
+# Debian builds the Ceph bindings for its own python3; expose just those two modules.
+ceph_libs="$venv/ceph-bindings"
+mkdir -p "$ceph_libs"
+for module in rados rbd; do
+  for so in /usr/lib/python3/dist-packages/$module.cpython-*.so; do
+    [ -e "$so" ] && ln -sf "$so" "$ceph_libs/"
+  done
+done
+site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$ceph_libs" > "$site/ceph-bindings.pth"
+
 extra=""; [ "$what" = test ] && extra="[dev]"
 stamp="$venv/.installed$extra"
 if [ ! -e "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then

@@ -34,10 +34,10 @@ class VolumeBackend(Protocol):
     def health(self) -> str | None:
         """What is wrong with the backend now (unreachable, not writable), or None."""
 
-    def free_bytes(self) -> int:
+    def free_bytes(self, *, secrets: Secrets = NO_SECRETS) -> int:
         """Space available for new volumes now."""
 
-    def max_volume_bytes(self) -> int:
+    def max_volume_bytes(self, *, secrets: Secrets = NO_SECRETS) -> int:
         """The largest volume this backend could create now."""
 
     def create_volume(self, spec: VolumeSpec) -> Volume:

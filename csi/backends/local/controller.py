@@ -74,12 +74,12 @@ class LocalVolumes:
             return f"directory {self.layout.root} is not writable"
         return None
 
-    def free_bytes(self) -> int:
+    def free_bytes(self, *, secrets: Secrets = NO_SECRETS) -> int:
         st = os.statvfs(self.layout.root)
         return st.f_bavail * st.f_frsize
 
-    def max_volume_bytes(self) -> int:
-        return self.free_bytes()
+    def max_volume_bytes(self, *, secrets: Secrets = NO_SECRETS) -> int:
+        return self.free_bytes(secrets=secrets)
 
     # -- volumes --------------------------------------------------------------------
 

@@ -1,0 +1,60 @@
+"""The rbd backend: Ceph RBD images through librbd (controller) and krbd, rbd-nbd or
+rbd-fuse (node).
+
+Settings:
+    monitors:      list of "host:port" (required)
+    pool:          pool for volumes and snapshots (required)
+    dataPool:      erasure-coded data pool (optional)
+    imageFeatures: comma-separated (default layering,exclusive-lock,object-map,fast-diff,deep-flatten)
+    mapper:        krbd (default), rbd-nbd or rbd-fuse
+    maxCloneDepth: flatten clones deeper than this (default 8)
+    fuseDir:       where rbd-fuse mounts images on a node (default /var/lib/cairn-csi/rbd-fuse)
+Credentials are never settings: they come from the CSI secrets (userID, userKey).
+"""
+
+from __future__ import annotations
+
+from csi.backends.base import Backend
+from csi.backends.rbd.cluster import Clusters
+from csi.backends.rbd.controller import MAPPERS, RbdSettings, RbdVolumes, parse_features
+from csi.backends.rbd.node import RbdConnector
+from csi.config import BackendConfig
+from csi.errors import ConfigError, InvalidArgument
+
+SETTINGS = frozenset({"monitors", "pool", "dataPool", "imageFeatures", "mapper", "maxCloneDepth", "fuseDir"})
+
+
+def settings_from(config: BackendConfig) -> RbdSettings:
+    values = config.settings
+    where = f"backend {config.name!r}"
+    unknown = set(values) - SETTINGS
+    if unknown:
+        raise ConfigError(f"{where}: unknown rbd settings {sorted(unknown)}")
+    monitors = values.get("monitors")
+    if not isinstance(monitors, list) or not monitors or not all(isinstance(m, str) for m in monitors):
+        raise ConfigError(f"{where}: 'monitors' must be a list of host:port strings")
+    if not isinstance(values.get("pool"), str) or not values["pool"]:
+        raise ConfigError(f"{where}: 'pool' is required")
+    settings = RbdSettings(
+        monitors=tuple(monitors),
+        pool=values["pool"],
+        data_pool=str(values.get("dataPool", "")),
+        image_features=str(values.get("imageFeatures", RbdSettings.image_features)),
+        mapper=str(values.get("mapper", RbdSettings.mapper)),
+        max_clone_depth=int(values.get("maxCloneDepth", RbdSettings.max_clone_depth)),
+        fuse_dir=str(values.get("fuseDir", RbdSettings.fuse_dir)),
+    )
+    if settings.mapper not in MAPPERS:
+        raise ConfigError(f"{where}: 'mapper' must be one of {', '.join(MAPPERS)}")
+    try:
+        parse_features(settings.image_features)
+    except InvalidArgument as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return settings
+
+
+def build(config: BackendConfig, node_id: str, controller: bool) -> Backend:
+    settings = settings_from(config)
+    return Backend(
+        config.name, "rbd", config.group, RbdVolumes(settings, Clusters(settings.monitors)), RbdConnector(settings)
+    )

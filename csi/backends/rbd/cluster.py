@@ -1,0 +1,147 @@
+"""Connections to Ceph clusters, and the one place Ceph errors become domain errors.
+
+A connection (librados handle) costs a monitor session and a thread pool, so it is opened
+once per cluster and credential and reused by every call: ``Clusters.ioctx`` hands out an
+I/O context per pool from the cached connection. Keys never leave this module: they are
+given to librados in memory (no keyring file, nothing on a command line), and connections
+are cached under a hash of the credential, not the key itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import rados
+import rbd
+
+from csi.errors import (
+    AlreadyExists,
+    CairnError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+USER_ID, USER_KEY = "userID", "userKey"
+TIMEOUT_SECONDS = 30
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    user: str
+    key: str = ""
+
+    @classmethod
+    def from_secrets(cls, secrets: Mapping[str, str]) -> Credentials | None:
+        user, key = secrets.get(USER_ID, ""), secrets.get(USER_KEY, "")
+        if not user and not key:
+            return None
+        if not user or not key:
+            raise InvalidArgument(f"the secret must hold both {USER_ID!r} and {USER_KEY!r}")
+        return cls(user, key)
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"{self.user}\0{self.key}".encode()).hexdigest()[:16]
+
+    def __repr__(self) -> str:  # never print the key
+        return f"Credentials(user={self.user!r})"
+
+
+def classify(exc: BaseException, what: str) -> CairnError:
+    """The domain error for a librados or librbd failure concerning ``what``."""
+    if isinstance(exc, (rbd.ImageNotFound, rados.ObjectNotFound)):
+        return NotFound(f"{what} does not exist")
+    if isinstance(exc, (rbd.ImageExists, rados.ObjectExists)):
+        return AlreadyExists(f"{what} already exists")
+    if isinstance(exc, (rbd.ImageBusy, rbd.ImageHasSnapshots)):
+        return FailedPrecondition(f"{what} is in use: {exc}")
+    if isinstance(exc, (rbd.NoSpace, rados.NoSpace)):
+        return ResourceExhausted(f"no space for {what}: {exc}")
+    if isinstance(exc, (rbd.InvalidArgument, rados.InvalidArgumentError)):
+        return InvalidArgument(f"{what}: {exc}")
+    if isinstance(exc, (rbd.PermissionError, rados.PermissionError, rados.PermissionDeniedError)):
+        return FailedPrecondition(f"the Ceph user may not act on {what}: {exc}")
+    if isinstance(exc, (rbd.Timeout, rados.TimedOut)):
+        return DeadlineExceeded(f"Ceph did not answer in time about {what}")
+    return Unavailable(f"Ceph failed on {what}: {exc}")
+
+
+def ceph_call(what: str, call: Callable[[], T]) -> T:
+    """Run ``call``, turning Ceph's exceptions into domain errors that name ``what``."""
+    try:
+        return call()
+    except (rados.Error, rbd.Error) as exc:
+        raise classify(exc, what) from exc
+
+
+class Clusters:
+    """Open connections, one per (monitors, credential); thread-safe."""
+
+    def __init__(self, monitors: Sequence[str]) -> None:
+        self.monitors = ",".join(monitors)
+        self._connections: dict[str, rados.Rados] = {}
+        self._last: Credentials | None = None
+        self._lock = threading.Lock()
+        self.on_connect: Callable[[rados.Rados], None] | None = None
+
+    def connection(self, credentials: Credentials | None) -> rados.Rados:
+        """The connection for ``credentials``; without them, the one used last (calls
+        such as GetCapacity and ListVolumes carry no secrets)."""
+        with self._lock:
+            credentials = credentials or self._last
+            if credentials is None:
+                raise FailedPrecondition(
+                    "no Ceph credentials yet: this call carries no secret and no earlier call brought one"
+                )
+            cached = self._connections.get(credentials.fingerprint)
+            if cached is None:
+                cached = self._connect(credentials)
+                self._connections[credentials.fingerprint] = cached
+                if self.on_connect is not None:
+                    self.on_connect(cached)
+            self._last = credentials
+            return cached
+
+    def _connect(self, credentials: Credentials) -> rados.Rados:
+        conf = {
+            "mon_host": self.monitors,
+            "key": credentials.key,
+            "client_mount_timeout": str(TIMEOUT_SECONDS),
+            "rados_mon_op_timeout": str(TIMEOUT_SECONDS),
+            "rados_osd_op_timeout": str(TIMEOUT_SECONDS),
+            "log_to_stderr": "false",
+        }
+        handle = rados.Rados(rados_id=credentials.user, conffile=None, conf=conf)
+        ceph_call(
+            f"the connection to {self.monitors} as {credentials.user}", lambda: handle.connect(timeout=TIMEOUT_SECONDS)
+        )
+        log.info("connected to Ceph", extra={"monitors": self.monitors, "user": credentials.user})
+        return handle
+
+    @contextlib.contextmanager
+    def ioctx(self, pool: str, credentials: Credentials | None) -> Iterator[Any]:
+        connection = self.connection(credentials)
+        io = ceph_call(f"pool {pool!r}", lambda: connection.open_ioctx(pool))
+        try:
+            yield io
+        finally:
+            io.close()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            for handle in self._connections.values():
+                handle.shutdown()
+            self._connections.clear()

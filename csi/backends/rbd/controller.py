@@ -1,0 +1,540 @@
+"""Controller half of the rbd backend, through librbd (python3-rbd).
+
+Volumes are images ``cairn-vol-<uuid>``; a snapshot is an image ``cairn-snap-<uuid>``
+cloned from a short-lived RBD snapshot of its source, carrying one RBD snapshot named
+``cairn`` that restores clone from. Because a snapshot is an image of its own, it
+survives the deletion of its source volume; because it is a clone, taking it copies no
+data. Clone chains are bounded: a new clone deeper than ``maxCloneDepth`` is flattened
+at once (a full copy, so the call takes as long as the data takes to copy).
+
+Images that still have clones when deleted go to the RBD trash; they are purged as soon
+as their last clone is gone (every delete tries). Which nodes use a volume is image
+metadata (``cairn.published.<node>``), so it survives controller restarts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import rbd
+
+from csi.backends.rbd.cluster import Clusters, Credentials, ceph_call, classify
+from csi.backends.rbd.journal import Journal, Kind, Sweeper, image_name
+from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from csi.model import (
+    NO_SECRETS,
+    AccessType,
+    Capability,
+    GiB,
+    MiB,
+    Secrets,
+    Segment,
+    Snapshot,
+    SourceRef,
+    Volume,
+    VolumeSpec,
+)
+
+DEFAULT_VOLUME_BYTES = 1 * GiB
+SNAPSHOT = "cairn"
+NAME_KEY, SOURCE_KEY, CREATED_KEY, PUBLISHED_PREFIX = "cairn.name", "cairn.source", "cairn.created", "cairn.published."
+PARAM_POOL, PARAM_DATA_POOL, PARAM_FEATURES, PARAM_MAPPER = "pool", "dataPool", "imageFeatures", "mapper"
+MAPPERS = ("krbd", "rbd-nbd", "rbd-fuse")
+FEATURES = {
+    "layering": rbd.RBD_FEATURE_LAYERING,
+    "exclusive-lock": rbd.RBD_FEATURE_EXCLUSIVE_LOCK,
+    "object-map": rbd.RBD_FEATURE_OBJECT_MAP,
+    "fast-diff": rbd.RBD_FEATURE_FAST_DIFF,
+    "deep-flatten": rbd.RBD_FEATURE_DEEP_FLATTEN,
+}
+_LOCAL_ID = re.compile(
+    r"^(?P<pool>[A-Za-z0-9_.-]+)/(?P<uuid>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$"
+)
+
+
+@dataclass(frozen=True)
+class RbdSettings:
+    monitors: tuple[str, ...]
+    pool: str
+    data_pool: str = ""
+    image_features: str = "layering,exclusive-lock,object-map,fast-diff,deep-flatten"
+    mapper: str = "krbd"
+    max_clone_depth: int = 8
+    fuse_dir: str = "/var/lib/cairn-csi/rbd-fuse"
+
+
+def parse_features(text: str) -> int:
+    mask = 0
+    for feature in filter(None, (f.strip() for f in text.split(","))):
+        if feature not in FEATURES:
+            raise InvalidArgument(f"image feature {feature!r} is not supported (supported: {', '.join(FEATURES)})")
+        mask |= FEATURES[feature]
+    if not mask & rbd.RBD_FEATURE_LAYERING:
+        raise InvalidArgument("image features must include 'layering': snapshots and clones need it")
+    return mask
+
+
+def split_id(local_id: str, kind: Kind) -> tuple[str, str]:
+    match = _LOCAL_ID.match(local_id)
+    if not match:
+        raise NotFound(f"{kind} {local_id!r} does not exist")
+    return match["pool"], match["uuid"]
+
+
+def round_up(size: int) -> int:
+    return -(-size // MiB) * MiB
+
+
+class RbdVolumes:
+    parameter_keys = frozenset({PARAM_POOL, PARAM_DATA_POOL, PARAM_FEATURES, PARAM_MAPPER})
+    topology: tuple[Segment, ...] = ()
+
+    def __init__(self, settings: RbdSettings, clusters: Clusters) -> None:
+        self.settings = settings
+        self.clusters = clusters
+        self.sweeper = Sweeper()
+        self.rbd = rbd.RBD()
+
+    # -- plumbing -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _pool(self, pool: str, secrets: Secrets) -> Iterator[tuple[Any, Journal]]:
+        with self.clusters.ioctx(pool, Credentials.from_secrets(secrets)) as io:
+            journal = Journal(io)
+            self.sweeper.ensure(pool, journal, lambda name: self._exists(io, name))
+            yield io, journal
+
+    def _exists(self, io: Any, name: str) -> bool:
+        try:
+            with rbd.Image(io, name, read_only=True):
+                return True
+        except rbd.ImageNotFound:
+            return False
+
+    @staticmethod
+    def _image(io: Any, name: str, what: str) -> rbd.Image:
+        return ceph_call(what, lambda: rbd.Image(io, name))
+
+    def _clone_depth(self, image: rbd.Image) -> int:
+        depth = 0
+        spec = _parent(image)
+        while spec is not None:
+            depth += 1
+            with (
+                self.clusters.ioctx(spec["pool_name"], None) as io,
+                rbd.Image(io, spec["image_name"], read_only=True) as parent,
+            ):
+                spec = _parent(parent)
+        return depth
+
+    def _purge_trash(self, io: Any) -> None:
+        """Remove trashed cairn images whose clones are all gone."""
+        for entry in self.rbd.trash_list(io):
+            if entry["name"].startswith("cairn-"):
+                with contextlib.suppress(rbd.Error):
+                    self.rbd.trash_remove(io, entry["id"])
+
+    def _remove_image(self, io: Any, name: str) -> None:
+        try:
+            self.rbd.remove(io, name)
+        except rbd.ImageNotFound:
+            pass
+        except rbd.ImageHasSnapshots:
+            # Clones (snapshots or restored volumes) still read from it: keep the data in
+            # the trash until the last clone is gone.
+            ceph_call(f"image {name}", lambda: self.rbd.trash_move(io, name, 0))
+        except rbd.Error as exc:
+            raise classify(exc, f"image {name}") from exc
+        self._purge_trash(io)
+
+    # -- capacity and capabilities -------------------------------------------------
+
+    def unsupported(self, capability: Capability) -> str | None:
+        mode = capability.access_mode
+        if capability.access_type is AccessType.MOUNT and mode.multi_node and not mode.read_only:
+            return (
+                f"{mode.value} on a filesystem would corrupt it: ext4 and XFS cannot be mounted read-write by "
+                "several nodes at once (use volumeMode: Block, or a read-only mode)"
+            )
+        return None
+
+    def health(self) -> str | None:
+        return None
+
+    def _df(self, secrets: Secrets) -> dict[str, int]:
+        connection = self.clusters.connection(Credentials.from_secrets(secrets))
+
+        def df() -> dict[str, int]:
+            rc, out, err = connection.mon_command(json.dumps({"prefix": "df", "format": "json"}), b"")
+            if rc != 0:
+                raise FailedPrecondition(f"Ceph refused 'df': {err}")
+            return {p["name"]: int(p["stats"]["max_avail"]) for p in json.loads(out)["pools"]}
+
+        return ceph_call("the pool statistics", df)
+
+    def free_bytes(self, *, secrets: Secrets = NO_SECRETS) -> int:
+        """The pool's free space as Ceph computes it (after replication); 0 while no
+        request has brought credentials yet (GetCapacity carries none)."""
+        try:
+            return self._df(secrets).get(self.settings.pool, 0)
+        except FailedPrecondition:
+            return 0
+
+    def max_volume_bytes(self, *, secrets: Secrets = NO_SECRETS) -> int:
+        return self.free_bytes(secrets=secrets)
+
+    # -- volumes --------------------------------------------------------------------
+
+    def create_volume(self, spec: VolumeSpec) -> Volume:
+        pool = spec.parameters.get(PARAM_POOL, self.settings.pool)
+        features = parse_features(spec.parameters.get(PARAM_FEATURES, self.settings.image_features))
+        data_pool = spec.parameters.get(PARAM_DATA_POOL, self.settings.data_pool) or None
+        mapper = spec.parameters.get(PARAM_MAPPER, self.settings.mapper)
+        if mapper not in MAPPERS:
+            raise InvalidArgument(f"mapper {mapper!r} is not one of {', '.join(MAPPERS)}")
+        source = _source_text(spec.source)
+        with self._pool(pool, spec.secrets) as (io, journal):
+            image_uuid, _record = journal.reserve("volume", spec.name)
+            local_id, name = f"{pool}/{image_uuid}", image_name("volume", image_uuid)
+            created = False
+            try:
+                existing = self._complete_volume(io, local_id)
+                if existing is not None:
+                    return self._matching(existing, spec, source)
+                parent_size = self._source_size(spec.source, spec.secrets)
+                size = _choose_size(spec.required_bytes, spec.limit_bytes, parent_size)
+                if not self._exists(io, name):
+                    created = True
+                    self._make(io, name, size, features, data_pool, spec.source, spec.secrets)
+                with self._image(io, name, f"volume {spec.name!r}") as image:
+                    if image.size() < size:
+                        image.resize(size)
+                    if self._clone_depth(image) > self.settings.max_clone_depth:
+                        image.flatten()
+                    image.metadata_set(SOURCE_KEY, source)
+                    image.metadata_set(CREATED_KEY, str(time.time()))
+                    image.metadata_set(PARAM_MAPPER, mapper)
+                    image.metadata_set(NAME_KEY, spec.name)  # last: marks the volume complete
+            except BaseException:
+                if created:
+                    with contextlib.suppress(Exception):
+                        self._remove_image(io, name)
+                with contextlib.suppress(Exception):
+                    journal.release("volume", image_uuid)
+                raise
+        return self.get_volume(local_id, secrets=spec.secrets)
+
+    def _make(
+        self,
+        io: Any,
+        name: str,
+        size: int,
+        features: int,
+        data_pool: str | None,
+        source: SourceRef | None,
+        secrets: Secrets,
+    ) -> None:
+        if source is None:
+            ceph_call(
+                f"image {name}",
+                lambda: self.rbd.create(io, name, size, old_format=False, features=features, data_pool=data_pool),
+            )
+            return
+        source_pool, source_uuid = split_id(source.local_id, source.kind)
+        with self.clusters.ioctx(source_pool, Credentials.from_secrets(secrets)) as source_io:
+            if source.kind == "snapshot":
+                parent = image_name("snapshot", source_uuid)
+                ceph_call(
+                    f"snapshot {source.local_id}",
+                    lambda: self.rbd.clone(
+                        source_io, parent, SNAPSHOT, io, name, features=features, data_pool=data_pool
+                    ),
+                )
+            else:
+                self._clone_through_temporary_snapshot(
+                    source_io, image_name("volume", source_uuid), io, name, features, data_pool
+                )
+
+    def _clone_through_temporary_snapshot(
+        self, source_io: Any, parent: str, io: Any, name: str, features: int, data_pool: str | None
+    ) -> None:
+        """Clone ``parent`` as it is now. The temporary snapshot is removed at once; with
+        clone v2 its data stays (in the snapshot trash) for as long as the clone needs it."""
+        snap = f"cairn-for-{name}"
+        with self._image(source_io, parent, f"source image {parent}") as source:
+            if snap not in {s["name"] for s in source.list_snaps()}:
+                source.create_snap(snap)
+        try:
+            ceph_call(
+                f"clone of {parent}",
+                lambda: self.rbd.clone(source_io, parent, snap, io, name, features=features, data_pool=data_pool),
+            )
+        finally:
+            with (
+                self._image(source_io, parent, f"source image {parent}") as source,
+                contextlib.suppress(rbd.ImageNotFound),
+            ):
+                source.remove_snap(snap)
+
+    def _source_size(self, source: SourceRef | None, secrets: Secrets) -> int:
+        if source is None:
+            return 0
+        pool, source_uuid = split_id(source.local_id, source.kind)
+        with self.clusters.ioctx(pool, Credentials.from_secrets(secrets)) as io:
+            name = image_name(source.kind, source_uuid)
+            try:
+                with rbd.Image(io, name, read_only=True) as image:
+                    if NAME_KEY not in dict(image.metadata_list()):
+                        raise NotFound(f"source {source.kind} {source.local_id!r} does not exist")
+                    return int(image.size())
+            except rbd.ImageNotFound:
+                raise NotFound(f"source {source.kind} {source.local_id!r} does not exist") from None
+
+    def _matching(self, volume: Volume, spec: VolumeSpec, source: str) -> Volume:
+        if volume.name != spec.name or _source_text(volume.source) != source:
+            raise AlreadyExists(f"volume {spec.name!r} exists with another content source")
+        if volume.capacity_bytes < spec.required_bytes or (
+            spec.limit_bytes and volume.capacity_bytes > spec.limit_bytes
+        ):
+            raise AlreadyExists(
+                f"volume {spec.name!r} exists with {volume.capacity_bytes} bytes, outside the requested range"
+            )
+        return volume
+
+    def _complete_volume(self, io: Any, local_id: str) -> Volume | None:
+        _, image_uuid = split_id(local_id, "volume")
+        try:
+            with rbd.Image(io, image_name("volume", image_uuid), read_only=True) as image:
+                metadata = dict(image.metadata_list())
+                if NAME_KEY not in metadata:
+                    return None
+                return _volume(local_id, int(image.size()), metadata)
+        except rbd.ImageNotFound:
+            return None
+
+    def delete_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
+        pool, image_uuid = split_id(local_id, "volume")
+        with self._pool(pool, secrets) as (io, journal):
+            name = image_name("volume", image_uuid)
+            with contextlib.suppress(rbd.ImageNotFound), rbd.Image(io, name, read_only=True) as image:
+                nodes = _published(dict(image.metadata_list()))
+                if nodes:
+                    raise FailedPrecondition(
+                        f"volume {local_id} is still published to node(s) {', '.join(sorted(nodes))}"
+                    )
+            self._remove_image(io, name)
+            journal.release("volume", image_uuid)
+
+    def get_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Volume:
+        pool, _ = split_id(local_id, "volume")
+        with self._pool(pool, secrets) as (io, _journal):
+            volume = self._complete_volume(io, local_id)
+        if volume is None:
+            raise NotFound(f"volume {local_id!r} does not exist")
+        return volume
+
+    def lookup_volume(self, name: str, *, secrets: Secrets = NO_SECRETS) -> Volume | None:
+        with self._pool(self.settings.pool, secrets) as (io, journal):
+            image_uuid = journal.lookup("volume", name)
+            return self._complete_volume(io, f"{self.settings.pool}/{image_uuid}") if image_uuid else None
+
+    def list_volumes(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
+        pool = self.settings.pool
+        with self._pool(pool, secrets) as (io, _journal):
+            names = sorted(
+                n for n in ceph_call(f"pool {pool!r}", lambda: self.rbd.list(io)) if n.startswith("cairn-vol-")
+            )
+            found = [self._complete_volume(io, f"{pool}/{n.removeprefix('cairn-vol-')}") for n in names]
+        return [v for v in found if v is not None]
+
+    def expand_volume(
+        self, local_id: str, required_bytes: int, limit_bytes: int, *, secrets: Secrets = NO_SECRETS
+    ) -> int:
+        pool, image_uuid = split_id(local_id, "volume")
+        with self._pool(pool, secrets) as (io, _journal):
+            if self._complete_volume(io, local_id) is None:
+                raise NotFound(f"volume {local_id!r} does not exist")
+            with self._image(io, image_name("volume", image_uuid), f"volume {local_id}") as image:
+                current = int(image.size())
+                if required_bytes <= current:
+                    return current
+                size = round_up(required_bytes)
+                if limit_bytes and size > limit_bytes:
+                    raise OutOfRange(f"no size of whole MiB fits {required_bytes}..{limit_bytes} bytes")
+                ceph_call(f"volume {local_id}", lambda: image.resize(size))
+                return size
+
+    # -- snapshots ------------------------------------------------------------------
+
+    def create_snapshot(
+        self, name: str, source_local_id: str, parameters: Mapping[str, str], *, secrets: Secrets = NO_SECRETS
+    ) -> Snapshot:
+        pool, source_uuid = split_id(source_local_id, "volume")
+        with self._pool(pool, secrets) as (io, journal):
+            image_uuid, record = journal.reserve("snapshot", name, source=source_local_id)
+            if record.get("source") != source_local_id:
+                raise AlreadyExists(f"snapshot {name!r} exists for another source volume")
+            local_id, image = f"{pool}/{image_uuid}", image_name("snapshot", image_uuid)
+            done = self._complete_snapshot(io, local_id)
+            if done is not None:
+                return done
+            created = False
+            try:
+                if self._complete_volume(io, source_local_id) is None:
+                    raise NotFound(f"source volume {source_local_id!r} does not exist")
+                if not self._exists(io, image):
+                    created = True
+                    features = parse_features(self.settings.image_features)
+                    self._clone_through_temporary_snapshot(
+                        io, image_name("volume", source_uuid), io, image, features, None
+                    )
+                with self._image(io, image, f"snapshot {name!r}") as snap_image:
+                    if self._clone_depth(snap_image) > self.settings.max_clone_depth:
+                        snap_image.flatten()
+                    if SNAPSHOT not in {s["name"] for s in snap_image.list_snaps()}:
+                        snap_image.create_snap(SNAPSHOT)
+                    snap_image.metadata_set(SOURCE_KEY, source_local_id)
+                    snap_image.metadata_set(CREATED_KEY, str(time.time()))
+                    snap_image.metadata_set(NAME_KEY, name)
+            except BaseException:
+                if created:
+                    with contextlib.suppress(Exception):
+                        self._remove_snapshot_image(io, image)
+                with contextlib.suppress(Exception):
+                    journal.release("snapshot", image_uuid)
+                raise
+        return self.get_snapshot(local_id, secrets=secrets)
+
+    def _remove_snapshot_image(self, io: Any, name: str) -> None:
+        with contextlib.suppress(rbd.ImageNotFound), rbd.Image(io, name) as image:
+            if SNAPSHOT in {s["name"] for s in image.list_snaps()}:
+                # Volumes restored from it keep reading through the snapshot trash.
+                ceph_call(f"snapshot image {name}", lambda: image.remove_snap(SNAPSHOT))
+        self._remove_image(io, name)
+
+    def _complete_snapshot(self, io: Any, local_id: str) -> Snapshot | None:
+        _, image_uuid = split_id(local_id, "snapshot")
+        try:
+            with rbd.Image(io, image_name("snapshot", image_uuid), read_only=True) as image:
+                metadata = dict(image.metadata_list())
+                if NAME_KEY not in metadata:
+                    return None
+                return Snapshot(
+                    local_id=local_id,
+                    name=metadata[NAME_KEY],
+                    source_volume_local_id=metadata[SOURCE_KEY],
+                    size_bytes=int(image.size()),
+                    created_at=float(metadata.get(CREATED_KEY, "0")),
+                )
+        except rbd.ImageNotFound:
+            return None
+
+    def delete_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
+        pool, image_uuid = split_id(local_id, "snapshot")
+        with self._pool(pool, secrets) as (io, journal):
+            self._remove_snapshot_image(io, image_name("snapshot", image_uuid))
+            journal.release("snapshot", image_uuid)
+
+    def get_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Snapshot:
+        pool, _ = split_id(local_id, "snapshot")
+        with self._pool(pool, secrets) as (io, _journal):
+            snapshot = self._complete_snapshot(io, local_id)
+        if snapshot is None:
+            raise NotFound(f"snapshot {local_id!r} does not exist")
+        return snapshot
+
+    def list_snapshots(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
+        pool = self.settings.pool
+        with self._pool(pool, secrets) as (io, _journal):
+            names = sorted(
+                n for n in ceph_call(f"pool {pool!r}", lambda: self.rbd.list(io)) if n.startswith("cairn-snap-")
+            )
+            found = [self._complete_snapshot(io, f"{pool}/{n.removeprefix('cairn-snap-')}") for n in names]
+        return [s for s in found if s is not None]
+
+    # -- publication ----------------------------------------------------------------
+
+    def publish_volume(
+        self, local_id: str, node_id: str, capability: Capability, readonly: bool, *, secrets: Secrets = NO_SECRETS
+    ) -> dict[str, str]:
+        pool, image_uuid = split_id(local_id, "volume")
+        credentials = Credentials.from_secrets(secrets)
+        with self._pool(pool, secrets) as (io, _journal):
+            volume = self._complete_volume(io, local_id)
+            if volume is None:
+                raise NotFound(f"volume {local_id!r} does not exist")
+            name = image_name("volume", image_uuid)
+            with self._image(io, name, f"volume {local_id}") as image:
+                metadata = dict(image.metadata_list())
+                published = _published(metadata)
+                mode = "ro" if readonly else "rw"
+                if node_id in published and published[node_id] != mode:
+                    raise AlreadyExists(
+                        f"volume {local_id} is already published {published[node_id]} to node {node_id!r}"
+                    )
+                others = sorted(set(published) - {node_id})
+                if others and not capability.access_mode.multi_node:
+                    raise FailedPrecondition(
+                        f"volume {local_id} is {capability.access_mode.value} and already published to node(s) {', '.join(others)}"
+                    )
+                if node_id not in published:
+                    image.metadata_set(PUBLISHED_PREFIX + node_id, mode)
+        context = {
+            "monitors": ",".join(self.settings.monitors),
+            "pool": pool,
+            "image": name,
+            "mapper": metadata.get(PARAM_MAPPER, self.settings.mapper),
+        }
+        if credentials is not None:
+            context["user"] = credentials.user
+        return context
+
+    def unpublish_volume(self, local_id: str, node_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
+        pool, image_uuid = split_id(local_id, "volume")
+        with (
+            self._pool(pool, secrets) as (io, _journal),
+            contextlib.suppress(rbd.ImageNotFound, KeyError),
+            rbd.Image(io, image_name("volume", image_uuid)) as image,
+        ):
+            image.metadata_remove(PUBLISHED_PREFIX + node_id)
+
+
+def _parent(image: rbd.Image) -> dict[str, str] | None:
+    try:
+        return image.get_parent_image_spec()  # type: ignore[no-any-return]
+    except rbd.ImageNotFound:
+        return None
+
+
+def _published(metadata: Mapping[str, str]) -> dict[str, str]:
+    return {k.removeprefix(PUBLISHED_PREFIX): v for k, v in metadata.items() if k.startswith(PUBLISHED_PREFIX)}
+
+
+def _source_text(source: SourceRef | None) -> str:
+    return f"{source.kind}:{source.local_id}" if source else ""
+
+
+def _volume(local_id: str, size: int, metadata: Mapping[str, str]) -> Volume:
+    kind, _, source_id = metadata.get(SOURCE_KEY, "").partition(":")
+    source = SourceRef(kind, source_id) if kind in ("snapshot", "volume") else None  # type: ignore[arg-type]
+    return Volume(
+        local_id=local_id,
+        name=metadata[NAME_KEY],
+        capacity_bytes=size,
+        source=source,
+        context={PARAM_MAPPER: metadata.get(PARAM_MAPPER, "")} if metadata.get(PARAM_MAPPER) else {},
+        published_nodes=tuple(sorted(_published(metadata))),
+    )
+
+
+def _choose_size(required: int, limit: int, parent: int) -> int:
+    size = round_up(max(required or min(DEFAULT_VOLUME_BYTES, limit or DEFAULT_VOLUME_BYTES), parent, 1))
+    if limit and size > limit:
+        raise OutOfRange(f"no size of whole MiB at least the source's {parent} bytes fits {required}..{limit} bytes")
+    return size

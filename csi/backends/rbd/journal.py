@@ -1,0 +1,144 @@
+"""The reservation journal: how CreateVolume and CreateSnapshot survive a crash.
+
+RBD image names cannot hold a CSI request name (up to 128 arbitrary characters), and a
+driver that creates an image and then records which request it was for can crash in
+between, leaving an image nobody will ever delete. So, as in ceph-csi, the name is
+*reserved* before anything is created:
+
+    object "cairn.journal" in the pool, omap:
+        volume.name.<request name>  -> <uuid>
+        volume.uuid.<uuid>          -> {"name": <request name>}
+        snapshot.name.<name>        -> <uuid>
+        snapshot.uuid.<uuid>        -> {"name": <name>, "source": <source volume local ID>}
+
+    1. reserve: look the name up; if absent, draw a UUID and write both keys in one
+       atomic omap update. The image will be cairn-vol-<uuid> (or cairn-snap-<uuid>).
+    2. create the image, clone it, resize it.
+    3. mark it complete: the image metadata key cairn.name is written last.
+
+A retry after a crash at any step finds the reservation, so it reuses the same UUID: it
+adopts an image that step 2 left (finishing steps 2 and 3) or creates it. Deleting a
+volume removes the image first and the reservation last. A reservation whose image never
+appeared is abandoned work: the controller removes such reservations the first time it
+opens a pool after starting, before it serves any request on that pool (with leader
+election only one controller is active, so no other creation can be in flight).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any, Literal
+
+import rados
+
+from csi.backends.rbd.cluster import ceph_call
+
+log = logging.getLogger(__name__)
+
+JOURNAL = "cairn.journal"
+Kind = Literal["volume", "snapshot"]
+
+
+def image_name(kind: Kind, image_uuid: str) -> str:
+    return f"cairn-{'vol' if kind == 'volume' else 'snap'}-{image_uuid}"
+
+
+class Journal:
+    def __init__(self, io: Any) -> None:
+        self.io = io
+
+    def _get(self, *keys: str) -> dict[str, bytes]:
+        def read() -> dict[str, bytes]:
+            with rados.ReadOpCtx() as op:
+                values, _ = self.io.get_omap_vals_by_keys(op, keys)
+                try:
+                    self.io.operate_read_op(op, JOURNAL)
+                except rados.ObjectNotFound:
+                    return {}
+                return dict(values)
+
+        return ceph_call("the journal", read)
+
+    def _set(self, values: dict[str, bytes]) -> None:
+        def write() -> None:
+            with rados.WriteOpCtx() as op:
+                self.io.set_omap(op, tuple(values), tuple(values.values()))
+                self.io.operate_write_op(op, JOURNAL)
+
+        ceph_call("the journal", write)
+
+    def _remove(self, *keys: str) -> None:
+        def write() -> None:
+            with rados.WriteOpCtx() as op:
+                self.io.remove_omap_keys(op, keys)
+                with contextlib.suppress(rados.ObjectNotFound):
+                    self.io.operate_write_op(op, JOURNAL)
+
+        ceph_call("the journal", write)
+
+    def lookup(self, kind: Kind, name: str) -> str | None:
+        found = self._get(f"{kind}.name.{name}").get(f"{kind}.name.{name}")
+        return found.decode() if found else None
+
+    def record(self, kind: Kind, image_uuid: str) -> dict[str, str] | None:
+        found = self._get(f"{kind}.uuid.{image_uuid}").get(f"{kind}.uuid.{image_uuid}")
+        return json.loads(found) if found else None
+
+    def reserve(self, kind: Kind, name: str, **details: str) -> tuple[str, dict[str, str]]:
+        """The UUID reserved for ``name`` and its record, reserving one if needed."""
+        existing = self.lookup(kind, name)
+        if existing:
+            return existing, self.record(kind, existing) or {"name": name}
+        image_uuid = str(uuid.uuid4())
+        record = {"name": name, **details}
+        self._set(
+            {f"{kind}.name.{name}": image_uuid.encode(), f"{kind}.uuid.{image_uuid}": json.dumps(record).encode()}
+        )
+        return image_uuid, record
+
+    def release(self, kind: Kind, image_uuid: str) -> None:
+        record = self.record(kind, image_uuid)
+        keys = [f"{kind}.uuid.{image_uuid}"]
+        if record and self.lookup(kind, record["name"]) == image_uuid:
+            keys.append(f"{kind}.name.{record['name']}")
+        self._remove(*keys)
+
+    def sweep(self, image_exists: Callable[[str], bool]) -> int:
+        """Remove reservations whose image does not exist; returns how many."""
+
+        def read_all() -> dict[str, bytes]:
+            with rados.ReadOpCtx() as op:
+                values, _ = self.io.get_omap_vals(op, "", "", 100000)
+                try:
+                    self.io.operate_read_op(op, JOURNAL)
+                except rados.ObjectNotFound:
+                    return {}
+                return dict(values)
+
+        removed = 0
+        for key in ceph_call("the journal", read_all):
+            kind, field, value = key.split(".", 2)
+            if field == "uuid" and kind in ("volume", "snapshot") and not image_exists(image_name(kind, value)):  # type: ignore[arg-type]
+                log.warning("removing an abandoned reservation", extra={"kind": kind, "uuid": value})
+                self.release(kind, value)  # type: ignore[arg-type]
+                removed += 1
+        return removed
+
+
+class Sweeper:
+    """Sweeps each pool's journal once per process, before the pool is first used."""
+
+    def __init__(self) -> None:
+        self._done: set[str] = set()
+        self._lock = threading.Lock()
+
+    def ensure(self, pool: str, journal: Journal, image_exists: Callable[[str], bool]) -> None:
+        with self._lock:
+            if pool not in self._done:
+                journal.sweep(image_exists)
+                self._done.add(pool)

@@ -1,0 +1,135 @@
+"""Node half of the rbd backend: make an image a block device on this host.
+
+* ``krbd`` (default): the kernel's RBD client, through ``rbd device map``.
+* ``rbd-nbd``: librbd in a user-space daemon behind an NBD device, for image features
+  or Ceph releases the host's kernel client does not support.
+* ``rbd-fuse``: where the kernel has neither the rbd nor the nbd module, the image is
+  exposed as a file by rbd-fuse and attached through a loop device.
+
+Mappings are found again from the system (``rbd device list``, loop devices' backing
+files), so a restarted node plugin needs no saved state to unmap. The Ceph key goes to
+the tools in a private 0600 file that is removed as soon as the tool has read it; it
+never appears on a command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+
+from csi import loopdev, mount, proc
+from csi.backends.rbd.cluster import Credentials
+from csi.backends.rbd.controller import MAPPERS, RbdSettings, split_id
+from csi.backends.rbd.journal import image_name
+from csi.errors import CommandFailed, FailedPrecondition, InvalidArgument, Unavailable
+from csi.model import NO_SECRETS, Secrets
+
+MAP_TIMEOUT = 120.0
+
+
+@contextlib.contextmanager
+def keyfile(key: str) -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="cairn-key-") as directory:
+        path = os.path.join(directory, "key")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key)
+        yield path
+
+
+class RbdConnector:
+    def __init__(self, settings: RbdSettings) -> None:
+        self.settings = settings
+
+    def _spec(self, local_id: str) -> tuple[str, str]:
+        pool, image_uuid = split_id(local_id, "volume")
+        return pool, image_name("volume", image_uuid)
+
+    def _fuse_mountpoint(self, pool: str, image: str) -> str:
+        return os.path.join(self.settings.fuse_dir, f"{pool}.{image}")
+
+    def _mapped(self, device_type: str, pool: str, image: str) -> str | None:
+        try:
+            listed = proc.run(["rbd", "device", "list", "-t", device_type, "--format", "json"]).stdout
+        except CommandFailed:
+            return None  # the tool or the kernel module is absent: nothing can be mapped
+        for entry in json.loads(listed or "[]"):
+            if entry.get("pool") == pool and entry.get("name") == image and entry.get("snap", "-") in ("-", ""):
+                return str(entry["device"])
+        return None
+
+    def attach(self, local_id: str, publish_context: Mapping[str, str], *, secrets: Secrets = NO_SECRETS) -> str:
+        pool, image = self._spec(local_id)
+        mapper = publish_context.get("mapper") or self.settings.mapper
+        if mapper not in MAPPERS:
+            raise InvalidArgument(f"mapper {mapper!r} is not one of {', '.join(MAPPERS)}")
+        monitors = publish_context.get("monitors") or ",".join(self.settings.monitors)
+        if mapper == "rbd-fuse":
+            existing_file = os.path.join(self._fuse_mountpoint(pool, image), image)
+            if mount.is_mounted(self._fuse_mountpoint(pool, image)):
+                return loopdev.attach(existing_file)
+        else:
+            existing = self._mapped("krbd" if mapper == "krbd" else "nbd", pool, image)
+            if existing:
+                return existing
+        credentials = Credentials.from_secrets(secrets)
+        if credentials is None:
+            raise InvalidArgument(f"staging volume {local_id} needs the node-stage secret ({'userID'}, {'userKey'})")
+        with keyfile(credentials.key) as key:
+            auth = ["-m", monitors, "--id", credentials.user, "--keyfile", key]
+            if mapper == "rbd-fuse":
+                return self._attach_fuse(pool, image, auth)
+            device_type = "krbd" if mapper == "krbd" else "nbd"
+            try:
+                out = proc.run(
+                    ["rbd", "device", "map", "-t", device_type, *auth, f"{pool}/{image}"], timeout=MAP_TIMEOUT
+                )
+            except CommandFailed as exc:
+                raise FailedPrecondition(
+                    f"{mapper} cannot map {pool}/{image} on this node ({exc.stderr}); does the kernel have the "
+                    f"{'rbd' if mapper == 'krbd' else 'nbd'} module? The rbd-fuse mapper needs neither"
+                ) from exc
+            return out.stdout.strip()
+
+    def _attach_fuse(self, pool: str, image: str, auth: list[str]) -> str:
+        mountpoint = self._fuse_mountpoint(pool, image)
+        os.makedirs(mountpoint, exist_ok=True)
+        try:
+            proc.run(["rbd-fuse", *auth, "-p", pool, "-r", image, mountpoint], timeout=MAP_TIMEOUT)
+        except CommandFailed as exc:
+            raise Unavailable(f"rbd-fuse cannot expose {pool}/{image}: {exc.stderr}") from exc
+        try:
+            return loopdev.attach(os.path.join(mountpoint, image))
+        except BaseException:
+            mount.unmount(mountpoint)
+            raise
+
+    def detach(self, local_id: str) -> None:
+        pool, image = self._spec(local_id)
+        for device_type in ("krbd", "nbd"):
+            device = self._mapped(device_type, pool, image)
+            if device:
+                proc.run(["rbd", "device", "unmap", "-t", device_type, device], timeout=MAP_TIMEOUT)
+        mountpoint = self._fuse_mountpoint(pool, image)
+        if mount.is_mounted(mountpoint):
+            loopdev.detach(os.path.join(mountpoint, image))
+            mount.unmount(mountpoint)
+        with contextlib.suppress(FileNotFoundError, OSError):
+            os.rmdir(mountpoint)
+
+    def refresh_size(self, local_id: str, device: str) -> None:
+        # krbd and rbd-nbd follow a resize by themselves; a loop device over rbd-fuse must
+        # be told (rbd-fuse reads the new size when the file is opened again).
+        if os.path.basename(device).startswith("loop"):
+            loopdev.refresh_size(device)
+
+    def present(self, local_id: str) -> bool:
+        pool, image = self._spec(local_id)
+        return bool(
+            self._mapped("krbd", pool, image)
+            or self._mapped("nbd", pool, image)
+            or mount.is_mounted(self._fuse_mountpoint(pool, image))
+        )
