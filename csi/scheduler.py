@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from csi.backends.base import Backend
 from csi.errors import InvalidArgument, NotFound, ResourceExhausted
-from csi.model import NO_SECRETS, Capability, Secrets, Segment
+from csi.model import Capability, Secrets, Segment
 
 PARAM_BACKEND = "backend"
 PARAM_GROUP = "group"
@@ -40,7 +40,7 @@ class PlacementRequest:
     preferred: tuple[Segment, ...] = ()
     source_backend: str | None = None
     skip: frozenset[str] = field(default_factory=frozenset)
-    secrets: Secrets = NO_SECRETS
+    secrets: Secrets = field(default_factory=dict)
 
 
 def backend_parameters(parameters: Mapping[str, str]) -> dict[str, str]:
