@@ -10,7 +10,7 @@ import pytest
 
 from csi.backends.base import Backend, NodeConnector, VolumeBackend
 from csi.errors import InvalidArgument, NotFound, ResourceExhausted
-from csi.model import AccessMode, AccessType, Capability, Segment
+from csi.model import NO_SECRETS, AccessMode, AccessType, Capability, Secrets, Segment
 from csi.scheduler import PlacementRequest, Scheduler, backend_parameters
 
 RWO = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER)
@@ -30,7 +30,8 @@ class StandIn:
             return "single node only"
         return None
 
-    def free_bytes(self) -> int:
+    def free_bytes(self, *, secrets: Secrets = NO_SECRETS) -> int:
+        self.calls.append(secrets.get("userID", ""))
         return self.free
 
 
@@ -127,3 +128,9 @@ def test_routing_an_id_to_an_unconfigured_backend_is_not_found() -> None:
     scheduler = Scheduler([backend("a", free=1)])
     with pytest.raises(NotFound, match="backend 'gone' is not configured"):
         scheduler.backend("gone", "volume", "1:gone:x")
+
+
+def test_free_space_is_asked_with_the_requests_secrets() -> None:
+    only = backend("ceph", free=100)
+    Scheduler([only]).place(request({}, secrets={"userID": "cairn", "userKey": "k"}))
+    assert cast(StandIn, only.volumes).calls == ["cairn"]
