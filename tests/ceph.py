@@ -76,6 +76,9 @@ osd objectstore = memstore
 memstore device bytes = 4294967296
 osd max object name len = 460
 osd max object namespace len = 64
+# a killed client's watch on an image expires after this (default 30 s); the crash tests
+# wait for it before deleting what the killed process had open
+osd client watch timeout = 5
 osd min pg log entries = 100
 osd max pg log entries = 500
 

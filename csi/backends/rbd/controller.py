@@ -122,15 +122,15 @@ class RbdVolumes:
         return ceph_call(what, lambda: rbd.Image(io, name))
 
     def _clone_depth(self, image: rbd.Image) -> int:
+        """How many parents ``image`` reads through. A parent may be in the trash (its
+        volume was deleted), where only its ID opens it."""
         depth = 0
-        spec = _parent(image)
-        while spec is not None:
+        parent = _parent(image)
+        while parent is not None:
             depth += 1
-            with (
-                self.clusters.ioctx(spec["pool_name"], None) as io,
-                rbd.Image(io, spec["image_name"], read_only=True) as parent,
-            ):
-                spec = _parent(parent)
+            pool, parent_id = parent
+            with self.clusters.ioctx(pool, None) as io, rbd.Image(io, image_id=parent_id, read_only=True) as handle:
+                parent = _parent(handle)
         return depth
 
     def _purge_trash(self, io: Any) -> None:
@@ -202,15 +202,13 @@ class RbdVolumes:
         with self._pool(pool, spec.secrets) as (io, journal):
             image_uuid, _record = journal.reserve("volume", spec.name)
             local_id, name = f"{pool}/{image_uuid}", image_name("volume", image_uuid)
-            created = False
+            existing = self._complete_volume(io, local_id)
+            if existing is not None:
+                return self._matching(existing, spec, source)
             try:
-                existing = self._complete_volume(io, local_id)
-                if existing is not None:
-                    return self._matching(existing, spec, source)
                 parent_size = self._source_size(spec.source, spec.secrets)
                 size = _choose_size(spec.required_bytes, spec.limit_bytes, parent_size)
                 if not self._exists(io, name):
-                    created = True
                     self._make(io, name, size, features, data_pool, spec.source, spec.secrets)
                 with self._image(io, name, f"volume {spec.name!r}") as image:
                     if image.size() < size:
@@ -222,9 +220,10 @@ class RbdVolumes:
                     image.metadata_set(PARAM_MAPPER, mapper)
                     image.metadata_set(NAME_KEY, spec.name)  # last: marks the volume complete
             except BaseException:
-                if created:
-                    with contextlib.suppress(Exception):
-                        self._remove_image(io, name)
+                # Nothing complete exists under this reservation: remove what this call,
+                # or a crashed one before it, left, and the reservation with it.
+                with contextlib.suppress(Exception):
+                    self._remove_image(io, name)
                 with contextlib.suppress(Exception):
                     journal.release("volume", image_uuid)
                 raise
@@ -384,12 +383,10 @@ class RbdVolumes:
             done = self._complete_snapshot(io, local_id)
             if done is not None:
                 return done
-            created = False
             try:
                 if self._complete_volume(io, source_local_id) is None:
                     raise NotFound(f"source volume {source_local_id!r} does not exist")
                 if not self._exists(io, image):
-                    created = True
                     features = parse_features(self.settings.image_features)
                     self._clone_through_temporary_snapshot(
                         io, image_name("volume", source_uuid), io, image, features, None
@@ -401,11 +398,10 @@ class RbdVolumes:
                         snap_image.create_snap(SNAPSHOT)
                     snap_image.metadata_set(SOURCE_KEY, source_local_id)
                     snap_image.metadata_set(CREATED_KEY, str(time.time()))
-                    snap_image.metadata_set(NAME_KEY, name)
+                    snap_image.metadata_set(NAME_KEY, name)  # last: marks the snapshot complete
             except BaseException:
-                if created:
-                    with contextlib.suppress(Exception):
-                        self._remove_snapshot_image(io, image)
+                with contextlib.suppress(Exception):
+                    self._remove_snapshot_image(io, image)
                 with contextlib.suppress(Exception):
                     journal.release("snapshot", image_uuid)
                 raise
@@ -505,9 +501,10 @@ class RbdVolumes:
             image.metadata_remove(PUBLISHED_PREFIX + node_id)
 
 
-def _parent(image: rbd.Image) -> dict[str, str] | None:
+def _parent(image: rbd.Image) -> tuple[str, str] | None:
+    """The pool and image ID of the image's parent, or None."""
     try:
-        return image.get_parent_image_spec()  # type: ignore[no-any-return]
+        return str(image.get_parent_image_spec()["pool_name"]), str(image.parent_id())
     except rbd.ImageNotFound:
         return None
 

@@ -1,0 +1,265 @@
+"""The rbd backend's controller half against a real Ceph cluster: idempotency, the
+journal, snapshots that outlive their source, clones, trash, publication and multi-attach
+rules, credentials, and crash-and-retry at every step of a creation."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import rados
+import rbd
+
+from csi.backends.rbd.cluster import Clusters
+from csi.backends.rbd.controller import RbdSettings, RbdVolumes
+from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from csi.model import AccessMode, AccessType, Capability, MiB, SourceRef, VolumeSpec
+from tests.ceph import POOL, CephCluster
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_pool")]
+RWO = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER)
+
+
+def make_backend(ceph: CephCluster) -> RbdVolumes:
+    settings = RbdSettings(monitors=tuple(ceph.monitors), pool=POOL, max_clone_depth=2)
+    return RbdVolumes(settings, Clusters(settings.monitors))
+
+
+@pytest.fixture
+def volumes(ceph: CephCluster) -> Iterator[RbdVolumes]:
+    backend = make_backend(ceph)
+    yield backend
+    backend.clusters.shutdown()
+
+
+def spec(
+    name: str, secrets: dict[str, str], size: int = 8 * MiB, source: SourceRef | None = None, **params: str
+) -> VolumeSpec:
+    return VolumeSpec(name, size, 0, (RWO,), params, source, secrets)
+
+
+@pytest.fixture
+def pool_io(ceph: CephCluster) -> Iterator[Any]:
+    cluster = rados.Rados(conffile=str(ceph.conf), rados_id="admin")
+    cluster.connect()
+    io = cluster.open_ioctx(POOL)
+    yield io
+    io.close()
+    cluster.shutdown()
+
+
+def write(io: Any, image: str, offset: int, data: bytes) -> None:
+    with rbd.Image(io, image) as handle:
+        handle.write(data, offset)
+
+
+def read(io: Any, image: str, offset: int, length: int) -> bytes:
+    with rbd.Image(io, image, read_only=True) as handle:
+        return bytes(handle.read(offset, length))
+
+
+def image_of(local_id: str, kind: str = "vol") -> str:
+    return f"cairn-{kind}-{local_id.split('/')[1]}"
+
+
+def test_create_is_idempotent_and_conflicts_are_refused(
+    volumes: RbdVolumes, secrets: dict[str, str], ceph: CephCluster
+) -> None:
+    first = volumes.create_volume(spec("pvc-a", secrets))
+    assert volumes.create_volume(spec("pvc-a", secrets)) == first
+    assert first.capacity_bytes == 8 * MiB and first.local_id.startswith(f"{POOL}/")
+    assert ceph.rbd("ls", POOL).split() == [image_of(first.local_id)]
+    with pytest.raises(AlreadyExists, match="'pvc-a' exists with 8388608 bytes"):
+        volumes.create_volume(spec("pvc-a", secrets, size=16 * MiB))
+    assert volumes.lookup_volume("pvc-a", secrets=secrets) == first
+    assert [v.local_id for v in volumes.list_volumes(secrets=secrets)] == [first.local_id]
+    volumes.delete_volume(first.local_id, secrets=secrets)
+    volumes.delete_volume(first.local_id, secrets=secrets)
+    assert volumes.lookup_volume("pvc-a", secrets=secrets) is None
+
+
+def test_snapshot_outlives_its_source_and_restores_its_data(
+    volumes: RbdVolumes, secrets: dict[str, str], pool_io: Any
+) -> None:
+    origin = volumes.create_volume(spec("origin", secrets))
+    write(pool_io, image_of(origin.local_id), 3 * MiB, b"precious")
+    snap = volumes.create_snapshot("snap-1", origin.local_id, {}, secrets=secrets)
+    assert volumes.create_snapshot("snap-1", origin.local_id, {}, secrets=secrets) == snap
+    write(pool_io, image_of(origin.local_id), 3 * MiB, b"changed!")
+    volumes.delete_volume(origin.local_id, secrets=secrets)  # the snapshot keeps the data alive
+    restored = volumes.create_volume(
+        spec("restored", secrets, size=16 * MiB, source=SourceRef("snapshot", snap.local_id))
+    )
+    assert restored.capacity_bytes == 16 * MiB
+    assert read(pool_io, image_of(restored.local_id), 3 * MiB, 8) == b"precious"
+    volumes.delete_snapshot(snap.local_id, secrets=secrets)  # the restored volume keeps reading
+    assert read(pool_io, image_of(restored.local_id), 3 * MiB, 8) == b"precious"
+    volumes.delete_volume(restored.local_id, secrets=secrets)
+    volumes.delete_snapshot(snap.local_id, secrets=secrets)
+
+
+def test_snapshot_name_for_another_source_is_already_exists(volumes: RbdVolumes, secrets: dict[str, str]) -> None:
+    a = volumes.create_volume(spec("a", secrets))
+    b = volumes.create_volume(spec("b", secrets))
+    snap = volumes.create_snapshot("s", a.local_id, {}, secrets=secrets)
+    with pytest.raises(AlreadyExists):
+        volumes.create_snapshot("s", b.local_id, {}, secrets=secrets)
+    volumes.delete_snapshot(snap.local_id, secrets=secrets)
+    for vol in (a, b):
+        volumes.delete_volume(vol.local_id, secrets=secrets)
+
+
+def test_clone_from_volume_and_chain_flattening(volumes: RbdVolumes, secrets: dict[str, str], pool_io: Any) -> None:
+    current = volumes.create_volume(spec("gen-0", secrets))
+    write(pool_io, image_of(current.local_id), 0, b"root")
+    chain = [current]
+    for generation in range(1, 5):
+        current = volumes.create_volume(
+            spec(f"gen-{generation}", secrets, source=SourceRef("volume", current.local_id))
+        )
+        chain.append(current)
+        assert read(pool_io, image_of(current.local_id), 0, 4) == b"root"
+        with rbd.Image(pool_io, image_of(current.local_id), read_only=True) as image:
+            assert volumes._clone_depth(image) <= 2, "clones deeper than maxCloneDepth must be flattened"
+    with pytest.raises(OutOfRange):
+        volumes.create_volume(
+            VolumeSpec("small", MiB, 2 * MiB, (RWO,), {}, SourceRef("volume", chain[0].local_id), secrets)
+        )
+    for vol in chain:
+        volumes.delete_volume(vol.local_id, secrets=secrets)
+
+
+def test_expand(volumes: RbdVolumes, secrets: dict[str, str]) -> None:
+    vol = volumes.create_volume(spec("grow", secrets))
+    assert volumes.expand_volume(vol.local_id, 20 * MiB, 0, secrets=secrets) == 20 * MiB
+    assert volumes.expand_volume(vol.local_id, 4 * MiB, 0, secrets=secrets) == 20 * MiB
+    volumes.delete_volume(vol.local_id, secrets=secrets)
+    with pytest.raises(NotFound):
+        volumes.expand_volume(vol.local_id, 40 * MiB, 0, secrets=secrets)
+
+
+def test_publication_and_multi_attach_rules(volumes: RbdVolumes, secrets: dict[str, str]) -> None:
+    vol = volumes.create_volume(spec("shared", secrets))
+    context = volumes.publish_volume(vol.local_id, "node-a", RWO, False, secrets=secrets)
+    assert context["pool"] == POOL and context["image"] == image_of(vol.local_id) and context["user"] == "cairn"
+    assert "userKey" not in context and secrets["userKey"] not in str(context)
+    with pytest.raises(FailedPrecondition, match="already published to node"):
+        volumes.publish_volume(vol.local_id, "node-b", RWO, False, secrets=secrets)
+    with pytest.raises(AlreadyExists):
+        volumes.publish_volume(vol.local_id, "node-a", RWO, True, secrets=secrets)
+    shared_block = Capability(AccessType.BLOCK, AccessMode.MULTI_NODE_MULTI_WRITER)
+    volumes.publish_volume(vol.local_id, "node-b", shared_block, False, secrets=secrets)
+    assert volumes.get_volume(vol.local_id, secrets=secrets).published_nodes == ("node-a", "node-b")
+    with pytest.raises(FailedPrecondition, match="still published"):
+        volumes.delete_volume(vol.local_id, secrets=secrets)
+    for node in ("node-a", "node-b", "node-b"):
+        volumes.unpublish_volume(vol.local_id, node, secrets=secrets)
+    volumes.delete_volume(vol.local_id, secrets=secrets)
+
+
+def test_filesystems_shared_read_write_are_refused_with_the_reason(volumes: RbdVolumes) -> None:
+    for mode in (AccessMode.MULTI_NODE_MULTI_WRITER, AccessMode.MULTI_NODE_SINGLE_WRITER):
+        reason = volumes.unsupported(Capability(AccessType.MOUNT, mode))
+        assert reason and "corrupt" in reason
+    assert volumes.unsupported(Capability(AccessType.MOUNT, AccessMode.MULTI_NODE_READER_ONLY)) is None
+    assert volumes.unsupported(Capability(AccessType.BLOCK, AccessMode.MULTI_NODE_SINGLE_WRITER)) is None
+
+
+def test_capacity_is_the_pools_free_space(volumes: RbdVolumes, secrets: dict[str, str], ceph: CephCluster) -> None:
+    assert volumes.free_bytes() == 0, "no credentials yet: nothing to ask Ceph with"
+    free = volumes.free_bytes(secrets=secrets)
+    assert 0 < free <= 4 << 30
+    assert volumes.free_bytes() == free, "later calls reuse the connection"
+
+
+def test_credentials_are_required_and_checked(ceph: CephCluster, secrets: dict[str, str]) -> None:
+    backend = make_backend(ceph)
+    with pytest.raises(FailedPrecondition, match="no Ceph credentials"):
+        backend.create_volume(spec("x", {}))
+    with pytest.raises(InvalidArgument, match="both 'userID' and 'userKey'"):
+        backend.create_volume(spec("x", {"userID": "cairn"}))
+    wrong = {"userID": "cairn", "userKey": "AQBv2zBnAAAAABAAWQ8fvCQ1cW9mGq3vUoT2XQ=="}
+    with pytest.raises((FailedPrecondition, InvalidArgument, Exception)) as caught:
+        backend.create_volume(spec("x", wrong))
+    assert "AQBv2zBn" not in str(caught.value)
+    backend.clusters.shutdown()
+
+
+# -- crash and retry ---------------------------------------------------------------
+
+
+def crash_during_create(ceph: CephCluster, secrets: dict[str, str], name: str, crash_point: str) -> None:
+    """Create ``name`` in a child process that dies (os._exit) at ``crash_point``."""
+
+    def child() -> None:
+        def die(*args: Any, **kwargs: Any) -> None:
+            os._exit(17)
+
+        # The backend's own steps: after the reservation, before the image exists; and
+        # after the image exists, before it is marked complete.
+        if crash_point == "before-image":
+            RbdVolumes._make = die  # type: ignore[method-assign]
+        elif crash_point == "before-complete":
+            RbdVolumes._clone_depth = die  # type: ignore[method-assign,assignment]
+        make_backend(ceph).create_volume(spec(name, secrets))
+        os._exit(0)
+
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join(60)
+    assert process.exitcode == 17, "the child was meant to die mid-creation"
+
+
+@pytest.mark.parametrize("crash_point", ["before-image", "before-complete"])
+def test_a_retry_after_a_crash_finds_or_finishes_the_work(
+    ceph: CephCluster, secrets: dict[str, str], crash_point: str
+) -> None:
+    crash_during_create(ceph, secrets, "crashy", crash_point)
+    journal = ceph._run("rados", "-c", str(ceph.conf), "-p", POOL, "listomapkeys", "cairn.journal").split()
+    assert "volume.name.crashy" in journal, "the reservation is written before the image"
+    backend = make_backend(ceph)
+    # A retry in the same process lifetime (no restart) reuses the reservation.
+    backend.sweeper._done.add(POOL)
+    volume = backend.create_volume(spec("crashy", secrets))
+    assert ceph.rbd("ls", POOL).split() == [image_of(volume.local_id)], "exactly one image"
+    journal = ceph._run("rados", "-c", str(ceph.conf), "-p", POOL, "listomapkeys", "cairn.journal").split()
+    assert sorted(journal) == sorted(["volume.name.crashy", f"volume.uuid.{volume.local_id.split('/')[1]}"])
+    delete_once_the_dead_clients_watch_expires(backend, volume.local_id, secrets)
+    backend.clusters.shutdown()
+
+
+def delete_once_the_dead_clients_watch_expires(backend: RbdVolumes, local_id: str, secrets: dict[str, str]) -> None:
+    """The killed process had the image open; Ceph refuses to remove it (busy) until that
+    client's watch expires, and the CO retries. So does this test, a bounded number of times."""
+    for _ in range(60):
+        try:
+            backend.delete_volume(local_id, secrets=secrets)
+            return
+        except FailedPrecondition as exc:
+            assert "in use" in str(exc)
+            time.sleep(0.5)
+    backend.delete_volume(local_id, secrets=secrets)
+
+
+def test_an_abandoned_reservation_is_removed_when_a_controller_starts(
+    ceph: CephCluster, secrets: dict[str, str]
+) -> None:
+    crash_during_create(ceph, secrets, "abandoned", "before-image")
+    restarted = make_backend(ceph)  # a new process: its first use of the pool sweeps
+    assert restarted.lookup_volume("abandoned", secrets=secrets) is None
+    assert ceph._run("rados", "-c", str(ceph.conf), "-p", POOL, "listomapkeys", "cairn.journal") == ""
+    assert ceph.rbd("ls", POOL) == ""
+    restarted.clusters.shutdown()
+
+
+def test_a_failed_creation_leaves_nothing(volumes: RbdVolumes, secrets: dict[str, str], ceph: CephCluster) -> None:
+    with pytest.raises(InvalidArgument):
+        volumes.create_volume(spec("bad-features", secrets, imageFeatures="exclusive-lock"))
+    with pytest.raises(NotFound):
+        missing = SourceRef("snapshot", f"{POOL}/00000000-0000-4000-8000-000000000000")
+        volumes.create_volume(spec("from-nothing", secrets, source=missing))
+    assert ceph.rbd("ls", POOL) == ""
