@@ -9,6 +9,9 @@ Settings:
     mapper:        krbd (default), rbd-nbd or rbd-fuse
     maxCloneDepth: flatten clones deeper than this (default 8)
     fuseDir:       where rbd-fuse mounts images on a node (default /var/lib/cairn-csi/rbd-fuse)
+    credentialsDir: a directory holding files userID and userKey (a mounted Secret), used
+                   by the calls that carry no CSI secret: GetCapacity, ListVolumes,
+                   ControllerGetVolume (optional; without it they use the last credentials seen)
 Credentials are never settings: they come from the CSI secrets (userID, userKey).
 """
 
@@ -21,7 +24,9 @@ from csi.backends.rbd.node import RbdConnector
 from csi.config import BackendConfig
 from csi.errors import ConfigError, InvalidArgument
 
-SETTINGS = frozenset({"monitors", "pool", "dataPool", "imageFeatures", "mapper", "maxCloneDepth", "fuseDir"})
+SETTINGS = frozenset(
+    {"monitors", "pool", "dataPool", "imageFeatures", "mapper", "maxCloneDepth", "fuseDir", "credentialsDir"}
+)
 
 
 def settings_from(config: BackendConfig) -> RbdSettings:
@@ -43,6 +48,7 @@ def settings_from(config: BackendConfig) -> RbdSettings:
         mapper=str(values.get("mapper", RbdSettings.mapper)),
         max_clone_depth=int(values.get("maxCloneDepth", RbdSettings.max_clone_depth)),
         fuse_dir=str(values.get("fuseDir", RbdSettings.fuse_dir)),
+        credentials_dir=str(values.get("credentialsDir", "")),
     )
     if settings.mapper not in MAPPERS:
         raise ConfigError(f"{where}: 'mapper' must be one of {', '.join(MAPPERS)}")

@@ -15,6 +15,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import rados
@@ -90,21 +91,24 @@ def ceph_call(what: str, call: Callable[[], T]) -> T:
 class Clusters:
     """Open connections, one per (monitors, credential); thread-safe."""
 
-    def __init__(self, monitors: Sequence[str]) -> None:
+    def __init__(self, monitors: Sequence[str], credentials_dir: str = "") -> None:
         self.monitors = ",".join(monitors)
+        self.credentials_dir = credentials_dir
         self._connections: dict[str, rados.Rados] = {}
         self._last: Credentials | None = None
         self._lock = threading.Lock()
         self.on_connect: Callable[[rados.Rados], None] | None = None
 
     def connection(self, credentials: Credentials | None) -> rados.Rados:
-        """The connection for ``credentials``; without them, the one used last (calls
-        such as GetCapacity and ListVolumes carry no secrets)."""
+        """The connection for ``credentials``. Calls such as GetCapacity and ListVolumes
+        carry no secrets: they use the credentials directory when one is configured (read
+        on each call, so a rotated Secret takes effect), else the credentials used last."""
         with self._lock:
-            credentials = credentials or self._last
+            credentials = credentials or self._from_directory() or self._last
             if credentials is None:
                 raise FailedPrecondition(
-                    "no Ceph credentials yet: this call carries no secret and no earlier call brought one"
+                    "no Ceph credentials yet: this call carries no secret, no earlier call brought one, "
+                    "and the backend has no credentialsDir"
                 )
             cached = self._connections.get(credentials.fingerprint)
             if cached is None:
@@ -114,6 +118,17 @@ class Clusters:
                     self.on_connect(cached)
             self._last = credentials
             return cached
+
+    def _from_directory(self) -> Credentials | None:
+        if not self.credentials_dir:
+            return None
+        try:
+            values = {k: Path(self.credentials_dir, k).read_text().strip() for k in (USER_ID, USER_KEY)}
+        except OSError as exc:
+            raise FailedPrecondition(
+                f"cannot read Ceph credentials from {self.credentials_dir}: {exc.strerror}"
+            ) from exc
+        return Credentials.from_secrets(values)
 
     def _connect(self, credentials: Credentials) -> rados.Rados:
         conf = {

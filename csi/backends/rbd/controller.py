@@ -67,6 +67,7 @@ class RbdSettings:
     mapper: str = "krbd"
     max_clone_depth: int = 8
     fuse_dir: str = "/var/lib/cairn-csi/rbd-fuse"
+    credentials_dir: str = ""
 
 
 def parse_features(text: str) -> int:

@@ -1,29 +1,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.ceph import POOL, USER, CephCluster
-from tests.support import require, require_root, require_tools
-
-
-@pytest.fixture(scope="session")
-def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
-    """One cluster for the whole session; each test cleans up what it made."""
-    require_root()
-    require_tools("ceph-mon", "ceph-mgr", "ceph-osd", "ceph-authtool", "monmaptool", "rbd")
-    try:
-        import rados  # noqa: F401
-        import rbd  # noqa: F401
-    except ImportError:
-        require(False, "python3-rados and python3-rbd are not importable")
-    cluster = CephCluster(Path(tmp_path_factory.mktemp("ceph")))
-    try:
-        yield cluster.start()
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture

@@ -263,3 +263,17 @@ def test_a_failed_creation_leaves_nothing(volumes: RbdVolumes, secrets: dict[str
         missing = SourceRef("snapshot", f"{POOL}/00000000-0000-4000-8000-000000000000")
         volumes.create_volume(spec("from-nothing", secrets, source=missing))
     assert ceph.rbd("ls", POOL) == ""
+
+
+def test_calls_without_secrets_use_the_credentials_directory(
+    ceph: CephCluster, secrets: dict[str, str], tmp_path: Any
+) -> None:
+    directory = tmp_path / "ceph-secret"
+    directory.mkdir()
+    (directory / "userID").write_text(secrets["userID"])
+    (directory / "userKey").write_text(secrets["userKey"] + "\n")
+    settings = RbdSettings(monitors=tuple(ceph.monitors), pool=POOL, credentials_dir=str(directory))
+    backend = RbdVolumes(settings, Clusters(settings.monitors, settings.credentials_dir))
+    assert backend.list_volumes() == []
+    assert backend.free_bytes() > 0
+    backend.clusters.shutdown()
