@@ -186,6 +186,10 @@ def test_credentials_are_referenced_never_inlined() -> None:
     docs = render("rbd-values.yaml")
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["config.yaml"]
     assert "userKey" not in config and "key" not in yaml.safe_load(config)["backends"][0]
+    assert yaml.safe_load(config)["backends"][0]["credentialsDir"] == "/etc/cairn/secrets/ceph"
+    controller = next(d for d in docs if d["kind"] == "Deployment")
+    mounted = {v["name"]: v for v in controller["spec"]["template"]["spec"]["volumes"]}
+    assert mounted["secret-ceph"]["secret"]["secretName"] == "ceph-cairn"
     storage_class = next(d for d in docs if d["kind"] == "StorageClass")
     assert storage_class["parameters"]["csi.storage.k8s.io/provisioner-secret-name"] == "ceph-cairn"
     assert storage_class["parameters"]["csi.storage.k8s.io/node-stage-secret-namespace"] == "kube-system"
@@ -269,3 +273,18 @@ def test_every_sidecar_flag_exists_in_the_pinned_release() -> None:
                 assert f'"{flag}"' in defined, f"{name} {tag} has no flag --{flag}"
                 checked += 1
     assert checked >= 20
+
+
+@pytest.mark.parametrize("values", VALUES)
+def test_the_driver_accepts_the_rendered_config(values: str | None) -> None:
+    from csi import config
+    from csi.backends import local
+
+    rendered = next(d for d in render(values) if d["kind"] == "ConfigMap")["data"]["config.yaml"]
+    for entry in config.parse(yaml.safe_load(rendered), "rendered config").backends:
+        if entry.kind == "rbd":
+            from csi.backends.rbd import settings_from
+
+            settings_from(entry)
+        else:
+            assert set(entry.settings) <= local.SETTINGS
