@@ -1,0 +1,155 @@
+"""The rbd node path through running drivers: rbd-fuse and a loop device (the mapper this
+host's kernel allows), mkfs, mounts, a plugin restart, and two nodes sharing a raw block
+volume."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from csi import loopdev, mount
+from csi.generated import csi_pb2 as pb
+from tests.ceph import POOL, CephCluster
+from tests.conftest import running_driver
+from tests.support import Driver, block_capability, mount_capability, require_tools
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_pool")]
+MiB = 1 << 20
+
+
+def config_for(tmp: Path, ceph: CephCluster, node: str) -> list[str]:
+    config = tmp / f"cairn-{node}.yaml"
+    backend = {
+        "name": "ceph",
+        "kind": "rbd",
+        "monitors": ceph.monitors,
+        "pool": POOL,
+        "mapper": "rbd-fuse",
+        "fuseDir": str(tmp / f"fuse-{node}"),
+    }
+    config.write_text(yaml.safe_dump({"backends": [backend]}))
+    return ["--config", str(config)]
+
+
+@pytest.fixture
+def node_a(tmp_path: Path, ceph: CephCluster) -> Iterator[Driver]:
+    require_tools("rbd-fuse", "losetup", "mkfs.ext4")
+    with running_driver(tmp_path / "a", config_for(tmp_path, ceph, "a")) as driver:
+        yield driver
+
+
+def create(driver: Driver, name: str, cap: pb.VolumeCapability, secrets: dict[str, str]) -> str:
+    request = pb.CreateVolumeRequest(
+        name=name, volume_capabilities=[cap], capacity_range={"required_bytes": 64 * MiB}, secrets=secrets
+    )
+    volume_id: str = driver.controller.CreateVolume(request, timeout=120).volume.volume_id
+    return volume_id
+
+
+def attach(
+    driver: Driver, node: str, volume_id: str, cap: pb.VolumeCapability, secrets: dict[str, str], target: str
+) -> str:
+    publish = pb.ControllerPublishVolumeRequest(
+        volume_id=volume_id, node_id=node, volume_capability=cap, secrets=secrets
+    )
+    context = driver.controller.ControllerPublishVolume(publish, timeout=60).publish_context
+    staging = str(driver.root / "staging")
+    stage = pb.NodeStageVolumeRequest(
+        volume_id=volume_id,
+        staging_target_path=staging,
+        volume_capability=cap,
+        publish_context=context,
+        secrets=secrets,
+    )
+    driver.node.NodeStageVolume(stage, timeout=180)
+    node_publish = pb.NodePublishVolumeRequest(
+        volume_id=volume_id, staging_target_path=staging, target_path=target, volume_capability=cap
+    )
+    driver.node.NodePublishVolume(node_publish, timeout=60)
+    return staging
+
+
+def detach(driver: Driver, node: str, volume_id: str, secrets: dict[str, str], staging: str, target: str) -> None:
+    driver.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=target), timeout=60)
+    driver.node.NodeUnstageVolume(
+        pb.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=staging), timeout=120
+    )
+    unpublish = pb.ControllerUnpublishVolumeRequest(volume_id=volume_id, node_id=node, secrets=secrets)
+    driver.controller.ControllerUnpublishVolume(unpublish, timeout=60)
+
+
+def fuse_mounts(root: Path) -> list[str]:
+    return [m.target for m in mount.mounts() if m.target.startswith(str(root)) and m.fstype.startswith("fuse")]
+
+
+def test_a_staged_volume_survives_a_plugin_restart_and_unstages_after_it(
+    node_a: Driver, secrets: dict[str, str]
+) -> None:
+    cap = mount_capability("ext4")
+    volume_id = create(node_a, "restart", cap, secrets)
+    target = str(node_a.root / "pod")
+    staging = attach(node_a, "test-node", volume_id, cap, secrets, target)
+    Path(target, "before").write_text("written before the restart")
+    assert len(fuse_mounts(node_a.root.parent)) == 1
+    node_a.restart()
+    Path(target, "after").write_text("and after it")
+    os.sync()
+    detach(node_a, "test-node", volume_id, secrets, staging, target)
+    assert fuse_mounts(node_a.root.parent) == [], "unstage after a restart must unmap"
+    assert [d for d, back in loopdev.attached().items() if back.startswith(str(node_a.root.parent))] == []
+    # The data is in Ceph: stage it again and read both files.
+    staging = attach(node_a, "test-node", volume_id, cap, secrets, target)
+    assert Path(target, "before").read_text() == "written before the restart"
+    assert Path(target, "after").read_text() == "and after it"
+    detach(node_a, "test-node", volume_id, secrets, staging, target)
+    node_a.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id, secrets=secrets), timeout=120)
+
+
+def test_two_nodes_share_a_raw_block_volume(
+    tmp_path: Path, ceph: CephCluster, node_a: Driver, secrets: dict[str, str]
+) -> None:
+    shared = block_capability("MULTI_NODE_MULTI_WRITER")
+    volume_id = create(node_a, "shared-raw", shared, secrets)
+    with running_driver(tmp_path / "b", ["--node-id", "node-b", *config_for(tmp_path, ceph, "b")]) as node_b:
+        target_a, target_b = str(node_a.root / "dev-a"), str(node_b.root / "dev-b")
+        staging_a = attach(node_a, "test-node", volume_id, shared, secrets, target_a)
+        staging_b = attach(node_b, "node-b", volume_id, shared, secrets, target_b)
+        listed = node_a.controller.ControllerGetVolume(pb.ControllerGetVolumeRequest(volume_id=volume_id), timeout=60)
+        assert sorted(listed.status.published_node_ids) == ["node-b", "test-node"]
+        with open(target_a, "r+b") as device:
+            device.seek(7 * MiB)
+            device.write(b"from node a")
+            device.flush()
+            os.fsync(device.fileno())
+        with open(target_b, "rb", buffering=0) as device:
+            device.seek(7 * MiB)
+            assert device.read(11) == b"from node a"
+        detach(node_b, "node-b", volume_id, secrets, staging_b, target_b)
+        detach(node_a, "test-node", volume_id, secrets, staging_a, target_a)
+    single = mount_capability("ext4")
+    exclusive = create(node_a, "exclusive", single, secrets)
+    for node in ("test-node", "node-b"):
+        request = pb.ControllerPublishVolumeRequest(
+            volume_id=exclusive, node_id=node, volume_capability=single, secrets=secrets
+        )
+        if node == "node-b":
+            with pytest.raises(grpc.RpcError) as caught:
+                node_a.controller.ControllerPublishVolume(request, timeout=60)
+            assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        else:
+            node_a.controller.ControllerPublishVolume(request, timeout=60)
+    shared_fs = pb.CreateVolumeRequest(
+        name="shared-fs", volume_capabilities=[mount_capability("ext4", "MULTI_NODE_MULTI_WRITER")], secrets=secrets
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        node_a.controller.CreateVolume(shared_fs, timeout=60)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "corrupt" in caught.value.details()
+    unpublish = pb.ControllerUnpublishVolumeRequest(volume_id=exclusive, node_id="test-node", secrets=secrets)
+    node_a.controller.ControllerUnpublishVolume(unpublish, timeout=60)
+    for volume in (volume_id, exclusive):
+        node_a.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume, secrets=secrets), timeout=120)
