@@ -56,6 +56,7 @@ $bb mkdir -p $root/dev/pts $root/dev/shm
 $bb mount -t devpts devpts $root/dev/pts
 $bb mount -t tmpfs shm $root/dev/shm
 $bb ip link set lo up
+$bb hostname cairn-vm  # Ceph names the OSD's CRUSH host after it
 $bb mount --move /proc $root/proc
 $bb mount --move /sys $root/sys
 exec $bb switch_root $root /bin/bash /run/cairn-vm/run.sh

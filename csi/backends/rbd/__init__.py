@@ -7,6 +7,8 @@ Settings:
     dataPool:      erasure-coded data pool (optional)
     imageFeatures: comma-separated (default layering,exclusive-lock,object-map,fast-diff,deep-flatten)
     mapper:        krbd (default), rbd-nbd or rbd-fuse
+    mapOptions:    options for `rbd device map -o` (krbd and rbd-nbd), for example
+                   ms_mode=prefer-crc for a cluster that speaks only msgr v2
     maxCloneDepth: flatten clones deeper than this (default 8)
     fuseDir:       where rbd-fuse mounts images on a node (default /var/lib/cairn-csi/rbd-fuse)
     credentialsDir: a directory holding files userID and userKey (a mounted Secret), used
@@ -25,7 +27,17 @@ from csi.config import BackendConfig
 from csi.errors import ConfigError, InvalidArgument
 
 SETTINGS = frozenset(
-    {"monitors", "pool", "dataPool", "imageFeatures", "mapper", "maxCloneDepth", "fuseDir", "credentialsDir"}
+    {
+        "monitors",
+        "pool",
+        "dataPool",
+        "imageFeatures",
+        "mapper",
+        "mapOptions",
+        "maxCloneDepth",
+        "fuseDir",
+        "credentialsDir",
+    }
 )
 
 
@@ -49,6 +61,7 @@ def settings_from(config: BackendConfig) -> RbdSettings:
         max_clone_depth=int(values.get("maxCloneDepth", RbdSettings.max_clone_depth)),
         fuse_dir=str(values.get("fuseDir", RbdSettings.fuse_dir)),
         credentials_dir=str(values.get("credentialsDir", "")),
+        map_options=str(values.get("mapOptions", "")),
     )
     if settings.mapper not in MAPPERS:
         raise ConfigError(f"{where}: 'mapper' must be one of {', '.join(MAPPERS)}")

@@ -45,6 +45,7 @@ DEFAULT_VOLUME_BYTES = 1 * GiB
 SNAPSHOT = "cairn"
 NAME_KEY, SOURCE_KEY, CREATED_KEY, PUBLISHED_PREFIX = "cairn.name", "cairn.source", "cairn.created", "cairn.published."
 PARAM_POOL, PARAM_DATA_POOL, PARAM_FEATURES, PARAM_MAPPER = "pool", "dataPool", "imageFeatures", "mapper"
+PARAM_MAP_OPTIONS = "mapOptions"
 MAPPERS = ("krbd", "rbd-nbd", "rbd-fuse")
 FEATURES = {
     "layering": rbd.RBD_FEATURE_LAYERING,
@@ -68,6 +69,7 @@ class RbdSettings:
     max_clone_depth: int = 8
     fuse_dir: str = "/var/lib/cairn-csi/rbd-fuse"
     credentials_dir: str = ""
+    map_options: str = ""
 
 
 def parse_features(text: str) -> int:
@@ -93,7 +95,7 @@ def round_up(size: int) -> int:
 
 
 class RbdVolumes:
-    parameter_keys = frozenset({PARAM_POOL, PARAM_DATA_POOL, PARAM_FEATURES, PARAM_MAPPER})
+    parameter_keys = frozenset({PARAM_POOL, PARAM_DATA_POOL, PARAM_FEATURES, PARAM_MAPPER, PARAM_MAP_OPTIONS})
     topology: tuple[Segment, ...] = ()
 
     def __init__(self, settings: RbdSettings, clusters: Clusters) -> None:
@@ -219,6 +221,9 @@ class RbdVolumes:
                     image.metadata_set(SOURCE_KEY, source)
                     image.metadata_set(CREATED_KEY, str(time.time()))
                     image.metadata_set(PARAM_MAPPER, mapper)
+                    image.metadata_set(
+                        PARAM_MAP_OPTIONS, spec.parameters.get(PARAM_MAP_OPTIONS, self.settings.map_options)
+                    )
                     image.metadata_set(NAME_KEY, spec.name)  # last: marks the volume complete
             except BaseException:
                 # Nothing complete exists under this reservation: remove what this call,
@@ -488,6 +493,9 @@ class RbdVolumes:
             "image": name,
             "mapper": metadata.get(PARAM_MAPPER, self.settings.mapper),
         }
+        map_options = metadata.get(PARAM_MAP_OPTIONS, self.settings.map_options)
+        if map_options:
+            context["mapOptions"] = map_options
         if credentials is not None:
             context["user"] = credentials.user
         return context

@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 
 from csi import loopdev, mount, proc
@@ -28,16 +29,24 @@ from csi.errors import CommandFailed, FailedPrecondition, InvalidArgument, Unava
 from csi.model import NO_SECRETS, Secrets
 
 MAP_TIMEOUT = 120.0
+RELEASE_TIMEOUT = 30.0
 
 
 @contextlib.contextmanager
-def keyfile(key: str) -> Iterator[str]:
+def client_files(key: str, map_options: str = "") -> Iterator[tuple[str, str]]:
+    """A private key file and a config file for the Ceph tools (without a config they bury
+    their real error under warnings; map options go there too), both removed on leaving."""
     with tempfile.TemporaryDirectory(prefix="cairn-key-") as directory:
         path = os.path.join(directory, "key")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(key)
-        yield path
+        conf = os.path.join(directory, "ceph.conf")
+        with open(conf, "w") as handle:
+            handle.write("[global]\n")
+            if map_options:
+                handle.write(f"rbd default map options = {map_options}\n")
+        yield path, conf
 
 
 class RbdConnector:
@@ -53,7 +62,7 @@ class RbdConnector:
 
     def _mapped(self, device_type: str, pool: str, image: str) -> str | None:
         try:
-            listed = proc.run(["rbd", "device", "list", "-t", device_type, "--format", "json"]).stdout
+            listed = proc.run(["rbd", "device", "list", "--device-type", device_type, "--format", "json"]).stdout
         except CommandFailed:
             return None  # the tool or the kernel module is absent: nothing can be mapped
         for entry in json.loads(listed or "[]"):
@@ -78,18 +87,21 @@ class RbdConnector:
         credentials = Credentials.from_secrets(secrets)
         if credentials is None:
             raise InvalidArgument(f"staging volume {local_id} needs the node-stage secret ({'userID'}, {'userKey'})")
-        with keyfile(credentials.key) as key:
-            auth = ["-m", monitors, "--id", credentials.user, "--keyfile", key]
+        options = publish_context.get("mapOptions", self.settings.map_options)
+        with client_files(credentials.key, options) as (key, conf):
+            auth = ["-c", conf, "-m", monitors, "--id", credentials.user, "--keyfile", key]
             if mapper == "rbd-fuse":
                 return self._attach_fuse(pool, image, auth)
             device_type = "krbd" if mapper == "krbd" else "nbd"
             try:
                 out = proc.run(
-                    ["rbd", "device", "map", "-t", device_type, *auth, f"{pool}/{image}"], timeout=MAP_TIMEOUT
+                    ["rbd", "device", "map", *_device_type(device_type), *auth, f"{pool}/{image}"],
+                    timeout=MAP_TIMEOUT,
                 )
             except CommandFailed as exc:
                 raise FailedPrecondition(
-                    f"{mapper} cannot map {pool}/{image} on this node ({exc.stderr}); does the kernel have the "
+                    f"{mapper} cannot map {pool}/{image} on this node ({exc.stderr}; ran {' '.join(exc.argv)}); "
+                    "does the kernel have the "
                     f"{'rbd' if mapper == 'krbd' else 'nbd'} module? The rbd-fuse mapper needs neither"
                 ) from exc
             return out.stdout.strip()
@@ -112,13 +124,24 @@ class RbdConnector:
         for device_type in ("krbd", "nbd"):
             device = self._mapped(device_type, pool, image)
             if device:
-                proc.run(["rbd", "device", "unmap", "-t", device_type, device], timeout=MAP_TIMEOUT)
+                proc.run(["rbd", "device", "unmap", *_device_type(device_type), device], timeout=MAP_TIMEOUT)
+                self._wait_until_released(device_type, pool, image, device)
         mountpoint = self._fuse_mountpoint(pool, image)
         if mount.is_mounted(mountpoint):
             loopdev.detach(os.path.join(mountpoint, image))
             mount.unmount(mountpoint)
         with contextlib.suppress(FileNotFoundError, OSError):
             os.rmdir(mountpoint)
+
+    def _wait_until_released(self, device_type: str, pool: str, image: str, device: str) -> None:
+        """Unmapping returns before an rbd-nbd daemon has exited and closed the image; until
+        it has, Ceph calls the image busy. Unstage answers only when the mapping is gone."""
+        pid_file = f"/sys/block/{os.path.basename(device)}/pid"
+        deadline = time.monotonic() + RELEASE_TIMEOUT
+        while self._mapped(device_type, pool, image) or (device_type == "nbd" and os.path.exists(pid_file)):
+            if time.monotonic() > deadline:
+                raise Unavailable(f"{device} still maps {pool}/{image} {RELEASE_TIMEOUT:g}s after unmapping")
+            time.sleep(0.1)
 
     def refresh_size(self, local_id: str, device: str) -> None:
         # krbd and rbd-nbd follow a resize by themselves; a loop device over rbd-fuse must
@@ -133,3 +156,8 @@ class RbdConnector:
             or self._mapped("nbd", pool, image)
             or mount.is_mounted(self._fuse_mountpoint(pool, image))
         )
+
+
+def _device_type(device_type: str) -> list[str]:
+    # krbd is the rbd tool's default device type; naming it is left out.
+    return [] if device_type == "krbd" else ["--device-type", device_type]
