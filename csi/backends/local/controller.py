@@ -15,14 +15,12 @@ from typing import Any
 
 from csi import loopdev, mount, proc
 from csi.backends.local.layout import Layout
-from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from csi.files import TEMP_SUFFIX, fsync_dir, fsync_file
 from csi.model import (
     NO_SECRETS,
     TOPOLOGY_NODE_KEY,
     Capability,
-    GiB,
-    MiB,
     Secrets,
     Segment,
     Snapshot,
@@ -30,23 +28,10 @@ from csi.model import (
     Volume,
     VolumeSpec,
 )
+from csi.sizes import choose_size
 
-DEFAULT_VOLUME_BYTES = 1 * GiB
 COPY_TIMEOUT = 3600.0
 PARAM_PREALLOCATE = "preallocate"
-
-
-def round_up(size: int, unit: int = MiB) -> int:
-    return -(-size // unit) * unit
-
-
-def choose_size(required: int, limit: int, minimum: int = 0) -> int:
-    """The volume size for a capacity range: the required size (or the default when
-    none is given, or the minimum a source needs) rounded up to whole MiB."""
-    size = round_up(max(required or min(DEFAULT_VOLUME_BYTES, limit or DEFAULT_VOLUME_BYTES), minimum, 1))
-    if limit and size > limit:
-        raise OutOfRange(f"no size of whole MiB fits the range {required}..{limit} bytes (needs at least {size})")
-    return size
 
 
 class LocalVolumes:

@@ -26,13 +26,11 @@ import rbd
 
 from csi.backends.rbd.cluster import Clusters, Credentials, ceph_call, classify
 from csi.backends.rbd.journal import Journal, Kind, Sweeper, image_name
-from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from csi.model import (
     NO_SECRETS,
     AccessType,
     Capability,
-    GiB,
-    MiB,
     Secrets,
     Segment,
     Snapshot,
@@ -40,8 +38,8 @@ from csi.model import (
     Volume,
     VolumeSpec,
 )
+from csi.sizes import choose_size
 
-DEFAULT_VOLUME_BYTES = 1 * GiB
 SNAPSHOT = "cairn"
 NAME_KEY, SOURCE_KEY, CREATED_KEY, PUBLISHED_PREFIX = "cairn.name", "cairn.source", "cairn.created", "cairn.published."
 PARAM_POOL, PARAM_DATA_POOL, PARAM_FEATURES, PARAM_MAPPER = "pool", "dataPool", "imageFeatures", "mapper"
@@ -88,10 +86,6 @@ def split_id(local_id: str, kind: Kind) -> tuple[str, str]:
     if not match:
         raise NotFound(f"{kind} {local_id!r} does not exist")
     return match["pool"], match["uuid"]
-
-
-def round_up(size: int) -> int:
-    return -(-size // MiB) * MiB
 
 
 class RbdVolumes:
@@ -210,7 +204,7 @@ class RbdVolumes:
                 return self._matching(existing, spec, source)
             try:
                 parent_size = self._source_size(spec.source, spec.secrets)
-                size = _choose_size(spec.required_bytes, spec.limit_bytes, parent_size)
+                size = choose_size(spec.required_bytes, spec.limit_bytes, parent_size)
                 if not self._exists(io, name):
                     self._make(io, name, size, features, data_pool, spec.source, spec.secrets)
                 with self._image(io, name, f"volume {spec.name!r}") as image:
@@ -369,9 +363,7 @@ class RbdVolumes:
                 current = int(image.size())
                 if required_bytes <= current:
                     return current
-                size = round_up(required_bytes)
-                if limit_bytes and size > limit_bytes:
-                    raise OutOfRange(f"no size of whole MiB fits {required_bytes}..{limit_bytes} bytes")
+                size = choose_size(required_bytes, limit_bytes)
                 ceph_call(f"volume {local_id}", lambda: image.resize(size))
                 return size
 
@@ -537,10 +529,3 @@ def _volume(local_id: str, size: int, metadata: Mapping[str, str]) -> Volume:
         context={PARAM_MAPPER: metadata.get(PARAM_MAPPER, "")} if metadata.get(PARAM_MAPPER) else {},
         published_nodes=tuple(sorted(_published(metadata))),
     )
-
-
-def _choose_size(required: int, limit: int, parent: int) -> int:
-    size = round_up(max(required or min(DEFAULT_VOLUME_BYTES, limit or DEFAULT_VOLUME_BYTES), parent, 1))
-    if limit and size > limit:
-        raise OutOfRange(f"no size of whole MiB at least the source's {parent} bytes fits {required}..{limit} bytes")
-    return size

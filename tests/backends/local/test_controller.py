@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from csi.backends.local.controller import LocalVolumes, choose_size
+from csi.backends.local.controller import LocalVolumes
 from csi.backends.local.layout import Layout
 from csi.errors import AlreadyExists, FailedPrecondition, NotFound, OutOfRange
-from csi.model import AccessMode, AccessType, Capability, GiB, MiB, SourceRef, VolumeSpec
+from csi.model import AccessMode, AccessType, Capability, MiB, SourceRef, VolumeSpec
 
 RWO = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER)
 
@@ -48,16 +48,6 @@ def test_same_name_other_size_or_source_is_already_exists(volumes: LocalVolumes)
     snap = volumes.create_snapshot("snap-1", vol.local_id, {})
     with pytest.raises(AlreadyExists, match="another content source"):
         volumes.create_volume(spec("pvc-1", source=SourceRef("snapshot", snap.local_id)))
-
-
-def test_sizes() -> None:
-    assert choose_size(0, 0) == 1 * GiB
-    assert choose_size(0, 100 * MiB) == 100 * MiB
-    assert choose_size(1, 0) == MiB
-    assert choose_size(MiB + 1, 0) == 2 * MiB
-    assert choose_size(MiB, 0, minimum=4 * MiB) == 4 * MiB
-    with pytest.raises(OutOfRange):
-        choose_size(MiB + 1, MiB + 100)
 
 
 def test_preallocate_allocates_every_block(volumes: LocalVolumes) -> None:
