@@ -140,9 +140,10 @@ class Clusters:
             "log_to_stderr": "false",
         }
         handle = rados.Rados(rados_id=credentials.user, conffile=None, conf=conf)
-        ceph_call(
-            f"the connection to {self.monitors} as {credentials.user}", lambda: handle.connect(timeout=TIMEOUT_SECONDS)
-        )
+        # librados keeps retrying a refused key until the timeout, so a timeout here
+        # means either cause; the message names both.
+        what = f"the connection to {self.monitors} as {credentials.user} (monitors unreachable, or the key refused)"
+        ceph_call(what, lambda: handle.connect(timeout=TIMEOUT_SECONDS))
         log.info("connected to Ceph", extra={"monitors": self.monitors, "user": credentials.user})
         return handle
 

@@ -18,9 +18,9 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import rbd
 
@@ -86,6 +86,9 @@ def split_id(local_id: str, kind: Kind) -> tuple[str, str]:
     if not match:
         raise NotFound(f"{kind} {local_id!r} does not exist")
     return match["pool"], match["uuid"]
+
+
+T = TypeVar("T")
 
 
 class RbdVolumes:
@@ -344,13 +347,7 @@ class RbdVolumes:
             return self._complete_volume(io, f"{self.settings.pool}/{image_uuid}") if image_uuid else None
 
     def list_volumes(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
-        pool = self.settings.pool
-        with self._pool(pool, secrets) as (io, _journal):
-            names = sorted(
-                n for n in ceph_call(f"pool {pool!r}", lambda: self.rbd.list(io)) if n.startswith("cairn-vol-")
-            )
-            found = [self._complete_volume(io, f"{pool}/{n.removeprefix('cairn-vol-')}") for n in names]
-        return [v for v in found if v is not None]
+        return self._list("volume", self._complete_volume, secrets)
 
     def expand_volume(
         self, local_id: str, required_bytes: int, limit_bytes: int, *, secrets: Secrets = NO_SECRETS
@@ -444,13 +441,15 @@ class RbdVolumes:
         return snapshot
 
     def list_snapshots(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
-        pool = self.settings.pool
+        return self._list("snapshot", self._complete_snapshot, secrets)
+
+    def _list(self, kind: Kind, complete: Callable[[Any, str], T | None], secrets: Secrets) -> list[T]:
+        """The complete objects of ``kind`` in the backend's pool, sorted by local ID."""
+        pool, prefix = self.settings.pool, image_name(kind, "")
         with self._pool(pool, secrets) as (io, _journal):
-            names = sorted(
-                n for n in ceph_call(f"pool {pool!r}", lambda: self.rbd.list(io)) if n.startswith("cairn-snap-")
-            )
-            found = [self._complete_snapshot(io, f"{pool}/{n.removeprefix('cairn-snap-')}") for n in names]
-        return [s for s in found if s is not None]
+            names = sorted(n for n in ceph_call(f"pool {pool!r}", lambda: self.rbd.list(io)) if n.startswith(prefix))
+            found = [complete(io, f"{pool}/{n.removeprefix(prefix)}") for n in names]
+        return [item for item in found if item is not None]
 
     # -- publication ----------------------------------------------------------------
 

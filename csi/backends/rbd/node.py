@@ -86,7 +86,7 @@ class RbdConnector:
                 return existing
         credentials = Credentials.from_secrets(secrets)
         if credentials is None:
-            raise InvalidArgument(f"staging volume {local_id} needs the node-stage secret ({'userID'}, {'userKey'})")
+            raise InvalidArgument(f"staging volume {local_id} needs the node-stage secret (userID, userKey)")
         options = publish_context.get("mapOptions", self.settings.map_options)
         with client_files(credentials.key, options) as (key, conf):
             auth = ["-c", conf, "-m", monitors, "--id", credentials.user, "--keyfile", key]
