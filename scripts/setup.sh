@@ -17,8 +17,9 @@ helm_version=${HELM_VERSION:-v3.22.0}
 packages=(util-linux mount e2fsprogs xfsprogs coreutils python3 python3-venv)
 if [ "$what" = test ]; then
   command -v go >/dev/null || packages+=(golang-go)
-  # The vm tier: a stock Debian kernel booted by QEMU with a busybox initramfs.
-  packages+=(qemu-system-x86 linux-image-amd64 busybox-static cpio kmod)
+  # The vm tier: a stock Debian kernel booted by QEMU with a busybox initramfs; nftables
+  # lets a guest reach the host's test cluster on its loopback addresses.
+  packages+=(qemu-system-x86 linux-image-amd64 busybox-static cpio kmod nftables)
   # The rbd backend and its throw-away test cluster.
   packages+=(ceph-mon ceph-mgr ceph-osd ceph-common python3-rbd python3-rados rbd-fuse rbd-nbd fuse3)
 fi

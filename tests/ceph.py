@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 POOL = "cairn"
+# Names the directory of a cluster already running (the host's, seen from a vm-tier guest).
+RUNNING_CLUSTER = "CAIRN_TEST_CEPH_ROOT"
 USER = "cairn"
 DAEMONS = ("ceph-mon", "ceph-mgr", "ceph-osd", "ceph-authtool", "monmaptool", "rbd")
 
@@ -104,6 +106,27 @@ class CephCluster:
     @property
     def monitors(self) -> list[str]:
         return [f"127.0.0.1:{self.port}"]
+
+    @classmethod
+    def running(cls, root: Path) -> CephCluster:
+        """A cluster another process started under ``root`` (the vm tier's guest uses the
+        host's): found from its configuration and keyrings, never stopped from here."""
+        cluster = cls(root)
+        mon_host = next(line for line in cluster.conf.read_text().splitlines() if line.startswith("mon host"))
+        cluster.port = int(mon_host.rsplit(":", 1)[1].rstrip("]"))
+        cluster.admin_key = cluster._run(
+            "ceph-authtool", "-p", "-n", "client.admin", str(root / "client.admin.keyring")
+        )
+        cluster.user_key = cluster.ceph("auth", "get-key", f"client.{USER}")
+        return cluster
+
+    def client_ports(self) -> list[int]:
+        """The TCP ports a client talks to: the monitor's and each OSD's public ones."""
+        ports = {self.port}
+        for osd in json.loads(self.ceph("osd", "dump", "--format", "json"))["osds"]:
+            for address in osd.get("public_addrs", {}).get("addrvec", []):
+                ports.add(int(address["addr"].rsplit(":", 1)[1]))
+        return sorted(ports)
 
     def _run(self, *argv: str, timeout: float = 120) -> str:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)

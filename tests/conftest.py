@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.ceph import CephCluster
+from tests.ceph import RUNNING_CLUSTER, CephCluster
 from tests.support import Driver, leftovers, require, require_root, require_tools, scrub
 
 
@@ -49,6 +50,9 @@ def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
         import rbd  # noqa: F401
     except ImportError:
         require(False, "python3-rados and python3-rbd are not importable")
+    if os.environ.get(RUNNING_CLUSTER):
+        yield CephCluster.running(Path(os.environ[RUNNING_CLUSTER]))
+        return
     cluster = CephCluster(Path(tmp_path_factory.mktemp("ceph")))
     try:
         yield cluster.start()

@@ -21,13 +21,14 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("CAIRN_VM_CACHE", REPO / ".tools" / "vm"))
 GUEST_MODULES = ("virtio_mmio", "9pnet_virtio", "9p", "overlay")
-TOOLS = ("qemu-system-x86_64", "busybox", "cpio", "modprobe")
+TOOLS = ("qemu-system-x86_64", "busybox", "cpio", "modprobe", "nft")
 
 INIT = r"""#!/bin/busybox sh
 # Guest init: assemble a root from the host's, then hand over to the run script.
@@ -65,11 +66,42 @@ exec $bb switch_root $root /bin/bash /run/cairn-vm/run.sh
 RUN = r"""#!/bin/bash
 set -a; . /run/cairn-vm/env; set +a
 cd "$CAIRN_VM_CWD"
+while read -r tag path; do
+  mkdir -p "$path" && mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none "$tag" "$path"
+done < /run/cairn-vm/shares
+[ -f /run/cairn-vm/network.sh ] && bash /run/cairn-vm/network.sh > /run/cairn-vm/network.log 2>&1
 bash /run/cairn-vm/command > /run/cairn-vm/stdout 2> /run/cairn-vm/stderr < /dev/null
 echo $? > /run/cairn-vm/status
 sync
 echo o > /proc/sysrq-trigger
 sleep 30
+"""
+
+
+# QEMU's user-mode network: the guest is 10.0.2.15 and reaches the host's loopback at
+# 10.0.2.2. Connections the guest makes to chosen ports of its own 127.0.0.1 are rewritten
+# to the host's, so a service that advertises 127.0.0.1 addresses (a test Ceph cluster's
+# monitor and OSDs) is reachable from the guest unchanged, addresses included.
+NETWORK = r"""#!/bin/bash
+set -e
+modprobe virtio_net
+modprobe nft_chain_nat
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+ip route add default via 10.0.2.2
+sysctl -qw net.ipv4.conf.all.route_localnet=1 net.ipv4.conf.eth0.route_localnet=1
+nft -f - <<RULES
+table ip cairn_vm {
+  chain output {
+    type nat hook output priority -100;
+    ip daddr 127.0.0.1 tcp dport { $PORTS } dnat to 10.0.2.2
+  }
+  chain postrouting {
+    type nat hook postrouting priority 100;
+    oifname "eth0" ip saddr 127.0.0.0/8 masquerade
+  }
+}
+RULES
 """
 
 
@@ -151,8 +183,19 @@ def _tsc_khz() -> int:
     return 2_000_000
 
 
-def run(command: str, *, env: dict[str, str] | None = None, timeout: float = 1200, memory: str = "2G") -> GuestResult:
-    """Run ``command`` (bash) as root in a fresh guest, from the repository directory."""
+def run(
+    command: str,
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 1200,
+    memory: str = "2G",
+    host_ports: Sequence[int] = (),
+    shares: Sequence[Path] = (),
+) -> GuestResult:
+    """Run ``command`` (bash) as root in a fresh guest, from the repository directory.
+    With ``host_ports``, the guest's connections to those ports of 127.0.0.1 reach the
+    host's loopback instead of its own; ``shares`` are host directories the guest sees,
+    writable, at the same paths (the guest's /tmp is otherwise its own)."""
     CACHE.mkdir(parents=True, exist_ok=True)
     version = kernel_version()
     kernel, initramfs = _vmlinux(version), _initramfs(version)
@@ -169,6 +212,15 @@ def run(command: str, *, env: dict[str, str] | None = None, timeout: float = 120
         (control / "command").write_text(command + "\n")
         (control / "run.sh").write_text(RUN)
         (control / "repo").write_text(str(REPO))
+        extra: list[str] = []
+        (control / "shares").write_text("".join(f"share{i} {path}\n" for i, path in enumerate(shares)))
+        for i, path in enumerate(shares):
+            extra += ["-fsdev", f"local,id=share{i},path={path},security_model=none,multidevs=remap"]
+            extra += ["-device", f"virtio-9p-device,fsdev=share{i},mount_tag=share{i}"]
+        if host_ports:
+            ports = ", ".join(str(port) for port in sorted(set(host_ports)))
+            (control / "network.sh").write_text(NETWORK.replace("$PORTS", ports))
+            extra += ["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]
         append = f"console=ttyS0 quiet loglevel=1 panic=-1 tsc_early_khz={_tsc_khz()} tsc=reliable no_timer_check"
         share = "security_model=none"
         argv = [
@@ -183,6 +235,7 @@ def run(command: str, *, env: dict[str, str] | None = None, timeout: float = 120
             "-device", "virtio-9p-device,fsdev=control,mount_tag=control",
             "-fsdev", f"local,id=repo,path={REPO},{share},multidevs=remap",
             "-device", "virtio-9p-device,fsdev=repo,mount_tag=repo",
+            *extra,
         ]  # fmt: skip
         started = time.monotonic()
         with contextlib.suppress(subprocess.TimeoutExpired):  # a missing status reports it
@@ -195,5 +248,9 @@ def run(command: str, *, env: dict[str, str] | None = None, timeout: float = 120
 
         status_text = read("status").strip()
         return GuestResult(
-            int(status_text) if status_text else None, read("stdout"), read("stderr"), read("console.log"), seconds
+            int(status_text) if status_text else None,
+            read("stdout"),
+            read("stderr") + read("network.log"),
+            read("console.log"),
+            seconds,
         )

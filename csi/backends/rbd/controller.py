@@ -215,13 +215,13 @@ class RbdVolumes:
                         image.resize(size)
                     if self._clone_depth(image) > self.settings.max_clone_depth:
                         image.flatten()
-                    image.metadata_set(SOURCE_KEY, source)
-                    image.metadata_set(CREATED_KEY, str(time.time()))
-                    image.metadata_set(PARAM_MAPPER, mapper)
-                    image.metadata_set(
-                        PARAM_MAP_OPTIONS, spec.parameters.get(PARAM_MAP_OPTIONS, self.settings.map_options)
+                    _set_metadata(image, SOURCE_KEY, source)
+                    _set_metadata(image, CREATED_KEY, str(time.time()))
+                    _set_metadata(image, PARAM_MAPPER, mapper)
+                    _set_metadata(
+                        image, PARAM_MAP_OPTIONS, spec.parameters.get(PARAM_MAP_OPTIONS, self.settings.map_options)
                     )
-                    image.metadata_set(NAME_KEY, spec.name)  # last: marks the volume complete
+                    _set_metadata(image, NAME_KEY, spec.name)  # last: marks the volume complete
             except BaseException:
                 # Nothing complete exists under this reservation: remove what this call,
                 # or a crashed one before it, left, and the reservation with it.
@@ -391,9 +391,9 @@ class RbdVolumes:
                         snap_image.flatten()
                     if SNAPSHOT not in {s["name"] for s in snap_image.list_snaps()}:
                         snap_image.create_snap(SNAPSHOT)
-                    snap_image.metadata_set(SOURCE_KEY, source_local_id)
-                    snap_image.metadata_set(CREATED_KEY, str(time.time()))
-                    snap_image.metadata_set(NAME_KEY, name)  # last: marks the snapshot complete
+                    _set_metadata(snap_image, SOURCE_KEY, source_local_id)
+                    _set_metadata(snap_image, CREATED_KEY, str(time.time()))
+                    _set_metadata(snap_image, NAME_KEY, name)  # last: marks the snapshot complete
             except BaseException:
                 with contextlib.suppress(Exception):
                     self._remove_snapshot_image(io, image)
@@ -477,7 +477,7 @@ class RbdVolumes:
                         f"volume {local_id} is {capability.access_mode.value} and already published to node(s) {', '.join(others)}"
                     )
                 if node_id not in published:
-                    image.metadata_set(PUBLISHED_PREFIX + node_id, mode)
+                    _set_metadata(image, PUBLISHED_PREFIX + node_id, mode)
         context = {
             "monitors": ",".join(self.settings.monitors),
             "pool": pool,
@@ -499,6 +499,13 @@ class RbdVolumes:
             rbd.Image(io, image_name("volume", image_uuid)) as image,
         ):
             image.metadata_remove(PUBLISHED_PREFIX + node_id)
+
+
+def _set_metadata(image: rbd.Image, key: str, value: str) -> None:
+    """Image metadata is written only with a value: python-rbd's metadata_list drops empty
+    values and pairs the remaining ones with the wrong keys. An absent key reads as empty."""
+    if value:
+        image.metadata_set(key, value)
 
 
 def _parent(image: rbd.Image) -> tuple[str, str] | None:

@@ -33,9 +33,9 @@ RELEASE_TIMEOUT = 30.0
 
 
 @contextlib.contextmanager
-def client_files(key: str, map_options: str = "") -> Iterator[tuple[str, str]]:
-    """A private key file and a config file for the Ceph tools (without a config they bury
-    their real error under warnings; map options go there too), both removed on leaving."""
+def client_files(key: str) -> Iterator[tuple[str, str]]:
+    """A private key file and an empty config file for the Ceph tools (without a config they
+    bury their real error under warnings), both removed on leaving."""
     with tempfile.TemporaryDirectory(prefix="cairn-key-") as directory:
         path = os.path.join(directory, "key")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -44,8 +44,6 @@ def client_files(key: str, map_options: str = "") -> Iterator[tuple[str, str]]:
         conf = os.path.join(directory, "ceph.conf")
         with open(conf, "w") as handle:
             handle.write("[global]\n")
-            if map_options:
-                handle.write(f"rbd default map options = {map_options}\n")
         yield path, conf
 
 
@@ -66,7 +64,9 @@ class RbdConnector:
         except CommandFailed:
             return None  # the tool or the kernel module is absent: nothing can be mapped
         for entry in json.loads(listed or "[]"):
-            if entry.get("pool") == pool and entry.get("name") == image and entry.get("snap", "-") in ("-", ""):
+            # krbd lists the image as "name", rbd-nbd as "image"
+            named = entry.get("name", entry.get("image"))
+            if entry.get("pool") == pool and named == image and entry.get("snap", "-") in ("-", ""):
                 return str(entry["device"])
         return None
 
@@ -88,14 +88,14 @@ class RbdConnector:
         if credentials is None:
             raise InvalidArgument(f"staging volume {local_id} needs the node-stage secret (userID, userKey)")
         options = publish_context.get("mapOptions", self.settings.map_options)
-        with client_files(credentials.key, options) as (key, conf):
+        with client_files(credentials.key) as (key, conf):
             auth = ["-c", conf, "-m", monitors, "--id", credentials.user, "--keyfile", key]
             if mapper == "rbd-fuse":
                 return self._attach_fuse(pool, image, auth)
             device_type = "krbd" if mapper == "krbd" else "nbd"
             try:
                 out = proc.run(
-                    ["rbd", "device", "map", *_device_type(device_type), *auth, f"{pool}/{image}"],
+                    ["rbd", "device", "map", *_device_type(device_type, options), *auth, f"{pool}/{image}"],
                     timeout=MAP_TIMEOUT,
                 )
             except CommandFailed as exc:
@@ -158,6 +158,11 @@ class RbdConnector:
         )
 
 
-def _device_type(device_type: str) -> list[str]:
-    # krbd is the rbd tool's default device type; naming it is left out.
-    return [] if device_type == "krbd" else ["--device-type", device_type]
+def _device_type(device_type: str, options: str = "") -> list[str]:
+    """The rbd tool's arguments for a device type and the operator's map options. krbd is
+    the tool's default type. By default it waits for udev to announce the device, which
+    hangs where no udev daemon answers (a node plugin's container); the kernel makes the
+    device node by itself, so krbd maps and unmaps skip that wait."""
+    if device_type == "krbd":
+        return ["--options", ",".join(filter(None, ["noudev", options]))]
+    return ["--device-type", device_type, *(["--options", options] if options else [])]

@@ -161,6 +161,25 @@ def test_publication_and_multi_attach_rules(volumes: RbdVolumes, secrets: dict[s
     volumes.delete_volume(vol.local_id, secrets=secrets)
 
 
+def test_volumes_keep_the_mapper_and_options_they_were_created_with(
+    volumes: RbdVolumes, secrets: dict[str, str]
+) -> None:
+    """Settings left empty (no source, no map options) must not shift the others: the
+    Ceph Python binding pairs listed metadata wrongly around empty values."""
+    plain = volumes.create_volume(spec("plain", secrets))
+    chosen = volumes.create_volume(spec("chosen", secrets, mapper="rbd-nbd", mapOptions="io_timeout=30"))
+    plain_context = volumes.publish_volume(plain.local_id, "node-a", RWO, False, secrets=secrets)
+    chosen_context = volumes.publish_volume(chosen.local_id, "node-a", RWO, False, secrets=secrets)
+    assert plain_context["mapper"] == "krbd" and "mapOptions" not in plain_context
+    assert (chosen_context["mapper"], chosen_context["mapOptions"]) == ("rbd-nbd", "io_timeout=30")
+    listed = {volume.name: volume for volume in volumes.list_volumes(secrets=secrets)}
+    assert listed["plain"].source is None and listed["plain"].context == {"mapper": "krbd"}
+    assert listed["chosen"].context == {"mapper": "rbd-nbd"}
+    for volume in (plain, chosen):
+        volumes.unpublish_volume(volume.local_id, "node-a", secrets=secrets)
+        volumes.delete_volume(volume.local_id, secrets=secrets)
+
+
 def test_filesystems_shared_read_write_are_refused_with_the_reason(volumes: RbdVolumes) -> None:
     for mode in (AccessMode.MULTI_NODE_MULTI_WRITER, AccessMode.MULTI_NODE_SINGLE_WRITER):
         reason = volumes.unsupported(Capability(AccessType.MOUNT, mode))

@@ -25,6 +25,10 @@ MiB = 1 << 20
 MAPPER = os.environ.get("CAIRN_TEST_RBD_MAPPER", "rbd-fuse")
 
 
+# How each mapper shows in mappings(): a kernel rbd device, an nbd device, a fuse mount.
+MAPPED_AS = {"krbd": "rbd", "rbd-nbd": "nbd", "rbd-fuse": "/"}
+
+
 def config_for(tmp: Path, ceph: CephCluster, node: str) -> list[str]:
     config = tmp / f"cairn-{node}.yaml"
     backend = {
@@ -106,7 +110,8 @@ def test_a_staged_volume_survives_a_plugin_restart_and_unstages_after_it(
     target = str(node_a.root / "pod")
     staging = attach(node_a, "test-node", volume_id, cap, secrets, target)
     Path(target, "before").write_text("written before the restart")
-    assert len(mappings(node_a.root.parent)) == 1
+    found = mappings(node_a.root.parent)
+    assert len(found) == 1 and found[0].startswith(MAPPED_AS[MAPPER]), f"{MAPPER} should map it: {found}"
     node_a.restart()
     Path(target, "after").write_text("and after it")
     os.sync()
