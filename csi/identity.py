@@ -46,4 +46,8 @@ class IdentityService(pb_grpc.IdentityServicer):
         return not problems
 
     def Probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeResponse:
-        return pb.ProbeResponse(ready=BoolValue(value=self.ready()))
+        """Ready once serving. Probe drives the liveness probe, and restarting the plugin
+        mends no backend: an unreachable cluster would only cost the node its rbd-nbd
+        daemons. Backend health goes to the readiness probe (grpc.health.v1) and the
+        scheduler, which places new volumes on healthy backends only."""
+        return pb.ProbeResponse(ready=BoolValue(value=True))

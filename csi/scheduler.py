@@ -7,7 +7,9 @@ the driver serves a single backend). Candidates then pass filters, like Cinder's
 2. capabilities: it must offer every requested access mode and type;
 3. content source: a clone or restore stays on the source's backend;
 4. topology: its volumes must be reachable from a requisite segment;
-5. capacity: it must have the requested bytes free.
+5. health: its last health check found nothing wrong, and it can tell its free space
+   (Cinder leaves out a volume service that stopped reporting); UNAVAILABLE when none is;
+6. capacity: it must have the requested bytes free.
 
 Survivors are weighed: those matching an earlier preferred segment first, then the one
 with the most free space. The controller tries them in that order, moving on when a
@@ -20,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from csi.backends.base import Backend
-from csi.errors import InvalidArgument, NotFound, ResourceExhausted
+from csi.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from csi.model import Capability, Secrets, Segment
 
 PARAM_BACKEND = "backend"
@@ -117,12 +119,31 @@ class Scheduler:
                 "no backend is reachable from the requested topology "
                 f"({', '.join(f'{b.name}: {list(b.volumes.topology)}' for b in capable)})"
             )
-        free = {b.name: b.volumes.free_bytes(secrets=request.secrets) for b in reachable}
-        roomy = [b for b in reachable if free[b.name] >= request.required_bytes]
+        free, unwell = self._weigh_space(reachable, request.secrets)
+        if not free:
+            raise Unavailable("no backend is healthy: " + " | ".join(unwell))
+        roomy = [b for b in reachable if free.get(b.name, -1) >= request.required_bytes]
         if not roomy:
-            detail = ", ".join(f"{name}: {size} free" for name, size in free.items())
+            detail = ", ".join([*(f"{name}: {size} free" for name, size in free.items()), *unwell])
             raise ResourceExhausted(f"no backend has {request.required_bytes} bytes free ({detail})")
         return sorted(roomy, key=lambda b: (self._preference(b, request.preferred), -free[b.name]))
+
+    @staticmethod
+    def _weigh_space(backends: Sequence[Backend], secrets: Secrets) -> tuple[dict[str, int], list[str]]:
+        """Free space of each healthy backend, and why the others were left out: a backend
+        whose health check failed, or that cannot say how much room it has, gets nothing."""
+        free: dict[str, int] = {}
+        unwell: list[str] = []
+        for backend in backends:
+            problem = backend.volumes.health()
+            if problem is None:
+                try:
+                    free[backend.name] = backend.volumes.free_bytes(secrets=secrets)
+                except (Unavailable, DeadlineExceeded) as exc:
+                    problem = str(exc)
+            if problem is not None:
+                unwell.append(f"{backend.name}: {problem}")
+        return free, unwell
 
     @staticmethod
     def reachable(backend: Backend, requisite: tuple[Segment, ...]) -> bool:

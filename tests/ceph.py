@@ -23,7 +23,7 @@ USER = "cairn"
 DAEMONS = ("ceph-mon", "ceph-mgr", "ceph-osd", "ceph-authtool", "monmaptool", "rbd")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
@@ -143,7 +143,7 @@ class CephCluster:
         return self._run("rbd", "-c", str(self.conf), *args)
 
     def start(self) -> CephCluster:
-        self.port = _free_port()
+        self.port = free_port()
         for folder in ("run", "log", "crash", "mon/ceph-a", "mgr/ceph-x", "osd/ceph-0"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         fsid = str(uuid.uuid4())

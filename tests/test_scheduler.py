@@ -1,5 +1,5 @@
 """The scheduler's filters and weighers, with stand-in backends that only report
-capacity, topology and capabilities (the scheduler reads nothing else)."""
+capacity, topology, capabilities and health (the scheduler reads nothing else)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any, cast
 import pytest
 
 from csi.backends.base import Backend, NodeConnector, VolumeBackend
-from csi.errors import InvalidArgument, NotFound, ResourceExhausted
+from csi.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from csi.model import NO_SECRETS, AccessMode, AccessType, Capability, Secrets, Segment
 from csi.scheduler import PlacementRequest, Scheduler, backend_parameters
 
@@ -23,7 +23,12 @@ class StandIn:
     topology: tuple[Segment, ...] = ()
     parameter_keys: frozenset[str] = frozenset()
     multi_node: bool = False
+    problem: str | None = None
+    silent: bool = False  # free_bytes times out, as a cluster that stopped answering does
     calls: list[str] = field(default_factory=list)
+
+    def health(self) -> str | None:
+        return self.problem
 
     def unsupported(self, capability: Capability) -> str | None:
         if capability.access_mode.multi_node and not self.multi_node:
@@ -32,6 +37,8 @@ class StandIn:
 
     def free_bytes(self, *, secrets: Secrets = NO_SECRETS) -> int:
         self.calls.append(secrets.get("userID", ""))
+        if self.silent:
+            raise DeadlineExceeded("the pool statistics did not come in time")
         return self.free
 
 
@@ -134,3 +141,17 @@ def test_free_space_is_asked_with_the_requests_secrets() -> None:
     only = backend("ceph", free=100)
     Scheduler([only]).place(request({}, secrets={"userID": "cairn", "userKey": "k"}))
     assert cast(StandIn, only.volumes).calls == ["cairn"]
+
+
+def test_a_group_places_on_its_healthy_members_and_names_the_others() -> None:
+    sick = backend("a", "g", free=1000, problem="pool 'p' does not exist")
+    silent = backend("b", "g", free=1000, silent=True)
+    well = backend("c", "g", free=10)
+    scheduler = Scheduler([sick, silent, well])
+    assert names(scheduler.place(request({"group": "g"}))) == ["c"]
+    assert cast(StandIn, sick.volumes).calls == [], "an unwell backend is not asked for its space"
+    with pytest.raises(ResourceExhausted, match=r"c: 10 free.*a: pool 'p' does not exist.*b: the pool statistics"):
+        scheduler.place(request({"group": "g"}, size=100))
+    cast(StandIn, well.volumes).problem = "directory /x is not writable"
+    with pytest.raises(Unavailable, match=r"no backend is healthy: a: pool.* \| b: .* \| c: directory /x"):
+        scheduler.place(request({"group": "g"}))

@@ -119,6 +119,10 @@ class Clusters:
             self._last = credentials
             return cached
 
+    def has_default_credentials(self) -> bool:
+        """Whether calls without secrets have credentials to use."""
+        return bool(self.credentials_dir) or self._last is not None
+
     def _from_directory(self) -> Credentials | None:
         if not self.credentials_dir:
             return None

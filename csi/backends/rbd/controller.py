@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,6 +27,7 @@ import rbd
 
 from csi.backends.rbd.cluster import Clusters, Credentials, ceph_call, classify
 from csi.backends.rbd.journal import Journal, Kind, Sweeper, image_name
+from csi.checks import BackgroundCheck
 from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from csi.model import (
     NO_SECRETS,
@@ -45,6 +47,8 @@ NAME_KEY, SOURCE_KEY, CREATED_KEY, PUBLISHED_PREFIX = "cairn.name", "cairn.sourc
 PARAM_POOL, PARAM_DATA_POOL, PARAM_FEATURES, PARAM_MAPPER = "pool", "dataPool", "imageFeatures", "mapper"
 PARAM_MAP_OPTIONS = "mapOptions"
 MAPPERS = ("krbd", "rbd-nbd", "rbd-fuse")
+HEALTH_INTERVAL = 30.0  # seconds between two checks of the cluster
+HEALTH_TIMEOUT = 10  # seconds the monitors have to answer one
 FEATURES = {
     "layering": rbd.RBD_FEATURE_LAYERING,
     "exclusive-lock": rbd.RBD_FEATURE_EXCLUSIVE_LOCK,
@@ -100,6 +104,7 @@ class RbdVolumes:
         self.clusters = clusters
         self.sweeper = Sweeper()
         self.rbd = rbd.RBD()
+        self._health = BackgroundCheck(f"rbd pool {settings.pool}", self._check_cluster, HEALTH_INTERVAL)
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -165,6 +170,21 @@ class RbdVolumes:
         return None
 
     def health(self) -> str | None:
+        return self._health.result()
+
+    def _check_cluster(self) -> str | None:
+        """One round trip to the monitors with the credentials that serve calls without
+        secrets. Without any (StorageClass secrets arrive with each call and none came
+        yet), there is nothing to check with, and nothing is reported."""
+        if not self.clusters.has_default_credentials():
+            return None
+        connection = self.clusters.connection(None)
+        command = json.dumps({"prefix": "df", "format": "json"})
+        rc, out, err = connection.mon_command(command, b"", timeout=HEALTH_TIMEOUT)
+        if rc != 0:
+            return f"the monitors {self.clusters.monitors} did not answer: {err or os.strerror(-rc)}"
+        if self.settings.pool not in {pool["name"] for pool in json.loads(out)["pools"]}:
+            return f"pool {self.settings.pool!r} does not exist on {self.clusters.monitors}"
         return None
 
     def _df(self, secrets: Secrets) -> dict[str, int]:

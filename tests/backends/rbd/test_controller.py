@@ -18,7 +18,7 @@ from csi.backends.rbd.cluster import Clusters
 from csi.backends.rbd.controller import RbdSettings, RbdVolumes
 from csi.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from csi.model import AccessMode, AccessType, Capability, MiB, SourceRef, VolumeSpec
-from tests.ceph import POOL, CephCluster
+from tests.ceph import POOL, CephCluster, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_pool")]
 RWO = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER)
@@ -296,3 +296,34 @@ def test_calls_without_secrets_use_the_credentials_directory(
     assert backend.list_volumes() == []
     assert backend.free_bytes() > 0
     backend.clusters.shutdown()
+
+
+def credentials_dir(tmp_path: Any, secrets: dict[str, str]) -> str:
+    directory = tmp_path / "health-secret"
+    directory.mkdir(exist_ok=True)
+    (directory / "userID").write_text(secrets["userID"])
+    (directory / "userKey").write_text(secrets["userKey"])
+    return str(directory)
+
+
+def test_health_reports_a_missing_pool_and_unreachable_monitors(
+    ceph: CephCluster, secrets: dict[str, str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def health_of(monitors: tuple[str, ...], pool: str, directory: str) -> str | None:
+        settings = RbdSettings(monitors=monitors, pool=pool, credentials_dir=directory)
+        backend = RbdVolumes(settings, Clusters(settings.monitors, settings.credentials_dir))
+        try:
+            return backend._health.wait(timeout=60)
+        finally:
+            backend.clusters.shutdown()
+
+    directory = credentials_dir(tmp_path, secrets)
+    assert health_of(tuple(ceph.monitors), POOL, directory) is None
+    missing = health_of(tuple(ceph.monitors), "no-such-pool", directory)
+    assert missing is not None and "pool 'no-such-pool' does not exist" in missing
+    # Without credentials there is nothing to check with: not a problem to report.
+    assert health_of(tuple(ceph.monitors), "no-such-pool", "") is None
+    monkeypatch.setattr("csi.backends.rbd.cluster.TIMEOUT_SECONDS", 2)
+    silent = f"127.0.0.1:{free_port()}"  # nothing listens there
+    unreachable = health_of((silent,), POOL, directory)
+    assert unreachable is not None and silent in unreachable and "did not answer" in unreachable
