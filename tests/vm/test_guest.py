@@ -60,4 +60,4 @@ def test_rbd_node_suite_with_a_kernel_mapper(mapper: str, ceph: CephCluster) -> 
         host_ports=ceph.client_ports(),
         shares=[ceph.root],
     )
-    assert_all_passed(result, 2)
+    assert_all_passed(result, 3)

@@ -126,6 +126,35 @@ def test_a_staged_volume_survives_a_plugin_restart_and_unstages_after_it(
     node_a.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id, secrets=secrets), timeout=120)
 
 
+def test_a_mounted_filesystem_grows_online(node_a: Driver, secrets: dict[str, str]) -> None:
+    cap = mount_capability("xfs")  # XFS grows while mounted on every kernel; ext4 needs CAP_SYS_RESOURCE
+    volume_id = create(node_a, "grow", cap, secrets)
+    target = str(node_a.root / "pod")
+    staging = attach(node_a, "test-node", volume_id, cap, secrets, target)
+
+    def filesystem_bytes() -> int:
+        stat = os.statvfs(target)
+        return stat.f_blocks * stat.f_frsize
+
+    before = filesystem_bytes()
+    expand = pb.ControllerExpandVolumeRequest(
+        volume_id=volume_id, capacity_range={"required_bytes": 640 * MiB}, secrets=secrets, volume_capability=cap
+    )
+    assert node_a.controller.ControllerExpandVolume(expand, timeout=60).node_expansion_required
+    grow = pb.NodeExpandVolumeRequest(
+        volume_id=volume_id,
+        volume_path=target,
+        staging_target_path=staging,
+        capacity_range={"required_bytes": 640 * MiB},
+        volume_capability=cap,
+    )
+    assert node_a.node.NodeExpandVolume(grow, timeout=120).capacity_bytes == 640 * MiB
+    assert filesystem_bytes() > before + 256 * MiB, f"the filesystem did not grow: {before} -> {filesystem_bytes()}"
+    Path(target, "after-growth").write_bytes(os.urandom(MiB))
+    detach(node_a, "test-node", volume_id, secrets, staging, target)
+    node_a.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id, secrets=secrets), timeout=120)
+
+
 def test_two_nodes_share_a_raw_block_volume(
     tmp_path: Path, ceph: CephCluster, node_a: Driver, secrets: dict[str, str]
 ) -> None:
