@@ -39,6 +39,7 @@ integration conformance: setup-test
 ## bench: provisioning and staging figures as ratios to the raw operations (root)
 bench: setup-test
 	$(VENV)/bin/python bench/provision.py
+	$(VENV)/bin/python bench/rbd_backend.py
 
 ## deploy: re-render deploy/cairn-csi.yaml from the chart
 deploy: setup-test

@@ -11,42 +11,24 @@ Run as root: python bench/provision.py [--rounds N]. Prints medians; no threshol
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import MiB, median_seconds, parse_rounds, report, sh
 from csi.generated import csi_pb2 as pb
 from tests.support import Driver, mount_capability
 
-MiB = 1 << 20
 SIZE = 256 * MiB
 
 
-def median_seconds(action: Callable[[int], None], rounds: int) -> float:
-    samples = []
-    for i in range(rounds):
-        started = time.perf_counter()
-        action(i)
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
-
-
-def sh(*argv: str) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=20)
-    rounds = parser.parse_args().rounds
+    rounds = parse_rounds()
     with tempfile.TemporaryDirectory(prefix="cairn-bench-") as tmp:
         root = Path(tmp)
         driver = Driver(root / "driver").start()
@@ -54,10 +36,7 @@ def main() -> None:
             results = run(driver, root, rounds)
         finally:
             driver.stop()
-    print(f"local backend, {rounds} rounds, {SIZE // MiB} MiB volumes, median per operation")
-    print(f"{'operation':<16}{'cairn':>12}{'raw':>12}{'ratio':>9}")
-    for name, (cairn, raw) in results.items():
-        print(f"{name:<16}{cairn * 1000:>10.2f}ms{raw * 1000:>10.2f}ms{cairn / raw:>8.1f}x")
+    report(f"local backend, {rounds} rounds, {SIZE // MiB} MiB volumes, median per operation", results)
 
 
 def run(driver: Driver, root: Path, rounds: int) -> dict[str, tuple[float, float]]:
