@@ -15,6 +15,7 @@ metadata (``cairn.published.<node>``), so it survives controller restarts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -48,7 +49,6 @@ PARAM_POOL, PARAM_DATA_POOL, PARAM_FEATURES, PARAM_MAPPER = "pool", "dataPool", 
 PARAM_MAP_OPTIONS = "mapOptions"
 MAPPERS = ("krbd", "rbd-nbd", "rbd-fuse")
 HEALTH_INTERVAL = 30.0  # seconds between two checks of the cluster
-HEALTH_TIMEOUT = 10  # seconds the monitors have to answer one
 FEATURES = {
     "layering": rbd.RBD_FEATURE_LAYERING,
     "exclusive-lock": rbd.RBD_FEATURE_EXCLUSIVE_LOCK,
@@ -180,9 +180,11 @@ class RbdVolumes:
             return None
         connection = self.clusters.connection(None)
         command = json.dumps({"prefix": "df", "format": "json"})
-        rc, out, err = connection.mon_command(command, b"", timeout=HEALTH_TIMEOUT)
+        rc, out, err = connection.mon_command(command, b"")  # bounded by the connection's op timeout
+        if rc == -errno.ETIMEDOUT:
+            return f"the monitors {self.clusters.monitors} did not answer in time"
         if rc != 0:
-            return f"the monitors {self.clusters.monitors} did not answer: {err or os.strerror(-rc)}"
+            return f"the monitors {self.clusters.monitors} refused a status query: {err or os.strerror(-rc)}"
         if self.settings.pool not in {pool["name"] for pool in json.loads(out)["pools"]}:
             return f"pool {self.settings.pool!r} does not exist on {self.clusters.monitors}"
         return None

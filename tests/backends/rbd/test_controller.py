@@ -18,7 +18,7 @@ from csi.backends.rbd.cluster import Clusters
 from csi.backends.rbd.controller import RbdSettings, RbdVolumes
 from csi.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from csi.model import AccessMode, AccessType, Capability, MiB, SourceRef, VolumeSpec
-from tests.ceph import POOL, CephCluster, free_port
+from tests.ceph import POOL, USER, CephCluster, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_pool")]
 RWO = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER)
@@ -327,3 +327,23 @@ def test_health_reports_a_missing_pool_and_unreachable_monitors(
     silent = f"127.0.0.1:{free_port()}"  # nothing listens there
     unreachable = health_of((silent,), POOL, directory)
     assert unreachable is not None and silent in unreachable and "did not answer" in unreachable
+
+
+def test_health_notices_a_cluster_that_stops_answering(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("csi.backends.rbd.cluster.TIMEOUT_SECONDS", 3)  # librados' op timeout
+    own = CephCluster(tmp_path / "own").start()
+    settings = RbdSettings(
+        monitors=tuple(own.monitors),
+        pool=POOL,
+        credentials_dir=credentials_dir(tmp_path, {"userID": USER, "userKey": own.user_key}),
+    )
+    backend = RbdVolumes(settings, Clusters(settings.monitors, settings.credentials_dir))
+    try:
+        assert backend._health.wait(timeout=60) is None
+        own.stop()
+        backend._health.interval = 0
+        problem = backend._health.wait(timeout=60)
+        assert problem is not None and "did not answer" in problem and own.monitors[0] in problem
+    finally:
+        own.stop()
+        backend.clusters.shutdown()
