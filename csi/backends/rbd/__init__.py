@@ -74,6 +74,5 @@ def settings_from(config: BackendConfig) -> RbdSettings:
 
 def build(config: BackendConfig, node_id: str, controller: bool) -> Backend:
     settings = settings_from(config)
-    return Backend(
-        config.name, "rbd", config.group, RbdVolumes(settings, Clusters(settings.monitors)), RbdConnector(settings)
-    )
+    volumes = RbdVolumes(settings, Clusters(settings.monitors, settings.credentials_dir))
+    return Backend(config.name, "rbd", config.group, volumes, RbdConnector(settings))

@@ -8,14 +8,16 @@ import multiprocessing
 import os
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import rados
 import rbd
 
+from csi.backends.rbd import build
 from csi.backends.rbd.cluster import Clusters
 from csi.backends.rbd.controller import RbdSettings, RbdVolumes
+from csi.config import BackendConfig
 from csi.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from csi.model import AccessMode, AccessType, Capability, MiB, SourceRef, VolumeSpec
 from tests.ceph import POOL, USER, CephCluster, free_port
@@ -291,8 +293,11 @@ def test_calls_without_secrets_use_the_credentials_directory(
     directory.mkdir()
     (directory / "userID").write_text(secrets["userID"])
     (directory / "userKey").write_text(secrets["userKey"] + "\n")
-    settings = RbdSettings(monitors=tuple(ceph.monitors), pool=POOL, credentials_dir=str(directory))
-    backend = RbdVolumes(settings, Clusters(settings.monitors, settings.credentials_dir))
+    # Built from configuration, as the driver builds it: the first call brings no secret.
+    config = BackendConfig(
+        "ceph", "rbd", None, {"monitors": ceph.monitors, "pool": POOL, "credentialsDir": str(directory)}
+    )
+    backend = cast(RbdVolumes, build(config, "test-node", controller=True).volumes)
     assert backend.list_volumes() == []
     assert backend.free_bytes() > 0
     backend.clusters.shutdown()
