@@ -81,11 +81,13 @@ sleep 30
 # QEMU's user-mode network: the guest is 10.0.2.15 and reaches the host's loopback at
 # 10.0.2.2. Connections the guest makes to chosen ports of its own 127.0.0.1 are rewritten
 # to the host's, so a service that advertises 127.0.0.1 addresses (a test Ceph cluster's
-# monitor and OSDs) is reachable from the guest unchanged, addresses included.
+# monitor and OSDs) is reachable from the guest unchanged, addresses included. Nothing
+# else leaves the guest: no IPv6, and IPv4 only towards the host.
 NETWORK = r"""#!/bin/bash
 set -e
 modprobe virtio_net
 modprobe nft_chain_nat
+sysctl -qw net.ipv6.conf.all.disable_ipv6=1
 ip link set eth0 up
 ip addr add 10.0.2.15/24 dev eth0
 ip route add default via 10.0.2.2
@@ -99,6 +101,10 @@ table ip cairn_vm {
   chain postrouting {
     type nat hook postrouting priority 100;
     oifname "eth0" ip saddr 127.0.0.0/8 masquerade
+  }
+  chain only_to_the_host {
+    type filter hook output priority 0;
+    oifname "eth0" ip daddr != 10.0.2.2 drop
   }
 }
 RULES
