@@ -95,7 +95,7 @@ class RbdConnector:
             device_type = "krbd" if mapper == "krbd" else "nbd"
             try:
                 out = proc.run(
-                    ["rbd", "device", "map", *_device_type(device_type, options), *auth, f"{pool}/{image}"],
+                    ["rbd", "device", "map", *_rbd_device_args(device_type, options), *auth, f"{pool}/{image}"],
                     timeout=MAP_TIMEOUT,
                 )
             except CommandFailed as exc:
@@ -124,7 +124,7 @@ class RbdConnector:
         for device_type in ("krbd", "nbd"):
             device = self._mapped(device_type, pool, image)
             if device:
-                proc.run(["rbd", "device", "unmap", *_device_type(device_type), device], timeout=MAP_TIMEOUT)
+                proc.run(["rbd", "device", "unmap", *_rbd_device_args(device_type), device], timeout=MAP_TIMEOUT)
                 self._wait_until_released(device_type, pool, image, device)
         mountpoint = self._fuse_mountpoint(pool, image)
         if mount.is_mounted(mountpoint):
@@ -158,7 +158,7 @@ class RbdConnector:
         )
 
 
-def _device_type(device_type: str, options: str = "") -> list[str]:
+def _rbd_device_args(device_type: str, options: str = "") -> list[str]:
     """The rbd tool's arguments for a device type and the operator's map options. krbd is
     the tool's default type. By default it waits for udev to announce the device, which
     hangs where no udev daemon answers (a node plugin's container); the kernel makes the
