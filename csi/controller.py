@@ -20,6 +20,7 @@ from csi.generated import csi_pb2_grpc as pb_grpc
 from csi.locks import InFlight
 from csi.model import AccessType, Capability, Secrets, Volume, VolumeSpec
 from csi.mount import MINIMUM_BYTES, parse_filesystem
+from csi.sizes import MAX_BYTES
 from csi.scheduler import (
     PARAM_BACKEND,
     PARAM_FS_TYPE,
@@ -135,7 +136,9 @@ class ControllerService(pb_grpc.ControllerServicer):
             source=source[1] if source else None,
             secrets=dict(request.secrets),
         )
-        with self.inflight.hold(request.name, "volume name"):
+        # The source's lock too: a delete of the source waits (ABORTED) until the copy is made.
+        source_lock = (str(source[0]), source[1].kind) if source else ("", "no source")
+        with self.inflight.hold(request.name, "volume name"), self.inflight.hold(*source_lock):
             for backend in self.scheduler.select(parameters):
                 if backend.volumes.lookup_volume(request.name, secrets=spec.secrets) is not None:
                     # A retry: the backend compares the request with what it made.
@@ -310,11 +313,29 @@ class ControllerService(pb_grpc.ControllerServicer):
         if not request.HasField("capacity_range"):
             raise InvalidArgument("capacity_range is required")
         required, limit = convert.capacity_range(request.capacity_range)
+        if request.HasField("volume_capability"):
+            check_filesystems([convert.capability(request.volume_capability)])
         backend, local_id = self._route(request.volume_id)
         with self.inflight.hold(request.volume_id):
+            self._check_growth(backend, local_id, request.volume_id, required, request.secrets)
             capacity = backend.volumes.expand_volume(local_id, required, limit, secrets=request.secrets)
         # The node must always act: a filesystem to grow, or a device to refresh.
         return pb.ControllerExpandVolumeResponse(capacity_bytes=capacity, node_expansion_required=True)
+
+    @staticmethod
+    def _check_growth(backend: Backend, local_id: str, volume_id: str, required: int, secrets: Secrets) -> None:
+        """The capacity check CreateVolume makes, for the bytes an expansion adds."""
+        current = backend.volumes.get_volume(local_id, secrets=secrets).capacity_bytes
+        if required <= current:
+            return
+        if required > MAX_BYTES:
+            raise OutOfRange(f"volume {volume_id}: {required} bytes exceeds the largest size CSI can carry")
+        free = backend.volumes.free_bytes(secrets=secrets)
+        if required - current > free:
+            raise OutOfRange(
+                f"volume {volume_id}: growing from {current} to {required} bytes needs {required - current} more, "
+                f"and backend {backend.name!r} has {free} free"
+            )
 
     def ControllerModifyVolume(
         self, request: pb.ControllerModifyVolumeRequest, context: grpc.ServicerContext
@@ -333,7 +354,7 @@ class ControllerService(pb_grpc.ControllerServicer):
         unknown = sorted(set(parameters) - backend.volumes.parameter_keys)
         if unknown:
             raise InvalidArgument(f"unknown snapshot parameters {unknown} for backend {backend.name!r}")
-        with self.inflight.hold(request.name, "snapshot name"):
+        with self.inflight.hold(request.name, "snapshot name"), self.inflight.hold(request.source_volume_id):
             snapshot = backend.volumes.create_snapshot(request.name, local_id, parameters, secrets=request.secrets)
         return pb.CreateSnapshotResponse(snapshot=convert.snapshot(backend.name, snapshot))
 

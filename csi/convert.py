@@ -21,10 +21,48 @@ def require(value: object, field: str) -> None:
         raise InvalidArgument(f"{field} is required")
 
 
+# Longest path the kernel takes (PATH_MAX counts the final NUL), longest name in it, and
+# the deepest nesting accepted: kubelet's paths are a dozen levels deep.
+PATH_MAX = 4095
+NAME_MAX = 255
+PATH_DEPTH = 128
+
+
+def path(value: str, field: str) -> str:
+    """``value`` when it is an absolute path the host can take; InvalidArgument naming
+    ``field`` otherwise (empty, relative, NUL, too long or too deep, or with '..')."""
+    require(value, field)
+    problem = path_problem(value)
+    if problem:
+        raise InvalidArgument(f"{field} {value!r} {problem}")
+    return value
+
+
+def path_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a path of a CSI call, or None."""
+    if not value.startswith("/"):
+        return "must be an absolute path"
+    if "\0" in value:
+        return "contains a NUL character"
+    if len(value.encode()) > PATH_MAX:
+        return f"is longer than {PATH_MAX} bytes"
+    names = [n for n in value.split("/") if n]
+    if len(names) > PATH_DEPTH:
+        return f"is nested deeper than {PATH_DEPTH} levels"
+    if any(len(n.encode()) > NAME_MAX for n in names):
+        return f"has a name longer than {NAME_MAX} bytes"
+    if ".." in names:
+        return "must not contain '..'"
+    return None
+
+
 def capability(message: pb.VolumeCapability, field: str = "volume_capability") -> Capability:
     if not message.HasField("access_mode") or message.access_mode.mode == pb.VolumeCapability.AccessMode.UNKNOWN:
         raise InvalidArgument(f"{field}.access_mode is required")
-    mode = AccessMode(pb.VolumeCapability.AccessMode.Mode.Name(message.access_mode.mode))
+    number = message.access_mode.mode
+    if number not in pb.VolumeCapability.AccessMode.Mode.values():
+        raise InvalidArgument(f"{field}.access_mode.mode {number} is not a CSI access mode")
+    mode = AccessMode(pb.VolumeCapability.AccessMode.Mode.Name(number))
     kind = message.WhichOneof("access_type")
     if kind == "block":
         return Capability(AccessType.BLOCK, mode)

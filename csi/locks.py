@@ -14,22 +14,25 @@ from csi.errors import Aborted
 
 
 class InFlight:
+    """Keys live in namespaces (``what``): a volume ID, a volume name and a snapshot ID
+    never collide, even when the strings are equal."""
+
     def __init__(self) -> None:
-        self._held: set[str] = set()
+        self._held: set[tuple[str, str]] = set()
         self._mutex = threading.Lock()
 
     @contextmanager
     def hold(self, key: str, what: str = "volume") -> Iterator[None]:
         with self._mutex:
-            if key in self._held:
+            if (what, key) in self._held:
                 raise Aborted(f"an operation on {what} {key!r} is already in progress")
-            self._held.add(key)
+            self._held.add((what, key))
         try:
             yield
         finally:
             with self._mutex:
-                self._held.discard(key)
+                self._held.discard((what, key))
 
-    def busy(self, key: str) -> bool:
+    def busy(self, key: str, what: str = "volume") -> bool:
         with self._mutex:
-            return key in self._held
+            return (what, key) in self._held

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -181,11 +182,20 @@ def unmount(target: str) -> None:
 
 
 def grow_filesystem(device: str, mount_path: str, fs: Filesystem) -> None:
-    """Grow the mounted filesystem on ``device`` to fill it."""
-    if fs is Filesystem.EXT4:
-        proc.run(["resize2fs", device], timeout=MKFS_TIMEOUT)
-    else:
-        proc.run(["xfs_growfs", mount_path], timeout=MKFS_TIMEOUT)
+    """Grow the mounted filesystem on ``device`` to fill it. A kernel that refuses to
+    grow it while mounted (online ext4 growth needs CAP_SYS_RESOURCE) is
+    FailedPrecondition with the reason: the volume grows at its next stage instead."""
+    argv = ["resize2fs", device] if fs is Filesystem.EXT4 else ["xfs_growfs", mount_path]
+    try:
+        proc.run(argv, timeout=MKFS_TIMEOUT)
+    except CommandFailed as exc:
+        refused = ("Operation not permitted", "Permission denied", "Inappropriate ioctl", "not supported")
+        if any(reason in exc.stderr for reason in refused):
+            raise FailedPrecondition(
+                f"the {fs.value} filesystem on {device} (mounted at {mount_path}) cannot grow while mounted on this "
+                f"node: {exc.stderr.splitlines()[-1] if exc.stderr else exc}; it grows when the volume is next staged"
+            ) from exc
+        raise
 
 
 def filesystem_stats(path: str) -> FilesystemStats:
@@ -210,15 +220,38 @@ def device_size(device: str) -> int:
 
 
 def remove_path(path: str) -> None:
-    """Remove an unmounted target (directory or file); a missing path is fine."""
+    """Remove an unmounted publish target: an empty directory, or the empty file a block
+    volume was bound on. Anything holding data is not the driver's to delete and stays;
+    a missing path is fine."""
     try:
-        if os.path.isdir(path) and not os.path.islink(path):
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
             os.rmdir(path)
-        else:
+        elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
             os.unlink(path)
+        else:
+            log.warning("leaving %s in place: it is not an empty directory or file", path)
     except OSError as exc:
-        if exc.errno != errno.ENOENT:
+        if exc.errno == errno.ENOTEMPTY:
+            log.warning("leaving %s in place: the directory is not empty", path)
+        elif exc.errno != errno.ENOENT:
             raise
+
+
+def device_of(entry: MountEntry) -> str | None:
+    """The block device a mount shows: its source for a filesystem, or the device node
+    itself for a bind mount of one (a published raw block volume)."""
+    if entry.source.startswith("/dev/"):
+        return entry.source
+    if entry.fstype == "devtmpfs" and entry.root not in ("", "/"):
+        return "/dev" + entry.root
+    return None
+
+
+def users_of(device: str) -> list[str]:
+    """Mount points that show ``device``: filesystems on it and binds of its node."""
+    real = os.path.realpath(device)
+    return [e.target for e in mounts() if (shown := device_of(e)) and os.path.realpath(shown) == real]
 
 
 def writable_mount_of(device: str) -> str | None:

@@ -49,6 +49,20 @@ def filesystem_for(cap: Capability, volume_context: dict[str, str]) -> Filesyste
     return mount.parse_filesystem(name)
 
 
+def parse_mkfs_options(volume_context: dict[str, str]) -> list[str]:
+    """The volume's mkfs options, checked before anything is attached (a statically
+    provisioned PV's context never passed CreateVolume's check)."""
+    try:
+        return shlex.split(volume_context.get(PARAM_MKFS_OPTIONS, ""))
+    except ValueError as exc:
+        raise InvalidArgument(f"volume_context {PARAM_MKFS_OPTIONS!r} does not parse: {exc}") from exc
+
+
+def describe(access_type: AccessType, filesystem: str, mode: AccessMode, flags: list[str]) -> str:
+    words = [access_type.value, filesystem, mode.value, f"with mount flags {flags}" if flags else ""]
+    return " ".join(w for w in words if w)
+
+
 class NodeService(pb_grpc.NodeServicer):
     def __init__(self, scheduler: Scheduler, node_id: str, state: NodeState, max_volumes: int = 0) -> None:
         self.scheduler = scheduler
@@ -72,7 +86,7 @@ class NodeService(pb_grpc.NodeServicer):
         self, request: pb.NodeStageVolumeRequest, context: grpc.ServicerContext
     ) -> pb.NodeStageVolumeResponse:
         convert.require(request.volume_id, "volume_id")
-        convert.require(request.staging_target_path, "staging_target_path")
+        convert.path(request.staging_target_path, "staging_target_path")
         cap = self._capability(request)
         backend, local_id = self._route(request.volume_id)
         reason = backend.volumes.unsupported(cap)
@@ -80,21 +94,26 @@ class NodeService(pb_grpc.NodeServicer):
             raise InvalidArgument(f"volume {request.volume_id}: {reason}")
         volume_context = dict(request.volume_context)
         fs = filesystem_for(cap, volume_context) if cap.access_type is AccessType.MOUNT else None
+        mkfs_options = parse_mkfs_options(volume_context)
         with self.inflight.hold(request.volume_id):
             staged = self.state.load(request.volume_id)
             if staged is not None and self._still_staged(staged, request.staging_target_path, cap, fs):
                 return pb.NodeStageVolumeResponse()
-            self._stage(backend, local_id, request, cap, fs)
+            self._stage(backend, local_id, request, cap, fs, mkfs_options)
         return pb.NodeStageVolumeResponse()
 
     def _still_staged(self, staged: StagedVolume, staging_path: str, cap: Capability, fs: Filesystem | None) -> bool:
         """True when an earlier stage is intact and matches; False when it must be redone
-        (the mount vanished, for example after a reboot)."""
+        (the mount vanished, for example after a reboot). A stage with another capability
+        is ALREADY_EXISTS, as the spec asks: it would change nothing."""
         if staged.staging_path != staging_path:
             raise FailedPrecondition(f"volume {staged.volume_id} is already staged at {staged.staging_path}")
-        if staged.access_type is not cap.access_type or (fs and staged.filesystem != fs.value):
+        wanted = (cap.access_type, fs.value if fs else "", cap.access_mode, sorted(cap.mount_flags))
+        have = (staged.access_type, staged.filesystem, staged.access_mode, sorted(staged.mount_flags))
+        if wanted != have:
             raise AlreadyExists(
-                f"volume {staged.volume_id} is staged as {staged.access_type.value} {staged.filesystem}".rstrip()
+                f"volume {staged.volume_id} is staged at {staging_path} as {describe(*have)}, "
+                f"not as the {describe(*wanted)} asked for"
             )
         if cap.access_type is AccessType.BLOCK:
             return os.path.exists(staged.device)
@@ -107,15 +126,17 @@ class NodeService(pb_grpc.NodeServicer):
         request: pb.NodeStageVolumeRequest,
         cap: Capability,
         fs: Filesystem | None,
+        mkfs_options: list[str],
     ) -> None:
         undo: list[Callable[[], None]] = []
         try:
             device = backend.connector.attach(local_id, dict(request.publish_context), secrets=request.secrets)
             undo.append(lambda: backend.connector.detach(local_id))
             if fs is not None:
-                mkfs_options = shlex.split(request.volume_context.get(PARAM_MKFS_OPTIONS, ""))
                 mount_options = [*cap.mount_flags, *(["ro"] if cap.access_mode.read_only else [])]
-                os.makedirs(request.staging_target_path, exist_ok=True)
+                if not os.path.exists(request.staging_target_path):
+                    os.makedirs(request.staging_target_path)
+                    undo.append(lambda: mount.remove_path(request.staging_target_path))
                 formatted = mount.format_and_mount(device, request.staging_target_path, fs, mkfs_options, mount_options)
                 undo.append(lambda: mount.unmount(request.staging_target_path))
                 log.info("staged", extra={"volume_id": request.volume_id, "device": device, "formatted": formatted})
@@ -127,6 +148,7 @@ class NodeService(pb_grpc.NodeServicer):
                     access_type=cap.access_type,
                     access_mode=cap.access_mode,
                     filesystem=fs.value if fs else "",
+                    mount_flags=cap.mount_flags,
                 )
             )
         except BaseException:
@@ -141,18 +163,37 @@ class NodeService(pb_grpc.NodeServicer):
         self, request: pb.NodeUnstageVolumeRequest, context: grpc.ServicerContext
     ) -> pb.NodeUnstageVolumeResponse:
         convert.require(request.volume_id, "volume_id")
-        convert.require(request.staging_target_path, "staging_target_path")
+        path = convert.path(request.staging_target_path, "staging_target_path")
         backend, local_id = self._route(request.volume_id)
         with self.inflight.hold(request.volume_id):
             staged = self.state.load(request.volume_id)
-            if staged is not None:
+            if staged is None:
+                self._unstage_unrecorded(backend, local_id, path)
+            elif staged.staging_path != path:
+                # Not staged there: the stage at the recorded path is not this call's to undo.
+                log.info(
+                    "volume %s is staged at %s, not %s: nothing to do", request.volume_id, staged.staging_path, path
+                )
+            else:
                 busy = [t for t in staged.targets if mount.is_mounted(t)]
                 if busy:
                     raise FailedPrecondition(f"volume {request.volume_id} is still published at {', '.join(busy)}")
-            mount.unmount(request.staging_target_path)
-            backend.connector.detach(local_id)
-            self.state.delete(request.volume_id)
+                mount.unmount(path)
+                backend.connector.detach(local_id)
+                self.state.delete(request.volume_id)
         return pb.NodeUnstageVolumeResponse()
+
+    @staticmethod
+    def _unstage_unrecorded(backend: Backend, local_id: str, path: str) -> None:
+        """Undo a stage whose record is lost (or never was): unmount ``path`` only when
+        the volume's own device is mounted there, and detach the volume only when no
+        mount uses it any more. A foreign mount at the path stays."""
+        devices = backend.connector.devices(local_id)
+        entry = mount.find_mount(path)
+        if entry is not None and mount.device_of(entry) in devices:
+            mount.unmount(path)
+        if not any(mount.users_of(device) for device in devices):
+            backend.connector.detach(local_id)
 
     # -- publish --------------------------------------------------------------------
 
@@ -160,11 +201,10 @@ class NodeService(pb_grpc.NodeServicer):
         self, request: pb.NodePublishVolumeRequest, context: grpc.ServicerContext
     ) -> pb.NodePublishVolumeResponse:
         convert.require(request.volume_id, "volume_id")
-        convert.require(request.target_path, "target_path")
+        target = convert.path(request.target_path, "target_path")
         cap = self._capability(request)
-        convert.require(request.staging_target_path, "staging_target_path")
+        convert.path(request.staging_target_path, "staging_target_path")
         self._route(request.volume_id)
-        target = request.target_path
         readonly = request.readonly or cap.access_mode.read_only
         with self.inflight.hold(request.volume_id):
             staged = self.state.load(request.volume_id)
@@ -172,7 +212,12 @@ class NodeService(pb_grpc.NodeServicer):
                 raise FailedPrecondition(f"volume {request.volume_id} is not staged at {request.staging_target_path}")
             if staged.access_type is not cap.access_type:
                 raise FailedPrecondition(f"volume {request.volume_id} is staged for {staged.access_type.value} access")
-            if mount.is_mounted(target):
+            entry = mount.find_mount(target)
+            if entry is not None:
+                if mount.device_of(entry) != staged.device:
+                    raise FailedPrecondition(
+                        f"{target} is a mount point of something other than volume {staged.volume_id}"
+                    )
                 if staged.targets.get(target, readonly) != readonly:
                     raise AlreadyExists(
                         f"volume {request.volume_id} is already published at {target} with other options"
@@ -216,17 +261,40 @@ class NodeService(pb_grpc.NodeServicer):
         self, request: pb.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
     ) -> pb.NodeUnpublishVolumeResponse:
         convert.require(request.volume_id, "volume_id")
-        convert.require(request.target_path, "target_path")
+        target = request.target_path
+        convert.require(target, "target_path")
+        if not target.startswith("/") or ".." in target.split("/"):
+            convert.path(target, "target_path")  # raises, naming the problem
+        if convert.path_problem(target):
+            log.info("target_path of volume %s cannot exist on this host: nothing to unpublish", request.volume_id)
+            return pb.NodeUnpublishVolumeResponse()
         # Only the ID's form is checked: unmounting needs no backend, so a pod can still be
         # torn down after its backend left the configuration.
-        ids.decode(request.volume_id)
+        ref = ids.decode(request.volume_id)
         with self.inflight.hold(request.volume_id):
-            mount.unmount(request.target_path)
-            mount.remove_path(request.target_path)
             staged = self.state.load(request.volume_id)
-            if staged is not None and staged.targets.pop(request.target_path, None) is not None:
+            recorded = staged is not None and target in staged.targets
+            if recorded or self._publishes(target, staged, ref.backend, ref.local_id):
+                mount.unmount(target)
+                mount.remove_path(target)
+            if staged is not None and staged.targets.pop(target, None) is not None:
                 self.state.save(staged)
         return pb.NodeUnpublishVolumeResponse()
+
+    def _publishes(self, target: str, staged: StagedVolume | None, backend_name: str, local_id: str) -> bool:
+        """Whether the mount at ``target`` shows this volume (a publish whose record was
+        lost). Without a record or a configured backend nothing proves it, and a mount
+        that is not provably this driver's is never touched."""
+        entry = mount.find_mount(target)
+        if entry is None:
+            return False
+        if staged is not None:
+            devices = [staged.device]
+        elif backend_name in self.scheduler.backends:
+            devices = self.scheduler.backends[backend_name].connector.devices(local_id)
+        else:
+            return False
+        return mount.device_of(entry) in devices
 
     # -- stats and expansion --------------------------------------------------------
 
@@ -245,9 +313,8 @@ class NodeService(pb_grpc.NodeServicer):
         self, request: pb.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
     ) -> pb.NodeGetVolumeStatsResponse:
         convert.require(request.volume_id, "volume_id")
-        convert.require(request.volume_path, "volume_path")
+        path = convert.path(request.volume_path, "volume_path")
         backend, local_id = self._route(request.volume_id)
-        path = request.volume_path
         staged = self._staged_at(request.volume_id, path)
         problems = []
         if not backend.connector.present(local_id):
@@ -265,8 +332,12 @@ class NodeService(pb_grpc.NodeServicer):
         self, request: pb.NodeExpandVolumeRequest, context: grpc.ServicerContext
     ) -> pb.NodeExpandVolumeResponse:
         convert.require(request.volume_id, "volume_id")
-        convert.require(request.volume_path, "volume_path")
+        convert.path(request.volume_path, "volume_path")
+        if request.staging_target_path:
+            convert.path(request.staging_target_path, "staging_target_path")
         convert.capacity_range(request.capacity_range)
+        if request.HasField("volume_capability"):
+            convert.capability(request.volume_capability)
         backend, local_id = self._route(request.volume_id)
         with self.inflight.hold(request.volume_id):
             staged = self._staged_at(request.volume_id, request.volume_path)

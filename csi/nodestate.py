@@ -25,6 +25,7 @@ class StagedVolume:
     access_type: AccessType
     access_mode: AccessMode
     filesystem: str = ""
+    mount_flags: tuple[str, ...] = ()
     targets: dict[str, bool] = field(default_factory=dict)
     """Published target path -> read-only."""
 
@@ -39,6 +40,7 @@ class StagedVolume:
         data = json.loads(raw)
         data["access_type"] = AccessType(data["access_type"])
         data["access_mode"] = AccessMode(data["access_mode"])
+        data["mount_flags"] = tuple(data.get("mount_flags", ()))  # records from before it was kept
         return cls(**data)
 
 

@@ -9,7 +9,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -39,26 +39,53 @@ _QUIET = {
 }
 
 
+# Longest string logged whole; a hostile request may carry megabytes in one field.
+LOGGED_CHARS = 512
+
+
 def redacted(message: Message) -> dict[str, Any]:
-    """The message as a dict, with every field the spec marks ``csi_secret`` replaced."""
+    """The message as a dict, with every field the spec marks ``csi_secret`` replaced,
+    enum values the schema does not know shown as numbers, and long strings shortened."""
     out: dict[str, Any] = {}
     for field, value in message.ListFields():
         if field.GetOptions().Extensions[pb.csi_secret]:  # type: ignore[index]
             out[field.name] = STRIPPED
         elif field.message_type is not None and field.message_type.GetOptions().map_entry:
-            out[field.name] = {k: (redacted(v) if isinstance(v, Message) else v) for k, v in value.items()}
+            out[field.name] = {
+                _short(k): (redacted(v) if isinstance(v, Message) else _short(v)) for k, v in value.items()
+            }
         elif field.type == FieldDescriptor.TYPE_MESSAGE:
             out[field.name] = [redacted(v) for v in value] if _repeated(field) else redacted(value)
         elif field.type == FieldDescriptor.TYPE_ENUM:
             names = field.enum_type.values_by_number
-            out[field.name] = [names[v].name for v in value] if _repeated(field) else names[value].name
+            out[field.name] = [_enum(names, v) for v in value] if _repeated(field) else _enum(names, value)
         else:
-            out[field.name] = list(value) if _repeated(field) else value
+            out[field.name] = [_short(v) for v in value] if _repeated(field) else _short(value)
     return out
+
+
+def _enum(names: Mapping[int, Any], number: int) -> str | int:
+    known = names.get(number)
+    return str(known.name) if known is not None else number
+
+
+def _short(value: Any) -> Any:
+    if isinstance(value, (str, bytes)) and len(value) > LOGGED_CHARS:
+        return f"{value[:LOGGED_CHARS]!r}... ({len(value)} long)"
+    return value
 
 
 def _repeated(field: FieldDescriptor) -> bool:
     return bool(field.is_repeated)
+
+
+def _described(message: Message) -> dict[str, Any]:
+    """``redacted``, or a note when even that fails: logging never fails a call."""
+    try:
+        return redacted(message)
+    except Exception as exc:
+        log.exception("cannot describe a %s for the log", type(message).__name__)
+        return {"unloggable": type(exc).__name__}
 
 
 class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -75,12 +102,16 @@ class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         def call(request: Message, context: grpc.ServicerContext) -> Message:
             started = time.monotonic()
             try:
-                log.log(level, "call", extra={"rpc": rpc, "request": redacted(request)})
+                log.log(level, "call", extra={"rpc": rpc, "request": _described(request)})
                 response: Message = inner(request, context)
                 log.log(
                     level,
                     "done",
-                    extra={"rpc": rpc, "seconds": round(time.monotonic() - started, 3), "response": redacted(response)},
+                    extra={
+                        "rpc": rpc,
+                        "seconds": round(time.monotonic() - started, 3),
+                        "response": _described(response),
+                    },
                 )
                 return response
             except Exception as exc:

@@ -3,6 +3,7 @@ leak check every integration test ends with."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -108,6 +109,21 @@ class Driver:
         self.process = None
         return code
 
+    def kill(self, children: bool = True) -> None:
+        """SIGKILL the driver at once, with every process it started when ``children``
+        (as a container restart would), or alone (as the kernel's OOM killer might)."""
+        assert self.process is not None
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        victims = [self.process.pid, *(descendants(self.process.pid) if children else [])]
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait()
+        self.process = None
+        # A killed server cannot remove its socket; the next start replaces it.
+
     def restart(self) -> None:
         assert self.stop() == 0
         self.start()
@@ -123,6 +139,27 @@ class Driver:
     @property
     def node(self) -> pb_grpc.NodeStub:
         return pb_grpc.NodeStub(self.channel)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, children first."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(entry))
+    found: list[int] = []
+    queue = [pid]
+    while queue:
+        for child in parents.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
 
 
 def mount_capability(fs_type: str = "", mode: str = "SINGLE_NODE_WRITER") -> pb.VolumeCapability:

@@ -101,6 +101,11 @@ class NodeConnector(Protocol):
     def detach(self, local_id: str) -> None:
         """Remove the volume's block device from this host; not attached is fine."""
 
+    def devices(self, local_id: str) -> list[str]:
+        """The block devices on this host that carry the volume now, attaching nothing.
+        The node service uses them to tell its own mounts from anyone else's when its
+        records are lost."""
+
     def refresh_size(self, local_id: str, device: str) -> None:
         """Make ``device`` show the volume's current size after a controller expand."""
 

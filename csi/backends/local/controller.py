@@ -8,14 +8,15 @@ either never affects the other.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from csi import loopdev, mount, proc
-from csi.backends.local.layout import Layout
-from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from csi.backends.local.layout import Kind, Layout
+from csi.errors import AlreadyExists, CommandFailed, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from csi.files import TEMP_SUFFIX, fsync_dir, fsync_file
 from csi.model import (
     NO_SECRETS,
@@ -31,6 +32,7 @@ from csi.model import (
 from csi.sizes import choose_size
 
 COPY_TIMEOUT = 3600.0
+T = TypeVar("T")
 PARAM_PREALLOCATE = "preallocate"
 
 
@@ -80,10 +82,10 @@ class LocalVolumes:
         temp = image + TEMP_SUFFIX
         try:
             if source_image:
-                copy_image(source_image, temp)
+                self._copy_source(spec.source, source_image, temp)
             else:
                 open(temp, "wb").close()
-            os.truncate(temp, size)
+            truncate(temp, size, spec.name)
             if preallocate:
                 _preallocate(temp, size)
             fsync_file(temp)
@@ -121,8 +123,17 @@ class LocalVolumes:
             return None, 0
         if not self.layout.exists(source.kind, source.local_id):
             raise NotFound(f"source {source.kind} {source.local_id!r} does not exist")
-        image = self.layout.image(source.kind, source.local_id)
-        return image, os.stat(image).st_size
+        return self.layout.image(source.kind, source.local_id), self._size(source.kind, source.local_id)
+
+    def _copy_source(self, source: SourceRef | None, source_image: str, target: str) -> None:
+        """Copy a content source; one deleted meanwhile (by another controller, or by
+        hand) is NotFound, not a failed copy."""
+        try:
+            copy_image(source_image, target)
+        except (CommandFailed, FileNotFoundError) as exc:
+            if source is not None and not os.path.exists(source_image):
+                raise NotFound(f"source {source.kind} {source.local_id!r} was deleted while it was copied") from exc
+            raise
 
     def delete_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
         record = self.layout.read_record("volume", local_id)
@@ -141,14 +152,14 @@ class LocalVolumes:
         return self._volume(local_id, record) if record else None
 
     def list_volumes(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
-        return [self.get_volume(local_id) for local_id in self.layout.ids("volume")]
+        return _present(self.get_volume, self.layout.ids("volume"))
 
     def _volume(self, local_id: str, record: dict[str, Any]) -> Volume:
         source = record.get("source")
         return Volume(
             local_id=local_id,
             name=record["name"],
-            capacity_bytes=os.stat(self.layout.image("volume", local_id)).st_size,
+            capacity_bytes=self._size("volume", local_id),
             source=SourceRef(source["kind"], source["local_id"]) if source else None,
             topology=self.topology,
             published_nodes=tuple(sorted(record["published"])),
@@ -163,7 +174,7 @@ class LocalVolumes:
         if required_bytes <= current:
             return current
         size = choose_size(required_bytes, limit_bytes)
-        os.truncate(image, size)
+        truncate(image, size, local_id)
         if _parse_bool(record["parameters"].get(PARAM_PREALLOCATE, "false"), PARAM_PREALLOCATE):
             _preallocate(image, size)
         fsync_file(image)
@@ -180,12 +191,13 @@ class LocalVolumes:
             if existing["name"] != name or existing["source"] != source_local_id:
                 raise AlreadyExists(f"snapshot {name!r} exists for another source volume")
             return self._snapshot(local_id, existing)
-        source_image, _ = self._source(SourceRef("volume", source_local_id))
+        source = SourceRef("volume", source_local_id)
+        source_image, _ = self._source(source)
         assert source_image is not None
         image = self.layout.image("snapshot", local_id)
         temp = image + TEMP_SUFFIX
         try:
-            copy_image(source_image, temp)
+            self._copy_source(source, source_image, temp)
             fsync_file(temp)
             self.layout.write_record(
                 "snapshot", local_id, {"name": name, "source": source_local_id, "created": time.time()}
@@ -205,16 +217,22 @@ class LocalVolumes:
         return self._snapshot(local_id, record)
 
     def list_snapshots(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
-        return [self.get_snapshot(local_id) for local_id in self.layout.ids("snapshot")]
+        return _present(self.get_snapshot, self.layout.ids("snapshot"))
 
     def _snapshot(self, local_id: str, record: dict[str, Any]) -> Snapshot:
         return Snapshot(
             local_id=local_id,
             name=record["name"],
             source_volume_local_id=record["source"],
-            size_bytes=os.stat(self.layout.image("snapshot", local_id)).st_size,
+            size_bytes=self._size("snapshot", local_id),
             created_at=record["created"],
         )
+
+    def _size(self, kind: Kind, local_id: str) -> int:
+        try:
+            return os.stat(self.layout.image(kind, local_id)).st_size
+        except FileNotFoundError:
+            raise NotFound(f"{kind} {local_id!r} does not exist") from None
 
     # -- publication ----------------------------------------------------------------
 
@@ -248,6 +266,28 @@ def copy_image(source: str, target: str) -> None:
     holds everything written before it began and nothing torn."""
     with mount.frozen(loopdev.find(source)):
         proc.run(["cp", "--reflink=auto", "--sparse=always", source, target], timeout=COPY_TIMEOUT)
+
+
+def _present(get: Callable[[str], T], local_ids: Iterable[str]) -> list[T]:
+    """Each object that still exists when it is read: one deleted between the directory
+    scan and its read is left out of a listing, not an error."""
+    found = []
+    for local_id in local_ids:
+        try:
+            found.append(get(local_id))
+        except NotFound:
+            continue
+    return found
+
+
+def truncate(path: str, size: int, what: str) -> None:
+    """Set an image's size; a size the filesystem cannot hold is OutOfRange."""
+    try:
+        os.truncate(path, size)
+    except (OverflowError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in (errno.EFBIG, errno.EINVAL):
+            raise
+        raise OutOfRange(f"volume {what!r}: {size} bytes is more than this backend's filesystem can hold") from exc
 
 
 def _source_record(source: SourceRef | None) -> dict[str, str] | None:

@@ -73,8 +73,11 @@ class Layout:
         """The record of a complete object, or None."""
         if not self.exists(kind, local_id):
             return None
-        with open(self.record_path(kind, local_id), encoding="utf-8") as handle:
-            record: dict[str, Any] = json.load(handle)
+        try:
+            with open(self.record_path(kind, local_id), encoding="utf-8") as handle:
+                record: dict[str, Any] = json.load(handle)
+        except FileNotFoundError:
+            return None  # deleted since the check
         return record
 
     def require_record(self, kind: Kind, local_id: str) -> dict[str, Any]:

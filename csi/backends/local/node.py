@@ -26,6 +26,9 @@ class LocalConnector:
     def detach(self, local_id: str) -> None:
         loopdev.detach(self.layout.image("volume", local_id))
 
+    def devices(self, local_id: str) -> list[str]:
+        return loopdev.find(self.layout.image("volume", local_id))
+
     def refresh_size(self, local_id: str, device: str) -> None:
         loopdev.refresh_size(device)
 

@@ -133,6 +133,14 @@ class RbdConnector:
         with contextlib.suppress(FileNotFoundError, OSError):
             os.rmdir(mountpoint)
 
+    def devices(self, local_id: str) -> list[str]:
+        pool, image = self._spec(local_id)
+        mapped = [self._mapped(device_type, pool, image) for device_type in ("krbd", "nbd")]
+        found = [device for device in mapped if device]
+        if mount.is_mounted(self._fuse_mountpoint(pool, image)):
+            found += loopdev.find(os.path.join(self._fuse_mountpoint(pool, image), image))
+        return found
+
     def _wait_until_released(self, device_type: str, pool: str, image: str, device: str) -> None:
         """Unmapping returns before an rbd-nbd daemon has exited and closed the image; until
         it has, Ceph calls the image busy. Unstage answers only when the mapping is gone."""
