@@ -25,6 +25,7 @@ from csi.controller import ControllerService
 from csi.errors import ConfigError
 from csi.identity import IdentityService
 from csi.node import NodeService
+from csi.nodes import KubernetesNodes, NodeDirectory
 from csi.nodestate import NodeState
 from csi.scheduler import Scheduler
 from csi.server import Server, Services
@@ -79,6 +80,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-volumes-per-node", type=int, default=0, help="attach limit reported to Kubernetes (0: none)")
     p.add_argument("--workers", type=int, default=8, help="gRPC worker threads")
     p.add_argument(
+        "--check-nodes",
+        choices=("auto", "kubernetes", "off"),
+        default="auto",
+        help="refuse ControllerPublishVolume to a node whose CSINode does not list the driver: "
+        "auto (when running in a Kubernetes cluster), kubernetes (in-cluster, else the kubeconfig), off",
+    )
+    p.add_argument(
         "--health-port", type=int, default=0, help="TCP port serving only grpc.health.v1, for gRPC probes (0: off)"
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -86,11 +94,30 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def node_directory(mode: str) -> NodeDirectory | None:
+    """Where ControllerPublishVolume learns which nodes exist. ``auto`` uses Kubernetes
+    when running in a pod (KUBERNETES_SERVICE_HOST set, service account mounted) and
+    nothing otherwise; ``kubernetes`` insists, falling back to the kubeconfig outside a
+    cluster, and stops start-up when neither is there."""
+    if mode == "off" or (mode == "auto" and not os.environ.get("KUBERNETES_SERVICE_HOST")):
+        log.info("node checks off: ControllerPublishVolume accepts any node ID")
+        return None
+    try:
+        nodes = KubernetesNodes.connect(kubeconfig=mode == "kubernetes")
+    except ConfigError as exc:
+        if mode == "kubernetes":
+            raise
+        log.warning("node checks off: %s", exc)
+        return None
+    log.info("node checks on: ControllerPublishVolume refuses nodes whose CSINode does not list %s", DRIVER_NAME)
+    return nodes
+
+
 def build_server(args: argparse.Namespace) -> Server:
     driver_config = config.load(args.config) if args.config else config.embedded_default(args.data_dir)
     serves_controller = args.mode in ("all", "controller")
     scheduler = Scheduler(build_backends(driver_config, args.node_id, serves_controller))
-    controller = ControllerService(scheduler) if serves_controller else None
+    controller = ControllerService(scheduler, node_directory(args.check_nodes)) if serves_controller else None
     node = None
     if args.mode in ("all", "node"):
         node = NodeService(scheduler, args.node_id, NodeState(args.state_dir), args.max_volumes_per_node)

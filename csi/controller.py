@@ -20,7 +20,7 @@ from csi.generated import csi_pb2_grpc as pb_grpc
 from csi.locks import InFlight
 from csi.model import AccessType, Capability, Secrets, Volume, VolumeSpec
 from csi.mount import MINIMUM_BYTES, parse_filesystem
-from csi.sizes import MAX_BYTES
+from csi.nodes import NodeDirectory
 from csi.scheduler import (
     PARAM_BACKEND,
     PARAM_FS_TYPE,
@@ -30,6 +30,7 @@ from csi.scheduler import (
     Scheduler,
     backend_parameters,
 )
+from csi.sizes import MAX_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,11 @@ def paginate(items: Sequence[T], key: Callable[[T], str], max_entries: int, toke
 
 
 class ControllerService(pb_grpc.ControllerServicer):
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduler, nodes: NodeDirectory | None = None) -> None:
+        """``nodes`` tells which node IDs exist (in Kubernetes: the CSINode objects);
+        without it ControllerPublishVolume accepts any node ID."""
         self.scheduler = scheduler
+        self.nodes = nodes
         self.inflight = InFlight()
 
     def _route(self, object_id: str, what: str = "volume") -> tuple[Backend, str]:
@@ -188,6 +192,8 @@ class ControllerService(pb_grpc.ControllerServicer):
         cap = convert.capability(request.volume_capability)
         check_filesystems([cap])
         backend, local_id = self._route(request.volume_id)
+        if self.nodes is not None:
+            self.nodes.require(request.node_id)  # NOT_FOUND for a node that does not exist
         reason = backend.volumes.unsupported(cap)
         if reason:
             raise InvalidArgument(f"volume {request.volume_id}: {reason}")

@@ -299,6 +299,12 @@ class NodeService(pb_grpc.NodeServicer):
     # -- stats and expansion --------------------------------------------------------
 
     def _staged_at(self, volume_id: str, path: str) -> StagedVolume:
+        """The volume's record when it is staged or published at ``path``; NotFound
+        otherwise, also for a path no host could have (the spec's code for a volume that
+        is not at the path)."""
+        problem = convert.path_problem(path)
+        if problem:
+            raise NotFound(f"volume {volume_id} is not at volume_path {path!r}: it {problem}")
         if not os.path.exists(path):
             raise NotFound(f"path {path} of volume {volume_id} does not exist")
         staged = self.state.load(volume_id)
@@ -313,7 +319,8 @@ class NodeService(pb_grpc.NodeServicer):
         self, request: pb.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
     ) -> pb.NodeGetVolumeStatsResponse:
         convert.require(request.volume_id, "volume_id")
-        path = convert.path(request.volume_path, "volume_path")
+        path = request.volume_path
+        convert.require(path, "volume_path")
         backend, local_id = self._route(request.volume_id)
         staged = self._staged_at(request.volume_id, path)
         problems = []
@@ -332,7 +339,7 @@ class NodeService(pb_grpc.NodeServicer):
         self, request: pb.NodeExpandVolumeRequest, context: grpc.ServicerContext
     ) -> pb.NodeExpandVolumeResponse:
         convert.require(request.volume_id, "volume_id")
-        convert.path(request.volume_path, "volume_path")
+        convert.require(request.volume_path, "volume_path")
         if request.staging_target_path:
             convert.path(request.staging_target_path, "staging_target_path")
         convert.capacity_range(request.capacity_range)

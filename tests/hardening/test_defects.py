@@ -277,7 +277,7 @@ def test_6_8_paths_the_host_cannot_take_are_invalid(driver: Driver, kind: str) -
     else:  # a path that cannot exist has nothing published at it
         driver.node.NodeUnpublishVolume(unpublish, timeout=30)
     stats = pb.NodeGetVolumeStatsRequest(volume_id=vol.id, volume_path=hostile)
-    assert failure(driver.node.NodeGetVolumeStats, stats)[0] is grpc.StatusCode.INVALID_ARGUMENT
+    assert failure(driver.node.NodeGetVolumeStats, stats)[0] is grpc.StatusCode.NOT_FOUND  # nothing is there
     assert set(os.listdir(os.getcwd())) == before, "a relative path reached the driver's working directory"
     vol.unstage()
     vol.delete()

@@ -13,7 +13,10 @@ Settings:
     fuseDir:       where rbd-fuse mounts images on a node (default /var/lib/cairn-csi/rbd-fuse)
     credentialsDir: a directory holding files userID and userKey (a mounted Secret), used
                    by the calls that carry no CSI secret: GetCapacity, ListVolumes,
-                   ControllerGetVolume (optional; without it they use the last credentials seen)
+                   ControllerGetVolume, and the health check (optional; without it
+                   ListVolumes and ControllerGetVolume are refused with FAILED_PRECONDITION,
+                   GetCapacity answers 0 and the health check is skipped: a call never
+                   borrows the credentials another call brought)
 Credentials are never settings: they come from the CSI secrets (userID, userKey).
 """
 

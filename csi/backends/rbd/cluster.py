@@ -5,6 +5,10 @@ once per cluster and credential and reused by every call: ``Clusters.ioctx`` han
 I/O context per pool from the cached connection. Keys never leave this module: they are
 given to librados in memory (no keyring file, nothing on a command line), and connections
 are cached under a hash of the credential, not the key itself.
+
+A call runs with the credentials it brought (its CSI secret) or, when it brought none, with
+the backend's own (``credentialsDir``); never with those of another call. StorageClasses
+may name different Ceph users, and a tenant's call must not borrow another's key.
 """
 
 from __future__ import annotations
@@ -95,20 +99,21 @@ class Clusters:
         self.monitors = ",".join(monitors)
         self.credentials_dir = credentials_dir
         self._connections: dict[str, rados.Rados] = {}
-        self._last: Credentials | None = None
         self._lock = threading.Lock()
         self.on_connect: Callable[[rados.Rados], None] | None = None
 
     def connection(self, credentials: Credentials | None) -> rados.Rados:
-        """The connection for ``credentials``. Calls such as GetCapacity and ListVolumes
-        carry no secrets: they use the credentials directory when one is configured (read
-        on each call, so a rotated Secret takes effect), else the credentials used last."""
+        """The connection for ``credentials``. A call that carries no secret (GetCapacity,
+        ListVolumes and ControllerGetVolume never do) uses the credentials directory when
+        the backend has one, read on each call so a rotated Secret takes effect. Without
+        one it is refused: it never runs with the credentials another call brought."""
         with self._lock:
-            credentials = credentials or self._from_directory() or self._last
+            credentials = credentials or self._from_directory()
             if credentials is None:
                 raise FailedPrecondition(
-                    "no Ceph credentials yet: this call carries no secret, no earlier call brought one, "
-                    "and the backend has no credentialsDir"
+                    f"no Ceph credentials for {self.monitors}: the call carries no CSI secret with "
+                    f"{USER_ID!r} and {USER_KEY!r} (the StorageClass's csi.storage.k8s.io/*-secret-name "
+                    "parameters name it), and the backend has no credentialsDir for calls without one"
                 )
             cached = self._connections.get(credentials.fingerprint)
             if cached is None:
@@ -116,12 +121,11 @@ class Clusters:
                 self._connections[credentials.fingerprint] = cached
                 if self.on_connect is not None:
                     self.on_connect(cached)
-            self._last = credentials
             return cached
 
     def has_default_credentials(self) -> bool:
-        """Whether calls without secrets have credentials to use."""
-        return bool(self.credentials_dir) or self._last is not None
+        """Whether calls without secrets have credentials of their own (credentialsDir)."""
+        return bool(self.credentials_dir)
 
     def _from_directory(self) -> Credentials | None:
         if not self.credentials_dir:

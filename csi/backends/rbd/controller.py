@@ -126,15 +126,20 @@ class RbdVolumes:
     def _image(io: Any, name: str, what: str) -> rbd.Image:
         return ceph_call(what, lambda: rbd.Image(io, name))
 
-    def _clone_depth(self, image: rbd.Image) -> int:
-        """How many parents ``image`` reads through. A parent may be in the trash (its
-        volume was deleted), where only its ID opens it."""
+    def _clone_depth(self, image: rbd.Image, secrets: Secrets) -> int:
+        """How many parents ``image`` reads through, opened with the calling request's
+        credentials. A parent may be in the trash (its volume was deleted), where only
+        its ID opens it."""
         depth = 0
         parent = _parent(image)
+        credentials = Credentials.from_secrets(secrets)
         while parent is not None:
             depth += 1
             pool, parent_id = parent
-            with self.clusters.ioctx(pool, None) as io, rbd.Image(io, image_id=parent_id, read_only=True) as handle:
+            with (
+                self.clusters.ioctx(pool, credentials) as io,
+                rbd.Image(io, image_id=parent_id, read_only=True) as handle,
+            ):
                 parent = _parent(handle)
         return depth
 
@@ -173,9 +178,10 @@ class RbdVolumes:
         return self._health.result()
 
     def _check_cluster(self) -> str | None:
-        """One round trip to the monitors with the credentials that serve calls without
-        secrets. Without any (StorageClass secrets arrive with each call and none came
-        yet), there is nothing to check with, and nothing is reported."""
+        """One round trip to the monitors with the backend's own credentials
+        (credentialsDir). Without them there is nothing to check with, and nothing is
+        reported: the secrets StorageClasses name belong to their calls, not to the
+        health check, and a call that cannot reach Ceph fails with its own reason."""
         if not self.clusters.has_default_credentials():
             return None
         connection = self.clusters.connection(None)
@@ -201,8 +207,8 @@ class RbdVolumes:
         return ceph_call("the pool statistics", df)
 
     def free_bytes(self, *, secrets: Secrets = NO_SECRETS) -> int:
-        """The pool's free space as Ceph computes it (after replication); 0 while no
-        request has brought credentials yet (GetCapacity carries none)."""
+        """The pool's free space as Ceph computes it (after replication). GetCapacity
+        carries no secret: without credentialsDir it answers 0 rather than failing."""
         try:
             return self._df(secrets).get(self.settings.pool, 0)
         except FailedPrecondition:
@@ -235,7 +241,7 @@ class RbdVolumes:
                 with self._image(io, name, f"volume {spec.name!r}") as image:
                     if image.size() < size:
                         image.resize(size)
-                    if self._clone_depth(image) > self.settings.max_clone_depth:
+                    if self._clone_depth(image, spec.secrets) > self.settings.max_clone_depth:
                         image.flatten()
                     _set_metadata(image, SOURCE_KEY, source)
                     _set_metadata(image, CREATED_KEY, str(time.time()))
@@ -409,7 +415,7 @@ class RbdVolumes:
                         io, image_name("volume", source_uuid), io, image, features, None
                     )
                 with self._image(io, image, f"snapshot {name!r}") as snap_image:
-                    if self._clone_depth(snap_image) > self.settings.max_clone_depth:
+                    if self._clone_depth(snap_image, secrets) > self.settings.max_clone_depth:
                         snap_image.flatten()
                     if SNAPSHOT not in {s["name"] for s in snap_image.list_snaps()}:
                         snap_image.create_snap(SNAPSHOT)

@@ -126,7 +126,7 @@ def test_clone_from_volume_and_chain_flattening(volumes: RbdVolumes, secrets: di
         chain.append(current)
         assert read(pool_io, image_of(current.local_id), 0, 4) == b"root"
         with rbd.Image(pool_io, image_of(current.local_id), read_only=True) as image:
-            assert volumes._clone_depth(image) <= 2, "clones deeper than maxCloneDepth must be flattened"
+            assert volumes._clone_depth(image, secrets) <= 2, "clones deeper than maxCloneDepth must be flattened"
     with pytest.raises(OutOfRange):
         volumes.create_volume(
             VolumeSpec("small", MiB, 2 * MiB, (RWO,), {}, SourceRef("volume", chain[0].local_id), secrets)
@@ -191,10 +191,10 @@ def test_filesystems_shared_read_write_are_refused_with_the_reason(volumes: RbdV
 
 
 def test_capacity_is_the_pools_free_space(volumes: RbdVolumes, secrets: dict[str, str], ceph: CephCluster) -> None:
-    assert volumes.free_bytes() == 0, "no credentials yet: nothing to ask Ceph with"
+    assert volumes.free_bytes() == 0, "no credentials: nothing to ask Ceph with"
     free = volumes.free_bytes(secrets=secrets)
     assert 0 < free <= 4 << 30
-    assert volumes.free_bytes() == free, "later calls reuse the connection"
+    assert volumes.free_bytes() == 0, "GetCapacity never borrows the credentials an earlier call brought"
 
 
 def test_credentials_are_required_and_checked(ceph: CephCluster, secrets: dict[str, str]) -> None:
@@ -208,6 +208,75 @@ def test_credentials_are_required_and_checked(ceph: CephCluster, secrets: dict[s
         backend.create_volume(spec("x", wrong))
     assert "AQBv2zBn" not in str(caught.value)
     backend.clusters.shutdown()
+
+
+def test_a_call_without_secrets_never_borrows_the_credentials_of_an_earlier_call(
+    volumes: RbdVolumes, secrets: dict[str, str]
+) -> None:
+    """Two StorageClasses may name two Ceph users: a call that brings no secret must not
+    run with the key the last call brought (tenant A's), on a backend without a
+    credentialsDir of its own."""
+    tenant_a = volumes.create_volume(spec("tenant-a", secrets))  # A's connection is open and cached
+    try:
+        # FAILED_PRECONDITION: the requests are well formed (ListVolumes and
+        # ControllerGetVolume have no secrets field at all, so INVALID_ARGUMENT would blame
+        # the caller for what it cannot send); what is missing is credentials only the
+        # operator can provide, a StorageClass secret or the backend's credentialsDir. The
+        # call must not be retried until that is fixed, which is what the code means.
+        refused = r"no CSI secret with 'userID' and 'userKey'.*no credentialsDir"
+        with pytest.raises(FailedPrecondition, match=refused):
+            volumes.list_volumes()
+        with pytest.raises(FailedPrecondition, match=refused):
+            volumes.get_volume(tenant_a.local_id)
+        with pytest.raises(FailedPrecondition, match=refused):
+            volumes.create_volume(spec("tenant-b", {}))
+        with pytest.raises(FailedPrecondition, match=refused):
+            volumes.publish_volume(tenant_a.local_id, "node-b", RWO, False)
+        with pytest.raises(FailedPrecondition, match=refused):
+            volumes.delete_volume(tenant_a.local_id)
+        assert volumes.free_bytes() == 0, "GetCapacity answers 0 rather than failing"
+        assert not volumes.clusters.has_default_credentials(), "so the health check has nothing to check with"
+        # Nothing ran with A's key: no volume for B, no publication, A's volume still there.
+        assert volumes.lookup_volume("tenant-b", secrets=secrets) is None
+        assert volumes.get_volume(tenant_a.local_id, secrets=secrets).published_nodes == ()
+    finally:
+        volumes.unpublish_volume(tenant_a.local_id, "node-b", secrets=secrets)
+        volumes.delete_volume(tenant_a.local_id, secrets=secrets)
+        leaked = volumes.lookup_volume("tenant-b", secrets=secrets)
+        if leaked is not None:
+            volumes.delete_volume(leaked.local_id, secrets=secrets)
+
+
+@pytest.fixture
+def read_only_user(ceph: CephCluster) -> Iterator[dict[str, str]]:
+    """A second Ceph user, allowed to read the pool and nothing more."""
+    name = f"{USER}-reader"
+    key = ceph.ceph(
+        "auth", "get-or-create-key", f"client.{name}", "mon", "profile rbd", "osd", f"profile rbd-read-only pool={POOL}"
+    )  # fmt: skip
+    yield {"userID": name, "userKey": key}
+    ceph.ceph("auth", "del", f"client.{name}")
+
+
+def test_a_call_without_secrets_runs_as_the_backends_own_user(
+    ceph: CephCluster, secrets: dict[str, str], read_only_user: dict[str, str], tmp_path: Any
+) -> None:
+    """With a credentialsDir, secret-less calls run as its user (here one that may only
+    read), even right after a call with another user's secret."""
+    settings = RbdSettings(
+        monitors=tuple(ceph.monitors), pool=POOL, credentials_dir=credentials_dir(tmp_path, read_only_user)
+    )
+    backend = RbdVolumes(settings, Clusters(settings.monitors, settings.credentials_dir))
+    try:
+        volume = backend.create_volume(spec("writer", secrets))  # the pool's user may write
+        assert [v.local_id for v in backend.list_volumes()] == [volume.local_id]
+        assert backend.free_bytes() > 0
+        with pytest.raises(FailedPrecondition, match="may not act on"):
+            backend.create_volume(spec("reader", {}))  # the reader may not, and it is the reader
+        assert backend.lookup_volume("reader", secrets=secrets) is None
+        backend.delete_volume(volume.local_id, secrets=secrets)
+    finally:
+        backend.clusters.shutdown()
 
 
 # -- crash and retry ---------------------------------------------------------------
