@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import time
@@ -27,7 +28,7 @@ from typing import Any, TypeVar
 import rbd
 
 from csi.backends.rbd.cluster import Clusters, Credentials, ceph_call, classify
-from csi.backends.rbd.journal import Journal, Kind, Sweeper, image_name
+from csi.backends.rbd.journal import Journal, Kind, Sweeper, forget_pool, image_name, remember_pool, remembered_pools
 from csi.checks import BackgroundCheck
 from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from csi.model import (
@@ -42,6 +43,8 @@ from csi.model import (
     VolumeSpec,
 )
 from csi.sizes import choose_size
+
+log = logging.getLogger(__name__)
 
 SNAPSHOT = "cairn"
 NAME_KEY, SOURCE_KEY, CREATED_KEY, PUBLISHED_PREFIX = "cairn.name", "cairn.source", "cairn.created", "cairn.published."
@@ -227,6 +230,10 @@ class RbdVolumes:
         if mapper not in MAPPERS:
             raise InvalidArgument(f"mapper {mapper!r} is not one of {', '.join(MAPPERS)}")
         source = _source_text(spec.source)
+        if pool != self.settings.pool:
+            # Recorded before anything is made there, so listings find whatever follows.
+            with self._pool(self.settings.pool, spec.secrets) as (io, _journal):
+                remember_pool(io, pool)
         with self._pool(pool, spec.secrets) as (io, journal):
             image_uuid, _record = journal.reserve("volume", spec.name)
             local_id, name = f"{pool}/{image_uuid}", image_name("volume", image_uuid)
@@ -472,12 +479,24 @@ class RbdVolumes:
         return self._list("snapshot", self._complete_snapshot, secrets)
 
     def _list(self, kind: Kind, complete: Callable[[Any, str], T | None], secrets: Secrets) -> list[T]:
-        """The complete objects of ``kind`` in the backend's pool, sorted by local ID."""
-        pool, prefix = self.settings.pool, image_name(kind, "")
-        with self._pool(pool, secrets) as (io, _journal):
-            names = sorted(n for n in ceph_call(f"pool {pool!r}", lambda: self.rbd.list(io)) if n.startswith(prefix))
-            found = [complete(io, f"{pool}/{n.removeprefix(prefix)}") for n in names]
-        return [item for item in found if item is not None]
+        """The complete objects of ``kind`` in the backend's pool and in every pool a
+        StorageClass put volumes in, sorted by local ID. A recorded pool that was deleted
+        since holds nothing."""
+        prefix = image_name(kind, "")
+        with self._pool(self.settings.pool, secrets) as (io, _journal):
+            pools = [self.settings.pool, *remembered_pools(io)]
+        found: list[T | None] = []
+        for pool in pools:
+            try:
+                with self._pool(pool, secrets) as (io, _journal):
+                    listed = ceph_call(f"pool {pool!r}", lambda: self.rbd.list(io))
+                    names = sorted(n for n in listed if n.startswith(prefix))
+                    found += [complete(io, f"{pool}/{n.removeprefix(prefix)}") for n in names]
+            except NotFound:
+                log.warning("pool %s, recorded as holding volumes, no longer exists; forgetting it", pool)
+                with self._pool(self.settings.pool, secrets) as (io, _journal):
+                    forget_pool(io, pool)
+        return sorted((item for item in found if item is not None), key=lambda item: item.local_id)  # type: ignore[attr-defined]
 
     # -- publication ----------------------------------------------------------------
 

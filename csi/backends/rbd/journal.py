@@ -31,7 +31,7 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import rados
@@ -109,25 +109,67 @@ class Journal:
         self._remove(*keys)
 
     def sweep(self, image_exists: Callable[[str], bool]) -> int:
-        """Remove reservations whose image does not exist; returns how many."""
-
-        def read_all() -> dict[str, bytes]:
-            with rados.ReadOpCtx() as op:
-                values, _ = self.io.get_omap_vals(op, "", "", 100000)
-                try:
-                    self.io.operate_read_op(op, JOURNAL)
-                except rados.ObjectNotFound:
-                    return {}
-                return dict(values)
-
+        """Remove reservations whose image does not exist; returns how many. The journal
+        is read a page at a time, however many reservations it holds."""
         removed = 0
-        for key in ceph_call("the journal", read_all):
+        for key in list(omap_keys(self.io, JOURNAL)):
             kind, field, value = key.split(".", 2)
             if field == "uuid" and kind in ("volume", "snapshot") and not image_exists(image_name(kind, value)):  # type: ignore[arg-type]
                 log.warning("removing an abandoned reservation", extra={"kind": kind, "uuid": value})
                 self.release(kind, value)  # type: ignore[arg-type]
                 removed += 1
         return removed
+
+
+OMAP_PAGE = 1000
+POOLS = "cairn.pools"
+"""An object in the backend's own pool whose omap keys name the other pools a
+StorageClass's ``pool`` parameter put volumes in, so listings find them."""
+
+
+def omap_keys(io: Any, obj: str) -> Iterator[str]:
+    """Every omap key of ``obj`` in order, read OMAP_PAGE at a time; none when the object
+    does not exist."""
+
+    def page(after: str) -> list[str]:
+        with rados.ReadOpCtx() as op:
+            values, _ = io.get_omap_vals(op, after, "", OMAP_PAGE)
+            try:
+                io.operate_read_op(op, obj)
+            except rados.ObjectNotFound:
+                return []
+            return [key for key, _value in values]
+
+    after = ""
+    while True:
+        keys = ceph_call(f"object {obj}", lambda: page(after))  # noqa: B023 (called at once)
+        yield from keys
+        if len(keys) < OMAP_PAGE:
+            return
+        after = keys[-1]
+
+
+def remember_pool(io: Any, pool: str) -> None:
+    def write() -> None:
+        with rados.WriteOpCtx() as op:
+            io.set_omap(op, (pool,), (b"",))
+            io.operate_write_op(op, POOLS)
+
+    ceph_call(f"the list of pools ({POOLS})", write)
+
+
+def forget_pool(io: Any, pool: str) -> None:
+    def write() -> None:
+        with rados.WriteOpCtx() as op:
+            io.remove_omap_keys(op, (pool,))
+            with contextlib.suppress(rados.ObjectNotFound):
+                io.operate_write_op(op, POOLS)
+
+    ceph_call(f"the list of pools ({POOLS})", write)
+
+
+def remembered_pools(io: Any) -> list[str]:
+    return list(omap_keys(io, POOLS))
 
 
 class Sweeper:

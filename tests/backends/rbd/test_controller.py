@@ -421,3 +421,43 @@ def test_health_notices_a_cluster_that_stops_answering(tmp_path: Any, monkeypatc
     finally:
         own.stop()
         backend.clusters.shutdown()
+
+
+def test_listings_include_volumes_a_storage_class_put_in_another_pool(ceph: CephCluster, tmp_path: Any) -> None:
+    other = "cairn-other"
+    admin = {"userID": "admin", "userKey": ceph.admin_key}
+    ceph.ceph("osd", "pool", "create", other, "8", "8", "replicated")
+    ceph.rbd("pool", "init", other)
+    backend = RbdVolumes(
+        RbdSettings(monitors=tuple(ceph.monitors), pool=POOL, credentials_dir=credentials_dir(tmp_path, admin)),
+        Clusters(tuple(ceph.monitors), credentials_dir(tmp_path, admin)),
+    )
+    try:
+        home = backend.create_volume(spec("in-home", admin))
+        away = backend.create_volume(spec("in-other", admin, pool=other))
+        assert away.local_id.startswith(f"{other}/")
+        snap = backend.create_snapshot("snap-other", away.local_id, {}, secrets=admin)
+        assert [v.local_id for v in backend.list_volumes()] == sorted([home.local_id, away.local_id])
+        assert [s.local_id for s in backend.list_snapshots()] == [snap.local_id]
+        backend.delete_snapshot(snap.local_id, secrets=admin)
+        for volume in (home, away):
+            backend.delete_volume(volume.local_id, secrets=admin)
+        assert backend.list_volumes() == []
+    finally:
+        backend.clusters.shutdown()
+        ceph.ceph("osd", "pool", "rm", other, other, "--yes-i-really-really-mean-it")
+    assert backend.list_volumes() == []  # a deleted pool is forgotten
+    assert ceph._run("rados", "-c", str(ceph.conf), "-p", POOL, "listomapkeys", "cairn.pools") == ""
+    backend.clusters.shutdown()
+
+
+def test_journal_keys_are_read_a_page_at_a_time(pool_io: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from csi.backends.rbd import journal
+
+    monkeypatch.setattr(journal, "OMAP_PAGE", 2)
+    for pool in ("p1", "p2", "p3", "p4", "p5"):
+        journal.remember_pool(pool_io, pool)
+    try:
+        assert journal.remembered_pools(pool_io) == ["p1", "p2", "p3", "p4", "p5"]
+    finally:
+        pool_io.remove_object(journal.POOLS)
