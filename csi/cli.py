@@ -24,6 +24,7 @@ from csi.config import BackendConfig
 from csi.controller import ControllerService
 from csi.errors import ConfigError
 from csi.identity import IdentityService
+from csi.metrics import Metrics
 from csi.node import NodeService
 from csi.nodes import KubernetesNodes, NodeDirectory
 from csi.nodestate import NodeState
@@ -61,6 +62,16 @@ def build_backends(driver_config: config.DriverConfig, node_id: str, controller:
     return backends
 
 
+def tcp_port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0 to 65535)")
+    return port
+
+
 def parser() -> argparse.ArgumentParser:
     env = os.environ.get
     p = argparse.ArgumentParser(prog="cairn-csi", description=f"{DRIVER_NAME}: a CSI driver with many backends")
@@ -88,6 +99,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--health-port", type=int, default=0, help="TCP port serving only grpc.health.v1, for gRPC probes (0: off)"
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=tcp_port,
+        default=env("CAIRN_METRICS_PORT", "0"),
+        help="TCP port serving Prometheus metrics at /metrics on every interface (0: off; env CAIRN_METRICS_PORT)",
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
@@ -123,7 +140,18 @@ def build_server(args: argparse.Namespace) -> Server:
         node = NodeService(scheduler, args.node_id, NodeState(args.state_dir), args.max_volumes_per_node)
     identity = IdentityService(scheduler, controller=controller is not None)
     services = Services(identity, controller, node)
-    return Server(args.endpoint, services, workers=args.workers, health_port=args.health_port, ready=identity.ready)
+    # Backend health and free space only where the controller runs: a node plugin has no
+    # business asking a storage cluster.
+    watched = list(scheduler.backends.values()) if serves_controller else []
+    metrics = Metrics(args.metrics_port, watched) if args.metrics_port else None
+    return Server(
+        args.endpoint,
+        services,
+        workers=args.workers,
+        health_port=args.health_port,
+        ready=identity.ready,
+        metrics=metrics,
+    )
 
 
 def serve(argv: Sequence[str]) -> int:

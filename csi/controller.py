@@ -18,6 +18,7 @@ from csi.errors import Aborted, InvalidArgument, NotFound, OutOfRange, ResourceE
 from csi.generated import csi_pb2 as pb
 from csi.generated import csi_pb2_grpc as pb_grpc
 from csi.locks import InFlight
+from csi.log import set_backend
 from csi.model import AccessType, Capability, Secrets, Volume, VolumeSpec
 from csi.mount import MINIMUM_BYTES, parse_filesystem
 from csi.nodes import NodeDirectory
@@ -116,7 +117,9 @@ class ControllerService(pb_grpc.ControllerServicer):
 
     def _route(self, object_id: str, what: str = "volume") -> tuple[Backend, str]:
         ref = ids.decode(object_id, what)
-        return self.scheduler.backend(ref.backend, what, object_id), ref.local_id
+        backend = self.scheduler.backend(ref.backend, what, object_id)
+        set_backend(backend.name)
+        return backend, ref.local_id
 
     # -- volumes --------------------------------------------------------------------
 
@@ -170,6 +173,7 @@ class ControllerService(pb_grpc.ControllerServicer):
 
     @staticmethod
     def _created(backend: Backend, volume: Volume, vol_context: Mapping[str, str]) -> pb.CreateVolumeResponse:
+        set_backend(backend.name)
         return pb.CreateVolumeResponse(volume=convert.volume(backend.name, volume, vol_context))
 
     def DeleteVolume(self, request: pb.DeleteVolumeRequest, context: grpc.ServicerContext) -> pb.DeleteVolumeResponse:

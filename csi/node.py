@@ -22,6 +22,7 @@ from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFo
 from csi.generated import csi_pb2 as pb
 from csi.generated import csi_pb2_grpc as pb_grpc
 from csi.locks import InFlight
+from csi.log import set_backend
 from csi.model import (
     DEFAULT_FILESYSTEM,
     TOPOLOGY_NODE_KEY,
@@ -73,7 +74,9 @@ class NodeService(pb_grpc.NodeServicer):
 
     def _route(self, volume_id: str) -> tuple[Backend, str]:
         ref = ids.decode(volume_id)
-        return self.scheduler.backend(ref.backend, "volume", volume_id), ref.local_id
+        backend = self.scheduler.backend(ref.backend, "volume", volume_id)
+        set_backend(backend.name)
+        return backend, ref.local_id
 
     def _capability(self, request: pb.NodeStageVolumeRequest | pb.NodePublishVolumeRequest) -> Capability:
         if not request.HasField("volume_capability"):

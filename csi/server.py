@@ -1,24 +1,28 @@
 """The gRPC server: endpoint parsing, one interceptor that logs every call with its
-secrets stripped and turns exceptions into status codes, the standard health service,
-and a graceful stop that removes the socket."""
+secrets stripped, tags its log lines with a request ID, records its metrics and turns
+exceptions into status codes, the standard health service, and a graceful stop that
+removes the socket."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import secrets
 import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from csi import log as calls
 from csi import status
 from csi.errors import ConfigError
 from csi.generated import csi_pb2 as pb
@@ -27,7 +31,7 @@ from csi.generated import csi_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 STRIPPED = "***stripped***"
-# Called every few seconds by the sidecars and kubelet; logged at debug level only.
+# Called every few seconds by the sidecars and kubelet: their summary line is at debug level.
 _QUIET = {
     "Probe",
     "GetPluginInfo",
@@ -41,6 +45,20 @@ _QUIET = {
 
 # Longest string logged whole; a hostile request may carry megabytes in one field.
 LOGGED_CHARS = 512
+
+# gRPC metadata a client may send to name its call in the driver's log; longer is cut.
+REQUEST_ID_KEY = "x-request-id"
+REQUEST_ID_CHARS = 64
+# Request fields naming what a call acts on, in its summary line ("name" is renamed:
+# a log record reserves it), each cut to OBJECT_CHARS.
+OBJECT_FIELDS = {
+    "name": "request_name",
+    "volume_id": "volume_id",
+    "source_volume_id": "source_volume_id",
+    "snapshot_id": "snapshot_id",
+    "node_id": "node_id",
+}
+OBJECT_CHARS = 128
 
 
 def redacted(message: Message) -> dict[str, Any]:
@@ -88,50 +106,133 @@ def _described(message: Message) -> dict[str, Any]:
         return {"unloggable": type(exc).__name__}
 
 
+def request_id(context: grpc.ServicerContext) -> str:
+    """The client's ``x-request-id`` (its printable characters, at most 64), or a new
+    random ID."""
+    with contextlib.suppress(Exception):
+        for key, value in context.invocation_metadata() or ():
+            if key == REQUEST_ID_KEY and isinstance(value, str):
+                given = "".join(c for c in value[:REQUEST_ID_CHARS] if c.isprintable()).strip()
+                if given:
+                    return given
+    return secrets.token_hex(8)
+
+
+def acted_on(request: Message) -> dict[str, str]:
+    """The names and IDs in ``request`` that say what the call acts on."""
+    fields = request.DESCRIPTOR.fields_by_name
+    found = {}
+    for field, key in OBJECT_FIELDS.items():
+        value = getattr(request, field) if field in fields else None
+        if isinstance(value, str) and value:
+            found[key] = value[:OBJECT_CHARS]
+    return found
+
+
+def _log(level: int, message: str, extra: Mapping[str, Any], exc_info: BaseException | None = None) -> None:
+    """Log, never raising: a broken handler, filter or formatter must not fail a call."""
+    try:
+        log.log(level, message, extra=extra, exc_info=exc_info)
+    except Exception:
+        with contextlib.suppress(Exception):
+            log.exception("cannot log %r", message)
+
+
+def _body(rpc: str, message: str, key: str, body: Message) -> None:
+    """A request or response at debug level, secrets stripped; never raising."""
+    with contextlib.suppress(Exception):
+        if log.isEnabledFor(logging.DEBUG):
+            _log(logging.DEBUG, message, {"rpc": rpc, key: _described(body)})
+
+
+class CallMetrics(Protocol):
+    """What records each call's metrics (``csi.metrics.Metrics``), served from ``start``
+    to ``stop``."""
+
+    def started(self, method: str) -> None: ...
+
+    def finished(self, method: str, code: str, backend: str, seconds: float) -> None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Logs each unary call and maps whatever it raises through ``status.to_status``."""
+    """Runs each unary call in its log context (request ID, backend), logs its request
+    and response at debug level and one summary line, records its metrics, and maps
+    whatever it raises through ``status.to_status``. Neither the log nor the metrics
+    can fail a call."""
+
+    def __init__(self, metrics: CallMetrics | None = None) -> None:
+        self.metrics = metrics
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler
-        rpc = details.method.rsplit("/", 1)[-1]
+        method: str = details.method
+        rpc = method.rsplit("/", 1)[-1]
         inner = handler.unary_unary
-        level = logging.DEBUG if rpc in _QUIET else logging.INFO
 
         def call(request: Message, context: grpc.ServicerContext) -> Message:
             started = time.monotonic()
-            try:
-                log.log(level, "call", extra={"rpc": rpc, "request": _described(request)})
-                response: Message = inner(request, context)
-                log.log(
-                    level,
-                    "done",
-                    extra={
-                        "rpc": rpc,
-                        "seconds": round(time.monotonic() - started, 3),
-                        "response": _described(response),
-                    },
-                )
-                return response
-            except Exception as exc:
-                code, message = status.to_status(exc)
-                extra = {
-                    "rpc": rpc,
-                    "code": code.name,
-                    "error": message,
-                    "seconds": round(time.monotonic() - started, 3),
-                }
-                if code is grpc.StatusCode.INTERNAL:
-                    log.exception("failed", extra=extra)
-                else:
-                    log.info("failed", extra=extra)
-                context.abort(code, message)
-                raise  # abort() always raises; this line is never reached
+            with calls.call_context(request_id(context)):
+                self._record(lambda m: m.started(method))
+                code, message = grpc.StatusCode.OK, ""
+                failure: Exception | None = None
+                try:
+                    _body(rpc, "call", "request", request)
+                    response: Message = inner(request, context)
+                    _body(rpc, "answer", "response", response)
+                    return response
+                except Exception as exc:
+                    code, message = status.to_status(exc)
+                    failure = exc
+                    context.abort(code, message)
+                    raise  # abort() always raises; this line is never reached
+                finally:
+                    seconds = time.monotonic() - started
+                    backend = calls.backend()
+                    self._summary(rpc, request, code, message, failure, seconds, backend)
+                    self._record(lambda m: m.finished(method, code.name, backend, seconds))
 
         return grpc.unary_unary_rpc_method_handler(
             call, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
         )
+
+    @staticmethod
+    def _summary(
+        rpc: str,
+        request: Message,
+        code: grpc.StatusCode,
+        message: str,
+        failure: BaseException | None,
+        seconds: float,
+        backend: str,
+    ) -> None:
+        """One line per call: at info level (debug for the frequent calls) when it
+        succeeded, info when it failed, error with the traceback when it was a bug."""
+        try:
+            extra: dict[str, Any] = {"rpc": rpc, "code": code.name, "seconds": round(seconds, 3), **acted_on(request)}
+        except Exception:
+            extra = {"rpc": rpc, "code": code.name, "seconds": round(seconds, 3)}
+        if backend:
+            extra["backend"] = backend
+        if failure is None:
+            _log(logging.DEBUG if rpc in _QUIET else logging.INFO, "done", extra)
+        elif code is grpc.StatusCode.INTERNAL:
+            _log(logging.ERROR, "failed", {**extra, "error": message}, exc_info=failure)
+        else:
+            _log(logging.INFO, "failed", {**extra, "error": message})
+
+    def _record(self, action: Callable[[CallMetrics], None]) -> None:
+        if self.metrics is None:
+            return
+        try:
+            action(self.metrics)
+        except Exception as exc:
+            _log(logging.WARNING, "cannot record metrics", {}, exc_info=exc)
 
 
 @dataclass(frozen=True)
@@ -164,7 +265,8 @@ class Server:
     """The CSI services on ``endpoint``, and the standard gRPC health service there and,
     with ``health_port``, alone on a TCP port for kubelet's gRPC probes. The health status
     follows ``ready`` (checked every HEALTH_INTERVAL seconds): SERVING while it answers
-    True, NOT_SERVING otherwise."""
+    True, NOT_SERVING otherwise. With ``metrics``, each call is recorded there, and the
+    metrics are served from ``start`` to ``stop``."""
 
     def __init__(
         self,
@@ -173,11 +275,15 @@ class Server:
         workers: int = 8,
         health_port: int = 0,
         ready: Callable[[], bool] = lambda: True,
+        metrics: CallMetrics | None = None,
     ) -> None:
         self.endpoint = parse_endpoint(endpoint)
         self.health_port = health_port
         self._ready = ready
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[CallInterceptor()])
+        self.metrics = metrics
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers), interceptors=[CallInterceptor(metrics)]
+        )
         pb_grpc.add_IdentityServicer_to_server(services.identity, self._server)
         if services.controller is not None:
             pb_grpc.add_ControllerServicer_to_server(services.controller, self._server)
@@ -200,6 +306,8 @@ class Server:
             raise ConfigError(f"cannot listen on {self.endpoint.address}")
         if self._health_server is not None and self._health_server.add_insecure_port(f"[::]:{self.health_port}") == 0:
             raise ConfigError(f"cannot listen for health checks on port {self.health_port}")
+        if self.metrics is not None:
+            self.metrics.start()
         self._update_health()
         self._server.start()
         if self._health_server is not None:
@@ -230,6 +338,8 @@ class Server:
         self._server.stop(grace).wait()
         if self._health_server is not None:
             self._health_server.stop(0).wait()
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.endpoint.socket_path:
             _remove_stale_socket(self.endpoint.socket_path)
         log.info("stopped")

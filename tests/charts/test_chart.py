@@ -130,12 +130,76 @@ def test_validation_can_fail() -> None:
         ("backends[0].name=Bad_Name", "name"),
         ("storageClasses[0].reclaimPolicy=Keep", "reclaimPolicy"),
         ("sidecars.provisioner.timeout=5 minutes", "timeout"),
+        ("metrics.serviceMonitor.enabeld=true", "enabeld"),
+        ("metrics.port.controller=0", "controller"),
     ],
 )
 def test_values_schema_rejects_typos(setting: str, complaint: str) -> None:
     result = helm("template", "cairn", str(CHART), "--kube-version", KUBERNETES[0], "--set", setting)
     assert result.returncode != 0
     assert complaint in result.stderr
+
+
+METRICS_ON = ("--set", "metrics.enabled=true", "--set", "metrics.serviceMonitor.enabled=true")
+
+
+@pytest.mark.parametrize("version", KUBERNETES)
+@pytest.mark.parametrize("values", VALUES)
+def test_metrics_render_valid_objects(values: str | None, version: str) -> None:
+    """With metrics on, both driver containers serve them on a named port their pods
+    announce, and the controller's are selected by a Service and a ServiceMonitor."""
+    docs = render(values, version, *METRICS_ON, "--set", "metrics.serviceMonitor.labels.release=prometheus")
+    custom = crd_schemas()
+    for doc in docs:
+        key = (doc["apiVersion"], doc["kind"])
+        if key in custom:
+            jsonschema.validate(doc, custom[key])
+        elif key != ("monitoring.coreos.com/v1", "ServiceMonitor"):
+            # The Prometheus Operator's CRD is not vendored here: the ServiceMonitor is
+            # checked field by field below instead.
+            kubernetes_validate.validate(doc, version, strict=True)
+    pods = {
+        doc["metadata"]["name"]: doc["spec"]["template"] for doc in docs if doc["kind"] in ("Deployment", "DaemonSet")
+    }
+    for name, port in (("cairn-csi-controller", "9812"), ("cairn-csi-node", "9813")):
+        cairn = next(c for c in pods[name]["spec"]["containers"] if c["name"] == "cairn")
+        assert f"--metrics-port={port}" in cairn["args"]
+        assert {"name": "metrics", "containerPort": int(port), "protocol": "TCP"} in cairn["ports"]
+        assert len({p["containerPort"] for p in cairn["ports"]}) == len(cairn["ports"]), "ports collide"
+        annotations = pods[name]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == port
+        assert annotations["prometheus.io/path"] == "/metrics"
+    service = next(d for d in docs if d["kind"] == "Service")
+    selected = [
+        n for n, pod in pods.items() if service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    ]
+    assert selected == ["cairn-csi-controller"]
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9812, "targetPort": "metrics", "protocol": "TCP"}]
+    monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    assert set(monitor) == {"apiVersion", "kind", "metadata", "spec"}
+    assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"] == "kube-system"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["kube-system"]}
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+
+
+def test_metrics_are_off_by_default_and_annotations_optional() -> None:
+    for doc in render(None):
+        assert doc["kind"] not in ("Service", "ServiceMonitor")
+        if doc["kind"] in ("Deployment", "DaemonSet"):
+            template = doc["spec"]["template"]
+            assert not any(k.startswith("prometheus.io/") for k in template["metadata"].get("annotations", {}))
+            for container in template["spec"]["containers"]:
+                assert not any("metrics" in arg for arg in container.get("args", []))
+    docs = render(None, KUBERNETES[0], "--set", "metrics.enabled=true", "--set", "metrics.annotations=false")
+    assert not [d for d in docs if d["kind"] in ("Service", "ServiceMonitor")]
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "DaemonSet"):
+            assert "prometheus.io/scrape" not in doc["spec"]["template"]["metadata"]["annotations"]
+            cairn = doc["spec"]["template"]["spec"]["containers"][0]
+            assert any(arg.startswith("--metrics-port=") for arg in cairn["args"])
 
 
 def test_older_kubernetes_is_refused() -> None:
