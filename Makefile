@@ -29,6 +29,7 @@ lint:
 	$(VENV)/bin/ruff check csi tests bench
 	$(VENV)/bin/ruff format --check csi tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 unit: setup-test
 	$(VENV)/bin/pytest -m "not integration and not conformance"

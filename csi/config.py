@@ -11,6 +11,7 @@ Without a file the driver serves the embedded default: one local backend named `
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,9 +19,10 @@ from typing import Any
 import yaml
 
 from csi.errors import ConfigError
-from csi.ids import BACKEND_NAME
 
 DEFAULT_BACKEND_NAME = "local"
+# Backend and group names: they appear in every volume ID (see ids.py).
+BACKEND_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 
 
 @dataclass(frozen=True)

@@ -15,22 +15,15 @@ from google.protobuf.wrappers_pb2 import Int64Value
 from csi import convert, ids
 from csi.backends.base import Backend
 from csi.errors import Aborted, InvalidArgument, NotFound, OutOfRange, ResourceExhausted, Unimplemented
+from csi.filesystems import MINIMUM_BYTES, parse_filesystem
 from csi.generated import csi_pb2 as pb
 from csi.generated import csi_pb2_grpc as pb_grpc
 from csi.locks import InFlight
 from csi.log import set_backend
 from csi.model import AccessType, Capability, Secrets, Volume, VolumeSpec
-from csi.mount import MINIMUM_BYTES, parse_filesystem
 from csi.nodes import NodeDirectory
-from csi.scheduler import (
-    PARAM_BACKEND,
-    PARAM_FS_TYPE,
-    PARAM_GROUP,
-    PARAM_MKFS_OPTIONS,
-    PlacementRequest,
-    Scheduler,
-    backend_parameters,
-)
+from csi.parameters import PARAM_BACKEND, PARAM_FS_TYPE, PARAM_GROUP, PARAM_MKFS_OPTIONS, backend_parameters
+from csi.scheduler import PlacementRequest, Scheduler
 from csi.sizes import MAX_BYTES
 
 log = logging.getLogger(__name__)

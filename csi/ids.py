@@ -16,11 +16,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from csi.config import BACKEND_NAME
 from csi.errors import NotFound
 
 VERSION = "1"
 MAX_ID_BYTES = 128
-BACKEND_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 _LOCAL_ID = re.compile(r"^[\x21-\x7e]+$")
 
 

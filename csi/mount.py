@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from csi import proc
-from csi.errors import CommandFailed, FailedPrecondition, InvalidArgument
+from csi.errors import CommandFailed, FailedPrecondition
 from csi.model import Filesystem, FilesystemStats
 
 log = logging.getLogger(__name__)
@@ -27,9 +27,6 @@ _FAST_MKFS = {
     Filesystem.EXT4: ["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"],
     Filesystem.XFS: ["-K"],
 }
-
-# The smallest device each filesystem's mkfs accepts (mkfs.xfs: "must be larger than 300MB").
-MINIMUM_BYTES = {Filesystem.EXT4: 0, Filesystem.XFS: 300 << 20}
 
 # XFS refuses to mount two filesystems with one UUID; a restored snapshot or a clone
 # shares its source's UUID, so Cairn always mounts XFS with nouuid.
@@ -44,14 +41,6 @@ class MountEntry:
     options: tuple[str, ...]
     root: str
     device_number: str
-
-
-def parse_filesystem(name: str) -> Filesystem:
-    try:
-        return Filesystem(name)
-    except ValueError:
-        supported = ", ".join(f.value for f in Filesystem)
-        raise InvalidArgument(f"filesystem {name!r} is not supported (supported: {supported})") from None
 
 
 def _unescape(field: str) -> str:

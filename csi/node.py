@@ -19,6 +19,7 @@ import grpc
 from csi import convert, ids, mount
 from csi.backends.base import Backend
 from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from csi.filesystems import parse_filesystem
 from csi.generated import csi_pb2 as pb
 from csi.generated import csi_pb2_grpc as pb_grpc
 from csi.locks import InFlight
@@ -32,7 +33,8 @@ from csi.model import (
     Filesystem,
 )
 from csi.nodestate import NodeState, StagedVolume
-from csi.scheduler import PARAM_FS_TYPE, PARAM_MKFS_OPTIONS, Scheduler
+from csi.parameters import PARAM_FS_TYPE, PARAM_MKFS_OPTIONS
+from csi.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ CAPABILITIES = (
 
 def filesystem_for(cap: Capability, volume_context: dict[str, str]) -> Filesystem:
     name = cap.fs_type or volume_context.get(PARAM_FS_TYPE) or DEFAULT_FILESYSTEM.value
-    return mount.parse_filesystem(name)
+    return parse_filesystem(name)
 
 
 def parse_mkfs_options(volume_context: dict[str, str]) -> list[str]:

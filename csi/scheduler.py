@@ -24,13 +24,7 @@ from dataclasses import dataclass, field
 from csi.backends.base import Backend
 from csi.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from csi.model import Capability, Secrets, Segment
-
-PARAM_BACKEND = "backend"
-PARAM_GROUP = "group"
-PARAM_FS_TYPE = "fsType"
-PARAM_MKFS_OPTIONS = "mkfsOptions"
-SERVICE_PARAMETERS = frozenset({PARAM_BACKEND, PARAM_GROUP, PARAM_FS_TYPE, PARAM_MKFS_OPTIONS})
-KUBERNETES_PREFIX = "csi.storage.k8s.io/"
+from csi.parameters import PARAM_BACKEND, PARAM_GROUP, backend_parameters
 
 
 @dataclass(frozen=True)
@@ -43,12 +37,6 @@ class PlacementRequest:
     source_backend: str | None = None
     skip: frozenset[str] = field(default_factory=frozenset)
     secrets: Secrets = field(default_factory=dict)
-
-
-def backend_parameters(parameters: Mapping[str, str]) -> dict[str, str]:
-    """The parameters meant for the backend: all but the service's own and the ones the
-    Kubernetes sidecars add (``csi.storage.k8s.io/...``)."""
-    return {k: v for k, v in parameters.items() if k not in SERVICE_PARAMETERS and not k.startswith(KUBERNETES_PREFIX)}
 
 
 def segment_matches(backend_segment: Segment, requested: Segment) -> bool:

@@ -11,7 +11,8 @@ import pytest
 from csi.backends.base import Backend, NodeConnector, VolumeBackend
 from csi.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from csi.model import NO_SECRETS, AccessMode, AccessType, Capability, Secrets, Segment
-from csi.scheduler import PlacementRequest, Scheduler, backend_parameters
+from csi.parameters import backend_parameters
+from csi.scheduler import PlacementRequest, Scheduler
 
 RWO = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER)
 RWX_BLOCK = Capability(AccessType.BLOCK, AccessMode.MULTI_NODE_MULTI_WRITER)
