@@ -15,7 +15,10 @@ edge where they happen and chained with ``raise ... from exc``.
     ├── Unavailable          the backend cannot be reached now; retry later
     ├── DeadlineExceeded     a backend tool did not answer in time; retry later
     ├── Unimplemented        the backend does not offer this operation
-    └── CommandFailed        a host tool failed in a way no caller classified (INTERNAL)
+    └── CommandFailed        a host tool failed in a way nothing classified (INTERNAL);
+                             ``command_failed`` classifies what the tool printed: no space
+                             (RESOURCE_EXHAUSTED), busy or refused (FAILED_PRECONDITION),
+                             missing (NOT_FOUND)
 
 ConfigError is separate: it stops the driver at start-up and never reaches a client.
 """
@@ -77,6 +80,44 @@ class CommandFailed(CairnError):
         self.returncode = returncode
         self.stderr = stderr.strip()
         super().__init__(f"{self.argv[0]} exited with {returncode}: {self.stderr or '(no output)'}")
+
+
+class CommandNoSpace(ResourceExhausted, CommandFailed):
+    """A host command ran out of space: the backend is full (the scheduler tries the next)."""
+
+
+class CommandNotFound(NotFound, CommandFailed):
+    """A host command found no such file, device or mount."""
+
+
+class CommandBusy(FailedPrecondition, CommandFailed):
+    """A host command found its device or mount in use; the message names the holder."""
+
+
+class CommandRefused(FailedPrecondition, CommandFailed):
+    """The host refused a command (permissions, a missing capability)."""
+
+
+# Tool messages (and the errno text they print) -> the class that says what they mean.
+# Checked in order; the first match wins.
+_CLASSES: tuple[tuple[type[CommandFailed], tuple[str, ...]], ...] = (
+    (CommandNoSpace, ("No space left on device", "Disk quota exceeded")),
+    (CommandBusy, ("Device or resource busy", "target is busy", "is in use")),
+    (CommandRefused, ("Operation not permitted", "Permission denied", "Read-only file system")),
+    (CommandNotFound, ("No such file or directory", "No such device", "does not exist", "not mounted")),
+)
+
+
+def command_failed(argv: Sequence[str], returncode: int, stderr: str) -> CommandFailed:
+    """The error for a failed host command: classified by what it printed, so a full
+    disk is RESOURCE_EXHAUSTED, a busy device FAILED_PRECONDITION and a missing one
+    NOT_FOUND, everywhere; CommandFailed (INTERNAL) when nothing says what went wrong.
+    Every class is still a CommandFailed, for callers that classify further."""
+    text = stderr.lower()
+    for cls, phrases in _CLASSES:
+        if any(phrase.lower() in text for phrase in phrases):
+            return cls(argv, returncode, stderr)
+    return CommandFailed(argv, returncode, stderr)
 
 
 class CommandTimeout(DeadlineExceeded):

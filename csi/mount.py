@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from csi import proc
-from csi.errors import CommandFailed, FailedPrecondition
+from csi.errors import CommandBusy, CommandFailed, FailedPrecondition
 from csi.model import Filesystem, FilesystemStats
 
 log = logging.getLogger(__name__)
@@ -162,11 +162,18 @@ def bind(source: str, target: str, readonly: bool = False, options: Sequence[str
 
 
 def unmount(target: str) -> None:
-    """Unmount everything stacked on ``target``; a path that is not mounted is fine."""
+    """Unmount everything stacked on ``target``; a path that is not mounted is fine. A
+    busy mount is FailedPrecondition naming what holds it, where a mount does."""
     for _ in range(8):
         if not is_mounted(target):
             return
-        proc.run(["umount", target])
+        try:
+            proc.run(["umount", target])
+        except CommandBusy as exc:
+            real = os.path.realpath(target)
+            inside = [e.target for e in mounts() if e.target.startswith(real + "/")]
+            holder = f"mounts inside it: {', '.join(inside)}" if inside else "a process has files open or works in it"
+            raise CommandBusy(exc.argv, exc.returncode, f"{exc.stderr} ({holder})") from exc
     raise FailedPrecondition(f"{target} is still mounted after 8 unmounts")
 
 

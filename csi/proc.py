@@ -8,7 +8,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 
-from csi.errors import CommandFailed, CommandTimeout
+from csi.errors import CommandFailed, CommandTimeout, command_failed
 
 log = logging.getLogger(__name__)
 
@@ -34,5 +34,5 @@ def run(
         extra={"argv": list(argv), "rc": result.returncode, "seconds": round(time.monotonic() - started, 3)},
     )
     if result.returncode not in ok_codes:
-        raise CommandFailed(argv, result.returncode, result.stderr or result.stdout)
+        raise command_failed(argv, result.returncode, result.stderr or result.stdout)
     return result

@@ -16,7 +16,15 @@ from typing import Any, TypeVar
 
 from csi import loopdev, mount, proc
 from csi.backends.local.layout import Kind, Layout
-from csi.errors import AlreadyExists, CommandFailed, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from csi.errors import (
+    AlreadyExists,
+    CommandFailed,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+)
 from csi.files import TEMP_SUFFIX, fsync_dir, fsync_file
 from csi.model import (
     NO_SECRETS,
@@ -306,5 +314,9 @@ def _preallocate(path: str, size: int) -> None:
     fd = os.open(path, os.O_WRONLY)
     try:
         os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhausted(f"no room to preallocate {size} bytes for {path}: {exc.strerror}") from exc
+        raise
     finally:
         os.close(fd)

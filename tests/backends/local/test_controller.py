@@ -4,14 +4,17 @@ recovery, snapshots and clones, expansion and publication."""
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from csi.backends.local.controller import LocalVolumes
 from csi.backends.local.layout import Layout
-from csi.errors import AlreadyExists, FailedPrecondition, NotFound, OutOfRange
+from csi.errors import AlreadyExists, FailedPrecondition, NotFound, OutOfRange, ResourceExhausted
 from csi.model import AccessMode, AccessType, Capability, MiB, SourceRef, VolumeSpec
+from tests.support import require_root
 
 RWO = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER)
 
@@ -177,3 +180,28 @@ def test_multi_node_modes_are_refused_with_a_reason(volumes: LocalVolumes) -> No
     reason = volumes.unsupported(Capability(AccessType.BLOCK, AccessMode.MULTI_NODE_MULTI_WRITER))
     assert reason is not None and "one node" in reason
     assert volumes.unsupported(Capability(AccessType.BLOCK, AccessMode.SINGLE_NODE_MULTI_WRITER)) is None
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Iterator[LocalVolumes]:
+    """A local backend on a 24 MiB filesystem of its own."""
+    require_root()
+    root = tmp_path / "small"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(root)], check=True)
+    try:
+        yield LocalVolumes(str(root), "node-a")
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
+
+
+def test_a_full_backend_is_resource_exhausted_and_keeps_nothing(small: LocalVolumes) -> None:
+    vol = small.create_volume(spec("data", size=16 * MiB))
+    with open(small.layout.image("volume", vol.local_id), "r+b") as image:
+        image.write(os.urandom(14 * MiB))
+    before = files(small)
+    with pytest.raises(ResourceExhausted, match="No space left on device"):
+        small.create_snapshot("too-big", vol.local_id, {})  # cp runs out of room
+    with pytest.raises(ResourceExhausted, match="no room to preallocate"):
+        small.create_volume(spec("thick", size=16 * MiB, preallocate="true"))
+    assert files(small) == before
