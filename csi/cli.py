@@ -28,6 +28,7 @@ from csi.metrics import Metrics
 from csi.node import NodeService
 from csi.nodes import KubernetesNodes, NodeDirectory
 from csi.nodestate import NodeState
+from csi.registry import Registry
 from csi.scheduler import Scheduler
 from csi.server import Server, Services
 
@@ -36,29 +37,35 @@ log = logging.getLogger("csi")
 DEFAULT_ROOT = "/var/lib/cairn-csi"
 
 
-# kind -> builder(config, node ID, whether this process serves the controller)
-def _rbd(config: BackendConfig, node_id: str, controller: bool) -> Backend:
-    # Imported on use: python3-rbd is needed only where an rbd backend is configured.
+# kind -> builder(config, node ID, whether this process serves the controller, the node)
+def _rbd(config: BackendConfig, node_id: str, controller: bool, node: bool) -> Backend:
+    # Imported on use: a controller needs python3-rbd only where an rbd backend is configured.
     try:
         from csi.backends import rbd
     except ImportError as exc:
         raise ConfigError(f"backend {config.name!r}: the rbd kind needs python3-rbd and python3-rados ({exc})") from exc
-    return rbd.build(config, node_id, controller)
+    try:
+        return rbd.build(config, node_id, controller, node)
+    except ImportError as exc:
+        raise ConfigError(
+            f"backend {config.name!r}: the rbd controller needs python3-rbd and python3-rados ({exc})"
+        ) from exc
 
 
-BUILDERS: dict[str, Callable[[BackendConfig, str, bool], Backend]] = {
+BUILDERS: dict[str, Callable[[BackendConfig, str, bool, bool], Backend]] = {
     "local": local.build,
     "rbd": _rbd,
 }
 
 
-def build_backends(driver_config: config.DriverConfig, node_id: str, controller: bool) -> list[Backend]:
+def build_backends(driver_config: config.DriverConfig, node_id: str, controller: bool, node: bool) -> list[Backend]:
+    """The backends of the configuration, each with the halves this process's role needs."""
     backends = []
     for entry in driver_config.backends:
         builder = BUILDERS.get(entry.kind)
         if builder is None:
             raise ConfigError(f"backend {entry.name!r}: unknown kind {entry.kind!r} (known: {', '.join(BUILDERS)})")
-        backends.append(builder(entry, node_id, controller))
+        backends.append(builder(entry, node_id, controller, node))
     return backends
 
 
@@ -133,16 +140,19 @@ def node_directory(mode: str) -> NodeDirectory | None:
 def build_server(args: argparse.Namespace) -> Server:
     driver_config = config.load(args.config) if args.config else config.embedded_default(args.data_dir)
     serves_controller = args.mode in ("all", "controller")
-    scheduler = Scheduler(build_backends(driver_config, args.node_id, serves_controller))
-    controller = ControllerService(scheduler, node_directory(args.check_nodes)) if serves_controller else None
+    serves_node = args.mode in ("all", "node")
+    registry = Registry(build_backends(driver_config, args.node_id, serves_controller, serves_node))
+    controller = None
+    if serves_controller:
+        controller = ControllerService(registry, Scheduler(registry), node_directory(args.check_nodes))
     node = None
-    if args.mode in ("all", "node"):
-        node = NodeService(scheduler, args.node_id, NodeState(args.state_dir), args.max_volumes_per_node)
-    identity = IdentityService(scheduler, controller=controller is not None)
+    if serves_node:
+        node = NodeService(registry, args.node_id, NodeState(args.state_dir), args.max_volumes_per_node)
+    identity = IdentityService(registry, controller=controller is not None)
     services = Services(identity, controller, node)
     # Backend health and free space only where the controller runs: a node plugin has no
     # business asking a storage cluster.
-    watched = list(scheduler.backends.values()) if serves_controller else []
+    watched = list(registry) if serves_controller else []
     metrics = Metrics(args.metrics_port, watched) if args.metrics_port else None
     return Server(
         args.endpoint,

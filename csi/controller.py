@@ -13,8 +13,16 @@ import grpc
 from google.protobuf.wrappers_pb2 import Int64Value
 
 from csi import convert, ids
-from csi.backends.base import Backend
-from csi.errors import Aborted, InvalidArgument, NotFound, OutOfRange, ResourceExhausted, Unimplemented
+from csi.backends.base import Backend, Expansion
+from csi.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+    Unimplemented,
+)
 from csi.filesystems import MINIMUM_BYTES, parse_filesystem
 from csi.generated import csi_pb2 as pb
 from csi.generated import csi_pb2_grpc as pb_grpc
@@ -22,28 +30,51 @@ from csi.locks import InFlight
 from csi.log import set_backend
 from csi.model import AccessType, Capability, Secrets, Volume, VolumeSpec
 from csi.nodes import NodeDirectory
-from csi.parameters import PARAM_BACKEND, PARAM_FS_TYPE, PARAM_GROUP, PARAM_MKFS_OPTIONS, backend_parameters
+from csi.parameters import (
+    PARAM_BACKEND,
+    PARAM_FS_TYPE,
+    PARAM_GROUP,
+    PARAM_MKFS_OPTIONS,
+    backend_parameters,
+    check_keys,
+)
+from csi.registry import Registry
 from csi.scheduler import PlacementRequest, Scheduler
 from csi.sizes import MAX_BYTES
 
 log = logging.getLogger(__name__)
 
-CAPABILITIES = (
+ALWAYS = (
     pb.ControllerServiceCapability.RPC.CREATE_DELETE_VOLUME,
     pb.ControllerServiceCapability.RPC.PUBLISH_UNPUBLISH_VOLUME,
     pb.ControllerServiceCapability.RPC.LIST_VOLUMES,
     pb.ControllerServiceCapability.RPC.GET_CAPACITY,
-    pb.ControllerServiceCapability.RPC.CREATE_DELETE_SNAPSHOT,
-    pb.ControllerServiceCapability.RPC.LIST_SNAPSHOTS,
-    pb.ControllerServiceCapability.RPC.CLONE_VOLUME,
     pb.ControllerServiceCapability.RPC.PUBLISH_READONLY,
-    pb.ControllerServiceCapability.RPC.EXPAND_VOLUME,
     pb.ControllerServiceCapability.RPC.LIST_VOLUMES_PUBLISHED_NODES,
     pb.ControllerServiceCapability.RPC.VOLUME_CONDITION,
     pb.ControllerServiceCapability.RPC.GET_VOLUME,
     pb.ControllerServiceCapability.RPC.SINGLE_NODE_MULTI_WRITER,
+)
+SNAPSHOTS = (
+    pb.ControllerServiceCapability.RPC.CREATE_DELETE_SNAPSHOT,
+    pb.ControllerServiceCapability.RPC.LIST_SNAPSHOTS,
     pb.ControllerServiceCapability.RPC.GET_SNAPSHOT,
 )
+
+
+def controller_capabilities(registry: Registry) -> list[pb.ControllerServiceCapability.RPC.Type]:
+    """What the controller advertises: what every deployment offers, and what at least
+    one of its backends declares (a call on a backend without it is refused by name)."""
+    offered = [b.capabilities for b in registry]
+    found: list[pb.ControllerServiceCapability.RPC.Type] = list(ALWAYS)
+    if any(c.snapshots for c in offered):
+        found += SNAPSHOTS
+    if any(c.clones for c in offered):
+        found.append(pb.ControllerServiceCapability.RPC.CLONE_VOLUME)
+    if any(c.expansion is not Expansion.NONE for c in offered):
+        found.append(pb.ControllerServiceCapability.RPC.EXPAND_VOLUME)
+    return found
+
 
 TOKEN_PREFIX = "after:"
 T = TypeVar("T")
@@ -101,16 +132,18 @@ def paginate(items: Sequence[T], key: Callable[[T], str], max_entries: int, toke
 
 
 class ControllerService(pb_grpc.ControllerServicer):
-    def __init__(self, scheduler: Scheduler, nodes: NodeDirectory | None = None) -> None:
+    def __init__(self, registry: Registry, scheduler: Scheduler, nodes: NodeDirectory | None = None) -> None:
         """``nodes`` tells which node IDs exist (in Kubernetes: the CSINode objects);
         without it ControllerPublishVolume accepts any node ID."""
+        self.registry = registry
         self.scheduler = scheduler
         self.nodes = nodes
         self.inflight = InFlight()
+        self.capabilities = controller_capabilities(registry)
 
     def _route(self, object_id: str, what: str = "volume") -> tuple[Backend, str]:
         ref = ids.decode(object_id, what)
-        backend = self.scheduler.backend(ref.backend, what, object_id)
+        backend = self.registry.route(ref.backend, what, object_id)
         set_backend(backend.name)
         return backend, ref.local_id
 
@@ -144,7 +177,7 @@ class ControllerService(pb_grpc.ControllerServicer):
                     # A retry: the backend compares the request with what it made.
                     return self._created(backend, backend.volumes.create_volume(spec), vol_context)
             if source:
-                self.scheduler.backend(source[0].backend, source[1].kind, str(source[0]))
+                self.registry.route(source[0].backend, source[1].kind, str(source[0]))
             placement = PlacementRequest(
                 parameters=parameters,
                 capabilities=caps,
@@ -152,6 +185,7 @@ class ControllerService(pb_grpc.ControllerServicer):
                 requisite=convert.segments(request.accessibility_requirements.requisite),
                 preferred=convert.segments(request.accessibility_requirements.preferred),
                 source_backend=source[0].backend if source else None,
+                source_kind=source[1].kind if source else None,
                 secrets=spec.secrets,
             )
             full: ResourceExhausted | None = None
@@ -191,7 +225,7 @@ class ControllerService(pb_grpc.ControllerServicer):
         backend, local_id = self._route(request.volume_id)
         if self.nodes is not None:
             self.nodes.require(request.node_id)  # NOT_FOUND for a node that does not exist
-        reason = backend.volumes.unsupported(cap)
+        reason = backend.capabilities.unsupported(cap)
         if reason:
             raise InvalidArgument(f"volume {request.volume_id}: {reason}")
         with self.inflight.hold(request.volume_id):
@@ -227,10 +261,11 @@ class ControllerService(pb_grpc.ControllerServicer):
         caps = convert.capabilities(request.volume_capabilities)
         backend, local_id = self._route(request.volume_id)
         backend.volumes.get_volume(local_id, secrets=request.secrets)
-        problems = [r for r in (backend.volumes.unsupported(c) for c in caps) if r]
-        unknown = sorted(set(backend_parameters(request.parameters)) - backend.volumes.parameter_keys)
-        if unknown:
-            problems.append(f"unknown parameters {unknown}")
+        problems = [r for r in (backend.capabilities.unsupported(c) for c in caps) if r]
+        try:
+            check_keys(backend_parameters(request.parameters), backend.volumes.volume_parameters, [backend], "")
+        except InvalidArgument as exc:
+            problems.append(str(exc))
         try:
             check_filesystems(caps)
         except InvalidArgument as exc:
@@ -247,11 +282,7 @@ class ControllerService(pb_grpc.ControllerServicer):
 
     def ListVolumes(self, request: pb.ListVolumesRequest, context: grpc.ServicerContext) -> pb.ListVolumesResponse:
         volumes = sorted(
-            (
-                (ids.encode(b.name, v.local_id), b, v)
-                for b in self.scheduler.backends.values()
-                for v in b.volumes.list_volumes()
-            ),
+            ((ids.encode(b.name, v.local_id), b, v) for b in self.registry for v in b.volumes.list_volumes()),
             key=lambda entry: entry[0],
         )
         page, next_token = paginate(volumes, lambda entry: entry[0], request.max_entries, request.starting_token)
@@ -287,9 +318,9 @@ class ControllerService(pb_grpc.ControllerServicer):
         volume_context(parameters)
         # Without a selector the question is "how much could any backend take".
         named = PARAM_BACKEND in parameters or PARAM_GROUP in parameters
-        candidates = self.scheduler.select(parameters) if named else list(self.scheduler.backends.values())
+        candidates = self.scheduler.select(parameters) if named else list(self.registry)
         candidates = self.scheduler.check_parameters(candidates, parameters)
-        candidates = [b for b in candidates if not any(b.volumes.unsupported(c) for c in caps)]
+        candidates = [b for b in candidates if not any(b.capabilities.unsupported(c) for c in caps)]
         if request.HasField("accessible_topology"):
             wanted = dict(request.accessible_topology.segments)
             candidates = [b for b in candidates if self.scheduler.reachable(b, (wanted,))]
@@ -305,7 +336,8 @@ class ControllerService(pb_grpc.ControllerServicer):
     ) -> pb.ControllerGetCapabilitiesResponse:
         return pb.ControllerGetCapabilitiesResponse(
             capabilities=[
-                pb.ControllerServiceCapability(rpc=pb.ControllerServiceCapability.RPC(type=c)) for c in CAPABILITIES
+                pb.ControllerServiceCapability(rpc=pb.ControllerServiceCapability.RPC(type=c))
+                for c in self.capabilities
             ]
         )
 
@@ -319,18 +351,29 @@ class ControllerService(pb_grpc.ControllerServicer):
         if request.HasField("volume_capability"):
             check_filesystems([convert.capability(request.volume_capability)])
         backend, local_id = self._route(request.volume_id)
+        expansion = backend.capabilities.expansion
+        if expansion is Expansion.NONE:
+            raise InvalidArgument(f"volume {request.volume_id}: backend {backend.name!r} cannot grow volumes")
         with self.inflight.hold(request.volume_id):
-            self._check_growth(backend, local_id, request.volume_id, required, request.secrets)
+            volume = self._check_growth(backend, local_id, request.volume_id, required, request.secrets)
+            if expansion is Expansion.OFFLINE and volume.published_nodes and required > volume.capacity_bytes:
+                raise FailedPrecondition(
+                    f"volume {request.volume_id}: backend {backend.name!r} grows volumes only while unpublished, "
+                    f"and it is published to {', '.join(volume.published_nodes)}"
+                )
             capacity = backend.volumes.expand_volume(local_id, required, limit, secrets=request.secrets)
-        # The node must always act: a filesystem to grow, or a device to refresh.
-        return pb.ControllerExpandVolumeResponse(capacity_bytes=capacity, node_expansion_required=True)
+        return pb.ControllerExpandVolumeResponse(
+            capacity_bytes=capacity, node_expansion_required=backend.capabilities.node_expansion
+        )
 
     @staticmethod
-    def _check_growth(backend: Backend, local_id: str, volume_id: str, required: int, secrets: Secrets) -> None:
-        """The capacity check CreateVolume makes, for the bytes an expansion adds."""
-        current = backend.volumes.get_volume(local_id, secrets=secrets).capacity_bytes
+    def _check_growth(backend: Backend, local_id: str, volume_id: str, required: int, secrets: Secrets) -> Volume:
+        """The volume, after the capacity check CreateVolume makes, for the bytes an
+        expansion adds."""
+        volume = backend.volumes.get_volume(local_id, secrets=secrets)
+        current = volume.capacity_bytes
         if required <= current:
-            return
+            return volume
         if required > MAX_BYTES:
             raise OutOfRange(f"volume {volume_id}: {required} bytes exceeds the largest size CSI can carry")
         free = backend.volumes.free_bytes(secrets=secrets)
@@ -339,6 +382,7 @@ class ControllerService(pb_grpc.ControllerServicer):
                 f"volume {volume_id}: growing from {current} to {required} bytes needs {required - current} more, "
                 f"and backend {backend.name!r} has {free} free"
             )
+        return volume
 
     def ControllerModifyVolume(
         self, request: pb.ControllerModifyVolumeRequest, context: grpc.ServicerContext
@@ -353,10 +397,10 @@ class ControllerService(pb_grpc.ControllerServicer):
         convert.require(request.name, "name")
         convert.require(request.source_volume_id, "source_volume_id")
         backend, local_id = self._route(request.source_volume_id)
+        if not backend.capabilities.snapshots:
+            raise InvalidArgument(f"volume {request.source_volume_id}: backend {backend.name!r} takes no snapshots")
         parameters = backend_parameters(request.parameters)
-        unknown = sorted(set(parameters) - backend.volumes.parameter_keys)
-        if unknown:
-            raise InvalidArgument(f"unknown snapshot parameters {unknown} for backend {backend.name!r}")
+        check_keys(parameters, backend.volumes.snapshot_parameters, [backend], "snapshot")
         with self.inflight.hold(request.name, "snapshot name"), self.inflight.hold(request.source_volume_id):
             snapshot = backend.volumes.create_snapshot(request.name, local_id, parameters, secrets=request.secrets)
         return pb.CreateSnapshotResponse(snapshot=convert.snapshot(backend.name, snapshot))
@@ -398,7 +442,7 @@ class ControllerService(pb_grpc.ControllerServicer):
             backend, local_id = self._route(snapshot_id, "snapshot")
             found = [convert.snapshot(backend.name, backend.volumes.get_snapshot(local_id, secrets=secrets))]
         else:
-            backends = list(self.scheduler.backends.values())
+            backends = list(self.registry)
             if source_volume_id:
                 backends = [self._route(source_volume_id)[0]]
             found = [convert.snapshot(b.name, s) for b in backends for s in b.volumes.list_snapshots(secrets=secrets)]

@@ -8,9 +8,10 @@ import grpc
 from google.protobuf.wrappers_pb2 import BoolValue
 
 from csi import DRIVER_NAME, __version__
+from csi.backends.base import Expansion as VolumeGrowth
 from csi.generated import csi_pb2 as pb
 from csi.generated import csi_pb2_grpc as pb_grpc
-from csi.scheduler import Scheduler
+from csi.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +20,8 @@ Expansion = pb.PluginCapability.VolumeExpansion
 
 
 class IdentityService(pb_grpc.IdentityServicer):
-    def __init__(self, scheduler: Scheduler, controller: bool) -> None:
-        self.scheduler = scheduler
+    def __init__(self, registry: Registry, controller: bool) -> None:
+        self.registry = registry
         self.controller = controller
 
     def GetPluginInfo(
@@ -35,12 +36,17 @@ class IdentityService(pb_grpc.IdentityServicer):
         if self.controller:
             services.insert(0, Service.CONTROLLER_SERVICE)
         capabilities = [pb.PluginCapability(service=Service(type=s)) for s in services]
-        capabilities.append(pb.PluginCapability(volume_expansion=Expansion(type=Expansion.ONLINE)))
+        growth = {b.capabilities.expansion for b in self.registry}
+        if VolumeGrowth.ONLINE in growth:
+            capabilities.append(pb.PluginCapability(volume_expansion=Expansion(type=Expansion.ONLINE)))
+        elif VolumeGrowth.OFFLINE in growth:
+            capabilities.append(pb.PluginCapability(volume_expansion=Expansion(type=Expansion.OFFLINE)))
         return pb.GetPluginCapabilitiesResponse(capabilities=capabilities)
 
     def ready(self) -> bool:
-        """Whether every backend is healthy; what is wrong is logged."""
-        problems = {name: p for name, b in self.scheduler.backends.items() if (p := b.volumes.health())}
+        """Whether every backend is healthy, as far as this process's role goes (a node
+        plugin checks its node halves only); what is wrong is logged."""
+        problems = {b.name: p for b in self.registry if (p := b.health())}
         if problems:
             log.warning("not ready", extra={"problems": problems})
         return not problems

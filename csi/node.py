@@ -34,14 +34,13 @@ from csi.model import (
 )
 from csi.nodestate import NodeState, StagedVolume
 from csi.parameters import PARAM_FS_TYPE, PARAM_MKFS_OPTIONS
-from csi.scheduler import Scheduler
+from csi.registry import Registry
 
 log = logging.getLogger(__name__)
 
-CAPABILITIES = (
+ALWAYS = (
     pb.NodeServiceCapability.RPC.STAGE_UNSTAGE_VOLUME,
     pb.NodeServiceCapability.RPC.GET_VOLUME_STATS,
-    pb.NodeServiceCapability.RPC.EXPAND_VOLUME,
     pb.NodeServiceCapability.RPC.VOLUME_CONDITION,
     pb.NodeServiceCapability.RPC.SINGLE_NODE_MULTI_WRITER,
 )
@@ -67,8 +66,11 @@ def describe(access_type: AccessType, filesystem: str, mode: AccessMode, flags: 
 
 
 class NodeService(pb_grpc.NodeServicer):
-    def __init__(self, scheduler: Scheduler, node_id: str, state: NodeState, max_volumes: int = 0) -> None:
-        self.scheduler = scheduler
+    def __init__(self, registry: Registry, node_id: str, state: NodeState, max_volumes: int = 0) -> None:
+        self.registry = registry
+        self.capabilities = list(ALWAYS)
+        if any(b.capabilities.node_expansion for b in registry):
+            self.capabilities.append(pb.NodeServiceCapability.RPC.EXPAND_VOLUME)
         self.node_id = node_id
         self.state = state
         self.max_volumes = max_volumes
@@ -76,7 +78,7 @@ class NodeService(pb_grpc.NodeServicer):
 
     def _route(self, volume_id: str) -> tuple[Backend, str]:
         ref = ids.decode(volume_id)
-        backend = self.scheduler.backend(ref.backend, "volume", volume_id)
+        backend = self.registry.route(ref.backend, "volume", volume_id)
         set_backend(backend.name)
         return backend, ref.local_id
 
@@ -94,7 +96,7 @@ class NodeService(pb_grpc.NodeServicer):
         convert.path(request.staging_target_path, "staging_target_path")
         cap = self._capability(request)
         backend, local_id = self._route(request.volume_id)
-        reason = backend.volumes.unsupported(cap)
+        reason = backend.capabilities.unsupported(cap)
         if reason:
             raise InvalidArgument(f"volume {request.volume_id}: {reason}")
         volume_context = dict(request.volume_context)
@@ -295,8 +297,8 @@ class NodeService(pb_grpc.NodeServicer):
             return False
         if staged is not None:
             devices = [staged.device]
-        elif backend_name in self.scheduler.backends:
-            devices = self.scheduler.backends[backend_name].connector.devices(local_id)
+        elif (backend := self.registry.find(backend_name)) is not None:
+            devices = backend.connector.devices(local_id)
         else:
             return False
         return mount.device_of(entry) in devices
@@ -365,7 +367,7 @@ class NodeService(pb_grpc.NodeServicer):
         self, request: pb.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
     ) -> pb.NodeGetCapabilitiesResponse:
         return pb.NodeGetCapabilitiesResponse(
-            capabilities=[pb.NodeServiceCapability(rpc=pb.NodeServiceCapability.RPC(type=c)) for c in CAPABILITIES]
+            capabilities=[pb.NodeServiceCapability(rpc=pb.NodeServiceCapability.RPC(type=c)) for c in self.capabilities]
         )
 
     def NodeGetInfo(self, request: pb.NodeGetInfoRequest, context: grpc.ServicerContext) -> pb.NodeGetInfoResponse:

@@ -3,13 +3,25 @@ split between those and a backend's own."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+
+from csi.errors import InvalidArgument
+
+
+class Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
 
 PARAM_BACKEND = "backend"
 PARAM_GROUP = "group"
 PARAM_FS_TYPE = "fsType"
 PARAM_MKFS_OPTIONS = "mkfsOptions"
-SERVICE_PARAMETERS = frozenset({PARAM_BACKEND, PARAM_GROUP, PARAM_FS_TYPE, PARAM_MKFS_OPTIONS})
+PARAM_REQUIRES = "requires"
+"""Features the StorageClass's backends must offer, comma-separated (snapshots, clones,
+expansion, online-expansion, block, shared): a group places only on members that do."""
+SERVICE_PARAMETERS = frozenset({PARAM_BACKEND, PARAM_GROUP, PARAM_FS_TYPE, PARAM_MKFS_OPTIONS, PARAM_REQUIRES})
 KUBERNETES_PREFIX = "csi.storage.k8s.io/"
 
 
@@ -17,3 +29,17 @@ def backend_parameters(parameters: Mapping[str, str]) -> dict[str, str]:
     """The parameters meant for the backend: all but the service's own and the ones the
     Kubernetes sidecars add (``csi.storage.k8s.io/...``)."""
     return {k: v for k, v in parameters.items() if k not in SERVICE_PARAMETERS and not k.startswith(KUBERNETES_PREFIX)}
+
+
+def required_features(parameters: Mapping[str, str]) -> list[str]:
+    return [f.strip() for f in parameters.get(PARAM_REQUIRES, "").split(",") if f.strip()]
+
+
+def check_keys(keys: Iterable[str], declared: Iterable[str], backends: Iterable[Named], what: str) -> None:
+    """The one check of parameter keys: INVALID_ARGUMENT naming the first key that no
+    backend of ``backends`` declares. ``what`` says which object's parameters these are
+    (empty for a StorageClass's)."""
+    known = set(declared)
+    for key in sorted(set(keys) - known):
+        names = ", ".join(b.name for b in backends)
+        raise InvalidArgument(f"unknown {what + ' ' if what else ''}parameter {key!r} for backend(s) {names}")

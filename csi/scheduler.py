@@ -3,7 +3,8 @@
 A StorageClass picks candidates with ``backend: NAME`` or ``group: NAME`` (optional when
 the driver serves a single backend). Candidates then pass filters, like Cinder's:
 
-1. parameters: a candidate must understand every backend parameter in the class;
+1. parameters: a candidate must understand every backend parameter in the class, and
+   offer every feature its ``requires`` parameter lists (snapshots, clones, ...);
 2. capabilities: it must offer every requested access mode and type;
 3. content source: a clone or restore stays on the source's backend;
 4. topology: its volumes must be reachable from a requisite segment;
@@ -18,13 +19,14 @@ backend reports it is out of space.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from csi.backends.base import Backend
-from csi.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from csi.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from csi.model import Capability, Secrets, Segment
-from csi.parameters import PARAM_BACKEND, PARAM_GROUP, backend_parameters
+from csi.parameters import PARAM_BACKEND, PARAM_GROUP, backend_parameters, check_keys, required_features
+from csi.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class PlacementRequest:
     requisite: tuple[Segment, ...] = ()
     preferred: tuple[Segment, ...] = ()
     source_backend: str | None = None
+    source_kind: str | None = None
     skip: frozenset[str] = field(default_factory=frozenset)
     secrets: Secrets = field(default_factory=dict)
 
@@ -44,15 +47,8 @@ def segment_matches(backend_segment: Segment, requested: Segment) -> bool:
 
 
 class Scheduler:
-    def __init__(self, backends: Iterable[Backend]) -> None:
-        self.backends: dict[str, Backend] = {b.name: b for b in backends}
-
-    def backend(self, name: str, what: str, object_id: str) -> Backend:
-        """The backend an ID names; an ID naming no configured backend names nothing."""
-        try:
-            return self.backends[name]
-        except KeyError:
-            raise NotFound(f"{what} {object_id!r} does not exist (backend {name!r} is not configured)") from None
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
 
     def select(self, parameters: Mapping[str, str]) -> list[Backend]:
         """The candidates a StorageClass names, before filtering."""
@@ -60,31 +56,39 @@ class Scheduler:
         if name and group:
             raise InvalidArgument(f"give parameter {PARAM_BACKEND!r} or {PARAM_GROUP!r}, not both")
         if name:
-            if name not in self.backends:
-                raise InvalidArgument(f"backend {name!r} is not configured (configured: {', '.join(self.backends)})")
-            return [self.backends[name]]
+            backend = self.registry.find(name)
+            if backend is None:
+                raise InvalidArgument(
+                    f"backend {name!r} is not configured (configured: {', '.join(self.registry.names())})"
+                )
+            return [backend]
         if group:
-            members = [b for b in self.backends.values() if b.group == group]
+            members = [b for b in self.registry if b.group == group]
             if not members:
                 raise InvalidArgument(f"backend group {group!r} is not configured")
             return members
-        if len(self.backends) == 1:
-            return list(self.backends.values())
+        if len(self.registry) == 1:
+            return list(self.registry)
         raise InvalidArgument(
             f"parameter {PARAM_BACKEND!r} or {PARAM_GROUP!r} is required: this driver serves "
-            f"{len(self.backends)} backends ({', '.join(self.backends)})"
+            f"{len(self.registry)} backends ({', '.join(self.registry.names())})"
         )
 
     def check_parameters(self, candidates: Sequence[Backend], parameters: Mapping[str, str]) -> list[Backend]:
-        """Candidates that understand every backend parameter; a parameter no candidate
-        understands is a mistake in the StorageClass."""
+        """Candidates that understand every backend parameter and offer every feature
+        the class requires; a parameter no candidate understands is a mistake in the
+        StorageClass, and so is a requirement none meets."""
         keys = set(backend_parameters(parameters))
-        for key in sorted(keys):
-            if not any(key in b.volumes.parameter_keys for b in candidates):
-                raise InvalidArgument(
-                    f"unknown parameter {key!r} for backend(s) {', '.join(b.name for b in candidates)}"
-                )
-        return [b for b in candidates if keys <= b.volumes.parameter_keys]
+        check_keys(keys, {k for b in candidates for k in b.volumes.volume_parameters}, candidates, "")
+        wanted = required_features(parameters)
+        fitting = [
+            b
+            for b in candidates
+            if keys <= b.volumes.volume_parameters and all(b.capabilities.offers(f) for f in wanted)
+        ]
+        if wanted and not fitting:
+            raise InvalidArgument(f"no backend of {', '.join(b.name for b in candidates)} offers {', '.join(wanted)}")
+        return fitting
 
     def place(self, request: PlacementRequest) -> list[Backend]:
         candidates = self.check_parameters(self.select(request.parameters), request.parameters)
@@ -92,7 +96,11 @@ class Scheduler:
         refusals: list[str] = []
         capable = []
         for backend in candidates:
-            reasons = [r for r in (backend.volumes.unsupported(c) for c in request.capabilities) if r]
+            reasons = [r for r in (backend.capabilities.unsupported(c) for c in request.capabilities) if r]
+            if request.source_kind and not backend.capabilities.offers(
+                "snapshots" if request.source_kind == "snapshot" else "clones"
+            ):
+                reasons.append(f"it cannot make a volume from a {request.source_kind}")
             if request.source_backend and backend.name != request.source_backend:
                 reasons.append(f"the content source lives on backend {request.source_backend!r}")
             if reasons:

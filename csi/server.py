@@ -284,6 +284,7 @@ class Server:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers), interceptors=[CallInterceptor(metrics)]
         )
+        self.services = services
         pb_grpc.add_IdentityServicer_to_server(services.identity, self._server)
         if services.controller is not None:
             pb_grpc.add_ControllerServicer_to_server(services.controller, self._server)

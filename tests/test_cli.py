@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from csi.client import parse_size
 from tests.support import Driver
@@ -99,3 +100,25 @@ def test_a_node_plugin_leaves_the_controllers_work_in_progress_alone(tmp_path: P
     controller = Driver(tmp_path, ["--mode", "controller"]).start()
     assert controller.stop() == 0
     assert not in_progress.exists(), "the controller cleans up after a crash at start-up"
+
+
+@pytest.mark.parametrize(("mode", "loaded"), [("node", False), ("controller", True)])
+def test_a_node_plugin_never_loads_librados_or_librbd(tmp_path: Path, mode: str, loaded: bool) -> None:
+    """Each role builds only its halves: a node plugin maps images with the tools and
+    has no use for Ceph's Python modules (nor their health checks)."""
+    config = tmp_path / "cairn.yaml"
+    config.write_text(
+        yaml.safe_dump({"backends": [{"name": "ceph", "kind": "rbd", "monitors": ["127.0.0.1:1"], "pool": "p"}]})
+    )
+    script = (
+        "import sys\n"
+        "from csi import cli\n"
+        f"args = cli.parser().parse_args(['--mode', {mode!r}, '--config', {str(config)!r}, '--check-nodes', 'off',"
+        f" '--state-dir', {str(tmp_path / 's')!r}, '--endpoint', 'unix://{tmp_path}/csi.sock'])\n"
+        "server = cli.build_server(args)\n"
+        "backend = next(iter(server.services.identity.registry))\n"
+        "print('rados' in sys.modules, 'rbd' in sys.modules, backend.controller is None, backend.node is None)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(loaded), str(loaded), str(mode == "node"), str(mode == "controller")]

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import cast
 
-from csi.backends.base import Backend, NodeConnector, VolumeBackend
+from csi.backends.base import Backend, VolumeBackend
+from csi.backends.rbd import CAPABILITIES
 from csi.generated import csi_pb2 as pb
 from csi.identity import IdentityService
-from csi.scheduler import Scheduler
+from csi.registry import Registry
 
 
 class Unwell:
@@ -17,7 +18,7 @@ class Unwell:
 
 
 def test_probe_stays_ready_while_readiness_follows_backend_health() -> None:
-    unwell = Backend("ceph", "rbd", None, cast(VolumeBackend, Unwell()), cast(NodeConnector, None))
-    identity = IdentityService(Scheduler([unwell]), controller=True)
+    unwell = Backend("ceph", "rbd", None, CAPABILITIES, cast(VolumeBackend, Unwell()), None)
+    identity = IdentityService(Registry([unwell]), controller=True)
     assert identity.Probe(pb.ProbeRequest(), None).ready.value is True
     assert identity.ready() is False

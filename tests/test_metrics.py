@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from csi import cli
 from csi.backends.base import Backend
+from csi.backends.local import CAPABILITIES
 from csi.generated import csi_pb2 as pb
 from csi.metrics import BackendGauges, Metrics
 from tests.conftest import running_driver
@@ -154,7 +155,7 @@ class FakeVolumes:
 
 
 def backend(name: str, volumes: FakeVolumes) -> Backend:
-    return Backend(name, "fake", None, volumes, None)  # type: ignore[arg-type]
+    return Backend(name, "fake", None, CAPABILITIES, volumes, None)  # type: ignore[arg-type]
 
 
 def gauges(collector: BackendGauges) -> dict[tuple[str, tuple[str, ...]], float]:

@@ -8,10 +8,11 @@ from typing import Any, cast
 
 import pytest
 
-from csi.backends.base import Backend, NodeConnector, VolumeBackend
+from csi.backends.base import Backend, Capabilities, VolumeBackend
 from csi.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from csi.model import NO_SECRETS, AccessMode, AccessType, Capability, Secrets, Segment
 from csi.parameters import backend_parameters
+from csi.registry import Registry
 from csi.scheduler import PlacementRequest, Scheduler
 
 RWO = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER)
@@ -24,6 +25,7 @@ class StandIn:
     topology: tuple[Segment, ...] = ()
     parameter_keys: frozenset[str] = frozenset()
     multi_node: bool = False
+    snapshots: bool = True
     problem: str | None = None
     silent: bool = False  # free_bytes times out, as a cluster that stopped answering does
     calls: list[str] = field(default_factory=list)
@@ -31,10 +33,9 @@ class StandIn:
     def health(self) -> str | None:
         return self.problem
 
-    def unsupported(self, capability: Capability) -> str | None:
-        if capability.access_mode.multi_node and not self.multi_node:
-            return "single node only"
-        return None
+    @property
+    def volume_parameters(self) -> frozenset[str]:
+        return self.parameter_keys
 
     def free_bytes(self, *, secrets: Secrets = NO_SECRETS) -> int:
         self.calls.append(secrets.get("userID", ""))
@@ -44,8 +45,14 @@ class StandIn:
 
 
 def backend(name: str, group: str | None = None, **kwargs: Any) -> Backend:
-    volumes = cast(VolumeBackend, StandIn(**kwargs))
-    return Backend(name, "stand-in", group, volumes, cast(NodeConnector, None))
+    stand_in = StandIn(**kwargs)
+    modes = frozenset(m for m in AccessMode if stand_in.multi_node or not m.multi_node)
+    capabilities = Capabilities(access={AccessType.MOUNT: modes, AccessType.BLOCK: modes}, snapshots=stand_in.snapshots)
+    return Backend(name, "stand-in", group, capabilities, cast(VolumeBackend, stand_in), None)
+
+
+def scheduler_of(*backends: Backend) -> Scheduler:
+    return Scheduler(Registry(backends))
 
 
 def request(parameters: dict[str, str], **kwargs: Any) -> PlacementRequest:
@@ -59,18 +66,18 @@ def names(backends: list[Backend]) -> list[str]:
 
 
 def test_single_backend_needs_no_selector() -> None:
-    scheduler = Scheduler([backend("only", free=100)])
+    scheduler = scheduler_of(backend("only", free=100))
     assert names(scheduler.place(request({}))) == ["only"]
 
 
 def test_several_backends_need_a_selector() -> None:
-    scheduler = Scheduler([backend("a", free=100), backend("b", free=100)])
+    scheduler = scheduler_of(backend("a", free=100), backend("b", free=100))
     with pytest.raises(InvalidArgument, match=r"'backend' or 'group' is required.*a, b"):
         scheduler.place(request({}))
 
 
 def test_unknown_backend_and_group_are_named() -> None:
-    scheduler = Scheduler([backend("a", free=100)])
+    scheduler = scheduler_of(backend("a", free=100))
     with pytest.raises(InvalidArgument, match="backend 'nope' is not configured"):
         scheduler.place(request({"backend": "nope"}))
     with pytest.raises(InvalidArgument, match="group 'nope' is not configured"):
@@ -78,44 +85,42 @@ def test_unknown_backend_and_group_are_named() -> None:
 
 
 def test_group_members_weighed_by_free_space() -> None:
-    scheduler = Scheduler([backend("a", "g", free=50), backend("b", "g", free=500), backend("c", free=900)])
+    scheduler = scheduler_of(backend("a", "g", free=50), backend("b", "g", free=500), backend("c", free=900))
     assert names(scheduler.place(request({"group": "g"}))) == ["b", "a"]
 
 
 def test_capacity_filter() -> None:
-    scheduler = Scheduler([backend("a", "g", free=50), backend("b", "g", free=500)])
+    scheduler = scheduler_of(backend("a", "g", free=50), backend("b", "g", free=500))
     assert names(scheduler.place(request({"group": "g"}, size=100))) == ["b"]
     with pytest.raises(ResourceExhausted, match="no backend has 1000 bytes free"):
         scheduler.place(request({"group": "g"}, size=1000))
 
 
 def test_capability_filter_says_why() -> None:
-    scheduler = Scheduler([backend("a", "g", free=50), backend("b", "g", free=500, multi_node=True)])
+    scheduler = scheduler_of(backend("a", "g", free=50), backend("b", "g", free=500, multi_node=True))
     assert names(scheduler.place(request({"group": "g"}, caps=(RWX_BLOCK,)))) == ["b"]
-    with pytest.raises(InvalidArgument, match="a: single node only"):
+    with pytest.raises(InvalidArgument, match="a: block access in mode MULTI_NODE_MULTI_WRITER is not offered"):
         scheduler.place(request({"backend": "a"}, caps=(RWX_BLOCK,)))
 
 
 def test_topology_requisite_and_preferred() -> None:
     key = "topology.cairn.csi.io/node"
-    scheduler = Scheduler(
-        [
-            backend("n1", "g", free=900, topology=({key: "n1"},)),
-            backend("n2", "g", free=100, topology=({key: "n2"},)),
-            backend("shared", "g", free=500),
-        ]
+    scheduler = scheduler_of(
+        backend("n1", "g", free=900, topology=({key: "n1"},)),
+        backend("n2", "g", free=100, topology=({key: "n2"},)),
+        backend("shared", "g", free=500),
     )
     assert names(scheduler.place(request({"group": "g"}, requisite=({key: "n2"},)))) == ["shared", "n2"]
     preferred = scheduler.place(request({"group": "g"}, requisite=({key: "n1"}, {key: "n2"}), preferred=({key: "n2"},)))
     assert names(preferred)[0] in ("n2", "shared") and names(preferred)[-1] == "n1"
-    only_local = Scheduler([backend("n1", free=900, topology=({key: "n1"},))])
+    only_local = scheduler_of(backend("n1", free=900, topology=({key: "n1"},)))
     with pytest.raises(ResourceExhausted, match="topology"):
         only_local.place(request({}, requisite=({key: "n3"},)))
 
 
 def test_backend_parameters_filter_candidates_and_reject_typos() -> None:
-    scheduler = Scheduler(
-        [backend("rbd", "g", free=10, parameter_keys=frozenset({"pool"})), backend("lvm", "g", free=900)]
+    scheduler = scheduler_of(
+        backend("rbd", "g", free=10, parameter_keys=frozenset({"pool"})), backend("lvm", "g", free=900)
     )
     assert names(scheduler.place(request({"group": "g", "pool": "fast"}))) == ["rbd"]
     with pytest.raises(InvalidArgument, match="unknown parameter 'pol'"):
@@ -128,19 +133,19 @@ def test_kubernetes_and_service_parameters_are_not_backend_parameters() -> None:
 
 
 def test_content_source_pins_the_backend() -> None:
-    scheduler = Scheduler([backend("a", "g", free=900), backend("b", "g", free=100)])
+    scheduler = scheduler_of(backend("a", "g", free=900), backend("b", "g", free=100))
     assert names(scheduler.place(request({"group": "g"}, source_backend="b"))) == ["b"]
 
 
 def test_routing_an_id_to_an_unconfigured_backend_is_not_found() -> None:
-    scheduler = Scheduler([backend("a", free=1)])
+    registry = Registry([backend("a", free=1)])
     with pytest.raises(NotFound, match="backend 'gone' is not configured"):
-        scheduler.backend("gone", "volume", "1:gone:x")
+        registry.route("gone", "volume", "1:gone:x")
 
 
 def test_free_space_is_asked_with_the_requests_secrets() -> None:
     only = backend("ceph", free=100)
-    Scheduler([only]).place(request({}, secrets={"userID": "cairn", "userKey": "k"}))
+    scheduler_of(only).place(request({}, secrets={"userID": "cairn", "userKey": "k"}))
     assert cast(StandIn, only.volumes).calls == ["cairn"]
 
 
@@ -148,7 +153,7 @@ def test_a_group_places_on_its_healthy_members_and_names_the_others() -> None:
     sick = backend("a", "g", free=1000, problem="pool 'p' does not exist")
     silent = backend("b", "g", free=1000, silent=True)
     well = backend("c", "g", free=10)
-    scheduler = Scheduler([sick, silent, well])
+    scheduler = scheduler_of(sick, silent, well)
     assert names(scheduler.place(request({"group": "g"}))) == ["c"]
     assert cast(StandIn, sick.volumes).calls == [], "an unwell backend is not asked for its space"
     with pytest.raises(ResourceExhausted, match=r"c: 10 free.*a: pool 'p' does not exist.*b: the pool statistics"):
@@ -156,3 +161,14 @@ def test_a_group_places_on_its_healthy_members_and_names_the_others() -> None:
     cast(StandIn, well.volumes).problem = "directory /x is not writable"
     with pytest.raises(Unavailable, match=r"no backend is healthy: a: pool.* \| b: .* \| c: directory /x"):
         scheduler.place(request({"group": "g"}))
+
+
+def test_a_class_that_requires_snapshots_places_only_on_backends_that_take_them() -> None:
+    scheduler = scheduler_of(backend("plain", "g", free=900, snapshots=False), backend("snappy", "g", free=100))
+    assert names(scheduler.place(request({"group": "g", "requires": "snapshots"}))) == ["snappy"]
+    assert names(scheduler.place(request({"group": "g"}))) == ["plain", "snappy"]
+    assert names(scheduler.place(request({"group": "g"}, source_kind="snapshot"))) == ["snappy"]
+    with pytest.raises(InvalidArgument, match="no backend of x offers snapshots, block"):
+        scheduler_of(backend("x", free=1, snapshots=False)).place(request({"requires": "snapshots,block"}))
+    with pytest.raises(InvalidArgument, match="unknown feature 'teleport'"):
+        scheduler.place(request({"group": "g", "requires": "teleport"}))

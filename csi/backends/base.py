@@ -1,11 +1,20 @@
 """The contracts every backend implements.
 
-A backend has two halves, like a Cinder volume driver and its os-brick connector:
+A backend has two halves, like a Cinder volume driver and its os-brick connector, and a
+declaration of what it offers:
 
+* ``Capabilities`` says, once, what the backend can do: access types and modes,
+  filesystems, snapshots, clones, expansion, whether volumes live on one node. The
+  scheduler filters on it, the services derive what they advertise from it, and both
+  halves are checked against it by the contract suite.
 * ``VolumeBackend`` runs in the controller: it creates, deletes, grows, snapshots and
   clones volumes and tracks which nodes they are published to.
-* ``NodeConnector`` runs on the node: it makes a published volume appear as a block
-  device on this host and takes it away again.
+* ``NodeConnector`` runs on the node: it makes a published volume appear on this host,
+  as a block device (which the node formats and mounts) or as a filesystem to mount as
+  it is (a share), and takes it away again.
+
+A process builds only the halves its role needs (``--mode``): a node plugin has no
+``VolumeBackend``, a controller no ``NodeConnector``.
 
 Every method is idempotent. Objects are named by their *local* ID (unique within the
 backend); the services add and strip the backend name. Methods raise the domain errors
@@ -14,22 +23,101 @@ of ``csi.errors`` and never anything from grpc.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from csi.model import NO_SECRETS, Capability, Secrets, Segment, Snapshot, Volume, VolumeSpec
+from csi.errors import InvalidArgument, Unimplemented
+from csi.model import (
+    NO_SECRETS,
+    AccessMode,
+    AccessType,
+    Capability,
+    Filesystem,
+    Secrets,
+    Segment,
+    Snapshot,
+    Volume,
+    VolumeSpec,
+)
+
+
+class Expansion(enum.Enum):
+    NONE = "none"
+    OFFLINE = "offline"
+    """Only while no node has the volume staged."""
+    ONLINE = "online"
+    """Also while it is staged and published."""
+
+
+# What a StorageClass may require of the backends it names (the ``requires`` parameter).
+FEATURES = ("snapshots", "clones", "expansion", "online-expansion", "block", "shared")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend offers."""
+
+    access: Mapping[AccessType, frozenset[AccessMode]]
+    """For each access type offered, the access modes offered with it."""
+    filesystems: frozenset[Filesystem] = frozenset(Filesystem)
+    """Filesystems the node may format on its volumes (none for a backend of shares)."""
+    snapshots: bool = True
+    clones: bool = True
+    expansion: Expansion = Expansion.ONLINE
+    node_expansion: bool = True
+    """Whether the node must act after a controller expansion (grow a filesystem,
+    refresh a device): ControllerExpandVolume's node_expansion_required."""
+    node_local: bool = False
+    """Volumes live on one node and are usable only there."""
+    refusals: Mapping[tuple[AccessType, AccessMode], str] = field(default_factory=dict)
+    """Why a combination is not offered, where the reason helps the user."""
+
+    def unsupported(self, capability: Capability) -> str | None:
+        """Why ``capability`` is not offered, or None when it is."""
+        modes = self.access.get(capability.access_type, frozenset())
+        if capability.access_mode not in modes:
+            reason = self.refusals.get((capability.access_type, capability.access_mode))
+            if reason:
+                return reason
+            offered = ", ".join(sorted(m.value for m in modes)) or "none"
+            return (
+                f"{capability.access_type.value} access in mode {capability.access_mode.value} is not offered "
+                f"(modes offered for {capability.access_type.value}: {offered})"
+            )
+        if capability.access_type is AccessType.MOUNT and capability.fs_type:
+            offered_fs = {f.value for f in self.filesystems}
+            if capability.fs_type not in offered_fs:
+                return f"filesystem {capability.fs_type!r} is not offered (offered: {', '.join(sorted(offered_fs))})"
+        return None
+
+    def offers(self, feature: str) -> bool:
+        """Whether the backend offers one of FEATURES."""
+        if feature == "snapshots":
+            return self.snapshots
+        if feature == "clones":
+            return self.clones
+        if feature == "expansion":
+            return self.expansion is not Expansion.NONE
+        if feature == "online-expansion":
+            return self.expansion is Expansion.ONLINE
+        if feature == "block":
+            return AccessType.BLOCK in self.access
+        if feature == "shared":
+            return any(m.multi_node for modes in self.access.values() for m in modes)
+        raise InvalidArgument(f"unknown feature {feature!r} (known: {', '.join(FEATURES)})")
 
 
 class VolumeBackend(Protocol):
     topology: tuple[Segment, ...]
     """Where this backend's volumes can be used; empty means from every node."""
 
-    parameter_keys: frozenset[str]
-    """StorageClass and VolumeSnapshotClass parameters this backend understands."""
+    volume_parameters: frozenset[str]
+    """StorageClass parameters this backend understands (besides the services' own)."""
 
-    def unsupported(self, capability: Capability) -> str | None:
-        """Why this backend cannot offer ``capability``, or None when it can."""
+    snapshot_parameters: frozenset[str]
+    """VolumeSnapshotClass parameters this backend understands; each one is honoured."""
 
     def health(self) -> str | None:
         """What is wrong with the backend now (unreachable, not writable), or None."""
@@ -94,6 +182,10 @@ class VolumeBackend(Protocol):
 
 
 class NodeConnector(Protocol):
+    def health(self) -> str | None:
+        """What keeps this node from attaching the backend's volumes now (a missing
+        tool, an unreadable directory), or None. Never blocks."""
+
     def attach(self, local_id: str, publish_context: Mapping[str, str], *, secrets: Secrets = NO_SECRETS) -> str:
         """Make the volume a block device on this host and return its path; when it is
         attached already, return the existing device."""
@@ -115,11 +207,29 @@ class NodeConnector(Protocol):
 
 @dataclass(frozen=True)
 class Backend:
-    """One configured backend: its name (part of every ID it issues), its group, and
-    its two halves."""
+    """One configured backend: its name (part of every ID it issues), its group, what
+    it offers, and the halves this process's role built."""
 
     name: str
     kind: str
     group: str | None
-    volumes: VolumeBackend
-    connector: NodeConnector
+    capabilities: Capabilities
+    controller: VolumeBackend | None
+    node: NodeConnector | None
+
+    @property
+    def volumes(self) -> VolumeBackend:
+        if self.controller is None:
+            raise Unimplemented(f"backend {self.name!r}: this process does not serve the controller")
+        return self.controller
+
+    @property
+    def connector(self) -> NodeConnector:
+        if self.node is None:
+            raise Unimplemented(f"backend {self.name!r}: this process does not serve the node")
+        return self.node
+
+    def health(self) -> str | None:
+        """What is wrong with the halves this process runs, or None."""
+        problems = [p for p in (h.health() for h in (self.controller, self.node) if h is not None) if p]
+        return "; ".join(problems) or None

@@ -8,16 +8,28 @@ Settings:
 
 from __future__ import annotations
 
-from csi.backends.base import Backend
+from csi.backends.base import Backend, Capabilities
 from csi.backends.local.controller import LocalVolumes
 from csi.backends.local.node import LocalConnector
 from csi.config import BackendConfig
 from csi.errors import ConfigError
+from csi.model import AccessMode, AccessType
 
 SETTINGS = frozenset({"path", "node"})
+_SINGLE_NODE = frozenset(m for m in AccessMode if not m.multi_node)
+CAPABILITIES = Capabilities(
+    access={AccessType.MOUNT: _SINGLE_NODE, AccessType.BLOCK: _SINGLE_NODE},
+    node_local=True,
+    refusals={
+        (kind, mode): f"the local backend keeps volumes on one node and cannot offer {mode.value}"
+        for kind in AccessType
+        for mode in AccessMode
+        if mode.multi_node
+    },
+)
 
 
-def build(config: BackendConfig, node_id: str, controller: bool) -> Backend:
+def build(config: BackendConfig, node_id: str, controller: bool, node: bool) -> Backend:
     unknown = set(config.settings) - SETTINGS
     if unknown:
         raise ConfigError(f"backend {config.name!r}: unknown local settings {sorted(unknown)}")
@@ -25,5 +37,7 @@ def build(config: BackendConfig, node_id: str, controller: bool) -> Backend:
     if not isinstance(path, str) or not path:
         raise ConfigError(f"backend {config.name!r}: 'path' is required")
     owner = str(config.settings.get("node") or node_id)
-    volumes = LocalVolumes(path, owner, recover=controller)
-    return Backend(config.name, "local", config.group, volumes, LocalConnector(path))
+    # Only the controller removes what crashed creations left (a node plugin on the same
+    # host must not, while the controller may be creating).
+    volumes = LocalVolumes(path, owner, recover=True) if controller else None
+    return Backend(config.name, "local", config.group, CAPABILITIES, volumes, LocalConnector(path) if node else None)

@@ -45,7 +45,8 @@ PARAM_PREALLOCATE = "preallocate"
 
 
 class LocalVolumes:
-    parameter_keys = frozenset({PARAM_PREALLOCATE})
+    volume_parameters = frozenset({PARAM_PREALLOCATE})
+    snapshot_parameters: frozenset[str] = frozenset()
 
     def __init__(self, root: str, node_id: str, recover: bool = True) -> None:
         """``recover`` removes what crashed creations left; only the process that serves
@@ -58,11 +59,6 @@ class LocalVolumes:
         self.topology: tuple[Segment, ...] = ({TOPOLOGY_NODE_KEY: node_id},)
 
     # -- capacity and capabilities -------------------------------------------------
-
-    def unsupported(self, capability: Capability) -> str | None:
-        if capability.access_mode.multi_node:
-            return f"the local backend keeps volumes on one node and cannot offer {capability.access_mode.value}"
-        return None
 
     def health(self) -> str | None:
         if not os.access(self.layout.root, os.W_OK | os.X_OK):

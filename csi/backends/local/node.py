@@ -17,6 +17,11 @@ class LocalConnector:
     def __init__(self, root: str) -> None:
         self.layout = Layout(root)
 
+    def health(self) -> str | None:
+        if not os.access(self.layout.root, os.R_OK | os.W_OK | os.X_OK):
+            return f"directory {self.layout.root} is not usable on this node"
+        return None
+
     def attach(self, local_id: str, publish_context: Mapping[str, str], *, secrets: Secrets = NO_SECRETS) -> str:
         image = self.layout.image("volume", local_id)
         if not os.path.exists(image):

@@ -22,12 +22,30 @@ Credentials are never settings: they come from the CSI secrets (userID, userKey)
 
 from __future__ import annotations
 
-from csi.backends.base import Backend
-from csi.backends.rbd.cluster import Clusters
-from csi.backends.rbd.controller import MAPPERS, RbdSettings, RbdVolumes, parse_features
-from csi.backends.rbd.node import RbdConnector
+from csi.backends.base import Backend, Capabilities
+from csi.backends.rbd.common import MAPPERS, RbdSettings, parse_features
 from csi.config import BackendConfig
 from csi.errors import ConfigError, InvalidArgument
+from csi.model import AccessMode, AccessType
+
+# A filesystem mounted read-write on two nodes at once is corrupted; shared raw block
+# devices are the application's to coordinate (clustered databases, VMs).
+_SINGLE_NODE = frozenset(m for m in AccessMode if not m.multi_node)
+_CORRUPTS = (
+    "{mode} on a filesystem would corrupt it: ext4 and XFS cannot be mounted read-write by several nodes at "
+    "once (use volumeMode: Block, or a read-only mode)"
+)
+CAPABILITIES = Capabilities(
+    access={
+        AccessType.MOUNT: _SINGLE_NODE | {AccessMode.MULTI_NODE_READER_ONLY},
+        AccessType.BLOCK: frozenset(AccessMode),
+    },
+    refusals={
+        (AccessType.MOUNT, mode): _CORRUPTS.format(mode=mode.value)
+        for mode in AccessMode
+        if mode.multi_node and not mode.read_only
+    },
+)
 
 SETTINGS = frozenset(
     {
@@ -75,7 +93,18 @@ def settings_from(config: BackendConfig) -> RbdSettings:
     return settings
 
 
-def build(config: BackendConfig, node_id: str, controller: bool) -> Backend:
+def build(config: BackendConfig, node_id: str, controller: bool, node: bool) -> Backend:
+    """The halves a process's role needs; librados and librbd are loaded only by a
+    controller, and the node tools are needed only by a node."""
     settings = settings_from(config)
-    volumes = RbdVolumes(settings, Clusters(settings.monitors, settings.credentials_dir))
-    return Backend(config.name, "rbd", config.group, volumes, RbdConnector(settings))
+    volumes = connector = None
+    if controller:
+        from csi.backends.rbd.cluster import Clusters
+        from csi.backends.rbd.controller import RbdVolumes
+
+        volumes = RbdVolumes(settings, Clusters(settings.monitors, settings.credentials_dir))
+    if node:
+        from csi.backends.rbd.node import RbdConnector
+
+        connector = RbdConnector(settings)
+    return Backend(config.name, "rbd", config.group, CAPABILITIES, volumes, connector)

@@ -14,17 +14,16 @@ may name different Ceph users, and a tenant's call must not borrow another's key
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import rados
 import rbd
 
+from csi.backends.rbd.common import USER_ID, USER_KEY, Credentials
 from csi.errors import (
     AlreadyExists,
     CairnError,
@@ -38,31 +37,8 @@ from csi.errors import (
 
 log = logging.getLogger(__name__)
 
-USER_ID, USER_KEY = "userID", "userKey"
 TIMEOUT_SECONDS = 30
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Credentials:
-    user: str
-    key: str = ""
-
-    @classmethod
-    def from_secrets(cls, secrets: Mapping[str, str]) -> Credentials | None:
-        user, key = secrets.get(USER_ID, ""), secrets.get(USER_KEY, "")
-        if not user and not key:
-            return None
-        if not user or not key:
-            raise InvalidArgument(f"the secret must hold both {USER_ID!r} and {USER_KEY!r}")
-        return cls(user, key)
-
-    @property
-    def fingerprint(self) -> str:
-        return hashlib.sha256(f"{self.user}\0{self.key}".encode()).hexdigest()[:16]
-
-    def __repr__(self) -> str:  # never print the key
-        return f"Credentials(user={self.user!r})"
 
 
 def classify(exc: BaseException, what: str) -> CairnError:

@@ -19,21 +19,19 @@ import errno
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import rbd
 
-from csi.backends.rbd.cluster import Clusters, Credentials, ceph_call, classify
-from csi.backends.rbd.journal import Journal, Kind, Sweeper, forget_pool, image_name, remember_pool, remembered_pools
+from csi.backends.rbd.cluster import Clusters, ceph_call, classify
+from csi.backends.rbd.common import MAPPERS, Credentials, Kind, RbdSettings, image_name, parse_features, split_id
+from csi.backends.rbd.journal import Journal, Sweeper, forget_pool, remember_pool, remembered_pools
 from csi.checks import BackgroundCheck
 from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from csi.model import (
     NO_SECRETS,
-    AccessType,
     Capability,
     Secrets,
     Segment,
@@ -50,56 +48,15 @@ SNAPSHOT = "cairn"
 NAME_KEY, SOURCE_KEY, CREATED_KEY, PUBLISHED_PREFIX = "cairn.name", "cairn.source", "cairn.created", "cairn.published."
 PARAM_POOL, PARAM_DATA_POOL, PARAM_FEATURES, PARAM_MAPPER = "pool", "dataPool", "imageFeatures", "mapper"
 PARAM_MAP_OPTIONS = "mapOptions"
-MAPPERS = ("krbd", "rbd-nbd", "rbd-fuse")
 HEALTH_INTERVAL = 30.0  # seconds between two checks of the cluster
-FEATURES = {
-    "layering": rbd.RBD_FEATURE_LAYERING,
-    "exclusive-lock": rbd.RBD_FEATURE_EXCLUSIVE_LOCK,
-    "object-map": rbd.RBD_FEATURE_OBJECT_MAP,
-    "fast-diff": rbd.RBD_FEATURE_FAST_DIFF,
-    "deep-flatten": rbd.RBD_FEATURE_DEEP_FLATTEN,
-}
-_LOCAL_ID = re.compile(
-    r"^(?P<pool>[A-Za-z0-9_.-]+)/(?P<uuid>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$"
-)
-
-
-@dataclass(frozen=True)
-class RbdSettings:
-    monitors: tuple[str, ...]
-    pool: str
-    data_pool: str = ""
-    image_features: str = "layering,exclusive-lock,object-map,fast-diff,deep-flatten"
-    mapper: str = "krbd"
-    max_clone_depth: int = 8
-    fuse_dir: str = "/var/lib/cairn-csi/rbd-fuse"
-    credentials_dir: str = ""
-    map_options: str = ""
-
-
-def parse_features(text: str) -> int:
-    mask = 0
-    for feature in filter(None, (f.strip() for f in text.split(","))):
-        if feature not in FEATURES:
-            raise InvalidArgument(f"image feature {feature!r} is not supported (supported: {', '.join(FEATURES)})")
-        mask |= FEATURES[feature]
-    if not mask & rbd.RBD_FEATURE_LAYERING:
-        raise InvalidArgument("image features must include 'layering': snapshots and clones need it")
-    return mask
-
-
-def split_id(local_id: str, kind: Kind) -> tuple[str, str]:
-    match = _LOCAL_ID.match(local_id)
-    if not match:
-        raise NotFound(f"{kind} {local_id!r} does not exist")
-    return match["pool"], match["uuid"]
 
 
 T = TypeVar("T")
 
 
 class RbdVolumes:
-    parameter_keys = frozenset({PARAM_POOL, PARAM_DATA_POOL, PARAM_FEATURES, PARAM_MAPPER, PARAM_MAP_OPTIONS})
+    volume_parameters = frozenset({PARAM_POOL, PARAM_DATA_POOL, PARAM_FEATURES, PARAM_MAPPER, PARAM_MAP_OPTIONS})
+    snapshot_parameters = frozenset({PARAM_FEATURES})
     topology: tuple[Segment, ...] = ()
 
     def __init__(self, settings: RbdSettings, clusters: Clusters) -> None:
@@ -167,15 +124,6 @@ class RbdVolumes:
         self._purge_trash(io)
 
     # -- capacity and capabilities -------------------------------------------------
-
-    def unsupported(self, capability: Capability) -> str | None:
-        mode = capability.access_mode
-        if capability.access_type is AccessType.MOUNT and mode.multi_node and not mode.read_only:
-            return (
-                f"{mode.value} on a filesystem would corrupt it: ext4 and XFS cannot be mounted read-write by "
-                "several nodes at once (use volumeMode: Block, or a read-only mode)"
-            )
-        return None
 
     def health(self) -> str | None:
         return self._health.result()
@@ -417,7 +365,7 @@ class RbdVolumes:
                 if self._complete_volume(io, source_local_id) is None:
                     raise NotFound(f"source volume {source_local_id!r} does not exist")
                 if not self._exists(io, image):
-                    features = parse_features(self.settings.image_features)
+                    features = parse_features(parameters.get(PARAM_FEATURES, self.settings.image_features))
                     self._clone_through_temporary_snapshot(
                         io, image_name("volume", source_uuid), io, image, features, None
                     )

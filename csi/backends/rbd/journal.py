@@ -32,20 +32,16 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any
 
 import rados
 
 from csi.backends.rbd.cluster import ceph_call
+from csi.backends.rbd.common import Kind, image_name
 
 log = logging.getLogger(__name__)
 
 JOURNAL = "cairn.journal"
-Kind = Literal["volume", "snapshot"]
-
-
-def image_name(kind: Kind, image_uuid: str) -> str:
-    return f"cairn-{'vol' if kind == 'volume' else 'snap'}-{image_uuid}"
 
 
 class Journal:

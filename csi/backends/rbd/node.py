@@ -17,14 +17,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
 
 from csi import loopdev, mount, proc
-from csi.backends.rbd.cluster import Credentials
-from csi.backends.rbd.controller import MAPPERS, RbdSettings, split_id
-from csi.backends.rbd.journal import image_name
+from csi.backends.rbd.common import MAPPERS, Credentials, RbdSettings, image_name, split_id
 from csi.errors import CommandFailed, FailedPrecondition, InvalidArgument, Unavailable
 from csi.model import NO_SECRETS, Secrets
 
@@ -50,6 +49,12 @@ def client_files(key: str) -> Iterator[tuple[str, str]]:
 class RbdConnector:
     def __init__(self, settings: RbdSettings) -> None:
         self.settings = settings
+
+    def health(self) -> str | None:
+        tool = {"krbd": "rbd", "rbd-nbd": "rbd-nbd", "rbd-fuse": "rbd-fuse"}[self.settings.mapper]
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed on this node (mapper {self.settings.mapper})"
+        return None
 
     def _spec(self, local_id: str) -> tuple[str, str]:
         pool, image_uuid = split_id(local_id, "volume")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from csi.backends.local import CAPABILITIES
 from csi.backends.local.controller import LocalVolumes
 from csi.backends.local.layout import Layout
 from csi.errors import AlreadyExists, FailedPrecondition, NotFound, OutOfRange, ResourceExhausted
@@ -176,10 +177,10 @@ def test_ids_from_clients_never_become_paths(volumes: LocalVolumes) -> None:
         volumes.delete_volume("../../../etc")
 
 
-def test_multi_node_modes_are_refused_with_a_reason(volumes: LocalVolumes) -> None:
-    reason = volumes.unsupported(Capability(AccessType.BLOCK, AccessMode.MULTI_NODE_MULTI_WRITER))
+def test_multi_node_modes_are_refused_with_a_reason() -> None:
+    reason = CAPABILITIES.unsupported(Capability(AccessType.BLOCK, AccessMode.MULTI_NODE_MULTI_WRITER))
     assert reason is not None and "one node" in reason
-    assert volumes.unsupported(Capability(AccessType.BLOCK, AccessMode.SINGLE_NODE_MULTI_WRITER)) is None
+    assert CAPABILITIES.unsupported(Capability(AccessType.BLOCK, AccessMode.SINGLE_NODE_MULTI_WRITER)) is None
 
 
 @pytest.fixture

@@ -14,9 +14,10 @@ import pytest
 import rados
 import rbd
 
-from csi.backends.rbd import build
+from csi.backends.rbd import CAPABILITIES, build
 from csi.backends.rbd.cluster import Clusters
-from csi.backends.rbd.controller import RbdSettings, RbdVolumes
+from csi.backends.rbd.common import FEATURES, RbdSettings
+from csi.backends.rbd.controller import RbdVolumes
 from csi.config import BackendConfig
 from csi.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from csi.model import AccessMode, AccessType, Capability, MiB, SourceRef, VolumeSpec
@@ -182,12 +183,22 @@ def test_volumes_keep_the_mapper_and_options_they_were_created_with(
         volumes.delete_volume(volume.local_id, secrets=secrets)
 
 
-def test_filesystems_shared_read_write_are_refused_with_the_reason(volumes: RbdVolumes) -> None:
+def test_filesystems_shared_read_write_are_refused_with_the_reason() -> None:
     for mode in (AccessMode.MULTI_NODE_MULTI_WRITER, AccessMode.MULTI_NODE_SINGLE_WRITER):
-        reason = volumes.unsupported(Capability(AccessType.MOUNT, mode))
+        reason = CAPABILITIES.unsupported(Capability(AccessType.MOUNT, mode))
         assert reason and "corrupt" in reason
-    assert volumes.unsupported(Capability(AccessType.MOUNT, AccessMode.MULTI_NODE_READER_ONLY)) is None
-    assert volumes.unsupported(Capability(AccessType.BLOCK, AccessMode.MULTI_NODE_SINGLE_WRITER)) is None
+    assert CAPABILITIES.unsupported(Capability(AccessType.MOUNT, AccessMode.MULTI_NODE_READER_ONLY)) is None
+    assert CAPABILITIES.unsupported(Capability(AccessType.BLOCK, AccessMode.MULTI_NODE_SINGLE_WRITER)) is None
+
+
+def test_librbd_feature_bits_are_the_ones_settings_are_checked_with() -> None:
+    assert FEATURES == {
+        "layering": rbd.RBD_FEATURE_LAYERING,
+        "exclusive-lock": rbd.RBD_FEATURE_EXCLUSIVE_LOCK,
+        "object-map": rbd.RBD_FEATURE_OBJECT_MAP,
+        "fast-diff": rbd.RBD_FEATURE_FAST_DIFF,
+        "deep-flatten": rbd.RBD_FEATURE_DEEP_FLATTEN,
+    }
 
 
 def test_capacity_is_the_pools_free_space(volumes: RbdVolumes, secrets: dict[str, str], ceph: CephCluster) -> None:
@@ -366,7 +377,7 @@ def test_calls_without_secrets_use_the_credentials_directory(
     config = BackendConfig(
         "ceph", "rbd", None, {"monitors": ceph.monitors, "pool": POOL, "credentialsDir": str(directory)}
     )
-    backend = cast(RbdVolumes, build(config, "test-node", controller=True).volumes)
+    backend = cast(RbdVolumes, build(config, "test-node", controller=True, node=False).volumes)
     assert backend.list_volumes() == []
     assert backend.free_bytes() > 0
     backend.clusters.shutdown()

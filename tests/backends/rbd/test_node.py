@@ -14,7 +14,7 @@ import yaml
 
 from csi import loopdev, mount
 from csi.generated import csi_pb2 as pb
-from tests.ceph import POOL, CephCluster
+from tests.ceph import POOL, USER, CephCluster
 from tests.conftest import running_driver
 from tests.support import Driver, block_capability, mount_capability, require_tools
 
@@ -29,6 +29,14 @@ MAPPER = os.environ.get("CAIRN_TEST_RBD_MAPPER", "rbd-fuse")
 MAPPED_AS = {"krbd": "rbd", "rbd-nbd": "nbd", "rbd-fuse": "/"}
 
 
+def credentials_dir(tmp: Path, ceph: CephCluster) -> Path:
+    directory = tmp / "ceph-secret"
+    directory.mkdir(exist_ok=True)
+    (directory / "userID").write_text(USER)
+    (directory / "userKey").write_text(ceph.user_key)
+    return directory
+
+
 def config_for(tmp: Path, ceph: CephCluster, node: str) -> list[str]:
     config = tmp / f"cairn-{node}.yaml"
     backend = {
@@ -40,6 +48,8 @@ def config_for(tmp: Path, ceph: CephCluster, node: str) -> list[str]:
         "fuseDir": str(tmp / f"fuse-{node}"),
         # The test cluster speaks only msgr v2; the kernel client defaults to v1.
         "mapOptions": "ms_mode=prefer-crc" if MAPPER == "krbd" else "",
+        # For the calls that carry no secret (ControllerGetVolume, ListVolumes).
+        "credentialsDir": str(credentials_dir(tmp, ceph)),
     }
     config.write_text(yaml.safe_dump({"backends": [backend]}))
     return ["--config", str(config)]
