@@ -31,8 +31,9 @@ lint:
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
+## unit: the tests that need no root, VM, cluster or external server
 unit: setup-test
-	$(VENV)/bin/pytest -m "not integration and not conformance"
+	$(VENV)/bin/pytest -m unit
 
 integration conformance: setup-test
 	CAIRN_REQUIRE_ALL=1 PATH="$(TOOLS)/bin:$$PATH" $(VENV)/bin/pytest -m $@

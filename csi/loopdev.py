@@ -25,12 +25,14 @@ def find(path: str) -> list[str]:
     return sorted(dev for dev, back in attached().items() if back == path)
 
 
-def attach(path: str) -> str:
-    """The loop device backed by ``path``, attaching one when there is none."""
+def attach(path: str, read_only: bool = False) -> str:
+    """The loop device backed by ``path``, attaching one (read-only if asked) when there
+    is none."""
     existing = find(path)
     if existing:
         return existing[0]
-    return proc.run(["losetup", "--find", "--show", os.path.realpath(path)]).stdout.strip()
+    ro = ["--read-only"] if read_only else []
+    return proc.run(["losetup", "--find", "--show", *ro, os.path.realpath(path)]).stdout.strip()
 
 
 def detach(path: str) -> None:

@@ -6,15 +6,23 @@ both no-ops."""
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import logging
 import os
+import select
 import stat
+import subprocess
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from csi import proc
-from csi.errors import CommandBusy, CommandFailed, FailedPrecondition
+from csi.errors import Aborted, CommandBusy, CommandFailed, CommandTimeout, DeadlineExceeded, FailedPrecondition
+from csi.files import TEMP_SUFFIX, fsync_dir, write_atomically
 from csi.model import Filesystem, FilesystemStats
 
 log = logging.getLogger(__name__)
@@ -116,6 +124,11 @@ def format_and_mount(
     Returns True when it formatted."""
     existing = probe_filesystem(device)
     formatted = existing is None
+    if existing is None and "ro" in mount_options:
+        raise FailedPrecondition(
+            f"device {device} holds no filesystem yet, and read-only access cannot make one: "
+            "stage the volume for writing once first"
+        )
     if existing is None:
         make_filesystem(device, fs, mkfs_options)
     elif existing != fs.value:
@@ -143,8 +156,18 @@ def grow_ext4_offline(device: str) -> None:
     growth works on every kernel; resize2fs insists on a fresh check first."""
     if device_size(device) - ext4_size(device) < 1 << 20:
         return
-    proc.run(["e2fsck", "-f", "-p", device], timeout=MKFS_TIMEOUT, ok_codes=(0, 1))
+    check(device)
     proc.run(["resize2fs", device], timeout=MKFS_TIMEOUT)
+
+
+def check(device: str) -> None:
+    """Check an unmounted ext4 filesystem, repairing what is safe; a filesystem that the
+    safe repairs leave inconsistent (a resize interrupted by a crash: no further stage
+    could ever grow or mount it) is repaired in full, and that is logged."""
+    result = proc.run(["e2fsck", "-f", "-p", device], timeout=MKFS_TIMEOUT, ok_codes=(0, 1, 2, 4))
+    if result.returncode == 4:
+        log.warning("repairing %s in full: the safe repairs were not enough (%s)", device, result.stdout.strip())
+        proc.run(["e2fsck", "-f", "-y", device], timeout=MKFS_TIMEOUT, ok_codes=(0, 1, 2))
 
 
 def bind(source: str, target: str, readonly: bool = False, options: Sequence[str] = ()) -> None:
@@ -234,20 +257,24 @@ def remove_path(path: str) -> None:
             raise
 
 
-def device_of(entry: MountEntry) -> str | None:
-    """The block device a mount shows: its source for a filesystem, or the device node
-    itself for a bind mount of one (a published raw block volume)."""
-    if entry.source.startswith("/dev/"):
-        return entry.source
+def source_of(entry: MountEntry) -> str:
+    """What a mount shows as its source: the block device or share it mounts, or, for a
+    bind mount of a device node (a published raw block volume), that device."""
     if entry.fstype == "devtmpfs" and entry.root not in ("", "/"):
         return "/dev" + entry.root
-    return None
+    return entry.source
 
 
-def users_of(device: str) -> list[str]:
-    """Mount points that show ``device``: filesystems on it and binds of its node."""
-    real = os.path.realpath(device)
-    return [e.target for e in mounts() if (shown := device_of(e)) and os.path.realpath(shown) == real]
+def users_of(source: str) -> list[str]:
+    """Mount points that show ``source``: filesystems on a device, binds of its node, or
+    mounts of a share."""
+    wanted = os.path.realpath(source) if source.startswith("/") else source
+    found = []
+    for entry in mounts():
+        shown = source_of(entry)
+        if (os.path.realpath(shown) if shown.startswith("/") else shown) == wanted:
+            found.append(entry.target)
+    return found
 
 
 def writable_mount_of(device: str) -> str | None:
@@ -259,21 +286,249 @@ def writable_mount_of(device: str) -> str | None:
     return None
 
 
+# -- freezing ---------------------------------------------------------------------------
+#
+# A freeze must end however the process that took it ends; a filesystem left frozen hangs
+# every write of the pods using it. Two mechanisms see to that:
+#
+# * A guard process holds each freeze: a small shell whose stdin is a pipe from the driver.
+#   Told to, it freezes, answers "frozen" and reads its stdin until the end; it thaws the
+#   moment it gets there, that is when the driver closes the pipe (the copy is over) or
+#   dies in any way (the kernel closes a dead process's pipes, SIGKILL included). It
+#   ignores the signals a terminal or a polite stop sends, and thaws by itself once the
+#   hold limit passes, so not even a hung driver keeps a filesystem frozen for longer.
+# * A journal records each freeze before it is taken (mount point, device, the guard's
+#   identity), fsynced in a directory its user owns, and forgets it once thawed. When the
+#   driver and its guard die together (a container restart), the record outlives them: the
+#   restarted driver's ``thaw_recorded``, or the next freeze of that filesystem, thaws it.
+#   Only what a record names is thawed, never a filesystem someone else froze (a frozen
+#   filesystem cannot be frozen again, so while Cairn's freeze held, nobody else's began).
+
+FREEZE_TIMEOUT = 60.0  # freezing flushes the filesystem first
+THAW_TIMEOUT = 60.0
+GUARD_EXIT_WAIT = 5.0  # how long to wait for an orphaned guard to finish thawing
+
+_GUARD_SCRIPT = """
+trap '' HUP INT PIPE TERM
+read -r request || exit 0
+fsfreeze --freeze "$1" || exit 2
+echo frozen
+timeout -s KILL "$2" cat >/dev/null
+held=$?
+fsfreeze --unfreeze "$1" || exit 3
+[ "$held" -eq 0 ] || exit 4
+"""
+# The guard's exit codes: 0 thawed when let go (or never asked to freeze), 2 could not
+# freeze, 3 could not thaw, 4 thawed by itself after the hold limit.
+_FREEZE_FAILED, _THAW_FAILED, _HELD_TOO_LONG = 2, 3, 4
+
+_freezing: set[str] = set()  # mount points this process holds frozen
+_freezing_lock = threading.Lock()
+
+
 @contextmanager
-def frozen(devices: Sequence[str]) -> Iterator[None]:
+def frozen(devices: Sequence[str], journal: str, limit: float) -> Iterator[None]:
     """Freeze the filesystems mounted from ``devices`` (flushing their caches and holding
-    new writes) for the duration of the block, then thaw them, whatever happens."""
-    held: list[str] = []
+    new writes) for the duration of the block, then thaw them, whatever happens: each
+    freeze is held by a guard process that thaws when this process lets go or dies, and
+    is recorded in ``journal`` (a directory the caller owns, given to ``thaw_recorded``
+    at start-up) until it is thawed.
+
+    A guard thaws by itself after ``limit`` seconds; the block then fails, as what it
+    copied may be torn. A filesystem this process already holds frozen is Aborted (one
+    copy of a volume at a time); one frozen by someone else is FailedPrecondition and
+    left alone."""
+    guards: list[_Guard] = []
+    torn: list[str] = []
     try:
         for device in devices:
             target = writable_mount_of(device)
             if target is not None:
-                proc.run(["fsfreeze", "--freeze", target], timeout=60)
-                held.append(target)
+                guards.append(_Guard.freeze(target, device, journal, limit))
         yield
     finally:
-        for target in reversed(held):
-            try:
-                proc.run(["fsfreeze", "--unfreeze", target], timeout=60)
-            except CommandFailed:
-                log.exception("could not thaw %s", target)
+        for guard in reversed(guards):
+            if not guard.release():
+                torn.append(guard.target)
+    if torn:
+        raise DeadlineExceeded(
+            f"the filesystem at {', '.join(torn)} was thawed before the copy ended (held over {limit:g}s, "
+            "or thawed by someone else), so the copy may be torn"
+        )
+
+
+def thaw_recorded(journal: str) -> None:
+    """Thaw what the journal says a dead process froze, and forget it. Run at start-up,
+    before any call is served. A record whose guard still runs is left to it: a guard
+    whose driver died thaws within moments, one of a live process when its copy ends."""
+    if not os.path.isdir(journal):
+        return
+    for entry in sorted(os.listdir(journal)):
+        path = os.path.join(journal, entry)
+        if entry.endswith(TEMP_SUFFIX):
+            os.unlink(path)  # a record whose writing was cut short: nothing was frozen
+        elif entry.endswith(".json") and not _settle(path):
+            log.warning("a freeze's guard is still running; leaving it to thaw", extra={"record": path})
+
+
+class _Guard:
+    def __init__(self, target: str, device: str, record: str, process: subprocess.Popen[str]) -> None:
+        self.target = target
+        self.device = device
+        self.record = record
+        self.process = process
+
+    @classmethod
+    def freeze(cls, target: str, device: str, journal: str, limit: float) -> _Guard:
+        with _freezing_lock:
+            if target in _freezing:
+                raise Aborted(f"the filesystem at {target} is frozen for another copy of it; retry when that ends")
+            _freezing.add(target)
+        try:
+            os.makedirs(journal, exist_ok=True)
+            record = os.path.join(journal, hashlib.sha256(target.encode()).hexdigest()[:32] + ".json")
+            if not _settle(record):
+                raise Aborted(f"an earlier freeze of the filesystem at {target} is still held; retry later")
+            argv = ["sh", "-c", _GUARD_SCRIPT, "cairn-freeze", target, f"{limit:g}"]
+            guard = cls(target, device, record, proc.spawn(argv))
+            guard._freeze()
+            return guard
+        except BaseException:
+            with _freezing_lock:
+                _freezing.discard(target)
+            raise
+
+    def _freeze(self) -> None:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        try:
+            record = {
+                "target": self.target,
+                "device": self.device,
+                "boot": _boot_id(),
+                "guard": self.process.pid,
+                "guard_started": _start_time(self.process.pid),
+            }
+            write_atomically(self.record, json.dumps(record).encode())  # before the guard may freeze
+            self.process.stdin.write("freeze\n")
+            self.process.stdin.flush()
+            ready, _, _ = select.select([self.process.stdout], [], [], FREEZE_TIMEOUT)
+            answer = self.process.stdout.readline() if ready else None
+        except BaseException:
+            self._abandon()
+            raise
+        if answer == "frozen\n":
+            return
+        if answer is None:
+            self._abandon()
+            raise CommandTimeout(["fsfreeze", "--freeze", self.target], FREEZE_TIMEOUT)
+        _, err = self.process.communicate(timeout=THAW_TIMEOUT)
+        _forget(self.record)
+        if "busy" in err.lower():
+            raise FailedPrecondition(
+                f"the filesystem at {self.target} is frozen, and not by Cairn: it cannot be copied consistently "
+                f"until whoever froze it thaws it (fsfreeze --unfreeze {self.target})"
+            )
+        raise CommandFailed(["fsfreeze", "--freeze", self.target], self.process.returncode, err)
+
+    def _abandon(self) -> None:
+        """Let go of a guard whose freeze may or may not have happened: it thaws once its
+        freeze returns. Its record stays unless it is seen to end well."""
+        try:
+            self.process.communicate(timeout=GUARD_EXIT_WAIT)
+        except (subprocess.TimeoutExpired, OSError):
+            log.warning("a freeze guard did not end in time", extra={"target": self.target, "pid": self.process.pid})
+            return
+        if self.process.returncode in (0, _FREEZE_FAILED):
+            _forget(self.record)
+
+    def release(self) -> bool:
+        """Thaw; False when the freeze did not last until now, so the copy may be torn.
+        What cannot be thawed stays recorded, for the next freeze or start-up to retry."""
+        try:
+            _, err = self.process.communicate(timeout=THAW_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, err = self.process.communicate()
+        code = self.process.returncode
+        held = code != _HELD_TOO_LONG and not (code == _THAW_FAILED and "invalid argument" in err.lower())
+        if code in (0, _HELD_TOO_LONG) or _thaw(self.target, self.device):
+            _forget(self.record)
+        else:
+            log.error(
+                "could not thaw a filesystem; the next copy of it or the next start retries",
+                extra={"target": self.target, "guard_exit": code, "error": err.strip()},
+            )
+        with _freezing_lock:
+            _freezing.discard(self.target)
+        return held
+
+
+def _settle(path: str) -> bool:
+    """Finish with the record an earlier freeze left, if any: wait for its guard to end,
+    thaw the filesystem if it is still frozen (its guard was killed), forget the record.
+    False when its guard still runs, or the filesystem would not thaw."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record: dict[str, Any] = json.load(handle)
+        target, device = str(record["target"]), str(record["device"])
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("removing an unreadable freeze record", extra={"record": path})
+        _forget(path)
+        return True
+    if record.get("boot") == _boot_id():  # a freeze does not survive a reboot
+        deadline = time.monotonic() + GUARD_EXIT_WAIT
+        while _start_time(int(record["guard"])) == record.get("guard_started"):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        if not _thaw(target, device):
+            return False
+    _forget(path)
+    return True
+
+
+def _thaw(target: str, device: str) -> bool:
+    """Thaw the filesystem of ``device`` mounted at ``target``; True when it is not frozen
+    (any more), or no longer mounted there, so not Cairn's to thaw."""
+    entry = find_mount(target)
+    if entry is None or entry.source != device:
+        return True
+    try:
+        proc.run(["fsfreeze", "--unfreeze", target], timeout=THAW_TIMEOUT)
+    except CommandFailed as exc:
+        if "invalid argument" in exc.stderr.lower():
+            return True  # not frozen
+        log.error("could not thaw %s: %s", target, exc)
+        return False
+    except DeadlineExceeded:
+        log.error("could not thaw %s in %gs", target, THAW_TIMEOUT)
+        return False
+    log.warning("thawed a filesystem a copy had left frozen", extra={"target": target, "device": device})
+    return True
+
+
+def _forget(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    fsync_dir(os.path.dirname(path))
+
+
+def _boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+        return handle.read().strip()
+
+
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot), or None once it has ended
+    (a zombie has ended too). With the boot ID, it tells a process from a later one that
+    reuses its pid."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import grpc
 
 from csi import convert, ids, mount
-from csi.backends.base import Backend
+from csi.backends.base import AttachRequest, Backend
 from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from csi.filesystems import parse_filesystem
 from csi.generated import csi_pb2 as pb
@@ -100,7 +100,10 @@ class NodeService(pb_grpc.NodeServicer):
         if reason:
             raise InvalidArgument(f"volume {request.volume_id}: {reason}")
         volume_context = dict(request.volume_context)
-        fs = filesystem_for(cap, volume_context) if cap.access_type is AccessType.MOUNT else None
+        # Only a backend whose node formats its volumes has a filesystem to choose; a share
+        # arrives with its own.
+        formats = bool(backend.capabilities.filesystems)
+        fs = filesystem_for(cap, volume_context) if cap.access_type is AccessType.MOUNT and formats else None
         mkfs_options = parse_mkfs_options(volume_context)
         with self.inflight.hold(request.volume_id):
             staged = self.state.load(request.volume_id)
@@ -115,7 +118,8 @@ class NodeService(pb_grpc.NodeServicer):
         is ALREADY_EXISTS, as the spec asks: it would change nothing."""
         if staged.staging_path != staging_path:
             raise FailedPrecondition(f"volume {staged.volume_id} is already staged at {staged.staging_path}")
-        wanted = (cap.access_type, fs.value if fs else "", cap.access_mode, sorted(cap.mount_flags))
+        wanted_fs = fs.value if fs else (staged.filesystem if staged.shared_source else "")
+        wanted = (cap.access_type, wanted_fs, cap.access_mode, sorted(cap.mount_flags))
         have = (staged.access_type, staged.filesystem, staged.access_mode, sorted(staged.mount_flags))
         if wanted != have:
             raise AlreadyExists(
@@ -136,26 +140,41 @@ class NodeService(pb_grpc.NodeServicer):
         mkfs_options: list[str],
     ) -> None:
         undo: list[Callable[[], None]] = []
+        staging = request.staging_target_path
         try:
-            device = backend.connector.attach(local_id, dict(request.publish_context), secrets=request.secrets)
+            attach = AttachRequest(cap, dict(request.volume_context), dict(request.publish_context), request.secrets)
+            attachment = backend.connector.attach(local_id, attach)
             undo.append(lambda: backend.connector.detach(local_id))
-            if fs is not None:
-                mount_options = [*cap.mount_flags, *(["ro"] if cap.access_mode.read_only else [])]
-                if not os.path.exists(request.staging_target_path):
-                    os.makedirs(request.staging_target_path)
-                    undo.append(lambda: mount.remove_path(request.staging_target_path))
-                formatted = mount.format_and_mount(device, request.staging_target_path, fs, mkfs_options, mount_options)
-                undo.append(lambda: mount.unmount(request.staging_target_path))
-                log.info("staged", extra={"volume_id": request.volume_id, "device": device, "formatted": formatted})
+            if attachment.source and cap.access_type is AccessType.BLOCK:
+                raise InvalidArgument(f"volume {request.volume_id} is a shared filesystem: it has no block access")
+            mount_options = [*cap.mount_flags, *(["ro"] if cap.access_mode.read_only else [])]
+            existing = mount.find_mount(staging) if cap.access_type is AccessType.MOUNT else None
+            if existing is not None and mount.source_of(existing) == attachment.shown_as:
+                # Mounted by a stage that crashed before it recorded it: the mount is this
+                # volume's, and only the record is missing.
+                log.info("found the volume mounted at %s already", staging)
+            elif cap.access_type is AccessType.MOUNT:
+                if not os.path.exists(staging):
+                    os.makedirs(staging)
+                    undo.append(lambda: mount.remove_path(staging))
+                if attachment.source:
+                    options = list(dict.fromkeys([*attachment.options, *mount_options]))
+                    mount.mount(attachment.source, staging, attachment.fstype, options)
+                else:
+                    assert fs is not None
+                    formatted = mount.format_and_mount(attachment.device, staging, fs, mkfs_options, mount_options)
+                    log.info("formatted" if formatted else "mounted", extra={"device": attachment.device})
+                undo.append(lambda: mount.unmount(staging))
             self.state.save(
                 StagedVolume(
                     volume_id=request.volume_id,
-                    staging_path=request.staging_target_path,
-                    device=device,
+                    staging_path=staging,
+                    device=attachment.shown_as,
                     access_type=cap.access_type,
                     access_mode=cap.access_mode,
-                    filesystem=fs.value if fs else "",
+                    filesystem=fs.value if fs else attachment.fstype,
                     mount_flags=cap.mount_flags,
+                    shared_source=bool(attachment.source),
                 )
             )
         except BaseException:
@@ -195,11 +214,11 @@ class NodeService(pb_grpc.NodeServicer):
         """Undo a stage whose record is lost (or never was): unmount ``path`` only when
         the volume's own device is mounted there, and detach the volume only when no
         mount uses it any more. A foreign mount at the path stays."""
-        devices = backend.connector.devices(local_id)
+        sources = backend.connector.sources(local_id)
         entry = mount.find_mount(path)
-        if entry is not None and mount.device_of(entry) in devices:
+        if entry is not None and mount.source_of(entry) in sources:
             mount.unmount(path)
-        if not any(mount.users_of(device) for device in devices):
+        if not any(mount.users_of(source) for source in sources):
             backend.connector.detach(local_id)
 
     # -- publish --------------------------------------------------------------------
@@ -221,7 +240,7 @@ class NodeService(pb_grpc.NodeServicer):
                 raise FailedPrecondition(f"volume {request.volume_id} is staged for {staged.access_type.value} access")
             entry = mount.find_mount(target)
             if entry is not None:
-                if mount.device_of(entry) != staged.device:
+                if mount.source_of(entry) != staged.device:
                     raise FailedPrecondition(
                         f"{target} is a mount point of something other than volume {staged.volume_id}"
                     )
@@ -296,12 +315,12 @@ class NodeService(pb_grpc.NodeServicer):
         if entry is None:
             return False
         if staged is not None:
-            devices = [staged.device]
+            sources = [staged.device]
         elif (backend := self.registry.find(backend_name)) is not None:
-            devices = backend.connector.devices(local_id)
+            sources = backend.connector.sources(local_id)
         else:
             return False
-        return mount.device_of(entry) in devices
+        return mount.source_of(entry) in sources
 
     # -- stats and expansion --------------------------------------------------------
 
@@ -355,10 +374,14 @@ class NodeService(pb_grpc.NodeServicer):
         backend, local_id = self._route(request.volume_id)
         with self.inflight.hold(request.volume_id):
             staged = self._staged_at(request.volume_id, request.volume_path)
-            backend.connector.refresh_size(local_id, staged.device)
-            if staged.access_type is AccessType.MOUNT:
-                mount.grow_filesystem(staged.device, staged.staging_path, Filesystem(staged.filesystem))
-            capacity = mount.device_size(staged.device)
+            if staged.shared_source:
+                # A share grows on its server; nothing on the node changes size.
+                capacity = mount.filesystem_stats(staged.staging_path).total_bytes
+            else:
+                backend.connector.refresh_size(local_id, staged.device)
+                if staged.access_type is AccessType.MOUNT:
+                    mount.grow_filesystem(staged.device, staged.staging_path, Filesystem(staged.filesystem))
+                capacity = mount.device_size(staged.device)
         return pb.NodeExpandVolumeResponse(capacity_bytes=capacity)
 
     # -- node information -----------------------------------------------------------

@@ -26,6 +26,8 @@ class StagedVolume:
     access_mode: AccessMode
     filesystem: str = ""
     mount_flags: tuple[str, ...] = ()
+    shared_source: bool = False
+    """The volume is a filesystem mounted as it is (``device`` then holds its source)."""
     targets: dict[str, bool] = field(default_factory=dict)
     """Published target path -> read-only."""
 

@@ -36,3 +36,27 @@ def run(
     if result.returncode not in ok_codes:
         raise command_failed(argv, result.returncode, result.stderr or result.stdout)
     return result
+
+
+def spawn(argv: Sequence[str]) -> subprocess.Popen[str]:
+    """Start ``argv`` (argv only, no shell) as a long-lived helper and return at once.
+
+    Its stdin and stdout are pipes to this process (text, line-buffered) and its stderr
+    is captured; the pipes are never inherited by any other child. Closing stdin is how
+    the caller tells the helper it is done, and the kernel does the same when this
+    process dies in any way, SIGKILL included: a helper that acts on end of input cleans
+    up after a crash too. The caller ends it with ``communicate(timeout=...)``."""
+    try:
+        helper = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            close_fds=True,
+        )
+    except FileNotFoundError as exc:
+        raise CommandFailed(argv, 127, f"{argv[0]} is not installed on this host") from exc
+    log.debug("spawned helper", extra={"argv": list(argv), "pid": helper.pid})
+    return helper

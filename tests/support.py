@@ -193,8 +193,24 @@ def scrub(root: Path) -> None:
     prefix = str(root.resolve())
     for entry in reversed(mount.mounts()):
         if entry.target.startswith(prefix):
+            if entry.fstype.startswith("fuse"):
+                _kill_serving(entry.target)  # a FUSE daemon outliving its cluster hangs every stat
             subprocess.run(["umount", "-l", entry.target], check=False)
     if shutil.which("losetup"):
         for dev, back in loopdev.attached().items():
             if back.startswith(prefix):
                 subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def _kill_serving(mountpoint: str) -> None:
+    """SIGKILL the FUSE daemons whose command line names ``mountpoint``."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if mountpoint.encode() in argv:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signal.SIGKILL)

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from csi.checks import BackgroundCheck
+
+pytestmark = pytest.mark.unit
 
 
 def test_the_answer_never_waits_for_a_running_check() -> None:

@@ -7,6 +7,8 @@ import pytest
 from csi import config
 from csi.errors import ConfigError
 
+pytestmark = pytest.mark.unit
+
 
 def test_load_several_backends(tmp_path: Path) -> None:
     path = tmp_path / "cairn.yaml"

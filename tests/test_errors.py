@@ -24,6 +24,7 @@ CASES = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("stderr", "code"), CASES)
 def test_what_a_tool_printed_decides_the_code(stderr: str, code: grpc.StatusCode) -> None:
     error = command_failed(["tool", "arg"], 1, stderr)
@@ -32,6 +33,7 @@ def test_what_a_tool_printed_decides_the_code(stderr: str, code: grpc.StatusCode
     assert stderr in str(error)
 
 
+@pytest.mark.unit
 def test_the_runner_classifies(tmp_path: Path) -> None:
     with pytest.raises(CommandFailed) as caught:
         proc.run(["cp", str(tmp_path / "missing"), str(tmp_path / "copy")])

@@ -5,6 +5,8 @@ import pytest
 from csi import ids
 from csi.errors import NotFound
 
+pytestmark = pytest.mark.unit
+
 
 def test_round_trip() -> None:
     text = ids.encode("ceph-a", "pool/6f1c")

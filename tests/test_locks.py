@@ -5,6 +5,8 @@ import pytest
 from csi.errors import Aborted
 from csi.locks import InFlight
 
+pytestmark = pytest.mark.unit
+
 
 def test_second_call_is_aborted_at_once_and_lock_is_released() -> None:
     inflight = InFlight()

@@ -15,6 +15,8 @@ from csi.parameters import backend_parameters
 from csi.registry import Registry
 from csi.scheduler import PlacementRequest, Scheduler
 
+pytestmark = pytest.mark.unit
+
 RWO = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER)
 RWX_BLOCK = Capability(AccessType.BLOCK, AccessMode.MULTI_NODE_MULTI_WRITER)
 

@@ -6,6 +6,8 @@ from csi.errors import OutOfRange
 from csi.model import GiB, MiB
 from csi.sizes import choose_size
 
+pytestmark = pytest.mark.unit
+
 
 def test_sizes() -> None:
     assert choose_size(0, 0) == 1 * GiB

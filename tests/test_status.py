@@ -5,6 +5,8 @@ import pytest
 
 from csi import errors, status
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     ("error", "code"),

@@ -181,25 +181,60 @@ class VolumeBackend(Protocol):
         """Forget that ``node_id`` uses the volume; not an error if it did not."""
 
 
+@dataclass(frozen=True)
+class AttachRequest:
+    """What the node knows when it attaches a volume: how it will be used, what the
+    controller said (the publish context, Cinder's connection info) and the CO's secrets."""
+
+    capability: Capability
+    volume_context: Mapping[str, str] = field(default_factory=dict)
+    publish_context: Mapping[str, str] = field(default_factory=dict)
+    secrets: Secrets = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """What attaching made on this host: a block device, which the node formats (only
+    when blank) and mounts, or binds for raw block access; or a filesystem to mount as it
+    is (a share: ``source`` such as server:/export/dir, with its type and options)."""
+
+    device: str = ""
+    source: str = ""
+    fstype: str = ""
+    options: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if bool(self.device) == bool(self.source):
+            raise ValueError("an attachment is a device or a filesystem source, exactly one")
+
+    @property
+    def shown_as(self) -> str:
+        """What the mount table shows as the source of its mounts."""
+        return self.device or self.source
+
+
 class NodeConnector(Protocol):
     def health(self) -> str | None:
         """What keeps this node from attaching the backend's volumes now (a missing
         tool, an unreadable directory), or None. Never blocks."""
 
-    def attach(self, local_id: str, publish_context: Mapping[str, str], *, secrets: Secrets = NO_SECRETS) -> str:
-        """Make the volume a block device on this host and return its path; when it is
-        attached already, return the existing device."""
+    def attach(self, local_id: str, request: AttachRequest) -> Attachment:
+        """Make the volume usable on this host and say what was made; when it is
+        attached already, return the existing attachment. A read-only capability
+        attaches read-only where the backend can."""
 
     def detach(self, local_id: str) -> None:
-        """Remove the volume's block device from this host; not attached is fine."""
+        """Take the volume's device or filesystem away from this host; not attached is
+        fine."""
 
-    def devices(self, local_id: str) -> list[str]:
-        """The block devices on this host that carry the volume now, attaching nothing.
-        The node service uses them to tell its own mounts from anyone else's when its
-        records are lost."""
+    def sources(self, local_id: str) -> list[str]:
+        """What the mount table shows for the volume's mounts on this host now (its block
+        devices, or its filesystem source), attaching nothing. The node service uses
+        them to tell its own mounts from anyone else's when its records are lost."""
 
     def refresh_size(self, local_id: str, device: str) -> None:
-        """Make ``device`` show the volume's current size after a controller expand."""
+        """Make ``device`` show the volume's current size after a controller expand
+        (called for device attachments only)."""
 
     def present(self, local_id: str) -> bool:
         """Whether the volume's backing data still exists, for volume health."""

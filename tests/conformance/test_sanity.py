@@ -124,7 +124,7 @@ def test_csi_sanity_rbd(tmp_path: Path, ceph: CephCluster, access_type: str) -> 
                         "monitors": ceph.monitors,
                         "pool": POOL,
                         "mapper": "rbd-fuse",
-                        "fuseDir": str(tmp_path / "fuse"),
+                        "fuseDir": str(tmp_path / "driver" / "fuse"),
                         "credentialsDir": str(credentials_dir),
                     }
                 ]

@@ -49,12 +49,14 @@ class LocalVolumes:
     snapshot_parameters: frozenset[str] = frozenset()
 
     def __init__(self, root: str, node_id: str, recover: bool = True) -> None:
-        """``recover`` removes what crashed creations left; only the process that serves
-        the controller may do it (a node plugin on the same host must not)."""
+        """``recover`` removes what crashed creations left and thaws what crashed copies
+        left frozen; only the process that serves the controller (the one that copies)
+        may do it (a node plugin on the same host must not)."""
         self.layout = Layout(root)
         self.layout.ensure()
         if recover:
             self.layout.recover()
+            mount.thaw_recorded(self.layout.freeze_journal)
         self.node_id = node_id
         self.topology: tuple[Segment, ...] = ({TOPOLOGY_NODE_KEY: node_id},)
 
@@ -77,11 +79,12 @@ class LocalVolumes:
     def create_volume(self, spec: VolumeSpec) -> Volume:
         preallocate = _parse_bool(spec.parameters.get(PARAM_PREALLOCATE, "false"), PARAM_PREALLOCATE)
         local_id = self.layout.local_id("volume", spec.name)
-        source_image, source_size = self._source(spec.source)
-        size = choose_size(spec.required_bytes, spec.limit_bytes, source_size)
         existing = self.layout.read_record("volume", local_id)
         if existing is not None:
+            # A retry: answered from what was made, even if the source is gone since.
             return self._matching(local_id, existing, spec)
+        source_image, source_size = self._source(spec.source)
+        size = choose_size(spec.required_bytes, spec.limit_bytes, source_size)
         image = self.layout.image("volume", local_id)
         temp = image + TEMP_SUFFIX
         try:
@@ -267,8 +270,11 @@ def copy_image(source: str, target: str) -> None:
     """A point-in-time copy of an image, sharing extents where the filesystem can and
     keeping holes. When the image is staged on this host (the local backend's controller
     and node run on the same host), its filesystem is frozen during the copy so the copy
-    holds everything written before it began and nothing torn."""
-    with mount.frozen(loopdev.find(source)):
+    holds everything written before it began and nothing torn. The freeze is recorded in
+    the backend's freeze journal, so a crash during the copy cannot leave it frozen (see
+    ``mount.frozen``); it never outlasts COPY_TIMEOUT."""
+    journal = Layout.containing(target).freeze_journal
+    with mount.frozen(loopdev.find(source), journal, limit=COPY_TIMEOUT):
         proc.run(["cp", "--reflink=auto", "--sparse=always", source, target], timeout=COPY_TIMEOUT)
 
 

@@ -4,6 +4,9 @@
     <path>/volumes/vol-<uuid>.json    its record: request name, source, publications
     <path>/snapshots/snap-<uuid>.img  a point-in-time copy of a volume's image
     <path>/snapshots/snap-<uuid>.json its record: name, source volume, creation time
+    <path>/frozen/<hash>.json         a filesystem frozen for a copy in progress (see
+                                      ``mount.frozen``); thawed and removed at start-up
+                                      if the copy never ended
 
 The UUID is derived from the request name (UUIDv5), so the ID of a volume is known
 before anything is written; that is what makes CreateVolume idempotent without a
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 Kind = Literal["volume", "snapshot"]
 _PREFIX = {"volume": "vol", "snapshot": "snap"}
 _FOLDER = {"volume": "volumes", "snapshot": "snapshots"}
+_FREEZE_JOURNAL = "frozen"
 _NAMESPACE = {kind: uuid.uuid5(uuid.NAMESPACE_URL, f"https://cairn.csi.io/local/{kind}") for kind in _PREFIX}
 _LOCAL_ID = {
     kind: re.compile(rf"^{prefix}-[0-9a-f]{{8}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{12}}$")
@@ -43,8 +47,17 @@ class Layout:
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
 
+    @classmethod
+    def containing(cls, image: str) -> Layout:
+        """The layout an image (or its temporary copy) belongs to."""
+        return cls(os.path.dirname(os.path.dirname(os.path.abspath(image))))
+
+    @property
+    def freeze_journal(self) -> str:
+        return os.path.join(self.root, _FREEZE_JOURNAL)
+
     def ensure(self) -> None:
-        for folder in _FOLDER.values():
+        for folder in (*_FOLDER.values(), _FREEZE_JOURNAL):
             os.makedirs(os.path.join(self.root, folder), exist_ok=True)
 
     @staticmethod

@@ -5,12 +5,11 @@ needs no saved state to detach it."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 
 from csi import loopdev
+from csi.backends.base import Attachment, AttachRequest
 from csi.backends.local.layout import Layout
 from csi.errors import NotFound
-from csi.model import NO_SECRETS, Secrets
 
 
 class LocalConnector:
@@ -22,16 +21,16 @@ class LocalConnector:
             return f"directory {self.layout.root} is not usable on this node"
         return None
 
-    def attach(self, local_id: str, publish_context: Mapping[str, str], *, secrets: Secrets = NO_SECRETS) -> str:
+    def attach(self, local_id: str, request: AttachRequest) -> Attachment:
         image = self.layout.image("volume", local_id)
         if not os.path.exists(image):
             raise NotFound(f"volume {local_id!r} has no image on this node")
-        return loopdev.attach(image)
+        return Attachment(device=loopdev.attach(image))
 
     def detach(self, local_id: str) -> None:
         loopdev.detach(self.layout.image("volume", local_id))
 
-    def devices(self, local_id: str) -> list[str]:
+    def sources(self, local_id: str) -> list[str]:
         return loopdev.find(self.layout.image("volume", local_id))
 
     def refresh_size(self, local_id: str, device: str) -> None:

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT = "cairn"
 NAME_KEY, SOURCE_KEY, CREATED_KEY, PUBLISHED_PREFIX = "cairn.name", "cairn.source", "cairn.created", "cairn.published."
+IMAGE_KEY = "cairn.image"  # the image's own name: marks it complete (see _completed)
 PARAM_POOL, PARAM_DATA_POOL, PARAM_FEATURES, PARAM_MAPPER = "pool", "dataPool", "imageFeatures", "mapper"
 PARAM_MAP_OPTIONS = "mapOptions"
 HEALTH_INTERVAL = 30.0  # seconds between two checks of the cluster
@@ -104,13 +105,22 @@ class RbdVolumes:
         return depth
 
     def _purge_trash(self, io: Any) -> None:
-        """Remove trashed cairn images whose clones are all gone."""
-        for entry in self.rbd.trash_list(io):
-            if entry["name"].startswith("cairn-"):
-                with contextlib.suppress(rbd.Error):
-                    self.rbd.trash_remove(io, entry["id"])
+        """Remove trashed cairn images whose clones are all gone. A parent can only go
+        after its last trashed child, so passes repeat while one removes something."""
+        while True:
+            removed = 0
+            for entry in self.rbd.trash_list(io):
+                if entry["name"].startswith("cairn-"):
+                    try:
+                        self.rbd.trash_remove(io, entry["id"])
+                        removed += 1
+                    except rbd.Error:
+                        continue
+            if not removed:
+                return
 
     def _remove_image(self, io: Any, name: str) -> None:
+        _drop_temporary_snapshots(io, name)
         try:
             self.rbd.remove(io, name)
         except rbd.ImageNotFound:
@@ -194,6 +204,7 @@ class RbdVolumes:
                 if not self._exists(io, name):
                     self._make(io, name, size, features, data_pool, spec.source, spec.secrets)
                 with self._image(io, name, f"volume {spec.name!r}") as image:
+                    _forget_inherited(image)
                     if image.size() < size:
                         image.resize(size)
                     if self._clone_depth(image, spec.secrets) > self.settings.max_clone_depth:
@@ -204,6 +215,7 @@ class RbdVolumes:
                     _set_metadata(
                         image, PARAM_MAP_OPTIONS, spec.parameters.get(PARAM_MAP_OPTIONS, self.settings.map_options)
                     )
+                    _set_metadata(image, IMAGE_KEY, name)
                     _set_metadata(image, NAME_KEY, spec.name)  # last: marks the volume complete
             except BaseException:
                 # Nothing complete exists under this reservation: remove what this call,
@@ -275,7 +287,7 @@ class RbdVolumes:
             name = image_name(source.kind, source_uuid)
             try:
                 with rbd.Image(io, name, read_only=True) as image:
-                    if NAME_KEY not in dict(image.metadata_list()):
+                    if not _completed(io, source.kind, source_uuid, name, dict(image.metadata_list())):
                         raise NotFound(f"source {source.kind} {source.local_id!r} does not exist")
                     return int(image.size())
             except rbd.ImageNotFound:
@@ -295,9 +307,10 @@ class RbdVolumes:
     def _complete_volume(self, io: Any, local_id: str) -> Volume | None:
         _, image_uuid = split_id(local_id, "volume")
         try:
-            with rbd.Image(io, image_name("volume", image_uuid), read_only=True) as image:
+            name = image_name("volume", image_uuid)
+            with rbd.Image(io, name, read_only=True) as image:
                 metadata = dict(image.metadata_list())
-                if NAME_KEY not in metadata:
+                if not _completed(io, "volume", image_uuid, name, metadata):
                     return None
                 return _volume(local_id, int(image.size()), metadata)
         except rbd.ImageNotFound:
@@ -370,12 +383,14 @@ class RbdVolumes:
                         io, image_name("volume", source_uuid), io, image, features, None
                     )
                 with self._image(io, image, f"snapshot {name!r}") as snap_image:
+                    _forget_inherited(snap_image)
                     if self._clone_depth(snap_image, secrets) > self.settings.max_clone_depth:
                         snap_image.flatten()
                     if SNAPSHOT not in {s["name"] for s in snap_image.list_snaps()}:
                         snap_image.create_snap(SNAPSHOT)
                     _set_metadata(snap_image, SOURCE_KEY, source_local_id)
                     _set_metadata(snap_image, CREATED_KEY, str(time.time()))
+                    _set_metadata(snap_image, IMAGE_KEY, image)
                     _set_metadata(snap_image, NAME_KEY, name)  # last: marks the snapshot complete
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -395,9 +410,10 @@ class RbdVolumes:
     def _complete_snapshot(self, io: Any, local_id: str) -> Snapshot | None:
         _, image_uuid = split_id(local_id, "snapshot")
         try:
-            with rbd.Image(io, image_name("snapshot", image_uuid), read_only=True) as image:
+            name = image_name("snapshot", image_uuid)
+            with rbd.Image(io, name, read_only=True) as image:
                 metadata = dict(image.metadata_list())
-                if NAME_KEY not in metadata:
+                if not _completed(io, "snapshot", image_uuid, name, metadata):
                     return None
                 return Snapshot(
                     local_id=local_id,
@@ -494,6 +510,37 @@ class RbdVolumes:
             rbd.Image(io, image_name("volume", image_uuid)) as image,
         ):
             image.metadata_remove(PUBLISHED_PREFIX + node_id)
+
+
+def _completed(io: Any, kind: Kind, image_uuid: str, name: str, metadata: Mapping[str, str]) -> bool:
+    """Whether the image's metadata marks it complete. A clone starts with a copy of its
+    parent's metadata, so the mark names the image itself (``cairn.image``); an image made
+    before that key existed is complete when its name key is the one its reservation holds."""
+    if NAME_KEY not in metadata:
+        return False
+    if IMAGE_KEY in metadata:
+        return metadata[IMAGE_KEY] == name
+    record = Journal(io).record(kind, image_uuid)
+    return record is not None and record.get("name") == metadata[NAME_KEY]
+
+
+def _forget_inherited(image: rbd.Image) -> None:
+    """Remove the cairn keys a clone copied from its parent (its name, its publications),
+    before the image gets its own: an incomplete image has none of its own yet."""
+    for key, _value in list(image.metadata_list()):
+        if key.startswith("cairn."):
+            image.metadata_remove(key)
+
+
+def _drop_temporary_snapshots(io: Any, name: str) -> None:
+    """Remove the temporary snapshots a crashed clone of ``name`` left behind: with clone
+    v2 a clone keeps their data by itself, and an image with snapshots cannot leave the
+    trash."""
+    with contextlib.suppress(rbd.ImageNotFound), rbd.Image(io, name) as image:
+        for snap in list(image.list_snaps()):
+            if snap["name"].startswith("cairn-for-"):
+                with contextlib.suppress(rbd.Error):
+                    image.remove_snap(snap["name"])
 
 
 def _set_metadata(image: rbd.Image, key: str, value: str) -> None:

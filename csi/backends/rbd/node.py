@@ -20,12 +20,12 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 
 from csi import loopdev, mount, proc
+from csi.backends.base import Attachment, AttachRequest
 from csi.backends.rbd.common import MAPPERS, Credentials, RbdSettings, image_name, split_id
-from csi.errors import CommandFailed, FailedPrecondition, InvalidArgument, Unavailable
-from csi.model import NO_SECRETS, Secrets
+from csi.errors import CommandBusy, CommandFailed, FailedPrecondition, InvalidArgument, Unavailable
 
 MAP_TIMEOUT = 120.0
 RELEASE_TIMEOUT = 30.0
@@ -75,8 +75,15 @@ class RbdConnector:
                 return str(entry["device"])
         return None
 
-    def attach(self, local_id: str, publish_context: Mapping[str, str], *, secrets: Secrets = NO_SECRETS) -> str:
+    def attach(self, local_id: str, request: AttachRequest) -> Attachment:
+        return Attachment(device=self._map(local_id, request))
+
+    def _map(self, local_id: str, request: AttachRequest) -> str:
+        """The image's block device, mapping it (read-only for a reader-only capability,
+        so not even a bug in a pod can write) when it is not mapped yet."""
         pool, image = self._spec(local_id)
+        publish_context, secrets = request.publish_context, request.secrets
+        read_only = request.capability.access_mode.read_only
         mapper = publish_context.get("mapper") or self.settings.mapper
         if mapper not in MAPPERS:
             raise InvalidArgument(f"mapper {mapper!r} is not one of {', '.join(MAPPERS)}")
@@ -84,7 +91,7 @@ class RbdConnector:
         if mapper == "rbd-fuse":
             existing_file = os.path.join(self._fuse_mountpoint(pool, image), image)
             if mount.is_mounted(self._fuse_mountpoint(pool, image)):
-                return loopdev.attach(existing_file)
+                return loopdev.attach(existing_file, read_only=read_only)
         else:
             existing = self._mapped("krbd" if mapper == "krbd" else "nbd", pool, image)
             if existing:
@@ -96,11 +103,12 @@ class RbdConnector:
         with client_files(credentials.key) as (key, conf):
             auth = ["-c", conf, "-m", monitors, "--id", credentials.user, "--keyfile", key]
             if mapper == "rbd-fuse":
-                return self._attach_fuse(pool, image, auth)
+                return self._attach_fuse(pool, image, auth, read_only)
             device_type = "krbd" if mapper == "krbd" else "nbd"
+            ro = ["--read-only"] if read_only else []
             try:
                 out = proc.run(
-                    ["rbd", "device", "map", *_rbd_device_args(device_type, options), *auth, f"{pool}/{image}"],
+                    ["rbd", "device", "map", *_rbd_device_args(device_type, options), *ro, *auth, f"{pool}/{image}"],
                     timeout=MAP_TIMEOUT,
                 )
             except CommandFailed as exc:
@@ -111,7 +119,7 @@ class RbdConnector:
                 ) from exc
             return out.stdout.strip()
 
-    def _attach_fuse(self, pool: str, image: str, auth: list[str]) -> str:
+    def _attach_fuse(self, pool: str, image: str, auth: list[str], read_only: bool) -> str:
         mountpoint = self._fuse_mountpoint(pool, image)
         os.makedirs(mountpoint, exist_ok=True)
         try:
@@ -119,7 +127,7 @@ class RbdConnector:
         except CommandFailed as exc:
             raise Unavailable(f"rbd-fuse cannot expose {pool}/{image}: {exc.stderr}") from exc
         try:
-            return loopdev.attach(os.path.join(mountpoint, image))
+            return loopdev.attach(os.path.join(mountpoint, image), read_only=read_only)
         except BaseException:
             mount.unmount(mountpoint)
             raise
@@ -134,11 +142,20 @@ class RbdConnector:
         mountpoint = self._fuse_mountpoint(pool, image)
         if mount.is_mounted(mountpoint):
             loopdev.detach(os.path.join(mountpoint, image))
-            mount.unmount(mountpoint)
+            # The kernel lets go of a detached loop device's file a moment later.
+            deadline = time.monotonic() + RELEASE_TIMEOUT
+            while True:
+                try:
+                    mount.unmount(mountpoint)
+                    break
+                except CommandBusy:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
         with contextlib.suppress(FileNotFoundError, OSError):
             os.rmdir(mountpoint)
 
-    def devices(self, local_id: str) -> list[str]:
+    def sources(self, local_id: str) -> list[str]:
         pool, image = self._spec(local_id)
         mapped = [self._mapped(device_type, pool, image) for device_type in ("krbd", "nbd")]
         found = [device for device in mapped if device]

@@ -1,0 +1,749 @@
+"""Crash and retry, on every backend: kill -9 the driver inside create, clone, snapshot,
+stage, expand and delete (with its child processes, as a container restart would, or
+alone, as the OOM killer might), restart it, retry the same requests, and check that
+exactly one object exists per name, nothing is left frozen, attached or mounted, data
+written before a snapshot or clone is in it, and nothing at all is left once everything
+is deleted.
+
+Kill points: each operation is measured once, then killed after seeded random delays
+within that time, and at milestones (the moment a given child process such as ``cp``,
+``mkfs.ext4`` or ``rbd-fuse`` appears below the driver). Seeded: each test prints its
+seed, and CAIRN_TEST_SEED replays a run's choices (timing itself cannot be replayed).
+
+The first two tests pin the freeze defect: a snapshot or clone of a mounted local volume
+freezes its filesystem, and a crash during the copy must not leave it frozen."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from csi.generated import csi_pb2 as pb
+from tests.hardening.harness import Profile, frozen_filesystems, host_leftovers, local_profile, seed, thaw
+from tests.support import CAP_SYS_RESOURCE, NODE_ID, Driver, descendants, has_capability, mount_capability, scrub
+
+pytestmark = pytest.mark.integration
+MiB = 1 << 20
+CALL_TIMEOUT = 120.0
+RETRY_FOR = 20.0  # a retry keeps trying this long (rbd: a dead client's watch expires first)
+RANDOM_KILLS = 4  # seeded random delays per operation, besides its milestones
+ALONE = 0.25  # share of kills that hit the driver alone, leaving its children running
+# Answers no retry can change: a retry that gets one fails the test at once. Any other
+# error is retried, as the sidecars and kubelet do, until RETRY_FOR has passed (and is
+# printed): the restarted driver may still be busy, or the backend still holds the dead
+# process's locks.
+FINAL = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
+# -- processes ---------------------------------------------------------------------------
+
+
+def command_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for_child(parent: int, name: str, done: Callable[[], bool], timeout: float = 60.0) -> int | None:
+    """The pid of the first process called ``name`` below ``parent``, polled until it
+    appears, ``done()`` turns true, or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not done():
+        for pid in descendants(parent):
+            if command_name(pid) == name:
+                return pid
+        time.sleep(0.001)
+    return None
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(step)
+    return condition()
+
+
+# Daemons a child may turn into; they serve a mount and outlive any call by design.
+DAEMONS = {"rbd-fuse"}
+
+
+def settle(orphans: list[int], timeout: float = 60.0) -> None:
+    """Wait for what a killed driver's children were doing to end (a retry racing an
+    orphaned ``mkfs`` is another test); kill what is still running after ``timeout``."""
+    waited = [pid for pid in orphans if command_name(pid) not in DAEMONS]
+    if not wait_until(lambda: not any(running(pid) for pid in waited), timeout):
+        for pid in waited:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def scrub_profile(profile: Profile) -> None:
+    """After a failure, remove what is left under the profile's root, including what the
+    driver's own teardown does not look at (rbd-fuse mounts, and loop devices over their
+    files), and end the rbd-fuse daemons serving it: one whose cluster is gone would hang
+    whatever touches its mount, later runs included."""
+    scrub(profile.root)
+    prefix = str(profile.root.resolve())
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and command_name(int(entry)) in DAEMONS:
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    mine = prefix.encode() in handle.read()
+            except OSError:
+                continue
+            if mine:
+                os.kill(int(entry), signal.SIGKILL)
+
+
+def stop(driver: Driver, children: bool) -> list[int]:
+    """SIGSTOP the driver, and its children when ``children``, so that the kill that
+    follows lands here and all at once, as a container's end does (a child that saw its
+    parent die first could act on it); returns the children."""
+    assert driver.process is not None
+    os.kill(driver.process.pid, signal.SIGSTOP)
+    found = descendants(driver.process.pid)
+    if children:
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+    return found
+
+
+def restart(driver: Driver) -> None:
+    """Start a killed driver again. Its socket is stale: removed first, so the client
+    connects at once instead of backing off from the refused first attempt."""
+    driver.socket.unlink(missing_ok=True)
+    driver.start()
+
+
+# -- the calls a CO makes ----------------------------------------------------------------
+
+
+@dataclass
+class Handle:
+    """A volume as the sidecars and kubelet know it."""
+
+    name: str
+    id: str
+    context: dict[str, str]
+    publish_context: dict[str, str] = field(default_factory=dict)
+    staging: str = ""
+    target: str = ""
+
+
+Step = tuple[str, str, Any]  # service ("controller" or "node"), method, request
+
+
+class Api:
+    """Requests carrying the profile's secrets and parameters, sent to whichever driver
+    process currently serves the socket."""
+
+    def __init__(self, profile: Profile, driver: Driver) -> None:
+        self.profile = profile
+        self.driver = driver
+        self.cap = mount_capability("ext4")
+        self.paths = driver.root / "paths"  # where the driver's own teardown looks for leftovers
+
+    def send(self, step: Step) -> Any:
+        service, method, request = step
+        return getattr(getattr(self.driver, service), method)(request, timeout=CALL_TIMEOUT)
+
+    def retry(self, step: Step, deadline: float = RETRY_FOR) -> Any:
+        """``step`` until it succeeds; an answer in FINAL, or errors for longer than
+        ``deadline``, fail the test with every answer seen."""
+        seen: list[str] = []
+        end = time.monotonic() + deadline
+        while True:
+            try:
+                answer = self.send(step)
+            except grpc.RpcError as exc:
+                error: Any = exc
+                seen.append(f"{error.code().name}: {error.details()}")
+                if error.code() in FINAL or time.monotonic() > end:
+                    raise AssertionError(f"{step[1]} does not succeed: {tally(seen)}") from exc
+                time.sleep(0.5)
+                continue
+            if seen:
+                print(f"  {step[1]} succeeded after {len(seen)} errors: {tally(seen)}")
+            return answer
+
+    # volumes
+
+    def create_request(self, name: str, size: int, source: pb.VolumeContentSource | None = None) -> Any:
+        return pb.CreateVolumeRequest(
+            name=name,
+            volume_capabilities=[self.cap],
+            capacity_range=pb.CapacityRange(required_bytes=size),
+            parameters=self.profile.parameters,
+            secrets=self.profile.secrets,
+            volume_content_source=source,
+        )
+
+    def create(self, name: str, size: int = 64 * MiB, source: pb.VolumeContentSource | None = None) -> Handle:
+        return self.handle(name, self.retry(("controller", "CreateVolume", self.create_request(name, size, source))))
+
+    def handle(self, name: str, response: Any) -> Handle:
+        volume = response.volume
+        return Handle(name, volume.volume_id, dict(volume.volume_context))
+
+    def delete_request(self, volume_id: str) -> Any:
+        return pb.DeleteVolumeRequest(volume_id=volume_id, secrets=self.profile.secrets)
+
+    def publish(self, vol: Handle) -> None:
+        request = pb.ControllerPublishVolumeRequest(
+            volume_id=vol.id, node_id=NODE_ID, volume_capability=self.cap, secrets=self.profile.secrets
+        )
+        vol.publish_context = dict(self.retry(("controller", "ControllerPublishVolume", request)).publish_context)
+
+    def stage_request(self, vol: Handle) -> Any:
+        vol.staging = str(self.paths / "staging" / vol.name)
+        return pb.NodeStageVolumeRequest(
+            volume_id=vol.id,
+            staging_target_path=vol.staging,
+            volume_capability=self.cap,
+            publish_context=vol.publish_context,
+            volume_context=vol.context,
+            secrets=self.profile.secrets,
+        )
+
+    def node_publish(self, vol: Handle) -> None:
+        vol.target = str(self.paths / "targets" / vol.name)
+        request = pb.NodePublishVolumeRequest(
+            volume_id=vol.id,
+            staging_target_path=vol.staging,
+            target_path=vol.target,
+            volume_capability=self.cap,
+            volume_context=vol.context,
+        )
+        self.retry(("node", "NodePublishVolume", request))
+
+    def mount(self, vol: Handle) -> Handle:
+        """ControllerPublish, NodeStage and NodePublish, as for a pod."""
+        self.publish(vol)
+        self.retry(("node", "NodeStageVolume", self.stage_request(vol)))
+        self.node_publish(vol)
+        return vol
+
+    def unstage(self, vol: Handle) -> None:
+        """NodeUnpublish and NodeUnstage: what kubelet does when the pod goes."""
+        if vol.target:
+            unpublish = pb.NodeUnpublishVolumeRequest(volume_id=vol.id, target_path=vol.target)
+            self.retry(("node", "NodeUnpublishVolume", unpublish))
+        if vol.staging:
+            unstage = pb.NodeUnstageVolumeRequest(volume_id=vol.id, staging_target_path=vol.staging)
+            self.retry(("node", "NodeUnstageVolume", unstage))
+        vol.target = vol.staging = ""
+
+    def unmount(self, vol: Handle) -> None:
+        """Undo ``mount``: what kubelet and then the attacher do when the pod goes."""
+        self.unstage(vol)
+        unpublish = pb.ControllerUnpublishVolumeRequest(volume_id=vol.id, node_id=NODE_ID, secrets=self.profile.secrets)
+        self.retry(("controller", "ControllerUnpublishVolume", unpublish))
+        vol.target = vol.staging = ""
+
+    def delete(self, vol: Handle) -> None:
+        self.unmount(vol)
+        self.retry(("controller", "DeleteVolume", self.delete_request(vol.id)))
+
+    # snapshots
+
+    def snapshot_request(self, name: str, volume_id: str) -> Any:
+        return pb.CreateSnapshotRequest(name=name, source_volume_id=volume_id, secrets=self.profile.secrets)
+
+    def delete_snapshot_request(self, snapshot_id: str) -> Any:
+        return pb.DeleteSnapshotRequest(snapshot_id=snapshot_id, secrets=self.profile.secrets)
+
+    # data
+
+    @staticmethod
+    def write(vol: Handle, payload: bytes, sync: bool = True, name: str = "marker") -> None:
+        with open(os.path.join(vol.target, name), "wb") as handle:
+            handle.write(payload)
+            if sync:
+                handle.flush()
+                os.fsync(handle.fileno())
+
+    @staticmethod
+    def read(vol: Handle, name: str = "marker") -> bytes:
+        with open(os.path.join(vol.target, name), "rb") as handle:
+            return handle.read()
+
+    def restored_payload(self, name: str, source: pb.VolumeContentSource) -> bytes:
+        """The marker of a new volume made from ``source``, read through a mount, after
+        which the new volume is deleted again."""
+        vol = self.mount(self.create(name, source=source))
+        try:
+            return self.read(vol)
+        finally:
+            self.delete(vol)
+
+    # what exists
+
+    def check_objects(self, volumes: dict[str, str], snapshots: dict[str, str]) -> None:
+        """Exactly the given volumes and snapshots (name -> ID) exist: listed once each,
+        and the backend holds exactly their pieces, nothing more."""
+        listed = [
+            e.volume.volume_id for e in self.retry(("controller", "ListVolumes", pb.ListVolumesRequest())).entries
+        ]
+        assert sorted(listed) == sorted(volumes.values()), f"volumes listed {listed}, expected {volumes}"
+        request = pb.ListSnapshotsRequest(secrets=self.profile.secrets)
+        listed = [e.snapshot.snapshot_id for e in self.retry(("controller", "ListSnapshots", request)).entries]
+        assert sorted(listed) == sorted(snapshots.values()), f"snapshots listed {listed}, expected {snapshots}"
+        held = {o for o in self.profile.backend_objects() if not o.startswith("trash ")}
+        expected = backend_pieces(self.profile.name, volumes, snapshots)
+        assert held == expected, f"the backend holds {sorted(held - expected)} too, or lacks {sorted(expected - held)}"
+
+    def check_clean(self) -> None:
+        assert self.profile.backend_objects() == set(), "the backend still holds something"
+        assert host_leftovers(self.profile.root) == []
+
+
+def tally(answers: list[str]) -> str:
+    """Each distinct answer once, with how often it came."""
+    return "; ".join(f"{answer} (x{count})" for answer, count in Counter(answers).items())
+
+
+def backend_pieces(kind: str, volumes: dict[str, str], snapshots: dict[str, str]) -> set[str]:
+    """What a backend holds for these volumes and snapshots (name -> CSI ID)."""
+    pieces: set[str] = set()
+    for what, objects in (("volume", volumes), ("snapshot", snapshots)):
+        for name, object_id in objects.items():
+            local_id = object_id.split(":", 2)[2]
+            if kind == "local":
+                folder = "volumes" if what == "volume" else "snapshots"
+                pieces |= {f"{folder}/{local_id}.img", f"{folder}/{local_id}.json"}
+            else:
+                image_uuid = local_id.rsplit("/", 1)[1]
+                prefix = "cairn-vol-" if what == "volume" else "cairn-snap-"
+                pieces |= {
+                    f"image {prefix}{image_uuid}",
+                    f"journal {what}.name.{name}",
+                    f"journal {what}.uuid.{image_uuid}",
+                }
+    return pieces
+
+
+# -- the freeze defect (local: the rbd backend does not freeze) --------------------------
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> Iterator[tuple[Profile, Driver]]:
+    profile = local_profile(tmp_path)
+    with profile.driver() as driver:
+        try:
+            yield profile, driver
+        finally:
+            thaw(frozen_filesystems(profile.root))
+            if host_leftovers(profile.root):
+                scrub_profile(profile)
+
+
+def busy_source(api: Api, payload: bytes) -> Handle:
+    """A mounted volume holding a few hundred MiB of real data, so copying it (no reflink
+    on ext4) takes long enough to land a kill inside the freeze; then a marker, not
+    synced: the freeze must flush it into the copy."""
+    vol = api.mount(api.create("busy", 640 * MiB))
+    block = random.Random(1).randbytes(MiB)
+    with open(os.path.join(vol.target, "fill"), "wb") as handle:
+        for _ in range(384):
+            handle.write(block)
+        handle.flush()
+        os.fsync(handle.fileno())
+    api.write(vol, payload, sync=False)
+    return vol
+
+
+def snapshot_killed_in_copy(api: Api, source: Handle, name: str, alone: bool) -> int:
+    """Send CreateSnapshot, and kill the driver once ``cp`` runs under it (so inside the
+    freeze); returns the pid of that ``cp``."""
+    driver = api.driver
+    assert driver.process is not None
+    pid = driver.process.pid
+    call = driver.controller.CreateSnapshot.future(api.snapshot_request(name, source.id), timeout=CALL_TIMEOUT)
+    copy = wait_for_child(pid, "cp", call.done)
+    assert copy is not None, f"no cp ran under the driver: {call.exception() if call.done() else 'still running'}"
+    stop(driver, children=not alone)
+    driver.kill(children=not alone)
+    return copy
+
+
+def test_killing_the_driver_alone_while_frozen_thaws_at_once(local: tuple[Profile, Driver]) -> None:
+    profile, driver = local
+    api = Api(profile, driver)
+    payload = os.urandom(4096)
+    source = busy_source(api, payload)
+    copy = snapshot_killed_in_copy(api, source, "snap", alone=True)
+    orphans_left_copying = running(copy)
+    thawed = wait_until(lambda: not frozen_filesystems(profile.root), timeout=5)
+    settle([copy])
+    assert orphans_left_copying, "the copy had ended before the kill; make the source bigger"
+    assert thawed, f"still frozen 5 s after the driver died: {frozen_filesystems(profile.root)}"
+
+    restart(driver)
+    snapshot = api.retry(("controller", "CreateSnapshot", api.snapshot_request("snap", source.id))).snapshot
+    restored = pb.VolumeContentSource(snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=snapshot.snapshot_id))
+    assert api.restored_payload("restored", restored) == payload
+    api.retry(("controller", "DeleteSnapshot", api.delete_snapshot_request(snapshot.snapshot_id)))
+    api.delete(source)
+    api.check_clean()
+
+
+def test_restart_thaws_what_a_killed_driver_froze_and_the_retry_succeeds(local: tuple[Profile, Driver]) -> None:
+    profile, driver = local
+    api = Api(profile, driver)
+    payload = os.urandom(4096)
+    source = busy_source(api, payload)
+    snapshot_killed_in_copy(api, source, "snap", alone=False)
+    assert frozen_filesystems(profile.root), "the kill did not land inside the freeze"
+
+    restart(driver)
+    assert frozen_filesystems(profile.root) == [], "the restarted driver left the filesystem frozen"
+    snapshot = api.retry(("controller", "CreateSnapshot", api.snapshot_request("snap", source.id))).snapshot
+    restored = pb.VolumeContentSource(snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=snapshot.snapshot_id))
+    assert api.restored_payload("restored", restored) == payload
+    api.check_objects({"busy": source.id}, {"snap": snapshot.snapshot_id})
+    api.retry(("controller", "DeleteSnapshot", api.delete_snapshot_request(snapshot.snapshot_id)))
+    api.delete(source)
+    api.check_clean()
+
+
+# -- crash and retry on every backend ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KillPoint:
+    """Where a round kills the driver: after ``delay`` seconds, or once a child process
+    named ``milestone`` appears below it; with its children, or ``alone``."""
+
+    delay: float = 0.0
+    milestone: str = ""
+    alone: bool = False
+
+    def __str__(self) -> str:
+        where = f"at {self.milestone}" if self.milestone else f"after {self.delay * 1000:.0f} ms"
+        return f"{where}{' (driver alone)' if self.alone else ''}"
+
+
+class Scenario:
+    """One operation, repeated in rounds: ``setup`` makes what it needs and returns the
+    steps (requests) the operation sends; ``verify`` checks the outcome once the steps
+    succeeded after the kill; ``cleanup`` removes what the round made."""
+
+    milestones: dict[str, tuple[str, ...]] = {}
+
+    def __init__(self, api: Api, rng: random.Random) -> None:
+        self.api = api
+        self.rng = rng
+        self.volumes: dict[str, str] = {}  # what lasts across rounds: name -> ID
+        self.snapshots: dict[str, str] = {}
+
+    def prepare(self) -> None:
+        pass
+
+    def setup(self, round_: int) -> list[Step]:
+        raise NotImplementedError
+
+    def verify(self, answers: list[Any]) -> None:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class Create(Scenario):
+    def setup(self, round_: int) -> list[Step]:
+        self.name = f"create-{round_}"
+        return [("controller", "CreateVolume", self.api.create_request(self.name, 64 * MiB))]
+
+    def verify(self, answers: list[Any]) -> None:
+        self.vol = self.api.handle(self.name, answers[0])
+        assert answers[0].volume.capacity_bytes >= 64 * MiB
+        again = self.api.send(("controller", "CreateVolume", self.api.create_request(self.name, 64 * MiB)))
+        assert again.volume.volume_id == self.vol.id, "a second retry made another volume"
+        self.api.check_objects({self.name: self.vol.id}, {})
+
+    def cleanup(self) -> None:
+        self.api.delete(self.vol)
+
+
+class Copy(Scenario):
+    """A source volume that stays mounted (so the local backend freezes it while it
+    copies), with a fresh marker written and synced before each round's copy."""
+
+    def prepare(self) -> None:
+        self.source = self.api.mount(self.api.create("source"))
+        self.volumes["source"] = self.source.id
+
+    def new_payload(self) -> None:
+        self.payload = self.rng.randbytes(4096)
+        self.api.write(self.source, self.payload)
+
+    def finish(self) -> None:
+        self.api.delete(self.source)
+
+
+class Clone(Copy):
+    milestones = {"local": ("sh", "cp")}
+
+    def setup(self, round_: int) -> list[Step]:
+        self.new_payload()
+        self.name = f"clone-{round_}"
+        source = pb.VolumeContentSource(volume=pb.VolumeContentSource.VolumeSource(volume_id=self.source.id))
+        return [("controller", "CreateVolume", self.api.create_request(self.name, 64 * MiB, source))]
+
+    def verify(self, answers: list[Any]) -> None:
+        self.clone = self.api.mount(self.api.handle(self.name, answers[0]))
+        self.api.check_objects({**self.volumes, self.name: self.clone.id}, {})
+        assert self.api.read(self.clone) == self.payload, "the clone lacks what was written before it"
+
+    def cleanup(self) -> None:
+        self.api.delete(self.clone)
+
+
+class Snapshot(Copy):
+    milestones = {"local": ("sh", "cp")}
+
+    def setup(self, round_: int) -> list[Step]:
+        self.new_payload()
+        self.round = round_
+        self.name = f"snap-{round_}"
+        return [("controller", "CreateSnapshot", self.api.snapshot_request(self.name, self.source.id))]
+
+    def verify(self, answers: list[Any]) -> None:
+        self.snapshot_id = answers[0].snapshot.snapshot_id
+        again = self.api.send(("controller", "CreateSnapshot", self.api.snapshot_request(self.name, self.source.id)))
+        assert again.snapshot.snapshot_id == self.snapshot_id, "a second retry made another snapshot"
+        self.api.check_objects(self.volumes, {self.name: self.snapshot_id})
+        restored = pb.VolumeContentSource(snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=self.snapshot_id))
+        payload = self.api.restored_payload(f"restored-{self.round}", restored)
+        assert payload == self.payload, "the snapshot lacks what was written before it"
+
+    def cleanup(self) -> None:
+        self.api.retry(("controller", "DeleteSnapshot", self.api.delete_snapshot_request(self.snapshot_id)))
+
+
+class Stage(Scenario):
+    milestones = {"local": ("losetup", "mkfs.ext4", "mount"), "rbd": ("rbd-fuse", "losetup", "mkfs.ext4", "mount")}
+
+    def setup(self, round_: int) -> list[Step]:
+        self.vol = self.api.create(f"stage-{round_}")
+        self.api.publish(self.vol)
+        return [("node", "NodeStageVolume", self.api.stage_request(self.vol))]
+
+    def verify(self, answers: list[Any]) -> None:
+        self.api.node_publish(self.vol)
+        payload = self.rng.randbytes(4096)
+        self.api.write(self.vol, payload)
+        assert self.api.read(self.vol) == payload
+        self.api.check_objects({self.vol.name: self.vol.id}, {})
+
+    def cleanup(self) -> None:
+        self.api.delete(self.vol)
+        assert host_leftovers(self.api.profile.root) == [], "unstaging after the crash left something"
+
+
+class Expand(Scenario):
+    """Online growth (ControllerExpand, then NodeExpand of the staged volume) where this
+    host lets ext4 grow while mounted; elsewhere offline growth: ControllerExpand of an
+    unstaged volume, then the NodeStage that grows it."""
+
+    SIZE = 96 * MiB
+    online = has_capability(CAP_SYS_RESOURCE)
+    milestones = (
+        {"local": ("losetup", "resize2fs"), "rbd": ("losetup", "resize2fs")}
+        if online
+        else {"local": ("losetup", "e2fsck", "resize2fs"), "rbd": ("rbd-fuse", "e2fsck", "resize2fs")}
+    )
+
+    def setup(self, round_: int) -> list[Step]:
+        self.vol = self.api.mount(self.api.create(f"expand-{round_}"))
+        self.payload = self.rng.randbytes(4096)
+        self.api.write(self.vol, self.payload)
+        size = pb.CapacityRange(required_bytes=self.SIZE)
+        controller = pb.ControllerExpandVolumeRequest(
+            volume_id=self.vol.id, capacity_range=size, volume_capability=self.api.cap, secrets=self.api.profile.secrets
+        )
+        if not self.online:
+            self.api.unstage(self.vol)
+            return [
+                ("controller", "ControllerExpandVolume", controller),
+                ("node", "NodeStageVolume", self.api.stage_request(self.vol)),
+            ]
+        node = pb.NodeExpandVolumeRequest(
+            volume_id=self.vol.id,
+            volume_path=self.vol.staging,
+            capacity_range=size,
+            staging_target_path=self.vol.staging,
+            volume_capability=self.api.cap,
+        )
+        return [("controller", "ControllerExpandVolume", controller), ("node", "NodeExpandVolume", node)]
+
+    def verify(self, answers: list[Any]) -> None:
+        assert answers[0].capacity_bytes >= self.SIZE
+        if not self.online:
+            self.api.node_publish(self.vol)
+        st = os.statvfs(self.vol.target)
+        assert st.f_blocks * st.f_frsize > 80 * MiB, "the filesystem did not grow"
+        assert self.api.read(self.vol) == self.payload
+        self.api.check_objects({self.vol.name: self.vol.id}, {})
+
+    def cleanup(self) -> None:
+        self.api.delete(self.vol)
+
+
+class Delete(Scenario):
+    def setup(self, round_: int) -> list[Step]:
+        self.vol = self.api.create(f"delete-{round_}")
+        answer = self.api.retry(
+            ("controller", "CreateSnapshot", self.api.snapshot_request(f"delete-snap-{round_}", self.vol.id))
+        )
+        self.api.check_objects({self.vol.name: self.vol.id}, {f"delete-snap-{round_}": answer.snapshot.snapshot_id})
+        return [
+            ("controller", "DeleteSnapshot", self.api.delete_snapshot_request(answer.snapshot.snapshot_id)),
+            ("controller", "DeleteVolume", self.api.delete_request(self.vol.id)),
+        ]
+
+    def verify(self, answers: list[Any]) -> None:
+        self.api.check_objects({}, {})
+        self.api.check_clean()
+
+
+SCENARIOS: dict[str, type[Scenario]] = {
+    "create": Create,
+    "clone": Clone,
+    "snapshot": Snapshot,
+    "stage": Stage,
+    "expand": Expand,
+    "delete": Delete,
+}
+
+
+def run_steps(api: Api, steps: list[Step], point: KillPoint | None) -> tuple[list[Any], str]:
+    """Send ``steps`` in order; with a kill point, kill the driver there, restart it
+    and send them all again (each is idempotent). Returns the answers and what the
+    kill hit."""
+    if point is None:
+        return [api.send(step) for step in steps], "no kill"
+    driver = api.driver
+    assert driver.process is not None
+    pid = driver.process.pid
+    finished = threading.Event()
+
+    def send_all() -> None:
+        try:
+            for step in steps:
+                api.send(step)
+        except grpc.RpcError:
+            pass  # the kill cut it short
+        finally:
+            finished.set()
+
+    sender = threading.Thread(target=send_all, daemon=True)
+    sender.start()
+    hit = str(point)
+    if point.milestone:
+        if wait_for_child(pid, point.milestone, finished.is_set) is None:
+            hit = f"after the operation (no {point.milestone} seen)"
+    else:
+        finished.wait(point.delay)
+        if finished.is_set():
+            hit = f"after the operation ({point})"
+    children = stop(driver, children=not point.alone)
+    driver.kill(children=not point.alone)
+    orphans = children if point.alone else []
+    sender.join(CALL_TIMEOUT)
+    settle(orphans)
+    restart(driver)
+    return [api.retry(step) for step in steps], hit
+
+
+def kill_points(rng: random.Random, duration: float, milestones: tuple[str, ...]) -> list[KillPoint]:
+    points = [KillPoint(delay=rng.uniform(0, duration), alone=rng.random() < ALONE) for _ in range(RANDOM_KILLS)]
+    points += [KillPoint(milestone=name, alone=rng.random() < ALONE) for name in milestones]
+    rng.shuffle(points)
+    return points
+
+
+@pytest.mark.parametrize("operation", list(SCENARIOS))
+def test_crash_and_retry(profile: Profile, operation: str) -> None:
+    rng = random.Random(f"{seed(f'crash {profile.name} {operation}')}")
+    with profile.driver() as driver:
+        api = Api(profile, driver)
+        scenario = SCENARIOS[operation](api, rng)
+        try:
+            scenario.prepare()
+            started = time.monotonic()
+            answers, _ = run_steps(api, scenario.setup(0), None)
+            duration = time.monotonic() - started
+            scenario.verify(answers)
+            scenario.cleanup()
+            points = kill_points(rng, duration, scenario.milestones.get(profile.name, ()))
+            print(f"{operation} takes {duration * 1000:.0f} ms; kills: {', '.join(map(str, points))}")
+            for round_, point in enumerate(points, start=1):
+                started = time.monotonic()
+                answers, hit = run_steps(api, scenario.setup(round_), point)
+                assert frozen_filesystems(profile.root) == [], f"left frozen by the kill {hit}"
+                scenario.verify(answers)
+                scenario.cleanup()
+                print(f"round {round_}: killed {hit}; {time.monotonic() - started:.1f} s")
+            scenario.finish()
+            api.check_objects({}, {})
+            api.check_clean()
+        finally:
+            thaw(frozen_filesystems(profile.root))
+            if host_leftovers(profile.root):
+                scrub_profile(profile)
+
+
+# -- a regression the suite found -------------------------------------------------------
+
+
+def test_a_crash_between_mount_and_record_does_not_wedge_the_stage(local: tuple[Profile, Driver]) -> None:
+    """Deterministic form of what the suite's stage rounds hit when the driver dies alone
+    while ``mount`` runs: the orphaned mount completes, the record is never written."""
+    profile, driver = local
+    api = Api(profile, driver)
+    vol = api.create("wedged")
+    api.publish(vol)
+    request = api.stage_request(vol)
+    api.send(("node", "NodeStageVolume", request))
+    for record in driver.state.glob("*.json"):
+        record.unlink()  # as if the driver had died between mounting and recording
+    try:
+        api.send(("node", "NodeStageVolume", request))
+    finally:
+        api.delete(vol)
