@@ -324,11 +324,17 @@ class ControllerService(pb_grpc.ControllerServicer):
         if request.HasField("accessible_topology"):
             wanted = dict(request.accessible_topology.segments)
             candidates = [b for b in candidates if self.scheduler.reachable(b, (wanted,))]
-        if not candidates:
+        # As placement sees it: an unwell member, or one that cannot say, offers nothing,
+        # and the others still answer for the group.
+        free, unwell = self.scheduler.free_space(candidates, {})
+        if unwell:
+            log.info("capacity leaves out unwell backends", extra={"problems": unwell})
+        healthy = [b for b in candidates if b.name in free]
+        if not healthy:
             return pb.GetCapacityResponse(available_capacity=0)
         return pb.GetCapacityResponse(
-            available_capacity=max(b.volumes.free_bytes() for b in candidates),
-            maximum_volume_size=Int64Value(value=max(b.volumes.max_volume_bytes() for b in candidates)),
+            available_capacity=max(free.values()),
+            maximum_volume_size=Int64Value(value=max(b.volumes.max_volume_bytes() for b in healthy)),
         )
 
     def ControllerGetCapabilities(

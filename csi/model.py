@@ -94,6 +94,9 @@ class VolumeCondition:
     message: str
 
 
+HEALTHY = VolumeCondition(False, "volume is healthy")
+
+
 @dataclass(frozen=True)
 class Volume:
     local_id: str
@@ -103,7 +106,7 @@ class Volume:
     context: Mapping[str, str] = field(default_factory=dict)
     topology: tuple[Segment, ...] = ()
     published_nodes: tuple[str, ...] = ()
-    condition: VolumeCondition = VolumeCondition(False, "volume is healthy")
+    condition: VolumeCondition = field(default_factory=lambda: HEALTHY)
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ class Scheduler:
                 "no backend is reachable from the requested topology "
                 f"({', '.join(f'{b.name}: {list(b.volumes.topology)}' for b in capable)})"
             )
-        free, unwell = self._weigh_space(reachable, request.secrets)
+        free, unwell = self.free_space(reachable, request.secrets)
         if not free:
             raise Unavailable("no backend is healthy: " + " | ".join(unwell))
         roomy = [b for b in reachable if free.get(b.name, -1) >= request.required_bytes]
@@ -125,7 +125,7 @@ class Scheduler:
         return sorted(roomy, key=lambda b: (self._preference(b, request.preferred), -free[b.name]))
 
     @staticmethod
-    def _weigh_space(backends: Sequence[Backend], secrets: Secrets) -> tuple[dict[str, int], list[str]]:
+    def free_space(backends: Sequence[Backend], secrets: Secrets) -> tuple[dict[str, int], list[str]]:
         """Free space of each healthy backend, and why the others were left out: a backend
         whose health check failed, or that cannot say how much room it has, gets nothing."""
         free: dict[str, int] = {}

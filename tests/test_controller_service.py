@@ -370,3 +370,12 @@ def test_list_volumes_spans_every_backend_in_id_order() -> None:
     first = svc.ListVolumes(pb.ListVolumesRequest(max_entries=3), CONTEXT)
     rest = svc.ListVolumes(pb.ListVolumesRequest(starting_token=first.next_token), CONTEXT)
     assert [e.volume.volume_id for e in [*first.entries, *rest.entries]] == made and not rest.next_token
+
+
+def test_get_capacity_of_a_group_leaves_out_an_unwell_member() -> None:
+    sick = fake_backend("sick", "g", problem="monitors do not answer", reports_free=64 * GiB)
+    svc = service(sick, fake_backend("well", "g"))
+    available, _maximum = capacity_of(svc, pb.GetCapacityRequest(parameters={"group": "g"}))
+    assert available == fake_volumes(svc.registry.route("well", "volume", "x")).free_bytes()
+    only_sick = service(fake_backend("sick", problem="monitors do not answer"))
+    assert capacity_of(only_sick, pb.GetCapacityRequest())[0] == 0

@@ -27,6 +27,7 @@ from csi.errors import (
 )
 from csi.files import TEMP_SUFFIX, fsync_dir, fsync_file
 from csi.model import (
+    HEALTHY,
     NO_SECRETS,
     TOPOLOGY_NODE_KEY,
     Capability,
@@ -35,6 +36,7 @@ from csi.model import (
     Snapshot,
     SourceRef,
     Volume,
+    VolumeCondition,
     VolumeSpec,
 )
 from csi.sizes import choose_size
@@ -170,7 +172,19 @@ class LocalVolumes:
             source=SourceRef(source["kind"], source["local_id"]) if source else None,
             topology=self.topology,
             published_nodes=tuple(sorted(record["published"])),
+            condition=self._condition(local_id, record),
         )
+
+    def _condition(self, local_id: str, record: dict[str, Any]) -> VolumeCondition:
+        """What is wrong with the volume as the controller sees it: an image the driver
+        cannot read and write, or publications to a node that cannot reach it."""
+        problems = []
+        if not os.access(self.layout.image("volume", local_id), os.R_OK | os.W_OK):
+            problems.append(f"its image {self.layout.image('volume', local_id)} is not readable and writable")
+        strangers = sorted(set(record["published"]) - {self.node_id})
+        if strangers:
+            problems.append(f"it is recorded as published to {', '.join(strangers)}, which cannot reach it")
+        return VolumeCondition(True, "; ".join(problems)) if problems else HEALTHY
 
     def expand_volume(
         self, local_id: str, required_bytes: int, limit_bytes: int, *, secrets: Secrets = NO_SECRETS

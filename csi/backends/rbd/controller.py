@@ -31,6 +31,7 @@ from csi.backends.rbd.journal import Journal, Sweeper, forget_pool, remember_poo
 from csi.checks import BackgroundCheck
 from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from csi.model import (
+    HEALTHY,
     NO_SECRETS,
     Capability,
     Secrets,
@@ -38,6 +39,7 @@ from csi.model import (
     Snapshot,
     SourceRef,
     Volume,
+    VolumeCondition,
     VolumeSpec,
 )
 from csi.sizes import choose_size
@@ -312,7 +314,7 @@ class RbdVolumes:
                 metadata = dict(image.metadata_list())
                 if not _completed(io, "volume", image_uuid, name, metadata):
                     return None
-                return _volume(local_id, int(image.size()), metadata)
+                return _volume(local_id, int(image.size()), metadata, _condition(io, image_uuid, metadata))
         except rbd.ImageNotFound:
             return None
 
@@ -566,7 +568,18 @@ def _source_text(source: SourceRef | None) -> str:
     return f"{source.kind}:{source.local_id}" if source else ""
 
 
-def _volume(local_id: str, size: int, metadata: Mapping[str, str]) -> Volume:
+def _condition(io: Any, image_uuid: str, metadata: Mapping[str, str]) -> VolumeCondition:
+    """What is wrong with a complete volume as the controller sees it: its name's
+    reservation in the journal is missing or names another image (a retried CreateVolume
+    of that name would not find it, and would make a second volume)."""
+    reserved = Journal(io).lookup("volume", metadata[NAME_KEY])
+    if reserved != image_uuid:
+        holder = f"names image {reserved}" if reserved else "is missing"
+        return VolumeCondition(True, f"the journal's reservation of name {metadata[NAME_KEY]!r} {holder}")
+    return HEALTHY
+
+
+def _volume(local_id: str, size: int, metadata: Mapping[str, str], condition: VolumeCondition = HEALTHY) -> Volume:
     kind, _, source_id = metadata.get(SOURCE_KEY, "").partition(":")
     source = SourceRef(kind, source_id) if kind in ("snapshot", "volume") else None  # type: ignore[arg-type]
     return Volume(
@@ -576,4 +589,5 @@ def _volume(local_id: str, size: int, metadata: Mapping[str, str]) -> Volume:
         source=source,
         context={PARAM_MAPPER: metadata.get(PARAM_MAPPER, "")} if metadata.get(PARAM_MAPPER) else {},
         published_nodes=tuple(sorted(_published(metadata))),
+        condition=condition,
     )

@@ -206,3 +206,14 @@ def test_a_full_backend_is_resource_exhausted_and_keeps_nothing(small: LocalVolu
     with pytest.raises(ResourceExhausted, match="no room to preallocate"):
         small.create_volume(spec("thick", size=16 * MiB, preallocate="true"))
     assert files(small) == before
+
+
+def test_volume_condition_reports_what_is_wrong(volumes: LocalVolumes) -> None:
+    vol = volumes.create_volume(spec("watched"))
+    assert not volumes.get_volume(vol.local_id).condition.abnormal
+    record = volumes.layout.require_record("volume", vol.local_id)
+    record["published"]["node-z"] = False  # as a hand edit or an old driver might leave it
+    volumes.layout.write_record("volume", vol.local_id, record)
+    condition = volumes.get_volume(vol.local_id).condition
+    assert condition.abnormal and "node-z, which cannot reach it" in condition.message
+    assert volumes.list_volumes()[0].condition == condition

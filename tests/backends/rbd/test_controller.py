@@ -472,3 +472,16 @@ def test_journal_keys_are_read_a_page_at_a_time(pool_io: Any, monkeypatch: pytes
         assert journal.remembered_pools(pool_io) == ["p1", "p2", "p3", "p4", "p5"]
     finally:
         pool_io.remove_object(journal.POOLS)
+
+
+def test_volume_condition_reports_a_lost_reservation(
+    volumes: RbdVolumes, secrets: dict[str, str], pool_io: Any
+) -> None:
+    vol = volumes.create_volume(spec("watched", secrets))
+    assert not volumes.get_volume(vol.local_id, secrets=secrets).condition.abnormal
+    with rados.WriteOpCtx() as op:
+        pool_io.remove_omap_keys(op, ("volume.name.watched",))
+        pool_io.operate_write_op(op, "cairn.journal")
+    condition = volumes.get_volume(vol.local_id, secrets=secrets).condition
+    assert condition.abnormal and "reservation of name 'watched' is missing" in condition.message
+    volumes.delete_volume(vol.local_id, secrets=secrets)
