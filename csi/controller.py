@@ -28,7 +28,7 @@ from csi.generated import csi_pb2 as pb
 from csi.generated import csi_pb2_grpc as pb_grpc
 from csi.locks import InFlight
 from csi.log import set_backend
-from csi.model import AccessType, Capability, Secrets, Volume, VolumeSpec
+from csi.model import AccessType, Capability, Secrets, Segment, Volume, VolumeSpec
 from csi.nodes import NodeDirectory
 from csi.parameters import (
     PARAM_BACKEND,
@@ -168,6 +168,8 @@ class ControllerService(pb_grpc.ControllerServicer):
             parameters=backend_parameters(parameters),
             source=source[1] if source else None,
             secrets=dict(request.secrets),
+            requisite=convert.segments(request.accessibility_requirements.requisite),
+            preferred=convert.segments(request.accessibility_requirements.preferred),
         )
         # The source's lock too: a delete of the source waits (ABORTED) until the copy is made.
         source_lock = (str(source[0]), source[1].kind) if source else ("", "no source")
@@ -182,8 +184,8 @@ class ControllerService(pb_grpc.ControllerServicer):
                 parameters=parameters,
                 capabilities=caps,
                 required_bytes=required,
-                requisite=convert.segments(request.accessibility_requirements.requisite),
-                preferred=convert.segments(request.accessibility_requirements.preferred),
+                requisite=spec.requisite,
+                preferred=spec.preferred,
                 source_backend=source[0].backend if source else None,
                 source_kind=source[1].kind if source else None,
                 secrets=spec.secrets,
@@ -321,12 +323,13 @@ class ControllerService(pb_grpc.ControllerServicer):
         candidates = self.scheduler.select(parameters) if named else list(self.registry)
         candidates = self.scheduler.check_parameters(candidates, parameters)
         candidates = [b for b in candidates if not any(b.capabilities.unsupported(c) for c in caps)]
+        where: tuple[Segment, ...] = ()
         if request.HasField("accessible_topology"):
-            wanted = dict(request.accessible_topology.segments)
-            candidates = [b for b in candidates if self.scheduler.reachable(b, (wanted,))]
+            where = (dict(request.accessible_topology.segments),)
+            candidates = [b for b in candidates if self.scheduler.reachable(b, where)]
         # As placement sees it: an unwell member, or one that cannot say, offers nothing,
         # and the others still answer for the group.
-        free, unwell = self.scheduler.free_space(candidates, {})
+        free, unwell = self.scheduler.free_space(candidates, {}, where)
         if unwell:
             log.info("capacity leaves out unwell backends", extra={"problems": unwell})
         healthy = [b for b in candidates if b.name in free]
@@ -334,7 +337,9 @@ class ControllerService(pb_grpc.ControllerServicer):
             return pb.GetCapacityResponse(available_capacity=0)
         return pb.GetCapacityResponse(
             available_capacity=max(free.values()),
-            maximum_volume_size=Int64Value(value=max(b.volumes.max_volume_bytes() for b in healthy)),
+            maximum_volume_size=Int64Value(
+                value=max(b.volumes.max_volume_bytes(where[0] if where else None) for b in healthy)
+            ),
         )
 
     def ControllerGetCapabilities(

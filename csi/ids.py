@@ -13,6 +13,7 @@ an ID that does not exist.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -56,3 +57,40 @@ def decode(text: str, what: str = "volume") -> ObjectId:
     ):
         raise NotFound(f"{what} {text!r} does not exist (not a Cairn {what} ID)")
     return ObjectId(parts[1], parts[2])
+
+
+# A node-local backend names the node that holds a volume in its local ID, so every call
+# routes to that node without a lookup: ``<node key>@<rest>``. Node names may be long (a
+# DNS subdomain, up to 253 bytes) and IDs may not: a name that does not fit the room left
+# becomes a digest key, which the backend resolves against the nodes it knows.
+NODE_SEPARATOR = "@"
+_NODE_KEY = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+def local_id_room(backend: str) -> int:
+    """Bytes a local ID of ``backend`` may take within MAX_ID_BYTES."""
+    return MAX_ID_BYTES - len(f"{VERSION}:{backend}:".encode())
+
+
+def node_key(node: str, room: int) -> str:
+    """``node`` itself when it fits ``room`` bytes and the ID alphabet, else a stable
+    digest key (``h-`` and 16 hex digits)."""
+    if len(node.encode()) <= room and _NODE_KEY.match(node):
+        return node
+    return "h-" + hashlib.sha256(node.encode()).hexdigest()[:16]
+
+
+def with_node(backend: str, node: str, rest: str) -> str:
+    """A local ID of ``backend`` that carries the node holding the object."""
+    room = local_id_room(backend) - len(rest.encode()) - len(NODE_SEPARATOR)
+    if room < 18:
+        raise ValueError(f"local ID {rest!r} leaves no room for a node key in an ID of backend {backend!r}")
+    return f"{node_key(node, room)}{NODE_SEPARATOR}{rest}"
+
+
+def split_node(local_id: str) -> tuple[str | None, str]:
+    """(node key, rest) of a local ID made by ``with_node``; (None, local_id) otherwise."""
+    key, separator, rest = local_id.partition(NODE_SEPARATOR)
+    if separator and _NODE_KEY.match(key):
+        return key, rest
+    return None, local_id

@@ -21,6 +21,19 @@ TOPOLOGY_NODE_KEY = "topology.cairn.csi.io/node"
 Segment = Mapping[str, str]
 """One topology segment, for example {"topology.cairn.csi.io/node": "worker-1"}."""
 
+
+def segment_matches(offered: Segment, requested: Segment) -> bool:
+    """Whether a volume usable in ``offered`` is usable where ``requested`` says: every
+    key the offer names has the requested value."""
+    return all(requested.get(key) == value for key, value in offered.items())
+
+
+def reaches(topology: tuple[Segment, ...], segment: Segment | None) -> bool:
+    """Whether a backend (or volume) usable in ``topology`` (empty: everywhere) serves
+    ``segment`` (None: anywhere)."""
+    return segment is None or not topology or any(segment_matches(s, segment) for s in topology)
+
+
 Secrets = Mapping[str, str]
 """The CSI secrets of a request (for Ceph: userID and userKey). Never logged."""
 NO_SECRETS: Secrets = MappingProxyType({})
@@ -86,6 +99,10 @@ class VolumeSpec:
     parameters: Mapping[str, str] = field(default_factory=dict)
     source: SourceRef | None = None
     secrets: Mapping[str, str] = field(default_factory=dict)
+    requisite: tuple[Segment, ...] = ()
+    """Where the volume must be usable (one of these segments); empty: anywhere."""
+    preferred: tuple[Segment, ...] = ()
+    """Where it should be usable, best first."""
 
 
 @dataclass(frozen=True)

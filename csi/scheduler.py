@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from csi.backends.base import Backend
 from csi.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
-from csi.model import Capability, Secrets, Segment
+from csi.model import Capability, Secrets, Segment, reaches, segment_matches
 from csi.parameters import PARAM_BACKEND, PARAM_GROUP, backend_parameters, check_keys, required_features
 from csi.registry import Registry
 
@@ -40,10 +40,6 @@ class PlacementRequest:
     source_kind: str | None = None
     skip: frozenset[str] = field(default_factory=frozenset)
     secrets: Secrets = field(default_factory=dict)
-
-
-def segment_matches(backend_segment: Segment, requested: Segment) -> bool:
-    return all(requested.get(key) == value for key, value in backend_segment.items())
 
 
 class Scheduler:
@@ -115,7 +111,7 @@ class Scheduler:
                 "no backend is reachable from the requested topology "
                 f"({', '.join(f'{b.name}: {list(b.volumes.topology)}' for b in capable)})"
             )
-        free, unwell = self.free_space(reachable, request.secrets)
+        free, unwell = self.free_space(reachable, request.secrets, request.requisite)
         if not free:
             raise Unavailable("no backend is healthy: " + " | ".join(unwell))
         roomy = [b for b in reachable if free.get(b.name, -1) >= request.required_bytes]
@@ -125,7 +121,9 @@ class Scheduler:
         return sorted(roomy, key=lambda b: (self._preference(b, request.preferred), -free[b.name]))
 
     @staticmethod
-    def free_space(backends: Sequence[Backend], secrets: Secrets) -> tuple[dict[str, int], list[str]]:
+    def free_space(
+        backends: Sequence[Backend], secrets: Secrets, where: tuple[Segment, ...] = ()
+    ) -> tuple[dict[str, int], list[str]]:
         """Free space of each healthy backend, and why the others were left out: a backend
         whose health check failed, or that cannot say how much room it has, gets nothing."""
         free: dict[str, int] = {}
@@ -134,7 +132,7 @@ class Scheduler:
             problem = backend.volumes.health()
             if problem is None:
                 try:
-                    free[backend.name] = backend.volumes.free_bytes(secrets=secrets)
+                    free[backend.name] = _free_in(backend, where, secrets)
                 except (Unavailable, DeadlineExceeded) as exc:
                     problem = str(exc)
             if problem is not None:
@@ -153,3 +151,13 @@ class Scheduler:
             if not backend.volumes.topology or any(segment_matches(s, wanted) for s in backend.volumes.topology):
                 return rank
         return len(preferred)
+
+
+def _free_in(backend: Backend, where: tuple[Segment, ...], secrets: Secrets) -> int:
+    """The backend's free space in the best of the segments ``where`` names that it
+    reaches (a node-local backend has as much room as its roomiest such node); anywhere
+    when ``where`` is empty or the backend is usable everywhere."""
+    segments = [s for s in where if reaches(backend.volumes.topology, s)] if backend.volumes.topology else []
+    if not segments:
+        return backend.volumes.free_bytes(secrets=secrets)
+    return max(backend.volumes.free_bytes(s, secrets=secrets) for s in segments)

@@ -41,6 +41,7 @@ from csi.model import (
     SourceRef,
     Volume,
     VolumeSpec,
+    reaches,
 )
 from csi.sizes import choose_size
 
@@ -84,6 +85,8 @@ class FakeVolumes:
         self.reports_free = reports_free
         self.problem = problem
         self.calls: list[str] = []
+        self.specs: list[VolumeSpec] = []
+        """Every CreateVolume request, as the backend received it."""
         """The name of every method that changes something, in the order it was called."""
         self._volumes: dict[str, _Record] = {}
         self._snapshots: dict[str, Snapshot] = {}
@@ -99,12 +102,14 @@ class FakeVolumes:
         used += sum(s.size_bytes for s in self._snapshots.values())
         return max(0, self.size_limit - used)
 
-    def free_bytes(self, *, secrets: Secrets = NO_SECRETS) -> int:
+    def free_bytes(self, segment: Segment | None = None, *, secrets: Secrets = NO_SECRETS) -> int:
+        if not reaches(self.topology, segment):
+            return 0
         with self._lock:
             return self._free() if self.reports_free is None else self.reports_free
 
-    def max_volume_bytes(self, *, secrets: Secrets = NO_SECRETS) -> int:
-        return self.free_bytes(secrets=secrets)
+    def max_volume_bytes(self, segment: Segment | None = None, *, secrets: Secrets = NO_SECRETS) -> int:
+        return self.free_bytes(segment, secrets=secrets)
 
     def _take(self, size: int, what: str) -> None:
         free = self._free()
@@ -116,6 +121,7 @@ class FakeVolumes:
     def create_volume(self, spec: VolumeSpec) -> Volume:
         with self._lock:
             self.calls.append("create_volume")
+            self.specs.append(spec)
             self._check_parameters(spec.parameters, self.volume_parameters, "")
             existing = self._by_name(spec.name)
             if existing is not None:

@@ -379,3 +379,20 @@ def test_get_capacity_of_a_group_leaves_out_an_unwell_member() -> None:
     assert available == fake_volumes(svc.registry.route("well", "volume", "x")).free_bytes()
     only_sick = service(fake_backend("sick", problem="monitors do not answer"))
     assert capacity_of(only_sick, pb.GetCapacityRequest())[0] == 0
+
+
+def test_topology_reaches_the_backend_as_data() -> None:
+    node = {TOPOLOGY_NODE_KEY: "n1"}
+    local = fake_backend("near", topology=(node,))
+    svc = service(local)
+    request = create_request("placed")
+    request.accessibility_requirements.requisite.add(segments=node)
+    request.accessibility_requirements.preferred.add(segments=node)
+    svc.CreateVolume(request, CONTEXT)
+    spec = fake_volumes(local).specs[-1]
+    assert spec.requisite == (node,) and spec.preferred == (node,)
+    elsewhere = pb.GetCapacityRequest(accessible_topology=pb.Topology(segments={TOPOLOGY_NODE_KEY: "n2"}))
+    assert capacity_of(svc, elsewhere)[0] == 0
+    here = pb.GetCapacityRequest(accessible_topology=pb.Topology(segments=node))
+    assert capacity_of(svc, here)[0] == fake_volumes(local).free_bytes(node) > 0
+    assert fake_volumes(local).free_bytes({TOPOLOGY_NODE_KEY: "n2"}) == 0

@@ -42,3 +42,18 @@ def test_ids_are_at_most_128_bytes() -> None:
 def test_backend_names_are_checked() -> None:
     with pytest.raises(ValueError):
         ids.encode("Bad_Name", "x")
+
+
+def test_a_node_local_id_carries_its_node_within_128_bytes() -> None:
+    longest_backend = "b" * 32
+    rest = "vol-12345678-1234-5678-1234-567812345678"
+    short = ids.with_node(longest_backend, "worker-1", rest)
+    assert ids.split_node(short) == ("worker-1", rest)
+    assert ids.decode(ids.encode(longest_backend, short)).local_id == short
+    long_name = "node-" + "x" * 240 + ".example.com"
+    keyed = ids.with_node(longest_backend, long_name, rest)
+    key, back = ids.split_node(keyed)
+    assert back == rest and key == ids.node_key(long_name, 0) and key.startswith("h-")
+    assert len(ids.encode(longest_backend, keyed).encode()) <= ids.MAX_ID_BYTES
+    assert ids.with_node(longest_backend, long_name, rest) == keyed  # stable
+    assert ids.split_node(rest) == (None, rest)

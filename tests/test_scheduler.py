@@ -39,7 +39,7 @@ class StandIn:
     def volume_parameters(self) -> frozenset[str]:
         return self.parameter_keys
 
-    def free_bytes(self, *, secrets: Secrets = NO_SECRETS) -> int:
+    def free_bytes(self, segment: Segment | None = None, *, secrets: Secrets = NO_SECRETS) -> int:
         self.calls.append(secrets.get("userID", ""))
         if self.silent:
             raise DeadlineExceeded("the pool statistics did not come in time")

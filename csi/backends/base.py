@@ -122,14 +122,18 @@ class VolumeBackend(Protocol):
     def health(self) -> str | None:
         """What is wrong with the backend now (unreachable, not writable), or None."""
 
-    def free_bytes(self, *, secrets: Secrets = NO_SECRETS) -> int:
-        """Space available for new volumes now."""
+    def free_bytes(self, segment: Segment | None = None, *, secrets: Secrets = NO_SECRETS) -> int:
+        """Space available now for new volumes usable in topology ``segment`` (None:
+        anywhere the backend places volumes; a node-local backend answers for one of its
+        nodes per segment); 0 for a segment the backend does not reach."""
 
-    def max_volume_bytes(self, *, secrets: Secrets = NO_SECRETS) -> int:
-        """The largest volume this backend could create now."""
+    def max_volume_bytes(self, segment: Segment | None = None, *, secrets: Secrets = NO_SECRETS) -> int:
+        """The largest volume this backend could create now in ``segment``."""
 
     def create_volume(self, spec: VolumeSpec) -> Volume:
-        """Create the volume named ``spec.name``. When a volume of that name exists and
+        """Create the volume named ``spec.name``, usable in one of ``spec.requisite``
+        (when given) and in the earliest of ``spec.preferred`` it can; the volume's
+        ``topology`` says where it is usable. When a volume of that name exists and
         matches the spec, return it; when it does not match, raise AlreadyExists. A
         source that does not exist is NotFound; a size the backend cannot give is
         OutOfRange. A failure at any step leaves nothing behind, and a retry after a

@@ -38,6 +38,7 @@ from csi.model import (
     Volume,
     VolumeCondition,
     VolumeSpec,
+    reaches,
 )
 from csi.sizes import choose_size
 
@@ -69,12 +70,14 @@ class LocalVolumes:
             return f"directory {self.layout.root} is not writable"
         return None
 
-    def free_bytes(self, *, secrets: Secrets = NO_SECRETS) -> int:
+    def free_bytes(self, segment: Segment | None = None, *, secrets: Secrets = NO_SECRETS) -> int:
+        if not reaches(self.topology, segment):
+            return 0  # another node: this directory is of no use there
         st = os.statvfs(self.layout.root)
         return st.f_bavail * st.f_frsize
 
-    def max_volume_bytes(self, *, secrets: Secrets = NO_SECRETS) -> int:
-        return self.free_bytes(secrets=secrets)
+    def max_volume_bytes(self, segment: Segment | None = None, *, secrets: Secrets = NO_SECRETS) -> int:
+        return self.free_bytes(segment, secrets=secrets)
 
     # -- volumes --------------------------------------------------------------------
 

@@ -169,16 +169,17 @@ class RbdVolumes:
 
         return ceph_call("the pool statistics", df)
 
-    def free_bytes(self, *, secrets: Secrets = NO_SECRETS) -> int:
-        """The pool's free space as Ceph computes it (after replication). GetCapacity
-        carries no secret: without credentialsDir it answers 0 rather than failing."""
+    def free_bytes(self, segment: Segment | None = None, *, secrets: Secrets = NO_SECRETS) -> int:
+        """The pool's free space as Ceph computes it (after replication), the same from
+        every segment (any node reaches the cluster). GetCapacity carries no secret:
+        without credentialsDir it answers 0 rather than failing."""
         try:
             return self._df(secrets).get(self.settings.pool, 0)
         except FailedPrecondition:
             return 0
 
-    def max_volume_bytes(self, *, secrets: Secrets = NO_SECRETS) -> int:
-        return self.free_bytes(secrets=secrets)
+    def max_volume_bytes(self, segment: Segment | None = None, *, secrets: Secrets = NO_SECRETS) -> int:
+        return self.free_bytes(segment, secrets=secrets)
 
     # -- volumes --------------------------------------------------------------------
 

@@ -217,3 +217,8 @@ def test_volume_condition_reports_what_is_wrong(volumes: LocalVolumes) -> None:
     condition = volumes.get_volume(vol.local_id).condition
     assert condition.abnormal and "node-z, which cannot reach it" in condition.message
     assert volumes.list_volumes()[0].condition == condition
+
+
+def test_free_space_is_the_owning_nodes_only(volumes: LocalVolumes) -> None:
+    assert volumes.free_bytes({"topology.cairn.csi.io/node": "node-a"}) == volumes.free_bytes() > 0
+    assert volumes.free_bytes({"topology.cairn.csi.io/node": "node-b"}) == 0
