@@ -150,7 +150,7 @@ class ControllerService(pb_grpc.ControllerServicer):
     # -- volumes --------------------------------------------------------------------
 
     def CreateVolume(self, request: pb.CreateVolumeRequest, context: grpc.ServicerContext) -> pb.CreateVolumeResponse:
-        convert.require(request.name, "name")
+        convert.name(request.name, "name")
         caps = convert.capabilities(request.volume_capabilities)
         check_filesystems(caps)
         required, limit = convert.capacity_range(request.capacity_range)
@@ -405,7 +405,7 @@ class ControllerService(pb_grpc.ControllerServicer):
     def CreateSnapshot(
         self, request: pb.CreateSnapshotRequest, context: grpc.ServicerContext
     ) -> pb.CreateSnapshotResponse:
-        convert.require(request.name, "name")
+        convert.name(request.name, "name")
         convert.require(request.source_volume_id, "source_volume_id")
         backend, local_id = self._route(request.source_volume_id)
         if not backend.capabilities.snapshots:

@@ -28,6 +28,16 @@ NAME_MAX = 255
 PATH_DEPTH = 128
 
 
+def name(value: str, field: str) -> str:
+    """A request name: required, and without control characters (backends key journals
+    and records by it, and a NUL would make two names one)."""
+    require(value, field)
+    bad = sorted({f"{ord(c):#04x}" for c in value if ord(c) < 0x20 or ord(c) == 0x7F})
+    if bad:
+        raise InvalidArgument(f"{field} {value!r} contains control characters ({', '.join(bad)})")
+    return value
+
+
 def path(value: str, field: str) -> str:
     """``value`` when it is an absolute path the host can take; InvalidArgument naming
     ``field`` otherwise (empty, relative, NUL, too long or too deep, or with '..')."""

@@ -12,7 +12,7 @@ import logging
 import os
 import shlex
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import grpc
 
@@ -60,6 +60,22 @@ def parse_mkfs_options(volume_context: dict[str, str]) -> list[str]:
         raise InvalidArgument(f"volume_context {PARAM_MKFS_OPTIONS!r} does not parse: {exc}") from exc
 
 
+def check_context(context: Mapping[str, str], field: str) -> None:
+    """Context values reach host tools' argument lists, where a NUL cannot go."""
+    for key, value in context.items():
+        if "\0" in key or "\0" in value:
+            raise InvalidArgument(f"{field}[{key[:64]!r}] contains a NUL character")
+
+
+def make_path(path: str, field: str) -> None:
+    """Make the directory ``path`` (and its parents); a file in the way is the caller's
+    mistake, not the host's."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise InvalidArgument(f"{field} {path!r} cannot be a directory: {exc.strerror} ({exc.filename})") from exc
+
+
 def describe(access_type: AccessType, filesystem: str, mode: AccessMode, flags: list[str]) -> str:
     words = [access_type.value, filesystem, mode.value, f"with mount flags {flags}" if flags else ""]
     return " ".join(w for w in words if w)
@@ -104,6 +120,8 @@ class NodeService(pb_grpc.NodeServicer):
         # arrives with its own.
         formats = bool(backend.capabilities.filesystems)
         fs = filesystem_for(cap, volume_context) if cap.access_type is AccessType.MOUNT and formats else None
+        check_context(volume_context, "volume_context")
+        check_context(request.publish_context, "publish_context")
         mkfs_options = parse_mkfs_options(volume_context)
         with self.inflight.hold(request.volume_id):
             staged = self.state.load(request.volume_id)
@@ -155,8 +173,10 @@ class NodeService(pb_grpc.NodeServicer):
                 log.info("found the volume mounted at %s already", staging)
             elif cap.access_type is AccessType.MOUNT:
                 if not os.path.exists(staging):
-                    os.makedirs(staging)
+                    make_path(staging, "staging_target_path")
                     undo.append(lambda: mount.remove_path(staging))
+                elif not os.path.isdir(staging):
+                    raise InvalidArgument(f"staging_target_path {staging!r} exists and is not a directory")
                 if attachment.source:
                     options = list(dict.fromkeys([*attachment.options, *mount_options]))
                     mount.mount(attachment.source, staging, attachment.fstype, options)
@@ -270,11 +290,13 @@ class NodeService(pb_grpc.NodeServicer):
     def _bind(staged: StagedVolume, cap: Capability, target: str, readonly: bool) -> None:
         created = not os.path.exists(target)
         if staged.access_type is AccessType.BLOCK:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
+            make_path(os.path.dirname(target), "target_path")
+            if os.path.isdir(target):
+                raise InvalidArgument(f"target_path {target!r} is a directory: a raw block volume is bound on a file")
             open(target, "a").close()
             source = staged.device
         else:
-            os.makedirs(target, exist_ok=True)
+            make_path(target, "target_path")
             source = staged.staging_path
         try:
             mount.bind(source, target, readonly, cap.mount_flags)
@@ -347,6 +369,8 @@ class NodeService(pb_grpc.NodeServicer):
         convert.require(request.volume_id, "volume_id")
         path = request.volume_path
         convert.require(path, "volume_path")
+        if request.staging_target_path:
+            convert.path(request.staging_target_path, "staging_target_path")
         backend, local_id = self._route(request.volume_id)
         staged = self._staged_at(request.volume_id, path)
         problems = []

@@ -400,3 +400,48 @@ def test_12_online_ext4_growth_the_kernel_refuses_is_failed_precondition(staged:
     staged.unstage()
     staged.stage()  # grown offline at the next stage
     assert os.statvfs(staged.staging).f_blocks * os.statvfs(staged.staging).f_frsize > 100 * MiB
+
+
+# found by the fuzzer ----------------------------------------------------------------
+
+
+def test_a_file_in_the_way_of_a_path_is_invalid(staged: Volume, tmp_path: Path) -> None:
+    driver = staged.driver
+    a_file = tmp_path / "a-file"
+    a_file.write_text("someone else's")
+    for target in (a_file, a_file / "below"):
+        publish = pb.NodePublishVolumeRequest(
+            volume_id=staged.id,
+            staging_target_path=staged.staging,
+            target_path=str(target),
+            volume_capability=staged.cap,
+        )
+        code, message = failure(driver.node.NodePublishVolume, publish)
+        assert code is grpc.StatusCode.INVALID_ARGUMENT and "target_path" in message, message
+    other = Volume(driver, "other", mount_capability())
+    other.publish()
+    stage = pb.NodeStageVolumeRequest(
+        volume_id=other.id, staging_target_path=str(a_file), volume_capability=other.cap, publish_context=other.context
+    )
+    code, message = failure(driver.node.NodeStageVolume, stage)
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "staging_target_path" in message, message
+    assert a_file.read_text() == "someone else's" and loopdev.find(other.image()) == []
+    other.delete()
+
+
+def test_control_characters_in_names_and_contexts_are_invalid(driver: Driver, tmp_path: Path) -> None:
+    for name in ("a\0c", "tab\there"):
+        create = pb.CreateVolumeRequest(name=name, volume_capabilities=[mount_capability()])
+        assert failure(driver.controller.CreateVolume, create)[0] is grpc.StatusCode.INVALID_ARGUMENT
+    vol = Volume(driver, "context", mount_capability())
+    stage = pb.NodeStageVolumeRequest(
+        volume_id=vol.id,
+        staging_target_path=str(tmp_path / "s"),
+        volume_capability=vol.cap,
+        publish_context={"monitors": "\0"},
+    )
+    code, message = failure(driver.node.NodeStageVolume, stage)
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "publish_context" in message
+    stats = pb.NodeGetVolumeStatsRequest(volume_id=vol.id, volume_path="/", staging_target_path="relative")
+    assert failure(driver.node.NodeGetVolumeStats, stats)[0] is grpc.StatusCode.INVALID_ARGUMENT
+    vol.delete()

@@ -76,6 +76,7 @@ class Clusters:
         self.credentials_dir = credentials_dir
         self._connections: dict[str, rados.Rados] = {}
         self._lock = threading.Lock()
+        self._connecting: dict[str, threading.Lock] = {}
         self.on_connect: Callable[[rados.Rados], None] | None = None
 
     def connection(self, credentials: Credentials | None) -> rados.Rados:
@@ -83,18 +84,27 @@ class Clusters:
         ListVolumes and ControllerGetVolume never do) uses the credentials directory when
         the backend has one, read on each call so a rotated Secret takes effect. Without
         one it is refused: it never runs with the credentials another call brought."""
+        credentials = credentials or self._from_directory()
+        if credentials is None:
+            raise FailedPrecondition(
+                f"no Ceph credentials for {self.monitors}: the call carries no CSI secret with "
+                f"{USER_ID!r} and {USER_KEY!r} (the StorageClass's csi.storage.k8s.io/*-secret-name "
+                "parameters name it), and the backend has no credentialsDir for calls without one"
+            )
+        # One lock per credential: connecting with a wrong key takes librados' whole timeout,
+        # and must hold up only the calls that bring that same key.
         with self._lock:
-            credentials = credentials or self._from_directory()
-            if credentials is None:
-                raise FailedPrecondition(
-                    f"no Ceph credentials for {self.monitors}: the call carries no CSI secret with "
-                    f"{USER_ID!r} and {USER_KEY!r} (the StorageClass's csi.storage.k8s.io/*-secret-name "
-                    "parameters name it), and the backend has no credentialsDir for calls without one"
-                )
             cached = self._connections.get(credentials.fingerprint)
+            if cached is not None:
+                return cached
+            connecting = self._connecting.setdefault(credentials.fingerprint, threading.Lock())
+        with connecting:
+            with self._lock:
+                cached = self._connections.get(credentials.fingerprint)
             if cached is None:
                 cached = self._connect(credentials)
-                self._connections[credentials.fingerprint] = cached
+                with self._lock:
+                    self._connections[credentials.fingerprint] = cached
                 if self.on_connect is not None:
                     self.on_connect(cached)
             return cached

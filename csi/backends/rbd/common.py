@@ -74,6 +74,8 @@ class Credentials:
             return None
         if not user or not key:
             raise InvalidArgument(f"the secret must hold both {USER_ID!r} and {USER_KEY!r}")
+        if "\0" in user or "\0" in key or len(user) > 256 or len(key) > 1024:
+            raise InvalidArgument(f"the secret's {USER_ID!r} or {USER_KEY!r} is not a Ceph user and key")
         return cls(user, key)
 
     @property

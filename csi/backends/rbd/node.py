@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from csi import loopdev, mount, proc
 from csi.backends.base import Attachment, AttachRequest
 from csi.backends.rbd.common import MAPPERS, Credentials, RbdSettings, image_name, split_id
-from csi.errors import CommandBusy, CommandFailed, FailedPrecondition, InvalidArgument, Unavailable
+from csi.errors import CommandBusy, CommandFailed, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 MAP_TIMEOUT = 120.0
 RELEASE_TIMEOUT = 30.0
@@ -127,6 +127,8 @@ class RbdConnector:
         except CommandFailed as exc:
             raise Unavailable(f"rbd-fuse cannot expose {pool}/{image}: {exc.stderr}") from exc
         try:
+            if not _exposed(os.path.join(mountpoint, image)):
+                raise NotFound(f"image {pool}/{image} does not exist (rbd-fuse exposes no such file)")
             return loopdev.attach(os.path.join(mountpoint, image), read_only=read_only)
         except BaseException:
             mount.unmount(mountpoint)
@@ -186,6 +188,15 @@ class RbdConnector:
             or self._mapped("nbd", pool, image)
             or mount.is_mounted(self._fuse_mountpoint(pool, image))
         )
+
+
+def _exposed(path: str) -> bool:
+    """Whether rbd-fuse exposes ``path``: it starts even for a pool or image that does
+    not exist, and then serves nothing (or drops the connection)."""
+    try:
+        return os.path.isfile(path)
+    except OSError:
+        return False
 
 
 def _rbd_device_args(device_type: str, options: str = "") -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -208,3 +209,18 @@ def test_two_nodes_share_a_raw_block_volume(
     node_a.controller.ControllerUnpublishVolume(unpublish, timeout=60)
     for volume in (volume_id, exclusive):
         node_a.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume, secrets=secrets), timeout=120)
+
+
+def test_staging_an_image_of_a_pool_that_does_not_exist_is_not_found(
+    node_a: Driver, tmp_path: Path, secrets: dict[str, str]
+) -> None:
+    request = pb.NodeStageVolumeRequest(
+        volume_id="1:ceph:nosuchpool/00000000-0000-4000-8000-000000000000",
+        staging_target_path=str(tmp_path / "a" / "staging"),
+        volume_capability=mount_capability(),
+        secrets=secrets,
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        node_a.node.NodeStageVolume(request, timeout=120)
+    error: Any = caught.value
+    assert error.code() is grpc.StatusCode.NOT_FOUND, error.details()
