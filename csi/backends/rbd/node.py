@@ -25,7 +25,15 @@ from collections.abc import Iterator
 from csi import loopdev, mount, proc
 from csi.backends.base import Attachment, AttachRequest
 from csi.backends.rbd.common import MAPPERS, Credentials, RbdSettings, image_name, split_id
-from csi.errors import CommandBusy, CommandFailed, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from csi.errors import (
+    CommandBusy,
+    CommandFailed,
+    CommandNotFound,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 
 MAP_TIMEOUT = 120.0
 RELEASE_TIMEOUT = 30.0
@@ -111,7 +119,16 @@ class RbdConnector:
                     ["rbd", "device", "map", *_rbd_device_args(device_type, options), *ro, *auth, f"{pool}/{image}"],
                     timeout=MAP_TIMEOUT,
                 )
+            except CommandNotFound as exc:
+                raise NotFound(f"image {pool}/{image} does not exist ({exc.stderr})") from exc
             except CommandFailed as exc:
+                # rbd-nbd reports only its exit status: ask whether the image is there.
+                try:
+                    proc.run(["rbd", "info", *auth, f"{pool}/{image}"], timeout=MAP_TIMEOUT)
+                except CommandNotFound as missing:
+                    raise NotFound(f"image {pool}/{image} does not exist ({missing.stderr})") from exc
+                except CommandFailed:
+                    pass  # the mapping's own failure says more
                 raise FailedPrecondition(
                     f"{mapper} cannot map {pool}/{image} on this node ({exc.stderr}; ran {' '.join(exc.argv)}); "
                     "does the kernel have the "
