@@ -36,6 +36,7 @@ from csi.errors import (
 )
 
 MAP_TIMEOUT = 120.0
+KEY_PREFIX = "cairn-key-"
 RELEASE_TIMEOUT = 30.0
 
 
@@ -43,7 +44,7 @@ RELEASE_TIMEOUT = 30.0
 def client_files(key: str) -> Iterator[tuple[str, str]]:
     """A private key file and an empty config file for the Ceph tools (without a config they
     bury their real error under warnings), both removed on leaving."""
-    with tempfile.TemporaryDirectory(prefix="cairn-key-") as directory:
+    with tempfile.TemporaryDirectory(prefix=f"{KEY_PREFIX}{os.getpid()}-") as directory:
         path = os.path.join(directory, "key")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
@@ -54,9 +55,20 @@ def client_files(key: str) -> Iterator[tuple[str, str]]:
         yield path, conf
 
 
+def remove_orphaned_keys(parent: str | None = None) -> None:
+    """Remove the key directories of processes that died inside ``client_files`` (killed
+    while a tool read its key): a Ceph key must not outlive the call that brought it."""
+    parent = parent or tempfile.gettempdir()
+    for entry in os.listdir(parent):
+        owner = entry.removeprefix(KEY_PREFIX).split("-", 1)[0]
+        if entry.startswith(KEY_PREFIX) and owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
 class RbdConnector:
     def __init__(self, settings: RbdSettings) -> None:
         self.settings = settings
+        remove_orphaned_keys()
 
     def health(self) -> str | None:
         tool = {"krbd": "rbd", "rbd-nbd": "rbd-nbd", "rbd-fuse": "rbd-fuse"}[self.settings.mapper]

@@ -5,6 +5,7 @@ volume."""
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -224,3 +225,17 @@ def test_staging_an_image_of_a_pool_that_does_not_exist_is_not_found(
         node_a.node.NodeStageVolume(request, timeout=120)
     error: Any = caught.value
     assert error.code() is grpc.StatusCode.NOT_FOUND, error.details()
+
+
+def test_keys_of_a_killed_node_plugin_are_removed_at_start(tmp_path: Path) -> None:
+    from csi.backends.rbd.node import KEY_PREFIX, remove_orphaned_keys
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = tmp_path / f"{KEY_PREFIX}{dead.pid}-abc"
+    alive = tmp_path / f"{KEY_PREFIX}{os.getpid()}-def"
+    for directory in (orphan, alive):
+        directory.mkdir()
+        (directory / "key").write_text("secret")
+    remove_orphaned_keys(str(tmp_path))
+    assert not orphan.exists() and alive.exists()
