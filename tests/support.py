@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -164,6 +164,28 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def command_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+def wait_for_child(
+    parent: int, name: str, done: Callable[[], bool] = lambda: False, timeout: float = 60.0
+) -> int | None:
+    """The pid of the first process called ``name`` below ``parent``, polled until it
+    appears, ``done()`` turns true, or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not done():
+        for pid in descendants(parent):
+            if command_name(pid) == name:
+                return pid
+        time.sleep(0.001)
+    return None
+
+
 def mount_capability(fs_type: str = "", mode: str = "SINGLE_NODE_WRITER") -> pb.VolumeCapability:
     return pb.VolumeCapability(
         mount=pb.VolumeCapability.MountVolume(fs_type=fs_type),
@@ -189,12 +211,12 @@ def leftovers(root: Path) -> list[str]:
 
 def scrub(root: Path) -> None:
     """Remove what a failed test left under ``root`` so the host stays clean; the test
-    has already been failed for it."""
+    has already been failed for it. FUSE daemons serving mounts there go first: one whose
+    cluster is gone would hang whatever touches its mount, later runs included."""
     prefix = str(root.resolve())
+    _kill_fuse_daemons(prefix)
     for entry in reversed(mount.mounts()):
         if entry.target.startswith(prefix):
-            if entry.fstype.startswith("fuse"):
-                _kill_serving(entry.target)  # a FUSE daemon outliving its cluster hangs every stat
             subprocess.run(["umount", "-l", entry.target], check=False)
     if shutil.which("losetup"):
         for dev, back in loopdev.attached().items():
@@ -202,8 +224,8 @@ def scrub(root: Path) -> None:
                 subprocess.run(["losetup", "-d", dev], check=False)
 
 
-def _kill_serving(mountpoint: str) -> None:
-    """SIGKILL the FUSE daemons whose command line names ``mountpoint``."""
+def _kill_fuse_daemons(prefix: str) -> None:
+    """SIGKILL the rbd-fuse daemons whose command line names a path under ``prefix``."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -211,6 +233,6 @@ def _kill_serving(mountpoint: str) -> None:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if mountpoint.encode() in argv:
+        if os.path.basename(argv[0]) == b"rbd-fuse" and any(arg.startswith(prefix.encode()) for arg in argv):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(entry), signal.SIGKILL)

@@ -32,7 +32,17 @@ import pytest
 
 from csi.generated import csi_pb2 as pb
 from tests.hardening.harness import Profile, frozen_filesystems, host_leftovers, local_profile, seed, thaw
-from tests.support import CAP_SYS_RESOURCE, NODE_ID, Driver, descendants, has_capability, mount_capability, scrub
+from tests.support import (
+    CAP_SYS_RESOURCE,
+    NODE_ID,
+    Driver,
+    command_name,
+    descendants,
+    has_capability,
+    mount_capability,
+    scrub,
+    wait_for_child,
+)
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
@@ -57,32 +67,12 @@ FINAL = {
 # -- processes ---------------------------------------------------------------------------
 
 
-def command_name(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm", encoding="utf-8") as handle:
-            return handle.read().strip()
-    except OSError:
-        return ""
-
-
 def running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
             return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def wait_for_child(parent: int, name: str, done: Callable[[], bool], timeout: float = 60.0) -> int | None:
-    """The pid of the first process called ``name`` below ``parent``, polled until it
-    appears, ``done()`` turns true, or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not done():
-        for pid in descendants(parent):
-            if command_name(pid) == name:
-                return pid
-        time.sleep(0.001)
-    return None
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
@@ -109,21 +99,9 @@ def settle(orphans: list[int], timeout: float = 60.0) -> None:
 
 
 def scrub_profile(profile: Profile) -> None:
-    """After a failure, remove what is left under the profile's root, including what the
-    driver's own teardown does not look at (rbd-fuse mounts, and loop devices over their
-    files), and end the rbd-fuse daemons serving it: one whose cluster is gone would hang
-    whatever touches its mount, later runs included."""
+    """After a failure, remove what is left under the profile's root (its rbd-fuse daemons,
+    mounts and loop devices included; see ``scrub``)."""
     scrub(profile.root)
-    prefix = str(profile.root.resolve())
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and command_name(int(entry)) in DAEMONS:
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                    mine = prefix.encode() in handle.read()
-            except OSError:
-                continue
-            if mine:
-                os.kill(int(entry), signal.SIGKILL)
 
 
 def stop(driver: Driver, children: bool) -> list[int]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,11 +26,11 @@ from tests.support import (
     NODE_ID,
     Driver,
     block_capability,
-    descendants,
     has_capability,
     mount_capability,
     require_root,
     require_tools,
+    wait_for_child,
 )
 from tests.test_node import Volume
 
@@ -60,19 +59,10 @@ def fill(vol: Volume, size: int) -> None:
             image.write(block)
 
 
-def wait_for_child(driver: Driver, name: str, deadline: float = 30) -> None:
-    """Return once the driver runs a process called ``name``."""
+def wait_for_cp(driver: Driver) -> None:
+    """Return once the driver copies an image."""
     assert driver.process is not None
-    until = time.monotonic() + deadline
-    while time.monotonic() < until:
-        for pid in descendants(driver.process.pid):
-            try:
-                if Path(f"/proc/{pid}/comm").read_text().strip() == name:
-                    return
-            except OSError:
-                continue
-        time.sleep(0.002)
-    raise AssertionError(f"the driver never ran {name}")
+    assert wait_for_child(driver.process.pid, "cp", timeout=30) is not None, "the driver never ran cp"
 
 
 class InBackground:
@@ -126,7 +116,7 @@ def test_2_delete_while_its_volume_is_copied_is_aborted(driver: Driver, copy: st
             volume_content_source=pb.VolumeContentSource(volume={"volume_id": vol.id}),
         )
     copying = InBackground(call, request)
-    wait_for_child(driver, "cp")
+    wait_for_cp(driver)
     code, message = failure(driver.controller.DeleteVolume, pb.DeleteVolumeRequest(volume_id=vol.id))
     assert code is grpc.StatusCode.ABORTED, message
     assert vol.id in message
