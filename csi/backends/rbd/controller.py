@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 SNAPSHOT = "cairn"
 NAME_KEY, SOURCE_KEY, CREATED_KEY, PUBLISHED_PREFIX = "cairn.name", "cairn.source", "cairn.created", "cairn.published."
 IMAGE_KEY = "cairn.image"  # the image's own name: marks it complete (see _completed)
+MADE_KEY = "cairn.made"  # the image's own name: librbd finished making it (see _made)
 PARAM_POOL, PARAM_DATA_POOL, PARAM_FEATURES, PARAM_MAPPER = "pool", "dataPool", "imageFeatures", "mapper"
 PARAM_MAP_OPTIONS = "mapOptions"
 HEALTH_INTERVAL = 30.0  # seconds between two checks of the cluster
@@ -204,10 +205,11 @@ class RbdVolumes:
             try:
                 parent_size = self._source_size(spec.source, spec.secrets)
                 size = choose_size(spec.required_bytes, spec.limit_bytes, parent_size)
+                if self._exists(io, name) and not self._made(io, name):
+                    self._remove_image(io, name)  # half made by a killed call: made again below
                 if not self._exists(io, name):
                     self._make(io, name, size, features, data_pool, spec.source, spec.secrets)
                 with self._image(io, name, f"volume {spec.name!r}") as image:
-                    _forget_inherited(image)
                     if image.size() < size:
                         image.resize(size)
                     if self._clone_depth(image, spec.secrets) > self.settings.max_clone_depth:
@@ -222,15 +224,40 @@ class RbdVolumes:
                     _set_metadata(image, NAME_KEY, spec.name)  # last: marks the volume complete
             except BaseException:
                 # Nothing complete exists under this reservation: remove what this call,
-                # or a crashed one before it, left, and the reservation with it.
+                # or a crashed one before it, left, and the reservation with it. An image
+                # that cannot go yet (a dead client still watches it) keeps its
+                # reservation, so that the retry finds it and removes it then.
                 with contextlib.suppress(Exception):
                     self._remove_image(io, name)
-                with contextlib.suppress(Exception):
                     journal.release("volume", image_uuid)
                 raise
         return self.get_volume(local_id, secrets=spec.secrets)
 
+    def _made(self, io: Any, name: str) -> bool:
+        """Whether ``name`` was made whole. librbd makes an image, and a clone above all,
+        in several steps (a clone exists before it is attached to its parent); a call
+        killed between them leaves an image that must not be taken for the real one."""
+        with self._image(io, name, f"image {name}") as image:
+            return dict(image.metadata_list()).get(MADE_KEY) == name
+
     def _make(
+        self,
+        io: Any,
+        name: str,
+        size: int,
+        features: int,
+        data_pool: str | None,
+        source: SourceRef | None,
+        secrets: Secrets,
+    ) -> None:
+        """Make image ``name``, empty or cloned from ``source``, and mark it made (after
+        dropping the keys a clone copied from its parent)."""
+        self._make_image(io, name, size, features, data_pool, source, secrets)
+        with self._image(io, name, f"image {name}") as image:
+            _forget_inherited(image)
+            _set_metadata(image, MADE_KEY, name)
+
+    def _make_image(
         self,
         io: Any,
         name: str,
@@ -380,13 +407,17 @@ class RbdVolumes:
             try:
                 if self._complete_volume(io, source_local_id) is None:
                     raise NotFound(f"source volume {source_local_id!r} does not exist")
+                if self._exists(io, image) and not self._made(io, image):
+                    self._remove_snapshot_image(io, image)  # half made by a killed call: made again below
                 if not self._exists(io, image):
                     features = parse_features(parameters.get(PARAM_FEATURES, self.settings.image_features))
                     self._clone_through_temporary_snapshot(
                         io, image_name("volume", source_uuid), io, image, features, None
                     )
+                    with self._image(io, image, f"snapshot {name!r}") as snap_image:
+                        _forget_inherited(snap_image)
+                        _set_metadata(snap_image, MADE_KEY, image)
                 with self._image(io, image, f"snapshot {name!r}") as snap_image:
-                    _forget_inherited(snap_image)
                     if self._clone_depth(snap_image, secrets) > self.settings.max_clone_depth:
                         snap_image.flatten()
                     if SNAPSHOT not in {s["name"] for s in snap_image.list_snaps()}:
@@ -398,7 +429,6 @@ class RbdVolumes:
             except BaseException:
                 with contextlib.suppress(Exception):
                     self._remove_snapshot_image(io, image)
-                with contextlib.suppress(Exception):
                     journal.release("snapshot", image_uuid)
                 raise
         return self.get_snapshot(local_id, secrets=secrets)

@@ -16,8 +16,9 @@ import rbd
 
 from csi.backends.rbd import CAPABILITIES, build
 from csi.backends.rbd.cluster import Clusters
-from csi.backends.rbd.common import FEATURES, RbdSettings
+from csi.backends.rbd.common import FEATURES, Kind, RbdSettings, image_name
 from csi.backends.rbd.controller import RbdVolumes
+from csi.backends.rbd.journal import Journal
 from csi.config import BackendConfig
 from csi.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from csi.model import AccessMode, AccessType, Capability, MiB, SourceRef, VolumeSpec
@@ -134,6 +135,33 @@ def test_clone_from_volume_and_chain_flattening(volumes: RbdVolumes, secrets: di
         )
     for vol in chain:
         volumes.delete_volume(vol.local_id, secrets=secrets)
+
+
+@pytest.mark.parametrize("kind", ["volume", "snapshot"])
+def test_a_clone_a_killed_call_left_half_made_is_made_again(
+    volumes: RbdVolumes, secrets: dict[str, str], pool_io: Any, ceph: CephCluster, kind: Kind
+) -> None:
+    """librbd makes a clone before it attaches it to its parent; a call killed between the
+    two leaves an empty image under the reservation. The retry must not take it for the
+    clone (a volume cloned from a formatted one would be formatted afresh on its node)."""
+    source = volumes.create_volume(spec("half-source", secrets))
+    write(pool_io, image_of(source.local_id), 0, b"the source's data")
+    image_uuid, _ = Journal(pool_io).reserve(
+        kind, "half", **({"source": source.local_id} if kind == "snapshot" else {})
+    )
+    rbd.RBD().create(pool_io, image_name(kind, image_uuid), 8 * MiB, old_format=False, features=FEATURES["layering"])
+    if kind == "volume":
+        made: Any = volumes.create_volume(spec("half", secrets, source=SourceRef("volume", source.local_id)))
+    else:
+        made = volumes.create_snapshot("half", source.local_id, {}, secrets=secrets)
+    assert made.local_id == f"{POOL}/{image_uuid}", "the retry keeps its reservation"
+    assert read(pool_io, image_name(kind, image_uuid), 0, 17) == b"the source's data"
+    if kind == "volume":
+        volumes.delete_volume(made.local_id, secrets=secrets)
+    else:
+        volumes.delete_snapshot(made.local_id, secrets=secrets)
+    volumes.delete_volume(source.local_id, secrets=secrets)
+    assert ceph.rbd("ls", POOL) == ""
 
 
 def test_expand(volumes: RbdVolumes, secrets: dict[str, str]) -> None:
