@@ -76,7 +76,7 @@ class RbdVolumes:
     def _pool(self, pool: str, secrets: Secrets) -> Iterator[tuple[Any, Journal]]:
         with self.clusters.ioctx(pool, Credentials.from_secrets(secrets)) as io:
             journal = Journal(io)
-            self.sweeper.ensure(pool, journal, lambda name: self._exists(io, name))
+            self.sweeper.ensure(pool, journal, lambda name: self._gone(io, name))
             yield io, journal
 
     def _exists(self, io: Any, name: str) -> bool:
@@ -127,7 +127,7 @@ class RbdVolumes:
         try:
             self.rbd.remove(io, name)
         except rbd.ImageNotFound:
-            pass
+            return
         except rbd.ImageHasSnapshots:
             # Clones (snapshots or restored volumes) still read from it: keep the data in
             # the trash until the last clone is gone.
@@ -205,9 +205,8 @@ class RbdVolumes:
             try:
                 parent_size = self._source_size(spec.source, spec.secrets)
                 size = choose_size(spec.required_bytes, spec.limit_bytes, parent_size)
-                if self._exists(io, name) and not self._made(io, name):
-                    self._remove_image(io, name)  # half made by a killed call: made again below
-                if not self._exists(io, name):
+                if not self._made(io, name):
+                    self._remove_image(io, name)  # what a killed call left half made, if anything
                     self._make(io, name, size, features, data_pool, spec.source, spec.secrets)
                 with self._image(io, name, f"volume {spec.name!r}") as image:
                     if image.size() < size:
@@ -235,10 +234,29 @@ class RbdVolumes:
 
     def _made(self, io: Any, name: str) -> bool:
         """Whether ``name`` was made whole. librbd makes an image, and a clone above all,
-        in several steps (a clone exists before it is attached to its parent); a call
-        killed between them leaves an image that must not be taken for the real one."""
-        with self._image(io, name, f"image {name}") as image:
-            return dict(image.metadata_list()).get(MADE_KEY) == name
+        in several steps (a clone exists before it is attached to its parent; an image is
+        listed before its header exists); a call killed between them leaves an image that
+        must not be taken for the real one, or one that does not even open."""
+        try:
+            with rbd.Image(io, name, read_only=True) as image:
+                return dict(image.metadata_list()).get(MADE_KEY) == name
+        except rbd.ImageNotFound:
+            return False
+
+    def _gone(self, io: Any, name: str) -> bool:
+        """Whether nothing of image ``name`` is left. One that does not open may still be
+        listed (a call killed while librbd created it): it is removed here; when that
+        fails, it is not gone."""
+        if self._exists(io, name):
+            return False
+        try:
+            self.rbd.remove(io, name)
+        except rbd.ImageNotFound:
+            return True
+        except rbd.Error as exc:
+            log.warning("cannot remove the remains of an image", extra={"image": name, "error": str(exc)})
+            return False
+        return True
 
     def _make(
         self,
@@ -407,9 +425,8 @@ class RbdVolumes:
             try:
                 if self._complete_volume(io, source_local_id) is None:
                     raise NotFound(f"source volume {source_local_id!r} does not exist")
-                if self._exists(io, image) and not self._made(io, image):
-                    self._remove_snapshot_image(io, image)  # half made by a killed call: made again below
-                if not self._exists(io, image):
+                if not self._made(io, image):
+                    self._remove_snapshot_image(io, image)  # what a killed call left half made, if anything
                     features = parse_features(parameters.get(PARAM_FEATURES, self.settings.image_features))
                     self._clone_through_temporary_snapshot(
                         io, image_name("volume", source_uuid), io, image, features, None

@@ -104,13 +104,14 @@ class Journal:
             keys.append(f"{kind}.name.{record['name']}")
         self._remove(*keys)
 
-    def sweep(self, image_exists: Callable[[str], bool]) -> int:
-        """Remove reservations whose image does not exist; returns how many. The journal
-        is read a page at a time, however many reservations it holds."""
+    def sweep(self, image_gone: Callable[[str], bool]) -> int:
+        """Remove reservations whose image is gone (``image_gone`` removes the remains of
+        one a killed call left half made); returns how many. The journal is read a page at
+        a time, however many reservations it holds."""
         removed = 0
         for key in list(omap_keys(self.io, JOURNAL)):
             kind, field, value = key.split(".", 2)
-            if field == "uuid" and kind in ("volume", "snapshot") and not image_exists(image_name(kind, value)):  # type: ignore[arg-type]
+            if field == "uuid" and kind in ("volume", "snapshot") and image_gone(image_name(kind, value)):  # type: ignore[arg-type]
                 log.warning("removing an abandoned reservation", extra={"kind": kind, "uuid": value})
                 self.release(kind, value)  # type: ignore[arg-type]
                 removed += 1
@@ -175,8 +176,8 @@ class Sweeper:
         self._done: set[str] = set()
         self._lock = threading.Lock()
 
-    def ensure(self, pool: str, journal: Journal, image_exists: Callable[[str], bool]) -> None:
+    def ensure(self, pool: str, journal: Journal, image_gone: Callable[[str], bool]) -> None:
         with self._lock:
             if pool not in self._done:
-                journal.sweep(image_exists)
+                journal.sweep(image_gone)
                 self._done.add(pool)

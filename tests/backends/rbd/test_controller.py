@@ -137,19 +137,33 @@ def test_clone_from_volume_and_chain_flattening(volumes: RbdVolumes, secrets: di
         volumes.delete_volume(vol.local_id, secrets=secrets)
 
 
+def leave_remains(pool_io: Any, name: str, remains: str) -> None:
+    """What a call killed inside librbd leaves of image ``name``: an image not yet attached
+    to its parent ("unattached"), or one listed whose header was never written ("headless")."""
+    rbd.RBD().create(pool_io, name, 8 * MiB, old_format=False, features=FEATURES["layering"])
+    if remains == "headless":
+        with rbd.Image(pool_io, name) as image:
+            header = f"rbd_header.{image.id()}"
+        pool_io.remove_object(header)
+        with pytest.raises(rbd.ImageNotFound):
+            rbd.Image(pool_io, name)
+        assert name in rbd.RBD().list(pool_io), "still listed: not gone"
+
+
+@pytest.mark.parametrize("remains", ["unattached", "headless"])
 @pytest.mark.parametrize("kind", ["volume", "snapshot"])
 def test_a_clone_a_killed_call_left_half_made_is_made_again(
-    volumes: RbdVolumes, secrets: dict[str, str], pool_io: Any, ceph: CephCluster, kind: Kind
+    volumes: RbdVolumes, secrets: dict[str, str], pool_io: Any, ceph: CephCluster, kind: Kind, remains: str
 ) -> None:
-    """librbd makes a clone before it attaches it to its parent; a call killed between the
-    two leaves an empty image under the reservation. The retry must not take it for the
-    clone (a volume cloned from a formatted one would be formatted afresh on its node)."""
+    """librbd makes a clone before it attaches it to its parent, and lists an image before
+    its header exists; a call killed in between leaves remains under the reservation. The
+    retry must neither take them for the clone (a volume cloned from a formatted one would
+    be formatted afresh on its node) nor fail on them for ever."""
     source = volumes.create_volume(spec("half-source", secrets))
     write(pool_io, image_of(source.local_id), 0, b"the source's data")
-    image_uuid, _ = Journal(pool_io).reserve(
-        kind, "half", **({"source": source.local_id} if kind == "snapshot" else {})
-    )
-    rbd.RBD().create(pool_io, image_name(kind, image_uuid), 8 * MiB, old_format=False, features=FEATURES["layering"])
+    details = {"source": source.local_id} if kind == "snapshot" else {}
+    image_uuid, _ = Journal(pool_io).reserve(kind, "half", **details)
+    leave_remains(pool_io, image_name(kind, image_uuid), remains)
     if kind == "volume":
         made: Any = volumes.create_volume(spec("half", secrets, source=SourceRef("volume", source.local_id)))
     else:
@@ -380,6 +394,18 @@ def test_an_abandoned_reservation_is_removed_when_a_controller_starts(
     crash_during_create(ceph, secrets, "abandoned", "before-image")
     restarted = make_backend(ceph)  # a new process: its first use of the pool sweeps
     assert restarted.lookup_volume("abandoned", secrets=secrets) is None
+    assert ceph._run("rados", "-c", str(ceph.conf), "-p", POOL, "listomapkeys", "cairn.journal") == ""
+    assert ceph.rbd("ls", POOL) == ""
+    restarted.clusters.shutdown()
+
+
+def test_a_sweep_removes_the_remains_of_an_abandoned_image(ceph: CephCluster, pool_io: Any) -> None:
+    """A reservation whose image a killed call left unopenable (listed, no header) is
+    abandoned: the sweep removes the remains with it, or the image would leak."""
+    image_uuid, _ = Journal(pool_io).reserve("volume", "abandoned-half")
+    leave_remains(pool_io, image_name("volume", image_uuid), "headless")
+    restarted = make_backend(ceph)  # a new process: its first use of the pool sweeps
+    assert restarted.lookup_volume("abandoned-half", secrets={"userID": "admin", "userKey": ceph.admin_key}) is None
     assert ceph._run("rados", "-c", str(ceph.conf), "-p", POOL, "listomapkeys", "cairn.journal") == ""
     assert ceph.rbd("ls", POOL) == ""
     restarted.clusters.shutdown()
