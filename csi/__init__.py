@@ -4,7 +4,7 @@ The package is layered; imports point downwards only (see docs/design.md):
 
     cli, __main__           flags and config to objects; picks concrete backends
     server, metrics,        gRPC server, interceptor, shutdown; Prometheus metrics;
-    client                  the operator's client
+    client, registration    the operator's client; registration with the kubelet
     identity, controller,   the CSI services: validate, lock, call a backend, answer
     node
     scheduler, convert,     backend choice, protobuf <-> domain model, error -> gRPC code,

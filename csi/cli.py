@@ -2,17 +2,20 @@
 concrete backend implementations.
 
     cairn-csi --endpoint unix:///run/cairn/csi.sock --node-id NODE [--config FILE]
+              [--registration-dir DIR --kubelet-registration-path PATH]
     cairn-csi client --endpoint ... COMMAND     (see csi/client.py)
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
 
@@ -28,13 +31,18 @@ from csi.metrics import Metrics
 from csi.node import NodeService
 from csi.nodes import KubernetesNodes, NodeDirectory
 from csi.nodestate import NodeState
+from csi.registration import RegistrationServer
 from csi.registry import Registry
 from csi.scheduler import Scheduler
-from csi.server import Server, Services
+from csi.server import STOP_GRACE, STOP_STEP, Companion, Server, Services, parse_endpoint
 
 log = logging.getLogger("csi")
 
 DEFAULT_ROOT = "/var/lib/cairn-csi"
+STOP_DEADLINE = 25.0
+"""The longest a stop takes, from the signal to the end of the process: less than the 30 s
+the kubelet gives a pod to end before it kills it (the default terminationGracePeriodSeconds)."""
+SIGNAL_POLL = 1.0
 
 
 # kind -> builder(config, node ID, whether this process serves the controller, the node)
@@ -113,9 +121,45 @@ def parser() -> argparse.ArgumentParser:
         default=env("CAIRN_METRICS_PORT", "0"),
         help="TCP port serving Prometheus metrics at /metrics on every interface (0: off; env CAIRN_METRICS_PORT)",
     )
+    p.add_argument(
+        "--registration-dir",
+        metavar="DIR",
+        help="register the node plugin with the kubelet itself (no node-driver-registrar): serve the kubelet's "
+        f"plugin-registration API on DIR/{DRIVER_NAME}-reg.sock, DIR being the kubelet's plugins_registry as "
+        "mounted here; needs --kubelet-registration-path",
+    )
+    p.add_argument(
+        "--kubelet-registration-path",
+        metavar="PATH",
+        help="the CSI socket (--endpoint) as the kubelet sees it on the host, "
+        f"e.g. /var/lib/kubelet/plugins/{DRIVER_NAME}/csi.sock; needs --registration-dir",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     return p
+
+
+def check_registration(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The registration flags come together, only where the node service runs, and name a
+    socket the kubelet can dial (the kubelet speaks to CSI drivers over unix sockets only).
+    Exits with usage and code 2 otherwise."""
+    directory, path = args.registration_dir, args.kubelet_registration_path
+    if directory is None and path is None:
+        return
+    if directory is None or path is None:
+        p.error("--registration-dir and --kubelet-registration-path go together: give both or neither")
+    if args.mode == "controller":
+        p.error("--registration-dir registers a node plugin with the kubelet: it needs --mode node or all")
+    if not os.path.isabs(path):
+        p.error(f"--kubelet-registration-path must be an absolute path on the host, not {path!r}")
+    if not directory:
+        p.error("--registration-dir must name a directory")
+    try:
+        unix = parse_endpoint(args.endpoint).socket_path is not None
+    except ConfigError:
+        return  # build_server names the bad endpoint
+    if not unix:
+        p.error("--registration-dir needs a unix:// --endpoint: the kubelet reaches CSI drivers over unix sockets")
 
 
 def node_directory(mode: str) -> NodeDirectory | None:
@@ -154,6 +198,9 @@ def build_server(args: argparse.Namespace) -> Server:
     # business asking a storage cluster.
     watched = list(registry) if serves_controller else []
     metrics = Metrics(args.metrics_port, watched) if args.metrics_port else None
+    companions: list[Companion] = []
+    if serves_node and args.registration_dir:
+        companions.append(RegistrationServer(args.registration_dir, args.kubelet_registration_path))
     return Server(
         args.endpoint,
         services,
@@ -161,11 +208,14 @@ def build_server(args: argparse.Namespace) -> Server:
         health_port=args.health_port,
         ready=identity.ready,
         metrics=metrics,
+        companions=companions,
     )
 
 
 def serve(argv: Sequence[str]) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    check_registration(p, args)
     logsetup.setup(args.log_level, args.log_json)
     try:
         server = build_server(args)
@@ -174,14 +224,42 @@ def serve(argv: Sequence[str]) -> int:
         log.error("cannot start: %s", exc)
         return 2
 
-    def stop(signum: int, frame: FrameType | None) -> None:
-        log.info("signal %s: stopping", signal.Signals(signum).name)
-        server.stop()
+    return run_until_signalled(server)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    server.wait()
-    return 0
+
+def run_until_signalled(
+    server: Server, grace: float = STOP_GRACE, step: float = STOP_STEP, deadline: float = STOP_DEADLINE
+) -> int:
+    """Serve until SIGTERM or SIGINT, then stop ``server`` (see ``Server.stop``) and end
+    the process within ``deadline`` seconds of the signal, whatever still runs:
+
+    * The handler only notes the signal, and the main thread waits for it in slices of
+      SIGNAL_POLL seconds: Python runs a handler in the main thread once that thread runs
+      again, and a wait without end might not, when the signal lands on another thread.
+    * The stop bounds each of its steps. When it cut calls short or left a step behind,
+      the process exits at once (``os._exit``): an orderly exit would wait for the threads
+      still in those calls, as long as their backend takes (a Ceph operation, a copy).
+      Every operation is safe to cut short: a retry finishes it, as after a crash.
+    * Whatever else holds the end up (an exit blocked in a library), ``faulthandler``
+      ends the process at ``deadline``: it logs every thread's stack, which names what
+      held it, and exits with 1. Its timer runs without the interpreter's lock."""
+    signalled = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if not signalled.is_set():
+            faulthandler.dump_traceback_later(deadline, exit=True)
+            log.info("signal %s: stopping", signal.Signals(signum).name)
+        signalled.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not signalled.wait(SIGNAL_POLL):
+        pass
+    if server.stop(grace=grace, step=step):
+        return 0
+    log.warning("exiting without waiting for what the stop cut short")
+    logging.shutdown()
+    os._exit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,18 +1,19 @@
 """The gRPC server: endpoint parsing, one interceptor that logs every call with its
 secrets stripped, tags its log lines with a request ID, records its metrics and turns
-exceptions into status codes, the standard health service, and a graceful stop that
+exceptions into status codes, the standard health service (readiness, liveness and the
+state of companion servers such as the kubelet registration), and a graceful stop that
 removes the socket."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import secrets
-import stat
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from csi import log as calls
 from csi import status
 from csi.errors import ConfigError
+from csi.files import remove_stale_socket
 from csi.generated import csi_pb2 as pb
 from csi.generated import csi_pb2_grpc as pb_grpc
 
@@ -166,6 +168,34 @@ class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, metrics: CallMetrics | None = None) -> None:
         self.metrics = metrics
+        self._running: dict[int, tuple[str, str, dict[str, str], float]] = {}
+        self._running_lock = threading.Lock()
+        self._numbers = itertools.count()
+
+    def running(self) -> list[str]:
+        """The calls being served now: each one's RPC, request ID, what it acts on and
+        how long it has run."""
+        now = time.monotonic()
+        with self._running_lock:
+            running = sorted(self._running.values(), key=lambda c: c[3])
+        return [
+            " ".join([rpc, f"request_id={request}", *(f"{k}={v}" for k, v in objects.items()), f"({now - t:.1f}s)"])
+            for rpc, request, objects, t in running
+        ]
+
+    def _enter(self, rpc: str, request: Message, started: float) -> int:
+        number = next(self._numbers)
+        try:
+            objects = acted_on(request)
+        except Exception:
+            objects = {}
+        with self._running_lock:
+            self._running[number] = (rpc, calls.request_id() or "", objects, started)
+        return number
+
+    def _leave(self, number: int) -> None:
+        with self._running_lock:
+            self._running.pop(number, None)
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
@@ -178,6 +208,7 @@ class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         def call(request: Message, context: grpc.ServicerContext) -> Message:
             started = time.monotonic()
             with calls.call_context(request_id(context)):
+                number = self._enter(rpc, request, started)
                 self._record(lambda m: m.started(method))
                 code, message = grpc.StatusCode.OK, ""
                 failure: Exception | None = None
@@ -196,6 +227,7 @@ class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                     backend = calls.backend()
                     self._summary(rpc, request, code, message, failure, seconds, backend)
                     self._record(lambda m: m.finished(method, code.name, backend, seconds))
+                    self._leave(number)
 
         return grpc.unary_unary_rpc_method_handler(
             call, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
@@ -259,14 +291,40 @@ class Services:
 
 
 HEALTH_INTERVAL = 10.0
+STOP_GRACE = 10.0
+"""How long a stop lets the calls in flight finish before it cancels them."""
+STOP_STEP = 3.0
+"""How long a stop waits for each of its other steps (a companion, the health and metrics
+servers) before it goes on without it."""
+LIVENESS = "liveness"
+"""The health service for the kubelet's liveness probe: SERVING from start to stop, whatever
+the backends' health (restarting a node plugin mends no storage cluster, and would kill
+the rbd-nbd daemons it runs)."""
+
+
+class Companion(Protocol):
+    """A server beside the CSI endpoint (``csi.registration.RegistrationServer``): started
+    once the CSI endpoint serves, stopped before it closes. Its state is served by the
+    health service under ``health_name``: SERVING while ``serving()`` answers True."""
+
+    @property
+    def health_name(self) -> str: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def serving(self) -> bool: ...
 
 
 class Server:
     """The CSI services on ``endpoint``, and the standard gRPC health service there and,
     with ``health_port``, alone on a TCP port for kubelet's gRPC probes. The health status
-    follows ``ready`` (checked every HEALTH_INTERVAL seconds): SERVING while it answers
-    True, NOT_SERVING otherwise. With ``metrics``, each call is recorded there, and the
-    metrics are served from ``start`` to ``stop``."""
+    of service "" follows ``ready`` (checked every HEALTH_INTERVAL seconds): SERVING while
+    it answers True, NOT_SERVING otherwise; service "liveness" is SERVING as long as the
+    process serves. With ``metrics``, each call is recorded there, and the metrics are
+    served from ``start`` to ``stop``; each of ``companions`` runs from ``start`` to
+    ``stop`` too, its state a health service of its own."""
 
     def __init__(
         self,
@@ -276,14 +334,15 @@ class Server:
         health_port: int = 0,
         ready: Callable[[], bool] = lambda: True,
         metrics: CallMetrics | None = None,
+        companions: Sequence[Companion] = (),
     ) -> None:
         self.endpoint = parse_endpoint(endpoint)
         self.health_port = health_port
         self._ready = ready
         self.metrics = metrics
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers), interceptors=[CallInterceptor(metrics)]
-        )
+        self.companions = list(companions)
+        self.interceptor = CallInterceptor(metrics)
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[self.interceptor])
         self.services = services
         pb_grpc.add_IdentityServicer_to_server(services.identity, self._server)
         if services.controller is not None:
@@ -302,19 +361,28 @@ class Server:
         path = self.endpoint.socket_path
         if path:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            _remove_stale_socket(path)
+            remove_stale_socket(path)
         if self._server.add_insecure_port(self.endpoint.address) == 0:
             raise ConfigError(f"cannot listen on {self.endpoint.address}")
         if self._health_server is not None and self._health_server.add_insecure_port(f"[::]:{self.health_port}") == 0:
             raise ConfigError(f"cannot listen for health checks on port {self.health_port}")
         if self.metrics is not None:
             self.metrics.start()
+        self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         self._update_health()
         self._server.start()
         if self._health_server is not None:
             self._health_server.start()
         threading.Thread(target=self._watch_health, name="health", daemon=True).start()
         log.info("serving", extra={"endpoint": self.endpoint.address, "health_port": self.health_port or None})
+        # After the CSI endpoint serves: the kubelet calls NodeGetInfo there as soon as
+        # the registration socket appears.
+        try:
+            for companion in self.companions:
+                companion.start()
+        except Exception:
+            self.stop(grace=0)
+            raise
 
     def _update_health(self) -> None:
         try:
@@ -322,38 +390,74 @@ class Server:
         except Exception:
             log.exception("readiness check failed")
             ready = False
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
-        self.health.set("", status)
+        self.health.set("", _status(ready))
+        for companion in self.companions:
+            try:
+                serving = companion.serving()
+            except Exception:
+                log.exception("cannot read the state of %s", companion.health_name)
+                serving = False
+            self.health.set(companion.health_name, _status(serving))
 
     def _watch_health(self) -> None:
         while not self._stopped.wait(HEALTH_INTERVAL):
             self._update_health()
 
-    def stop(self, grace: float = 10.0) -> None:
+    def stop(self, grace: float = STOP_GRACE, step: float = STOP_STEP) -> bool:
         """Refuse new calls, let calls in flight finish (up to ``grace`` seconds), then
-        remove the socket. Safe to call more than once."""
+        remove the socket. Safe to call more than once. Bounded: a step that has not ended
+        after ``step`` seconds (``grace`` more for the gRPC server) is logged and left
+        behind, and the calls still running once the server has stopped are logged as cut
+        short (their clients see them cancelled; their threads cannot be stopped). True
+        when nothing was cut short or left behind; otherwise the process should exit
+        without waiting for those threads."""
         if self._stopped.is_set():
-            return
+            return True
         self._stopped.set()
+        started = time.monotonic()
+        complete = True
+        for companion in reversed(self.companions):
+            complete &= _bounded(f"stopping {companion.health_name}", companion.stop, step)
         self.health.enter_graceful_shutdown()
-        self._server.stop(grace).wait()
-        if self._health_server is not None:
-            self._health_server.stop(0).wait()
+        if not self._server.stop(grace).wait(grace + step):
+            log.warning("the gRPC server did not stop in time; going on without it", extra={"seconds": grace + step})
+            complete = False
+        cut_short = self.interceptor.running()
+        if cut_short:
+            log.warning("calls cut short by the stop", extra={"calls": cut_short})
+            complete = False
+        health_server = self._health_server
+        if health_server is not None:
+            complete &= _bounded("stopping the health server", lambda: health_server.stop(0).wait(step), step)
         if self.metrics is not None:
-            self.metrics.stop()
+            complete &= _bounded("stopping the metrics server", self.metrics.stop, step)
         if self.endpoint.socket_path:
-            _remove_stale_socket(self.endpoint.socket_path)
-        log.info("stopped")
+            remove_stale_socket(self.endpoint.socket_path)
+        log.info("stopped", extra={"seconds": round(time.monotonic() - started, 3), "complete": complete})
+        return complete
 
     def wait(self) -> None:
         self._stopped.wait()
 
 
-def _remove_stale_socket(path: str) -> None:
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise ConfigError(f"{path} exists and is not a socket; refusing to remove it")
-    os.unlink(path)
+def _bounded(what: str, step: Callable[[], object], seconds: float) -> bool:
+    """Run ``step`` for at most ``seconds``: False, logged, when it has not ended by then
+    (it is left running, in a daemon thread). A step that fails is logged, and over."""
+
+    def run() -> None:
+        try:
+            step()
+        except Exception:
+            log.exception("%s failed", what)
+
+    worker = threading.Thread(target=run, name=what, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        log.warning("%s did not end in time; going on without it", what, extra={"seconds": seconds})
+        return False
+    return True
+
+
+def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus:
+    return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING

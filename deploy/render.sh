@@ -7,7 +7,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 helm=${HELM:-$(command -v helm || echo "$root/.tools/bin/helm")}
 rendered=$({
   echo "# Rendered from charts/cairn-csi with default values by deploy/render.sh; do not edit."
-  echo "# Install: kubectl apply -f deploy/cairn-csi.yaml (needs the snapshot CRDs for the VolumeSnapshotClass)."
+  echo "# Install: kubectl apply -f charts/cairn-csi/crds/ (the snapshot CRDs, unless the cluster has them),"
+  echo "# then kubectl apply -f deploy/cairn-csi.yaml."
   "$helm" template cairn "$root/charts/cairn-csi" --namespace kube-system --kube-version 1.30.0
 })
 if [ "${1:-}" = "--stdout" ]; then

@@ -113,6 +113,25 @@ def test_create_lands_on_the_named_backend_and_a_retry_answers_the_same() -> Non
     assert code is grpc.StatusCode.INVALID_ARGUMENT and "'backend' or 'group' is required" in message
 
 
+def test_the_filesystem_comes_from_either_storage_class_spelling() -> None:
+    """The chart's StorageClasses say ``csi.storage.k8s.io/fstype``, which the provisioner
+    turns into the capability's fs_type and does not pass on; a StorageClass written by hand
+    with the older ``fsType`` gets the same capability and the parameter as well. Both make
+    the same XFS volume (raised to the size XFS needs)."""
+    xfs = pb.VolumeCapability(
+        mount=pb.VolumeCapability.MountVolume(fs_type="xfs"),
+        access_mode=pb.VolumeCapability.AccessMode(mode=Mode.SINGLE_NODE_WRITER),
+    )
+    svc = service(fake_backend("a"))
+    current = svc.CreateVolume(create_request("pvc-1", capabilities=(xfs,), backend="a"), CONTEXT).volume
+    legacy = svc.CreateVolume(create_request("pvc-2", capabilities=(xfs,), backend="a", fsType="xfs"), CONTEXT).volume
+    unstripped = create_request("pvc-3", capabilities=(xfs,), backend="a")
+    unstripped.parameters["csi.storage.k8s.io/fstype"] = "xfs"  # as another CO may send it
+    assert svc.CreateVolume(unstripped, CONTEXT).volume.capacity_bytes == 300 * MiB
+    assert current.capacity_bytes == legacy.capacity_bytes == 300 * MiB
+    assert "fsType" not in current.volume_context and legacy.volume_context["fsType"] == "xfs"
+
+
 def test_a_full_candidate_hands_over_to_the_next() -> None:
     # "a" says it has a terabyte free (its statistics lag), so the scheduler tries it first.
     a = fake_backend("a", "g", size_limit=64 * MiB, reports_free=1 << 40)

@@ -136,6 +136,32 @@ def test_health_port_serves_only_health_and_follows_readiness(tmp_path: Path, mo
         instance.stop()
 
 
+def test_liveness_ignores_backend_health(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kubelet's native gRPC liveness probe asks for service "liveness": SERVING as long
+    as the process serves, on the health port and on the endpoint, while readiness follows
+    the backends (a storage outage must not restart node plugins)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    import csi.server
+
+    monkeypatch.setattr(csi.server, "HEALTH_INTERVAL", 0.05)
+    port = free_port()
+    instance = Server(
+        f"unix://{tmp_path}/s.sock", Services(Misbehaving(), None, None), health_port=port, ready=lambda: False
+    )
+    instance.start()
+    serving = health_pb2.HealthCheckResponse.SERVING
+    try:
+        for address in (f"127.0.0.1:{port}", instance.endpoint.address):
+            with grpc.insecure_channel(address) as channel:
+                check = health_pb2_grpc.HealthStub(channel).Check
+                assert check(health_pb2.HealthCheckRequest(service="liveness"), timeout=10).status == serving
+                assert check(health_pb2.HealthCheckRequest(), timeout=10).status != serving
+    finally:
+        instance.stop()
+    assert instance.health.Check(health_pb2.HealthCheckRequest(service="liveness"), None).status != serving
+
+
 class Talkative(pb_grpc.IdentityServicer):
     def Probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeResponse:
         logging.getLogger("csi.proc").debug("ran command", extra={"argv": ["true"]})

@@ -1,7 +1,8 @@
-"""The Helm chart, proven offline: lint, render for every values file, validate every
-object strictly against the Kubernetes schemas of the oldest and newest supported
-versions (and snapshot objects against the snapshot CRDs' schemas), reject typos, keep
-deploy/ in step with the chart."""
+"""The Helm chart, proven offline: lint, render for every values file (and with the lean
+settings: the built-in registrar, no livenessprobe, no resizer), validate every object
+strictly against the Kubernetes schemas of the oldest and newest supported versions (and
+snapshot objects against the snapshot CRDs' schemas), reject typos, keep deploy/ in step
+with the chart."""
 
 from __future__ import annotations
 
@@ -23,9 +24,15 @@ from tests.support import require_tools
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "cairn-csi"
-CRDS = CHART / "files" / "snapshot-crds"
+CRDS = CHART / "crds"
 VALUES = [None, *sorted(p.name for p in (CHART / "ci").glob("*.yaml"))]
 KUBERNETES = ["1.30.0", "1.37.0"]  # the oldest supported, and the newest with schemas
+# The chart with the fewest images: no node-driver-registrar, livenessprobe nor resizer.
+LEAN = (
+    "--set", "node.registrar=builtin",
+    "--set", "sidecars.livenessProbe.enabled=false",
+    "--set", "sidecars.resizer.enabled=false",
+)  # fmt: skip
 
 
 def helm(*args: str) -> subprocess.CompletedProcess[str]:
@@ -87,14 +94,13 @@ def test_lint(values: str | None) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("settings", [(), LEAN], ids=["default", "lean"])
 @pytest.mark.parametrize("version", KUBERNETES)
 @pytest.mark.parametrize("values", VALUES)
-def test_every_object_is_valid_kubernetes(values: str | None, version: str) -> None:
+def test_every_object_is_valid_kubernetes(values: str | None, version: str, settings: tuple[str, ...]) -> None:
     custom = crd_schemas()
     kinds = set()
-    for doc in render(
-        values, version, "--set", "snapshotController.installCRDs=true", "--set", "snapshotController.enabled=true"
-    ):
+    for doc in render(values, version, "--include-crds", "--set", "snapshotController.enabled=true", *settings):
         kinds.add(doc["kind"])
         key = (doc["apiVersion"], doc["kind"])
         if key in custom:
@@ -132,6 +138,13 @@ def test_validation_can_fail() -> None:
         ("sidecars.provisioner.timeout=5 minutes", "timeout"),
         ("metrics.serviceMonitor.enabeld=true", "enabeld"),
         ("metrics.port.controller=0", "controller"),
+        ("node.registrar=sidecars", "registrar"),
+        ("node.registrar=true", "registrar"),
+        ("sidecars.livenessProbe.enabeld=false", "enabeld"),
+        ("sidecars.resizer.enabled=no", "enabled"),
+        ("storageClasses[0].name=a,storageClasses[0].fsType=ext3", "fsType"),
+        # Helm's crds/ directory replaced it: --skip-crds is the way to leave the CRDs out.
+        ("snapshotController.installCRDs=true", "installCRDs"),
     ],
 )
 def test_values_schema_rejects_typos(setting: str, complaint: str) -> None:
@@ -260,6 +273,25 @@ def test_credentials_are_referenced_never_inlined() -> None:
     assert not [d for d in docs if d["kind"] == "Secret"]
 
 
+def test_the_controller_may_read_exactly_the_secrets_its_classes_name() -> None:
+    """The sidecars fetch a class's Secret by name to pass it in the CSI calls (a
+    provisioner without the right answers "forbidden" and no rbd volume is made); the
+    controller may get those Secrets, in their namespace, and no other."""
+    docs = render("rbd-values.yaml")
+    roles = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"].endswith("-secrets")]
+    assert [(r["metadata"]["namespace"], r["rules"]) for r in roles] == [
+        (
+            "kube-system",
+            [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["ceph-cairn"], "verbs": ["get"]}],
+        )
+    ]
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["name"].endswith("-secrets")]
+    assert binding["metadata"]["namespace"] == "kube-system"
+    assert binding["roleRef"]["name"] == roles[0]["metadata"]["name"]
+    assert binding["subjects"][0]["name"].endswith("-controller")
+    assert not [d for d in render(None) if d["kind"] == "Role" and d["metadata"]["name"].endswith("-secrets")]
+
+
 def test_deploy_manifests_are_rendered_from_the_chart() -> None:
     result = subprocess.run(
         ["bash", str(ROOT / "deploy" / "render.sh"), "--stdout"],
@@ -333,9 +365,13 @@ def test_every_sidecar_flag_exists_in_the_pinned_release() -> None:
                     module_dir(f"github.com/kubernetes-csi/csi-lib-utils@{lib_version.group(1)}") / "standardflags"
                 )
             for arg in container.get("args", []):
-                flag = arg.lstrip("-").split("=")[0]
+                flag, _, value = arg.lstrip("-").partition("=")
                 assert f'"{flag}"' in defined, f"{name} {tag} has no flag --{flag}"
                 checked += 1
+                if flag == "feature-gates":
+                    for gate in value.split(","):
+                        gate_name = gate.split("=")[0]
+                        assert f'"{gate_name}"' in defined, f"{name} {tag} has no feature gate {gate_name}"
     assert checked >= 20
 
 
@@ -352,3 +388,183 @@ def test_the_driver_accepts_the_rendered_config(values: str | None) -> None:
             settings_from(entry)
         else:
             assert set(entry.settings) <= local.SETTINGS
+
+
+# -- lean settings, CRDs, fstype, leases -----------------------------------------------------
+
+
+def workloads(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Pod specs of the Deployments and DaemonSets, by object name."""
+    return {
+        d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Deployment", "DaemonSet")
+    }
+
+
+def container(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in pod["containers"] if c["name"] == name)
+
+
+def names(pod: dict[str, Any]) -> list[str]:
+    return [c["name"] for c in pod["containers"]]
+
+
+REGISTRATION_ARGS = [
+    "--registration-dir=/registration",
+    "--kubelet-registration-path=/var/lib/k0s/kubelet/plugins/cairn.csi.io/csi.sock",
+]
+
+
+def test_the_node_plugin_registers_itself_with_the_builtin_registrar() -> None:
+    kubelet = ("--set", "node.kubeletDir=/var/lib/k0s/kubelet")
+    node = workloads(render(None, KUBERNETES[0], *kubelet))["cairn-csi-node"]
+    assert "node-driver-registrar" in names(node), "the official sidecar is the default"
+    assert not set(REGISTRATION_ARGS) & set(container(node, "cairn")["args"])
+
+    node = workloads(render(None, KUBERNETES[0], *kubelet, "--set", "node.registrar=builtin"))["cairn-csi-node"]
+    assert names(node) == ["cairn", "liveness-probe"]
+    cairn = container(node, "cairn")
+    assert set(REGISTRATION_ARGS) <= set(cairn["args"])
+    mounts = {m["name"]: m for m in cairn["volumeMounts"]}
+    assert mounts["registration-dir"] == {"name": "registration-dir", "mountPath": "/registration"}
+    volumes = {v["name"]: v for v in node["volumes"]}
+    assert volumes["registration-dir"]["hostPath"]["path"] == "/var/lib/k0s/kubelet/plugins_registry"
+    # The path the kubelet is told is where the plugin directory puts the driver's socket.
+    plugin_dir = volumes[next(m["name"] for m in cairn["volumeMounts"] if m["mountPath"] == "/csi")]
+    assert f"{plugin_dir['hostPath']['path']}/csi.sock" == REGISTRATION_ARGS[1].split("=", 1)[1]
+    assert "--endpoint=unix:///csi/csi.sock" in cairn["args"]
+
+
+def test_without_the_livenessprobe_the_kubelet_probes_the_driver_natively() -> None:
+    pods = workloads(render(None))
+    for name in ("cairn-csi-controller", "cairn-csi-node"):
+        assert "liveness-probe" in names(pods[name])
+        assert container(pods[name], "cairn")["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+
+    pods = workloads(render(None, KUBERNETES[0], "--set", "sidecars.livenessProbe.enabled=false"))
+    for name, health_port in (("cairn-csi-controller", 9810), ("cairn-csi-node", 9811)):
+        assert "liveness-probe" not in names(pods[name])
+        cairn = container(pods[name], "cairn")
+        assert cairn["livenessProbe"]["grpc"] == {"port": health_port, "service": "liveness"}
+        assert "httpGet" not in cairn["livenessProbe"]
+        assert f"--health-port={health_port}" in cairn["args"]
+        ports = {p["name"]: p["containerPort"] for p in cairn["ports"]}
+        assert ports == {"grpc-health": health_port}, "no port left for a sidecar that is not there"
+        assert cairn["readinessProbe"]["grpc"] == {"port": health_port}, "readiness stays on service ''"
+
+
+def test_the_resizer_is_optional_and_its_absence_refuses_expansion() -> None:
+    docs = render(None)
+    assert "csi-resizer" in names(workloads(docs)["cairn-csi-controller"])
+    assert all(d["allowVolumeExpansion"] for d in docs if d["kind"] == "StorageClass")
+
+    docs = render(None, KUBERNETES[0], "--set", "sidecars.resizer.enabled=false")
+    assert "csi-resizer" not in names(workloads(docs)["cairn-csi-controller"])
+    classes = [d for d in docs if d["kind"] == "StorageClass"]
+    assert classes and not any(d["allowVolumeExpansion"] for d in classes)
+
+
+def cluster_rules(docs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == name)
+    rules: list[dict[str, Any]] = role["rules"]
+    return rules
+
+
+def granted(rules: list[dict[str, Any]], group: str, resource: str) -> set[str]:
+    return {v for r in rules if group in r["apiGroups"] and resource in r["resources"] for v in r["verbs"]}
+
+
+def test_the_controller_role_holds_the_resizers_rules_only_with_the_resizer() -> None:
+    with_resizer = cluster_rules(render(None), "cairn-csi-controller")
+    assert granted(with_resizer, "", "pods") == {"get", "list", "watch"}
+    assert granted(with_resizer, "storage.k8s.io", "volumeattributesclasses") == {"get", "list", "watch"}
+    without = cluster_rules(
+        render(None, KUBERNETES[0], "--set", "sidecars.resizer.enabled=false"), "cairn-csi-controller"
+    )
+    assert granted(without, "", "pods") == set()
+    assert granted(without, "storage.k8s.io", "volumeattributesclasses") == set()
+    assert granted(without, "storage.k8s.io", "volumeattachments") == granted(
+        with_resizer, "storage.k8s.io", "volumeattachments"
+    )
+
+
+def test_the_snapshot_controller_may_serve_volume_group_snapshots() -> None:
+    """snapshot-controller v8.7.0 lists the group snapshot kinds at start-up and waits 30 s
+    for them; its ClusterRole grants what its upstream RBAC does there, and no wildcard."""
+    rules = cluster_rules(
+        render(None, KUBERNETES[0], "--set", "snapshotController.enabled=true"), "cairn-csi-snapshot-controller"
+    )
+    group = "groupsnapshot.storage.k8s.io"
+    assert granted(rules, group, "volumegroupsnapshotclasses") == {"get", "list", "watch"}
+    assert granted(rules, group, "volumegroupsnapshotcontents") == {
+        "create", "get", "list", "watch", "update", "delete", "patch",
+    }  # fmt: skip
+    assert granted(rules, group, "volumegroupsnapshotcontents/status") == {"patch"}
+    assert granted(rules, group, "volumegroupsnapshots") == {"get", "list", "watch", "update", "patch"}
+    assert granted(rules, group, "volumegroupsnapshots/status") == {"update", "patch"}
+    assert "create" in granted(rules, "snapshot.storage.k8s.io", "volumesnapshots"), "group members are snapshots"
+    for path in CRDS.glob("*.yaml"):  # every kind the chart installs is one it may read
+        crd = yaml.safe_load(path.read_text())
+        assert {"get", "list", "watch"} <= granted(rules, crd["spec"]["group"], crd["spec"]["names"]["plural"])
+
+
+def test_the_crds_come_from_helms_crds_directory() -> None:
+    """Helm installs crds/ before the templates, so one `helm install` may create the
+    VolumeSnapshotClasses too; no template renders a CRD, and --skip-crds leaves them out."""
+    plain = render(None, KUBERNETES[0], "--set", "snapshotController.enabled=true")
+    assert not [d for d in plain if d["kind"] == "CustomResourceDefinition"]
+    assert [d for d in plain if d["kind"] == "VolumeSnapshotClass"]
+    included = render(None, KUBERNETES[0], "--include-crds")
+    crds = {d["metadata"]["name"] for d in included if d["kind"] == "CustomResourceDefinition"}
+    assert crds == {
+        "volumesnapshotclasses.snapshot.storage.k8s.io",
+        "volumesnapshotcontents.snapshot.storage.k8s.io",
+        "volumesnapshots.snapshot.storage.k8s.io",
+        "volumegroupsnapshotclasses.groupsnapshot.storage.k8s.io",
+        "volumegroupsnapshotcontents.groupsnapshot.storage.k8s.io",
+        "volumegroupsnapshots.groupsnapshot.storage.k8s.io",
+    }
+    shown = helm("show", "crds", str(CHART))
+    assert shown.returncode == 0 and shown.stdout.count("kind: CustomResourceDefinition") == len(crds)
+    for template in (CHART / "templates").iterdir():
+        assert "CustomResourceDefinition" not in template.read_text(), template.name
+
+
+@pytest.mark.parametrize("values", VALUES)
+def test_storage_classes_name_the_filesystem_the_way_the_provisioner_expects(values: str | None) -> None:
+    wanted = (
+        yaml.safe_load((CHART / "ci" / values).read_text())
+        if values
+        else yaml.safe_load((CHART / "values.yaml").read_text())
+    )
+    fs_types = {c["name"]: c.get("fsType") for c in wanted["storageClasses"]}
+    for doc in render(values):
+        if doc["kind"] != "StorageClass":
+            continue
+        parameters = doc["parameters"]
+        assert not [k for k in parameters if k.lower() == "fstype"], "the deprecated key makes a warning per volume"
+        assert parameters.get("csi.storage.k8s.io/fstype") == fs_types[doc["metadata"]["name"]]
+
+
+def test_the_deprecated_fstype_parameter_is_refused_with_a_pointer(tmp_path: Path) -> None:
+    for key in ("fsType", "csi.storage.k8s.io/fstype"):
+        values = tmp_path / "old.yaml"
+        values.write_text(
+            yaml.safe_dump({"storageClasses": [{"name": "old", "backend": "local", "parameters": {key: "xfs"}}]})
+        )
+        result = helm("template", "cairn", str(CHART), "--kube-version", KUBERNETES[0], "--values", str(values))
+        assert result.returncode != 0
+        assert f"StorageClass old: parameters.{key} is not used; set the class's fsType" in result.stderr
+
+
+@pytest.mark.parametrize("values", VALUES)
+def test_every_leader_elected_container_gives_its_lease_back_on_exit(values: str | None) -> None:
+    """With the lease released on SIGTERM, a reinstall or a rollout leads at once instead of
+    waiting for the old Lease to expire (15 s)."""
+    elected = 0
+    for pod in workloads(render(values, KUBERNETES[0], "--set", "snapshotController.enabled=true")).values():
+        for each in pod["containers"]:
+            args = each.get("args", [])
+            if any(a.startswith("--leader-election") and "namespace" not in a for a in args):
+                assert "--feature-gates=ReleaseLeaderElectionOnExit=true" in args, each["name"]
+                elected += 1
+    assert elected == 5  # provisioner, attacher, snapshotter, resizer, snapshot-controller

@@ -65,3 +65,19 @@ csi.storage.k8s.io/{{ . }}-secret-namespace: {{ $.secretNamespace | quote }}
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* The driver container's liveness probe: the livenessprobe sidecar's /healthz (the CSI
+Probe call), or without the sidecar the kubelet's own gRPC probe of the driver's health
+port, service "liveness" (SERVING while the process serves, whatever its backends' health).
+Argument: (list <sidecar enabled> <grpc health port>). */}}
+{{- define "cairn.livenessProbe" -}}
+{{- if index . 0 -}}
+httpGet: {path: /healthz, port: healthz}
+{{- else -}}
+grpc: {port: {{ index . 1 }}, service: liveness}
+{{- end }}
+initialDelaySeconds: 10
+periodSeconds: 20
+timeoutSeconds: 5
+failureThreshold: 5
+{{- end }}
