@@ -4,10 +4,16 @@ backing file, so no state needs recording and a restarted driver finds what it a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 
-from csi import proc
+from csi import mount, proc
+from csi.errors import CommandFailed, FailedPrecondition
+
+DETACH_WAIT = 5.0
+"""How long ``detach`` waits for the kernel to let go of a device that was still open."""
 
 
 def attached() -> dict[str, str]:
@@ -35,10 +41,55 @@ def attach(path: str, read_only: bool = False) -> str:
     return proc.run(["losetup", "--find", "--show", *ro, os.path.realpath(path)]).stdout.strip()
 
 
-def detach(path: str) -> None:
-    """Detach every loop device backed by ``path``; none attached is fine."""
-    for device in find(path):
-        proc.run(["losetup", "--detach", device])
+def backing_file(device: str) -> str | None:
+    """The file loop device ``device`` is attached to now, or None once it is detached."""
+    try:
+        with open(f"/sys/block/{os.path.basename(device)}/loop/backing_file", encoding="utf-8") as handle:
+            back = handle.read().strip().removesuffix(" (deleted)")
+    except OSError:  # the attribute exists only while a file is attached
+        return None
+    return back or None
+
+
+def detach(path: str, wait: float = DETACH_WAIT) -> None:
+    """Detach every loop device backed by ``path``; none attached is fine.
+
+    The kernel detaches a device only once nothing holds it open: ``losetup --detach`` of
+    a device still in use succeeds, yet only marks the device to detach itself at its last
+    close. What holds it may let go in a moment (a probe of the device), or not for long
+    (a copy of its mount in another mount namespace, a container started while it was
+    mounted). So this returns only once each device has let go of ``path``, waiting up to
+    ``wait`` seconds, and otherwise raises FailedPrecondition naming what holds it where
+    that can be seen: the device is not detached yet, and a retry finishes the job once it
+    is released (the device stays marked, and detaches itself then)."""
+    path = os.path.realpath(path)
+    devices = find(path)
+    for device in devices:
+        try:
+            proc.run(["losetup", "--detach", device])
+        except CommandFailed:
+            if backing_file(device) == path:
+                raise  # otherwise it detached meanwhile: at its last close, or by another call
+    deadline = time.monotonic() + wait
+    while held := [device for device in devices if backing_file(device) == path]:
+        if time.monotonic() >= deadline:
+            raise FailedPrecondition(
+                f"loop device {', '.join(held)} of {path} is still in use {wait:g}s after it was detached: "
+                f"{_holders(held)}; it detaches once that lets go of it, and a retry then succeeds"
+            )
+        time.sleep(0.05)
+
+
+def _holders(devices: list[str]) -> str:
+    """What keeps ``devices`` open, as far as this host shows it."""
+    found = [f"mounted at {m}" for device in devices for m in mount.mounts_elsewhere(device)]
+    for device in devices:
+        stacked = f"/sys/block/{os.path.basename(device)}/holders"
+        with contextlib.suppress(OSError):
+            found += [f"device {holder} is stacked on {device}" for holder in sorted(os.listdir(stacked))]
+    if not found:
+        return "held open by a process, or by a filesystem that was unmounted while frozen"
+    return "; ".join(found)
 
 
 def refresh_size(device: str) -> None:

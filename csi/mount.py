@@ -58,10 +58,10 @@ def _unescape(field: str) -> str:
     return field
 
 
-def mounts() -> list[MountEntry]:
-    """The mount table of this process's mount namespace."""
+def mounts(pid: str = "self") -> list[MountEntry]:
+    """The mount table of this process's mount namespace (or of process ``pid``'s)."""
     entries = []
-    with open("/proc/self/mountinfo", encoding="utf-8") as table:
+    with open(f"/proc/{pid}/mountinfo", encoding="utf-8") as table:
         for line in table:
             fields = line.split()
             sep = fields.index("-")
@@ -274,6 +274,38 @@ def users_of(source: str) -> list[str]:
         shown = source_of(entry)
         if (os.path.realpath(shown) if shown.startswith("/") else shown) == wanted:
             found.append(entry.target)
+    return found
+
+
+def mounts_elsewhere(device: str, limit: int = 4) -> list[str]:
+    """Mounts of the filesystem on block device ``device`` in mount namespaces other than
+    this process's, each named with its mount point and one process in that namespace
+    (at most ``limit``). A process that entered a new mount namespace while the device
+    was mounted here (a container starting, ``unshare -m``) holds a private copy of the
+    mount, which keeps the filesystem, and so the device, in use after it is unmounted
+    here. Namespaces this process may not read are not seen."""
+    try:
+        rdev = os.stat(device).st_rdev
+        own = os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return []
+    number = f"{os.major(rdev)}:{os.minor(rdev)}"
+    seen = {own}
+    found: list[str] = []
+    for pid in sorted((entry for entry in os.listdir("/proc") if entry.isdigit()), key=int):
+        try:
+            namespace = os.readlink(f"/proc/{pid}/ns/mnt")
+            if namespace in seen:
+                continue
+            targets = [e.target for e in mounts(pid) if e.device_number == number]
+            with open(f"/proc/{pid}/comm", encoding="utf-8") as handle:
+                command = handle.read().strip()
+        except OSError:
+            continue  # the process ended meanwhile (another in its namespace may show it), or is not ours to read
+        seen.add(namespace)
+        found += [f"{target} in the mount namespace of process {pid} ({command})" for target in targets]
+        if len(found) >= limit:
+            return found[:limit]
     return found
 
 

@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from csi import loopdev, mount
+from csi.cli import STOP_DEADLINE
 from csi.generated import csi_pb2 as pb
 from csi.generated import csi_pb2_grpc as pb_grpc
 
@@ -96,7 +97,9 @@ class Driver:
         return self
 
     def stop(self) -> int:
-        """SIGTERM the driver and return its exit code."""
+        """SIGTERM the driver and return its exit code. The driver ends within
+        STOP_DEADLINE of the signal, however its stop goes; past that (and a margin for a
+        busy host), it is killed, and the exit code says so (-9)."""
         if self.channel is not None:
             self.channel.close()
             self.channel = None
@@ -104,7 +107,7 @@ class Driver:
             return 0
         self.process.send_signal(signal.SIGTERM)
         try:
-            code = self.process.wait(timeout=30)
+            code = self.process.wait(timeout=STOP_DEADLINE + 5)
         except subprocess.TimeoutExpired:
             self.process.kill()
             code = self.process.wait()

@@ -19,6 +19,7 @@ import contextlib
 import os
 import random
 import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -30,6 +31,7 @@ from typing import Any
 import grpc
 import pytest
 
+from csi import loopdev
 from csi.generated import csi_pb2 as pb
 from tests.hardening.harness import Profile, frozen_filesystems, host_leftovers, local_profile, seed, thaw
 from tests.support import (
@@ -40,6 +42,7 @@ from tests.support import (
     descendants,
     has_capability,
     mount_capability,
+    require_tools,
     scrub,
     wait_for_child,
 )
@@ -725,3 +728,36 @@ def test_a_crash_between_mount_and_record_does_not_wedge_the_stage(local: tuple[
         api.send(("node", "NodeStageVolume", request))
     finally:
         api.delete(vol)
+
+
+def test_a_mount_copied_into_another_namespace_keeps_unstage_from_answering_ok(local: tuple[Profile, Driver]) -> None:
+    """Deterministic form of what the clone rounds hit on a busy host: a process that
+    entered a new mount namespace while the source was staged (a container starting)
+    holds a copy of its mount, so after NodeUnstage unmounts it the loop device is still
+    in use, and ``losetup --detach`` only marks it to detach at its last close. Unstage
+    must not answer OK while the device is attached; once the copy is gone, a retry is."""
+    require_tools("unshare")
+    profile, driver = local
+    api = Api(profile, driver)
+    vol = api.mount(api.create("held"))
+    image = vol.publish_context["image"]  # the local backend's image file
+    ours = os.readlink("/proc/self/ns/mnt")
+    holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sleep", "120"])
+    try:
+        assert wait_until(lambda: command_name(holder.pid) == "sleep", 10), "unshare did not start"
+        assert os.readlink(f"/proc/{holder.pid}/ns/mnt") != ours
+        unpublish = pb.NodeUnpublishVolumeRequest(volume_id=vol.id, target_path=vol.target)
+        api.send(("node", "NodeUnpublishVolume", unpublish))
+        vol.target = ""
+        unstage = pb.NodeUnstageVolumeRequest(volume_id=vol.id, staging_target_path=vol.staging)
+        with pytest.raises(grpc.RpcError) as held:
+            api.send(("node", "NodeUnstageVolume", unstage))
+        assert held.value.code() == grpc.StatusCode.FAILED_PRECONDITION, held.value.details()
+        assert f"process {holder.pid} (sleep)" in held.value.details()
+        assert loopdev.find(image), "the device was detached after all"
+    finally:
+        holder.kill()
+        holder.wait()
+    api.delete(vol)  # the retried unstage detaches it now
+    api.check_objects({}, {})
+    api.check_clean()
