@@ -26,9 +26,31 @@ def attached() -> dict[str, str]:
 
 
 def find(path: str) -> list[str]:
-    """Loop devices whose backing file is ``path``, in device order."""
+    """Loop devices whose backing file is ``path``, in device order. A device is matched
+    by the file's inode and filesystem, not only by the path losetup shows: that path is
+    the one the attaching process saw, and when it attached through a mount that is gone
+    (a node plugin container replaced by an upgrade or a restart) the path shown is
+    relative to that mount, so a match by path alone would leave the device attached for
+    ever. A file that no longer exists is matched by its path."""
     path = os.path.realpath(path)
-    return sorted(dev for dev, back in attached().items() if back == path)
+    try:
+        info = os.stat(path)
+        identity: tuple[int, str] | None = (info.st_ino, f"{os.major(info.st_dev)}:{os.minor(info.st_dev)}")
+    except OSError:
+        identity = None
+    result = proc.run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE,BACK-INO,BACK-MAJ:MIN"])
+    if not result.stdout.strip():
+        return []
+    found = []
+    for device in json.loads(result.stdout).get("loopdevices", []):
+        back = (device.get("back-file") or "").removesuffix(" (deleted)")
+        same = identity is not None and (
+            str(device.get("back-ino") or "").strip() == str(identity[0])
+            and str(device.get("back-maj:min") or "").strip() == identity[1]
+        )
+        if back == path or same:
+            found.append(str(device["name"]))
+    return sorted(found)
 
 
 def attach(path: str, read_only: bool = False) -> str:
@@ -39,16 +61,6 @@ def attach(path: str, read_only: bool = False) -> str:
         return existing[0]
     ro = ["--read-only"] if read_only else []
     return proc.run(["losetup", "--find", "--show", *ro, os.path.realpath(path)]).stdout.strip()
-
-
-def backing_file(device: str) -> str | None:
-    """The file loop device ``device`` is attached to now, or None once it is detached."""
-    try:
-        with open(f"/sys/block/{os.path.basename(device)}/loop/backing_file", encoding="utf-8") as handle:
-            back = handle.read().strip().removesuffix(" (deleted)")
-    except OSError:  # the attribute exists only while a file is attached
-        return None
-    return back or None
 
 
 def detach(path: str, wait: float = DETACH_WAIT) -> None:
@@ -68,10 +80,10 @@ def detach(path: str, wait: float = DETACH_WAIT) -> None:
         try:
             proc.run(["losetup", "--detach", device])
         except CommandFailed:
-            if backing_file(device) == path:
+            if device in find(path):
                 raise  # otherwise it detached meanwhile: at its last close, or by another call
     deadline = time.monotonic() + wait
-    while held := [device for device in devices if backing_file(device) == path]:
+    while held := sorted(set(devices) & set(find(path))):
         if time.monotonic() >= deadline:
             raise FailedPrecondition(
                 f"loop device {', '.join(held)} of {path} is still in use {wait:g}s after it was detached: "
