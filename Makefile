@@ -4,9 +4,12 @@ VENV ?= $(CURDIR)/.venv
 TOOLS ?= $(CURDIR)/.tools
 RUN_DIR ?= $(CURDIR)/.run
 NODE_ID ?= $(shell hostname)
-export VENV TOOLS
+# Build outputs kept between runs, outside the clone, keyed on their versions: the
+# Kubernetes binaries and sidecars, the base image and the driver image of the cluster tier.
+CAIRN_CACHE ?= /var/cache/cairn
+export VENV TOOLS CAIRN_CACHE
 
-.PHONY: run demo test lint unit integration conformance bench deploy proto setup-run setup-test clean
+.PHONY: run demo test e2e lint unit integration conformance bench deploy proto setup-run setup-test clean
 
 ## run: start the driver on the embedded local backend (root needed to stage volumes)
 run: setup-run
@@ -34,6 +37,11 @@ lint:
 ## unit: the tests that need no root, VM, cluster or external server
 unit: setup-test
 	$(VENV)/bin/pytest -m unit
+
+## e2e: the cluster tier alone: Kubernetes, the image and the chart, built or reused from
+## the cache ($(CAIRN_CACHE)), then every flow through kubectl and helm (root)
+e2e: setup-test
+	CAIRN_REQUIRE_ALL=1 PATH="$(TOOLS)/bin:$$PATH" $(VENV)/bin/pytest -m cluster
 
 integration conformance: setup-test
 	CAIRN_REQUIRE_ALL=1 PATH="$(TOOLS)/bin:$$PATH" $(VENV)/bin/pytest -m $@

@@ -22,6 +22,14 @@ if [ "$what" = test ]; then
   packages+=(qemu-system-x86 linux-image-amd64 busybox-static cpio kmod nftables)
   # The rbd backend and its throw-away test cluster.
   packages+=(ceph-mon ceph-mgr ceph-osd ceph-common python3-rbd python3-rados rbd-fuse rbd-nbd fuse3)
+  # The cluster tier's images, built without a container engine: the driver's from the
+  # Dockerfile by buildah (with runc) on a base made by mmdebstrap; the pod sandbox compiled
+  # with `gcc -static`; test pods run busybox-static (above).
+  packages+=(buildah runc mmdebstrap gcc libc6-dev)
+  # The cluster tier's Kubernetes runs from Debian's etcd, containerd and runc; its PKI is
+  # made with openssl. (The Kubernetes binaries and sidecars are built from the Go module
+  # proxy by tests/cluster/build/binaries.sh into the cache.)
+  packages+=(etcd-server containerd openssl iproute2)
 fi
 
 missing=()

@@ -17,7 +17,7 @@ import yaml
 
 from tests.ceph import POOL, USER, CephCluster
 from tests.conftest import running_driver
-from tests.support import Driver, require_root, require_tools
+from tests.support import require_root, require_tools
 
 pytestmark = pytest.mark.conformance
 SKIPS = Path(__file__).with_name("skips.yaml")
@@ -63,10 +63,10 @@ def imposed_skips(backend: str) -> list[str]:
     return [f"--ginkgo.skip={'|'.join(patterns)}"] if patterns else []
 
 
-def run_sanity(tmp_path: Path, driver: Driver, access_type: str, extra: list[str]) -> subprocess.CompletedProcess[str]:
+def run_sanity(tmp_path: Path, endpoint: str, access_type: str, extra: list[str]) -> subprocess.CompletedProcess[str]:
     argv = [
         str(shutil.which("csi-sanity")),
-        f"--csi.endpoint={driver.socket}",
+        f"--csi.endpoint={endpoint}",
         f"--csi.stagingdir={tmp_path / 'staging'}",
         f"--csi.mountdir={tmp_path / 'mount'}",
         f"--csi.testvolumesize={TEST_VOLUME_BYTES}",
@@ -99,7 +99,7 @@ def test_csi_sanity_local(tmp_path: Path, access_type: str) -> None:
     require_root()
     require_tools("csi-sanity", "losetup", "mkfs.ext4")
     with running_driver(tmp_path / "driver") as driver:
-        result = run_sanity(tmp_path, driver, access_type, imposed_skips("local"))
+        result = run_sanity(tmp_path, str(driver.socket), access_type, imposed_skips("local"))
     check(tmp_path, result, "local")
 
 
@@ -134,7 +134,9 @@ def test_csi_sanity_rbd(tmp_path: Path, ceph: CephCluster, access_type: str) -> 
     secrets = tmp_path / "secrets.yaml"
     secrets.write_text(yaml.safe_dump({name: credentials for name in SECRET_NAMES}))
     with running_driver(tmp_path / "driver", ["--config", str(config)]) as driver:
-        result = run_sanity(tmp_path, driver, access_type, [f"--csi.secrets={secrets}", *imposed_skips("rbd")])
+        result = run_sanity(
+            tmp_path, str(driver.socket), access_type, [f"--csi.secrets={secrets}", *imposed_skips("rbd")]
+        )
         assert ceph.user_key not in driver.log.read_text(), "a key reached the log"
     check(tmp_path, result, "rbd")
     assert ceph.rbd("ls", POOL) == "", "csi-sanity's volumes and snapshots must all be gone"
