@@ -268,43 +268,34 @@ class RbdVolumes:
         source: SourceRef | None,
         secrets: Secrets,
     ) -> None:
-        """Make image ``name``, empty or cloned from ``source``, and mark it made (after
-        dropping the keys a clone copied from its parent)."""
-        self._make_image(io, name, size, features, data_pool, source, secrets)
-        with self._image(io, name, f"image {name}") as image:
-            _forget_inherited(image)
-            _set_metadata(image, MADE_KEY, name)
-
-    def _make_image(
-        self,
-        io: Any,
-        name: str,
-        size: int,
-        features: int,
-        data_pool: str | None,
-        source: SourceRef | None,
-        secrets: Secrets,
-    ) -> None:
+        """Make image ``name``, empty or cloned from ``source``, and mark it made."""
         if source is None:
             ceph_call(
                 f"image {name}",
                 lambda: self.rbd.create(io, name, size, old_format=False, features=features, data_pool=data_pool),
             )
-            return
-        source_pool, source_uuid = split_id(source.local_id, source.kind)
-        with self.clusters.ioctx(source_pool, Credentials.from_secrets(secrets)) as source_io:
-            if source.kind == "snapshot":
-                parent = image_name("snapshot", source_uuid)
-                ceph_call(
-                    f"snapshot {source.local_id}",
-                    lambda: self.rbd.clone(
-                        source_io, parent, SNAPSHOT, io, name, features=features, data_pool=data_pool
-                    ),
-                )
-            else:
-                self._clone_through_temporary_snapshot(
-                    source_io, image_name("volume", source_uuid), io, name, features, data_pool
-                )
+        else:
+            source_pool, source_uuid = split_id(source.local_id, source.kind)
+            with self.clusters.ioctx(source_pool, Credentials.from_secrets(secrets)) as source_io:
+                if source.kind == "snapshot":
+                    parent = image_name("snapshot", source_uuid)
+                    ceph_call(
+                        f"snapshot {source.local_id}",
+                        lambda: self.rbd.clone(
+                            source_io, parent, SNAPSHOT, io, name, features=features, data_pool=data_pool
+                        ),
+                    )
+                else:
+                    self._clone_through_temporary_snapshot(
+                        source_io, image_name("volume", source_uuid), io, name, features, data_pool
+                    )
+        self._mark_made(io, name)
+
+    def _mark_made(self, io: Any, name: str) -> None:
+        """Drop the keys a clone copied from its parent, then mark ``name`` made (see _made)."""
+        with self._image(io, name, f"image {name}") as image:
+            _forget_inherited(image)
+            _set_metadata(image, MADE_KEY, name)
 
     def _clone_through_temporary_snapshot(
         self, source_io: Any, parent: str, io: Any, name: str, features: int, data_pool: str | None
@@ -431,9 +422,7 @@ class RbdVolumes:
                     self._clone_through_temporary_snapshot(
                         io, image_name("volume", source_uuid), io, image, features, None
                     )
-                    with self._image(io, image, f"snapshot {name!r}") as snap_image:
-                        _forget_inherited(snap_image)
-                        _set_metadata(snap_image, MADE_KEY, image)
+                    self._mark_made(io, image)
                 with self._image(io, image, f"snapshot {name!r}") as snap_image:
                     if self._clone_depth(snap_image, secrets) > self.settings.max_clone_depth:
                         snap_image.flatten()
