@@ -21,7 +21,7 @@ from types import FrameType
 
 from csi import DRIVER_NAME, __version__, config
 from csi import log as logsetup
-from csi.backends import local
+from csi.backends import local, nfs
 from csi.backends.base import Backend
 from csi.config import BackendConfig
 from csi.controller import ControllerService
@@ -63,6 +63,7 @@ def _rbd(config: BackendConfig, node_id: str, controller: bool, node: bool) -> B
 BUILDERS: dict[str, Callable[[BackendConfig, str, bool, bool], Backend]] = {
     "local": local.build,
     "rbd": _rbd,
+    "nfs": nfs.build,
 }
 
 

@@ -37,6 +37,7 @@ from csi.parameters import (
     PARAM_MKFS_OPTIONS,
     backend_parameters,
     check_keys,
+    claim_metadata,
 )
 from csi.registry import Registry
 from csi.scheduler import PlacementRequest, Scheduler
@@ -170,6 +171,7 @@ class ControllerService(pb_grpc.ControllerServicer):
             secrets=dict(request.secrets),
             requisite=convert.segments(request.accessibility_requirements.requisite),
             preferred=convert.segments(request.accessibility_requirements.preferred),
+            metadata=claim_metadata(parameters),
         )
         # The source's lock too: a delete of the source waits (ABORTED) until the copy is made.
         source_lock = (str(source[0]), source[1].kind) if source else ("", "no source")

@@ -103,6 +103,9 @@ class VolumeSpec:
     """Where the volume must be usable (one of these segments); empty: anywhere."""
     preferred: tuple[Segment, ...] = ()
     """Where it should be usable, best first."""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    """What the CO says about the claim (``csi.storage.k8s.io/pvc/name``, ``.../pvc/namespace``,
+    ``.../pv/name``, passed with the external-provisioner's --extra-create-metadata)."""
 
 
 @dataclass(frozen=True)

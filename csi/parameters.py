@@ -31,6 +31,16 @@ def backend_parameters(parameters: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in parameters.items() if k not in SERVICE_PARAMETERS and not k.startswith(KUBERNETES_PREFIX)}
 
 
+CLAIM_METADATA = frozenset(
+    {KUBERNETES_PREFIX + "pvc/name", KUBERNETES_PREFIX + "pvc/namespace", KUBERNETES_PREFIX + "pv/name"}
+)
+
+
+def claim_metadata(parameters: Mapping[str, str]) -> dict[str, str]:
+    """The claim's names the external-provisioner adds with --extra-create-metadata."""
+    return {k: v for k, v in parameters.items() if k in CLAIM_METADATA}
+
+
 def required_features(parameters: Mapping[str, str]) -> list[str]:
     return [f.strip() for f in parameters.get(PARAM_REQUIRES, "").split(",") if f.strip()]
 

@@ -30,6 +30,9 @@ if [ "$what" = test ]; then
   # made with openssl. (The Kubernetes binaries and sidecars are built from the Go module
   # proxy by tests/cluster/build/binaries.sh into the cache.)
   packages+=(etcd-server containerd openssl iproute2)
+  # The nfs backend: its test server (nfs-ganesha in user space), the controller's
+  # user-space client (libnfs) and the node's kernel client tools (used in the vm tier).
+  packages+=(nfs-ganesha nfs-ganesha-vfs libnfs13 nfs-common)
 fi
 
 missing=()

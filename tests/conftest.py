@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.ceph import POOL, RUNNING_CLUSTER, CephCluster
+from tests.nfs import GANESHA, NfsServer
+from tests.nfs import RUNNING_SERVER as RUNNING_NFS_SERVER
 from tests.support import Driver, leftovers, require, require_root, require_tools, scrub
 
 
@@ -58,6 +60,21 @@ def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
         yield cluster.start()
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def nfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NfsServer]:
+    """One NFS server (nfs-ganesha, NFSv4, loopback) for the whole session."""
+    require_root()
+    require_tools(GANESHA)
+    if os.environ.get(RUNNING_NFS_SERVER):
+        yield NfsServer.running(Path(os.environ[RUNNING_NFS_SERVER]))
+        return
+    server = NfsServer(Path(tmp_path_factory.mktemp("nfs")))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
 
 
 @pytest.fixture

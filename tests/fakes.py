@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from csi.backends.base import Backend, Capabilities, Expansion
+from csi.backends.base import Backend, Capabilities, Expansion, check_publication, matching
 from csi.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -125,7 +125,7 @@ class FakeVolumes:
             self._check_parameters(spec.parameters, self.volume_parameters, "")
             existing = self._by_name(spec.name)
             if existing is not None:
-                return self._matching(existing, spec)
+                return matching(existing, spec)
             minimum = self._source_size(spec.source)
             size = choose_size(spec.required_bytes, spec.limit_bytes, minimum)
             self._take(size, f"volume {spec.name!r}")
@@ -138,18 +138,6 @@ class FakeVolumes:
 
     def _by_name(self, name: str) -> Volume | None:
         return next((r.volume for r in self._volumes.values() if r.volume.name == name), None)
-
-    @staticmethod
-    def _matching(volume: Volume, spec: VolumeSpec) -> Volume:
-        if volume.source != spec.source:
-            raise AlreadyExists(f"volume {spec.name!r} exists with another content source")
-        if volume.capacity_bytes < spec.required_bytes or (
-            spec.limit_bytes and volume.capacity_bytes > spec.limit_bytes
-        ):
-            raise AlreadyExists(
-                f"volume {spec.name!r} exists with {volume.capacity_bytes} bytes, outside the requested range"
-            )
-        return volume
 
     def _source_size(self, source: SourceRef | None) -> int:
         if source is None:
@@ -283,15 +271,7 @@ class FakeVolumes:
             if self.nodes is not None and node_id not in self.nodes:
                 raise NotFound(f"node {node_id!r} cannot reach volume {local_id}")
             published = record.published
-            if node_id in published and published[node_id] != readonly:
-                state = "read-only" if published[node_id] else "read-write"
-                raise AlreadyExists(f"volume {local_id} is already published {state} to node {node_id!r}")
-            others = sorted(set(published) - {node_id})
-            if others and not capability.access_mode.multi_node:
-                raise FailedPrecondition(
-                    f"volume {local_id} is {capability.access_mode.value} and already published to node(s) "
-                    + ", ".join(others)
-                )
+            check_publication(local_id, published, node_id, capability, readonly)
             if node_id not in published:
                 published[node_id] = readonly
                 record.volume = replace(record.volume, published_nodes=tuple(sorted(published)))

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from csi.errors import InvalidArgument, Unimplemented
+from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unimplemented
 from csi.model import (
     NO_SECRETS,
     AccessMode,
@@ -272,3 +272,37 @@ class Backend:
         """What is wrong with the halves this process runs, or None."""
         problems = [p for p in (h.health() for h in (self.controller, self.node) if h is not None) if p]
         return "; ".join(problems) or None
+
+
+def matching(volume: Volume, spec: VolumeSpec) -> Volume:
+    """The volume a retried CreateVolume names, when the retry asks for what was made:
+    the same name, content source and a size in the requested range; AlreadyExists
+    naming the difference otherwise. Every backend answers retries through this."""
+    if volume.name != spec.name:
+        raise AlreadyExists(f"volume ID {volume.local_id} already belongs to {volume.name!r}")
+    if volume.source != spec.source:
+        raise AlreadyExists(f"volume {spec.name!r} exists with another content source")
+    too_small = volume.capacity_bytes < spec.required_bytes
+    too_large = bool(spec.limit_bytes) and volume.capacity_bytes > spec.limit_bytes
+    if too_small or too_large:
+        raise AlreadyExists(
+            f"volume {spec.name!r} exists with {volume.capacity_bytes} bytes, outside the requested range"
+        )
+    return volume
+
+
+def check_publication(
+    local_id: str, published: Mapping[str, bool], node_id: str, capability: Capability, readonly: bool
+) -> None:
+    """The spec's rules for ControllerPublishVolume, given the nodes the volume is
+    published to (node -> read-only): publishing again the same way is fine; the other
+    read-only setting is AlreadyExists; a single-node mode published elsewhere is
+    FailedPrecondition."""
+    if node_id in published and published[node_id] != readonly:
+        state = "read-only" if published[node_id] else "read-write"
+        raise AlreadyExists(f"volume {local_id} is already published {state} to node {node_id!r}")
+    others = sorted(set(published) - {node_id})
+    if others and not capability.access_mode.multi_node:
+        raise FailedPrecondition(
+            f"volume {local_id} is {capability.access_mode.value} and already published to node(s) {', '.join(others)}"
+        )

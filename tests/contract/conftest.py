@@ -101,10 +101,58 @@ def rbd_subject(request: pytest.FixtureRequest, tmp_path: Path) -> Subject:
     )
 
 
+def _nfs_subject(request: pytest.FixtureRequest, layout: str, through: str) -> Subject:
+    """An nfs backend on the test server, under a backend name and folder of its own; the
+    controller reaches the export through the user-space client, or (``exportRoot``) on
+    the exported directory itself."""
+    import shutil
+    import uuid
+
+    from csi.backends.nfs import DIRECTORY_CAPABILITIES, IMAGE_CAPABILITIES
+    from csi.backends.nfs.common import NfsSettings
+    from csi.backends.nfs.controller import NfsVolumes
+    from csi.backends.nfs.fs import LocalTree, Tree
+    from tests.nfs import EXPORT, NfsServer
+
+    server: NfsServer = request.getfixturevalue("nfs_server")
+    name = f"nfs-{uuid.uuid4().hex[:8]}"
+    settings = NfsSettings(
+        backend=name,
+        server="127.0.0.1",
+        share=EXPORT,
+        port=server.port,
+        layout=layout,
+        sub_dir=f"{name}/${{pv.metadata.name}}",
+    )
+    tree: Tree
+    if through == "exportRoot":
+        tree = LocalTree(str(server.export_dir))
+    else:
+        from csi.backends.nfs.libnfs import Client
+
+        tree = Client("127.0.0.1", EXPORT, port=server.port, timeout=10)
+    volumes = NfsVolumes(settings, tree)
+
+    def close() -> None:
+        tree.close()
+        shutil.rmtree(server.export_dir / ".cairn" / name, ignore_errors=True)
+        shutil.rmtree(server.export_dir / name, ignore_errors=True)
+
+    return Subject(
+        f"nfs-{layout}",
+        volumes,
+        DIRECTORY_CAPABILITIES if layout == "directory" else IMAGE_CAPABILITIES,
+        close=close,
+    )
+
+
 SUBJECTS: dict[str, Callable[[pytest.FixtureRequest, Path], Subject]] = {
     "fake": fake_subject,
     "local": local_subject,
     "rbd": rbd_subject,
+    "nfs-directory": lambda request, tmp_path: _nfs_subject(request, "directory", "client"),
+    "nfs-image": lambda request, tmp_path: _nfs_subject(request, "image", "client"),
+    "nfs-exportroot": lambda request, tmp_path: _nfs_subject(request, "directory", "exportRoot"),
 }
 
 
@@ -127,6 +175,9 @@ def pytest_runtest_makereport(
         pytest.param("fake", marks=pytest.mark.unit),
         "local",  # files only: no root, but not a unit (real copies, real disk)
         pytest.param("rbd", marks=pytest.mark.integration),
+        pytest.param("nfs-directory", marks=pytest.mark.integration),
+        pytest.param("nfs-image", marks=pytest.mark.integration),
+        pytest.param("nfs-exportroot", marks=pytest.mark.integration),
     ]
 )
 def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Subject]:

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from tests.ceph import RUNNING_CLUSTER, CephCluster
+from tests.nfs import RUNNING_SERVER, NfsServer
 from tests.support import require, require_root
 from tests.vm import guest
 
@@ -61,3 +62,14 @@ def test_rbd_node_suite_with_a_kernel_mapper(mapper: str, ceph: CephCluster) -> 
         shares=[ceph.root],
     )
     assert_all_passed(result, 3)
+
+
+def test_nfs_node_suite_with_the_kernel_client(nfs_server: NfsServer) -> None:
+    require_guest()
+    result = guest.run(
+        f"modprobe -a loop nfsv4 && {pytest_in_guest('tests/backends/nfs/test_node.py')}",
+        env={"CAIRN_REQUIRE_ALL": "1", "PYTHONDONTWRITEBYTECODE": "1", RUNNING_SERVER: str(nfs_server.root)},
+        host_ports=[nfs_server.port],
+        shares=[nfs_server.root],
+    )
+    assert_all_passed(result, 4)

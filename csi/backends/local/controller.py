@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from csi import loopdev, mount, proc
+from csi.backends.base import check_publication, matching
 from csi.backends.local.layout import Kind, Layout
 from csi.errors import (
     AlreadyExists,
@@ -87,7 +88,7 @@ class LocalVolumes:
         existing = self.layout.read_record("volume", local_id)
         if existing is not None:
             # A retry: answered from what was made, even if the source is gone since.
-            return self._matching(local_id, existing, spec)
+            return matching(self._volume(local_id, existing), spec)
         source_image, source_size = self._source(spec.source)
         size = choose_size(spec.required_bytes, spec.limit_bytes, source_size)
         image = self.layout.image("volume", local_id)
@@ -115,20 +116,6 @@ class LocalVolumes:
             self.layout.remove("volume", local_id)
             raise
         return self.get_volume(local_id)
-
-    def _matching(self, local_id: str, record: dict[str, Any], spec: VolumeSpec) -> Volume:
-        volume = self._volume(local_id, record)
-        if record["name"] != spec.name:
-            raise AlreadyExists(f"volume ID {local_id} already belongs to {record['name']!r}")
-        if volume.source != spec.source:
-            raise AlreadyExists(f"volume {spec.name!r} exists with another content source")
-        too_small = volume.capacity_bytes < spec.required_bytes
-        too_large = bool(spec.limit_bytes) and volume.capacity_bytes > spec.limit_bytes
-        if too_small or too_large:
-            raise AlreadyExists(
-                f"volume {spec.name!r} exists with {volume.capacity_bytes} bytes, outside the requested range"
-            )
-        return volume
 
     def _source(self, source: SourceRef | None) -> tuple[str | None, int]:
         if source is None:
@@ -267,9 +254,7 @@ class LocalVolumes:
         if node_id != self.node_id:
             raise NotFound(f"node {node_id!r} cannot reach volume {local_id}: it is local to node {self.node_id!r}")
         published: dict[str, bool] = record["published"]
-        if node_id in published and published[node_id] != readonly:
-            state = "read-only" if published[node_id] else "read-write"
-            raise AlreadyExists(f"volume {local_id} is already published {state} to node {node_id!r}")
+        check_publication(local_id, published, node_id, capability, readonly)
         if node_id not in published:
             published[node_id] = readonly
             self.layout.write_record("volume", local_id, record)

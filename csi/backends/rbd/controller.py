@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import rbd
 
+from csi.backends.base import check_publication
 from csi.backends.rbd.cluster import Clusters, ceph_call, classify
 from csi.backends.rbd.common import MAPPERS, Credentials, Kind, RbdSettings, image_name, parse_features, split_id
 from csi.backends.rbd.journal import Journal, Sweeper, forget_pool, remember_pool, remembered_pools
@@ -517,15 +518,7 @@ class RbdVolumes:
                 metadata = dict(image.metadata_list())
                 published = _published(metadata)
                 mode = "ro" if readonly else "rw"
-                if node_id in published and published[node_id] != mode:
-                    raise AlreadyExists(
-                        f"volume {local_id} is already published {published[node_id]} to node {node_id!r}"
-                    )
-                others = sorted(set(published) - {node_id})
-                if others and not capability.access_mode.multi_node:
-                    raise FailedPrecondition(
-                        f"volume {local_id} is {capability.access_mode.value} and already published to node(s) {', '.join(others)}"
-                    )
+                check_publication(local_id, {n: m == "ro" for n, m in published.items()}, node_id, capability, readonly)
                 if node_id not in published:
                     _set_metadata(image, PUBLISHED_PREFIX + node_id, mode)
         context = {

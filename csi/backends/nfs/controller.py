@@ -1,0 +1,581 @@
+"""Controller half of the nfs backend: volumes are folders (``layout: directory``, shared
+by many nodes) or sparse image files (``layout: image``, Cinder's NFS driver) on one
+export, reached through ``fs.Tree`` (the user-space client, or the exported directory
+itself with ``exportRoot``).
+
+On the export, relative to its root (``<b>`` is the backend's name)::
+
+    <subDir>                               a directory volume's data (from the template)
+    .cairn/<b>/volumes/vol-<uuid>.json     a volume's record: name, layout, path, source,
+                                           size, publications, what to do on delete
+    .cairn/<b>/volumes/vol-<uuid>.img      an image volume's data
+    .cairn/<b>/snapshots/snap-<uuid>.json  a snapshot's record
+    .cairn/<b>/snapshots/snap-<uuid>.data  its copy (a folder or an image)
+    .cairn/<b>/tmp/                        objects being made (renamed into place)
+    .cairn/<b>/trash/                      folders being removed (renamed out of sight first)
+
+Crash safety is the local backend's: the ID is derived from the request name; data is
+made under ``tmp/``, then the record is written, then the data is renamed into place.
+An object exists when its record and its data exist, so a crash leaves a temporary
+object or a record without data, which a retry remakes and the start-up sweep removes.
+A delete renames the data out of sight before it removes the record, so it is never
+half visible.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from csi.backends.base import check_publication, matching
+from csi.backends.nfs import paths, tree_ops
+from csi.backends.nfs.common import ON_DELETE, NfsSettings
+from csi.backends.nfs.fs import Stat, Tree, opened
+from csi.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+    Unavailable,
+)
+from csi.model import (
+    HEALTHY,
+    NO_SECRETS,
+    Capability,
+    Secrets,
+    Segment,
+    Snapshot,
+    SourceRef,
+    Volume,
+    VolumeCondition,
+    VolumeSpec,
+)
+from csi.sizes import choose_size
+
+log = logging.getLogger(__name__)
+
+PARAM_SUB_DIR = "subDir"
+PARAM_ON_DELETE = "onDelete"
+PARAM_MOUNT_OPTIONS = "mountOptions"
+PARAM_MOUNT_PERMISSIONS = "mountPermissions"
+_NAMESPACE = {kind: uuid.uuid5(uuid.NAMESPACE_URL, f"https://cairn.csi.io/nfs/{kind}") for kind in ("vol", "snap")}
+_FOLDER = {"volume": "volumes", "snapshot": "snapshots"}
+_PREFIX = {"volume": "vol", "snapshot": "snap"}
+
+
+def parse_permissions(value: str, where: str) -> int:
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        raise InvalidArgument(f"{where} {value!r} is not an octal mode such as 0775") from None
+    if not 0 <= mode <= 0o7777:
+        raise InvalidArgument(f"{where} {value!r} is not a file mode (0000 to 7777)")
+    return mode
+
+
+def parse_mount_options(value: str) -> tuple[str, ...]:
+    options = tuple(o.strip() for o in value.split(",") if o.strip())
+    for option in options:
+        if any(c in option for c in " \t\n\0"):
+            raise InvalidArgument(f"mount option {option!r} contains whitespace or NUL")
+    return options
+
+
+def check_local_id(kind: str, local_id: str) -> None:
+    """Refuse anything that is not an ID this backend issues (so no path is ever built
+    from a string a client made up)."""
+    prefix = _PREFIX[kind] + "-"
+    try:
+        valid = local_id.startswith(prefix) and str(uuid.UUID(local_id[len(prefix) :])) == local_id[len(prefix) :]
+    except ValueError:
+        valid = False
+    if not valid:
+        raise NotFound(f"{kind} {local_id!r} does not exist")
+
+
+class NfsVolumes:
+    volume_parameters = frozenset({PARAM_SUB_DIR, PARAM_ON_DELETE, PARAM_MOUNT_OPTIONS, PARAM_MOUNT_PERMISSIONS})
+    snapshot_parameters: frozenset[str] = frozenset()
+    topology: tuple[Segment, ...] = ()  # an export is reachable from every node
+
+    def __init__(self, settings: NfsSettings, tree: Tree, owner_tree: Callable[[int, int], Tree] | None = None) -> None:
+        """``owner_tree(uid, gid)`` gives a tree that acts as that user, where the export
+        squashes root: removing a folder's entries as their owner is how deletion
+        works there."""
+        self.settings = settings
+        self.tree = tree
+        self.owner_tree = owner_tree
+        self._owners: dict[tuple[int, int], Tree] = {}
+        self._owners_lock = threading.Lock()
+        self.control = settings.control
+        self._ready = False
+
+    # -- set-up -----------------------------------------------------------------------
+
+    def _ensure(self) -> None:
+        """Make the backend's folders on first use and sweep what crashed calls left; a
+        server that is down at start-up does not stop the driver from starting."""
+        if self._ready:
+            return
+        try:
+            tree_ops.make_dirs(self.tree, paths_of(self.control))
+            for folder in ("volumes", "snapshots", "tmp", "trash"):
+                tree_ops.make_dirs(self.tree, [*paths_of(self.control), folder], 0o700)
+        except OSError as exc:
+            raise Unavailable(f"export {self.tree.describe()} is not usable: {exc.strerror or exc}") from exc
+        self._ready = True
+
+    def recover(self) -> None:
+        """Remove what crashed calls left (temporary objects, records without data, folders
+        half removed). Only safe when nothing is in flight: at the controller's start."""
+        try:
+            self._ensure()
+            for name in self.tree.listdir(tree_ops.join(self.control, "trash")):
+                self._remove_tree(tree_ops.join(self.control, "trash", name))
+            for name in self.tree.listdir(tree_ops.join(self.control, "tmp")):
+                log.warning("removing what an interrupted creation left", extra={"path": name})
+                self._remove_tree(tree_ops.join(self.control, "tmp", name))
+            for kind, folder in _FOLDER.items():
+                directory = tree_ops.join(self.control, folder)
+                for name in self.tree.listdir(directory):
+                    if ".json.tmp-" in name:
+                        tree_ops.remove_file(self.tree, tree_ops.join(directory, name))
+                    elif name.endswith(".json"):
+                        local_id = name.removesuffix(".json")
+                        record = tree_ops.read_json(self.tree, tree_ops.join(directory, name))
+                        if record is not None and not self._has_data(kind, local_id, record):
+                            log.warning("removing a record whose data never landed", extra={"path": name})
+                            tree_ops.remove_file(self.tree, tree_ops.join(directory, name))
+        except (OSError, Unavailable) as exc:
+            log.warning("could not sweep the export at start-up: %s", exc)
+            self._ready = False
+
+    # -- records ----------------------------------------------------------------------
+
+    def _record_path(self, kind: str, local_id: str) -> str:
+        check_local_id(kind, local_id)
+        return tree_ops.join(self.control, _FOLDER[kind], f"{local_id}.json")
+
+    def _data_path(self, kind: str, local_id: str, record: Mapping[str, Any]) -> str:
+        if kind == "snapshot":
+            return tree_ops.join(self.control, "snapshots", f"{local_id}.data")
+        return str(record["path"])
+
+    def _has_data(self, kind: str, local_id: str, record: Mapping[str, Any]) -> bool:
+        return tree_ops.exists(self.tree, self._data_path(kind, local_id, record))
+
+    def _read(self, kind: str, local_id: str) -> dict[str, Any] | None:
+        """The record of a complete object, or None."""
+        self._ensure()
+        record: dict[str, Any] | None = self._call(
+            lambda: tree_ops.read_json(self.tree, self._record_path(kind, local_id))
+        )
+        if record is None or not self._call(lambda: self._has_data(kind, local_id, record)):
+            return None
+        return record
+
+    def _require(self, kind: str, local_id: str) -> dict[str, Any]:
+        record = self._read(kind, local_id)
+        if record is None:
+            raise NotFound(f"{kind} {local_id!r} does not exist")
+        return record
+
+    def _write(self, kind: str, local_id: str, record: dict[str, Any]) -> None:
+        self._call(lambda: tree_ops.write_json(self.tree, self._record_path(kind, local_id), record))
+
+    def _call(self, step: Callable[[], Any]) -> Any:
+        """Run a step against the export, turning the server's answers into domain errors."""
+        try:
+            return step()
+        except OSError as exc:
+            raise _domain_error(exc, self.tree.describe()) from exc
+
+    # -- capacity and health ------------------------------------------------------------
+
+    def health(self) -> str | None:
+        try:
+            self.tree.fsstat("")
+        except OSError as exc:
+            return f"export {self.tree.describe()} is not reachable: {exc.strerror or exc}"
+        return None
+
+    def free_bytes(self, segment: Segment | None = None, *, secrets: Secrets = NO_SECRETS) -> int:
+        try:
+            return self.tree.fsstat("").available_bytes
+        except OSError as exc:
+            log.warning("no free space figure for %s: %s", self.tree.describe(), exc)
+            return 0
+
+    def max_volume_bytes(self, segment: Segment | None = None, *, secrets: Secrets = NO_SECRETS) -> int:
+        if self.settings.layout == "directory":
+            # An advisory size takes no room until written; the export's size bounds it.
+            try:
+                return self.tree.fsstat("").total_bytes
+            except OSError:
+                return 0
+        return self.free_bytes(segment)
+
+    # -- volumes ------------------------------------------------------------------------
+
+    def _options(self, parameters: Mapping[str, str]) -> dict[str, Any]:
+        on_delete = parameters.get(PARAM_ON_DELETE, self.settings.on_delete)
+        if on_delete not in ON_DELETE:
+            raise InvalidArgument(
+                f"parameter {PARAM_ON_DELETE!r} must be one of {', '.join(ON_DELETE)}, got {on_delete!r}"
+            )
+        permissions = self.settings.mount_permissions
+        if PARAM_MOUNT_PERMISSIONS in parameters:
+            permissions = parse_permissions(
+                parameters[PARAM_MOUNT_PERMISSIONS], f"parameter {PARAM_MOUNT_PERMISSIONS!r}"
+            )
+        options = self.settings.mount_options
+        if PARAM_MOUNT_OPTIONS in parameters:
+            options = parse_mount_options(parameters[PARAM_MOUNT_OPTIONS])
+        template = parameters.get(PARAM_SUB_DIR, self.settings.sub_dir)
+        if PARAM_SUB_DIR in parameters and self.settings.layout != "directory":
+            raise InvalidArgument(
+                f"parameter {PARAM_SUB_DIR!r} applies to directory volumes; backend {self.settings.backend!r} makes images"
+            )
+        return {"onDelete": on_delete, "permissions": permissions, "mountOptions": list(options), "template": template}
+
+    def create_volume(self, spec: VolumeSpec) -> Volume:
+        self._ensure()
+        options = self._options(spec.parameters)
+        local_id = f"vol-{uuid.uuid5(_NAMESPACE['vol'], spec.name)}"
+        existing = self._read("volume", local_id)
+        if existing is not None:
+            return matching(self._volume(local_id, existing), spec)
+        source_path, source_size = self._source(spec.source)
+        size = choose_size(spec.required_bytes, spec.limit_bytes, source_size)
+        if self.settings.layout == "directory":
+            path = paths.expand(options["template"], spec.metadata, spec.name)
+        else:
+            path = self.settings.image_path(local_id)
+        parts = (
+            paths.check_relative(path, f"volume {spec.name!r} path")
+            if self.settings.layout == "directory"
+            else path.split("/")
+        )
+        temp = tree_ops.join(self.control, "tmp", local_id)
+        record = {
+            "name": spec.name,
+            "layout": self.settings.layout,
+            "path": path,
+            "size": size,
+            "source": {"kind": spec.source.kind, "local_id": spec.source.local_id} if spec.source else None,
+            "onDelete": options["onDelete"],
+            "mountOptions": options["mountOptions"],
+            "created": time.time(),
+            "published": {},
+        }
+
+        def make() -> None:
+            tree_ops.check_no_links(self.tree, parts)
+            if tree_ops.exists(self.tree, path):
+                raise AlreadyExists(
+                    f"{path!r} already exists on export {self.tree.describe()} and is not volume {spec.name!r}"
+                )
+            tree_ops.make_dirs(self.tree, parts[:-1])
+            self._remove_tree(temp)
+            if self.settings.layout == "directory":
+                if source_path:
+                    tree_ops.copy_tree(self.tree, source_path, temp)
+                else:
+                    self.tree.mkdir(temp, options["permissions"])
+                self.tree.chmod(temp, options["permissions"])
+            else:
+                if source_path:
+                    tree_ops.copy_file(self.tree, source_path, temp)
+                with opened(self.tree, temp, os.O_WRONLY | os.O_CREAT, 0o600) as handle:
+                    handle.truncate(size)
+                    handle.fsync()
+            tree_ops.write_json(self.tree, self._record_path("volume", local_id), record)
+            self.tree.rename(temp, path)
+
+        try:
+            self._call(make)
+        except BaseException:
+            self._forget_creation(local_id, temp)
+            raise
+        return self.get_volume(local_id)
+
+    def _forget_creation(self, local_id: str, temp: str) -> None:
+        try:
+            self._remove_tree(temp)
+            record_path = self._record_path("volume", local_id)
+            record = tree_ops.read_json(self.tree, record_path)
+            if record is not None and not self._has_data("volume", local_id, record):
+                tree_ops.remove_file(self.tree, record_path)
+        except OSError as exc:
+            log.warning("could not clean up a failed creation of %s (the start-up sweep will): %s", local_id, exc)
+
+    def _source(self, source: SourceRef | None) -> tuple[str, int]:
+        if source is None:
+            return "", 0
+        record = self._read(source.kind, source.local_id)
+        if record is None:
+            raise NotFound(f"source {source.kind} {source.local_id!r} does not exist")
+        return self._data_path(source.kind, source.local_id, record), int(record["size"])
+
+    def delete_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
+        self._ensure()
+        record_path = self._record_path("volume", local_id)
+        record = self._call(lambda: tree_ops.read_json(self.tree, record_path))
+        if record is None:
+            return
+        if record["published"]:
+            nodes = ", ".join(sorted(record["published"]))
+            raise FailedPrecondition(f"volume {local_id} is still published to node(s) {nodes}")
+        path = str(record["path"])
+
+        def remove() -> None:
+            if tree_ops.exists(self.tree, path):
+                if record["onDelete"] == "archive":
+                    self.tree.rename(path, self._archive_name(local_id, record))
+                elif record["onDelete"] == "delete":
+                    trash = tree_ops.join(self.control, "trash", f"{local_id}-{uuid.uuid4().hex[:8]}")
+                    self.tree.rename(path, trash)
+                    tree_ops.remove_file(self.tree, record_path)
+                    self._remove_tree(trash)
+                    return
+            tree_ops.remove_file(self.tree, record_path)
+
+        self._call(remove)
+
+    def _archive_name(self, local_id: str, record: Mapping[str, Any]) -> str:
+        """A name beside the volume's that cannot collide: the time and the volume's ID."""
+        path = str(record["path"])
+        if record["layout"] == "image":
+            return f"archived-{record['name']}-{local_id}.img"
+        parent, _, base = path.rpartition("/")
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        return tree_ops.join(parent, f"archived-{base}-{stamp}-{local_id}")
+
+    def _remove_tree(self, path: str) -> None:
+        try:
+            tree_ops.remove_tree(self.tree, path)
+        except PermissionError:
+            if self.owner_tree is None:
+                raise
+            # A squashing server: remove each folder's entries as the folder's owner.
+            tree_ops.remove_tree(self.tree, path, as_owner=self._as_owner)
+
+    def _as_owner(self, st: Stat) -> Tree:
+        assert self.owner_tree is not None
+        key = (st.uid, st.gid)
+        with self._owners_lock:
+            if key not in self._owners:
+                self._owners[key] = self.owner_tree(*key)
+            return self._owners[key]
+
+    def get_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Volume:
+        return self._volume(local_id, self._require("volume", local_id))
+
+    def lookup_volume(self, name: str, *, secrets: Secrets = NO_SECRETS) -> Volume | None:
+        local_id = f"vol-{uuid.uuid5(_NAMESPACE['vol'], name)}"
+        record = self._read("volume", local_id)
+        return self._volume(local_id, record) if record else None
+
+    def list_volumes(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
+        return [self._volume(i, r) for i, r in self._records("volume")]
+
+    def _records(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
+        self._ensure()
+        folder = tree_ops.join(self.control, _FOLDER[kind])
+        found = []
+        for name in sorted(self._call(lambda: self.tree.listdir(folder))):
+            if not name.endswith(".json"):
+                continue
+            local_id = name.removesuffix(".json")
+            try:
+                record = self._read(kind, local_id)
+            except NotFound:
+                continue
+            if record is not None:
+                found.append((local_id, record))
+        return found
+
+    def _volume(self, local_id: str, record: Mapping[str, Any]) -> Volume:
+        source = record.get("source")
+        return Volume(
+            local_id=local_id,
+            name=record["name"],
+            capacity_bytes=self._size("volume", local_id, record),
+            source=SourceRef(source["kind"], source["local_id"]) if source else None,
+            context={"subDir": str(record["path"])} if record["layout"] == "directory" else {},
+            published_nodes=tuple(sorted(record["published"])),
+            condition=HEALTHY,
+        )
+
+    def _size(self, kind: str, local_id: str, record: Mapping[str, Any]) -> int:
+        if record.get("layout", "directory") == "image" and kind == "volume":
+            try:
+                return int(self._call(lambda: self.tree.lstat(self._data_path(kind, local_id, record)).size))
+            except NotFound:
+                raise NotFound(f"{kind} {local_id!r} does not exist") from None
+        return int(record["size"])
+
+    def expand_volume(
+        self, local_id: str, required_bytes: int, limit_bytes: int, *, secrets: Secrets = NO_SECRETS
+    ) -> int:
+        record = self._require("volume", local_id)
+        current = self._size("volume", local_id, record)
+        if required_bytes <= current:
+            return current
+        size = choose_size(required_bytes, limit_bytes)
+        if record["layout"] == "image":
+            self._call(lambda: self.tree.truncate(str(record["path"]), size))
+        record["size"] = size
+        self._write("volume", local_id, record)
+        return size
+
+    # -- snapshots ----------------------------------------------------------------------
+
+    def create_snapshot(
+        self, name: str, source_local_id: str, parameters: Mapping[str, str], *, secrets: Secrets = NO_SECRETS
+    ) -> Snapshot:
+        self._ensure()
+        local_id = f"snap-{uuid.uuid5(_NAMESPACE['snap'], name)}"
+        existing = self._read("snapshot", local_id)
+        if existing is not None:
+            if existing["source"] != source_local_id:
+                raise AlreadyExists(f"snapshot {name!r} exists for another source volume")
+            return self._snapshot(local_id, existing)
+        source = self._read("volume", source_local_id) if _valid("volume", source_local_id) else None
+        if source is None:
+            raise NotFound(f"source volume {source_local_id!r} does not exist")
+        temp = tree_ops.join(self.control, "tmp", local_id)
+        data = self._data_path("snapshot", local_id, {})
+        record = {
+            "name": name,
+            "source": source_local_id,
+            "layout": source["layout"],
+            "size": self._size("volume", source_local_id, source),
+            "created": time.time(),
+        }
+
+        def make() -> None:
+            self._remove_tree(temp)
+            if source["layout"] == "directory":
+                tree_ops.copy_tree(self.tree, str(source["path"]), temp)
+            else:
+                tree_ops.copy_file(self.tree, str(source["path"]), temp)
+            tree_ops.write_json(self.tree, self._record_path("snapshot", local_id), record)
+            self.tree.rename(temp, data)
+
+        try:
+            self._call(make)
+        except BaseException:
+            try:
+                self._remove_tree(temp)
+                if not tree_ops.exists(self.tree, data):
+                    tree_ops.remove_file(self.tree, self._record_path("snapshot", local_id))
+            except OSError as exc:
+                log.warning("could not clean up a failed snapshot %s (the start-up sweep will): %s", local_id, exc)
+            raise
+        return self.get_snapshot(local_id)
+
+    def delete_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
+        self._ensure()
+        record_path = self._record_path("snapshot", local_id)
+        data = self._data_path("snapshot", local_id, {})
+
+        def remove() -> None:
+            if tree_ops.exists(self.tree, data):
+                trash = tree_ops.join(self.control, "trash", f"{local_id}-{uuid.uuid4().hex[:8]}")
+                self.tree.rename(data, trash)
+                tree_ops.remove_file(self.tree, record_path)
+                self._remove_tree(trash)
+            tree_ops.remove_file(self.tree, record_path)
+
+        self._call(remove)
+
+    def get_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Snapshot:
+        return self._snapshot(local_id, self._require("snapshot", local_id))
+
+    def list_snapshots(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
+        return [self._snapshot(i, r) for i, r in self._records("snapshot")]
+
+    @staticmethod
+    def _snapshot(local_id: str, record: Mapping[str, Any]) -> Snapshot:
+        return Snapshot(
+            local_id=local_id,
+            name=record["name"],
+            source_volume_local_id=record["source"],
+            size_bytes=int(record["size"]),
+            created_at=float(record["created"]),
+        )
+
+    # -- publication --------------------------------------------------------------------
+
+    def publish_volume(
+        self, local_id: str, node_id: str, capability: Capability, readonly: bool, *, secrets: Secrets = NO_SECRETS
+    ) -> dict[str, str]:
+        record = self._require("volume", local_id)
+        published: dict[str, bool] = record["published"]
+        check_publication(local_id, published, node_id, capability, readonly)
+        if node_id not in published:
+            published[node_id] = readonly
+            self._write("volume", local_id, record)
+        return {
+            "server": self.settings.server,
+            "share": self.settings.share,
+            "port": str(self.settings.port),
+            "path": str(record["path"]),
+            "mountOptions": ",".join(record["mountOptions"]),
+        }
+
+    def unpublish_volume(self, local_id: str, node_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
+        if not _valid("volume", local_id):
+            return
+        record = self._read("volume", local_id)
+        if record is None or node_id not in record["published"]:
+            return
+        del record["published"][node_id]
+        self._write("volume", local_id, record)
+
+    def condition(self, local_id: str) -> VolumeCondition:
+        return HEALTHY
+
+
+def paths_of(path: str) -> list[str]:
+    return [p for p in path.split("/") if p]
+
+
+def _valid(kind: str, local_id: str) -> bool:
+    try:
+        check_local_id(kind, local_id)
+    except NotFound:
+        return False
+    return True
+
+
+def _domain_error(exc: OSError, where: str) -> Exception:
+    """What an error from the export means to a caller."""
+    name = exc.filename or ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(f"export {where} is full: {exc.strerror} ({name})")
+    if exc.errno in (errno.EFBIG,):
+        return OutOfRange(f"export {where} cannot hold a file that large ({name})")
+    if exc.errno == errno.ENOENT:
+        return NotFound(f"{name or 'a path'} vanished from export {where} during the call")
+    if exc.errno in (
+        errno.ETIMEDOUT,
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.EHOSTUNREACH,
+        errno.EIO,
+        errno.ENOTCONN,
+    ):
+        return Unavailable(f"export {where} is not reachable: {exc.strerror or exc}")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return FailedPrecondition(f"export {where} refused {name or 'the change'}: {exc.strerror}")
+    return exc

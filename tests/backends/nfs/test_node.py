@@ -1,0 +1,171 @@
+"""The nfs node path through running drivers and the kernel's NFS client: directory
+volumes shared by two node plugins (ReadWriteMany), image volumes through the export
+mounted once per node and a loop device, in filesystem and raw block mode.
+
+This host's kernel may lack the NFS client; the vm tier runs these tests in a guest with
+a stock kernel against the host's test server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from csi import loopdev, mount
+from csi.generated import csi_pb2 as pb
+from tests.conftest import running_driver
+from tests.nfs import EXPORT, NfsServer
+from tests.support import Driver, block_capability, mount_capability, require_tools
+
+pytestmark = pytest.mark.integration
+MiB = 1 << 20
+
+
+def kernel_has_nfs() -> bool:
+    subprocess.run(["modprobe", "-q", "nfsv4"], check=False, capture_output=True)
+    with open("/proc/filesystems", encoding="ascii") as listing:
+        return any(line.split()[-1] in ("nfs", "nfs4") for line in listing)
+
+
+@pytest.fixture(autouse=True)
+def kernel_client() -> None:
+    require_tools("mount.nfs", "losetup", "mkfs.ext4")
+    if not kernel_has_nfs():
+        # A kernel feature, not a package `make test` could install: the vm tier runs them.
+        pytest.skip("this kernel has no NFS client (the vm tier runs these tests)")
+
+
+def config_for(tmp: Path, server: NfsServer, node: str) -> list[str]:
+    config = tmp / f"cairn-{node}.yaml"
+    common = {"kind": "nfs", "server": "127.0.0.1", "share": EXPORT, "port": server.port, "timeout": 10}
+    backends = [
+        {"name": "shared", **common, "subDir": f"{tmp.name}/${{pv.metadata.name}}"},
+        {"name": "images", **common, "layout": "image", "nodeMountDir": str(tmp / node / "nfs")},
+    ]
+    config.write_text(yaml.safe_dump({"backends": backends}))
+    return ["--config", str(config)]
+
+
+@pytest.fixture
+def node_a(tmp_path: Path, nfs_server: NfsServer) -> Iterator[Driver]:
+    with running_driver(tmp_path / "a", config_for(tmp_path, nfs_server, "a")) as driver:
+        yield driver
+
+
+def create(driver: Driver, name: str, cap: pb.VolumeCapability, backend: str) -> str:
+    request = pb.CreateVolumeRequest(
+        name=name,
+        volume_capabilities=[cap],
+        capacity_range={"required_bytes": 64 * MiB},
+        parameters={"backend": backend},
+    )
+    volume_id: str = driver.controller.CreateVolume(request, timeout=120).volume.volume_id
+    return volume_id
+
+
+def attach(driver: Driver, node: str, volume_id: str, cap: pb.VolumeCapability, target: str) -> str:
+    publish = pb.ControllerPublishVolumeRequest(volume_id=volume_id, node_id=node, volume_capability=cap)
+    context = driver.controller.ControllerPublishVolume(publish, timeout=60).publish_context
+    staging = str(driver.root / f"staging-{volume_id.rsplit(':', 1)[1]}")
+    stage = pb.NodeStageVolumeRequest(
+        volume_id=volume_id, staging_target_path=staging, volume_capability=cap, publish_context=context
+    )
+    driver.node.NodeStageVolume(stage, timeout=180)
+    node_publish = pb.NodePublishVolumeRequest(
+        volume_id=volume_id, staging_target_path=staging, target_path=target, volume_capability=cap
+    )
+    driver.node.NodePublishVolume(node_publish, timeout=60)
+    return staging
+
+
+def detach(driver: Driver, node: str, volume_id: str, staging: str, target: str) -> None:
+    driver.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=target), timeout=60)
+    driver.node.NodeUnstageVolume(
+        pb.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=staging), timeout=120
+    )
+    unpublish = pb.ControllerUnpublishVolumeRequest(volume_id=volume_id, node_id=node)
+    driver.controller.ControllerUnpublishVolume(unpublish, timeout=60)
+
+
+def nfs_mounts(root: Path) -> list[str]:
+    return [m.target for m in mount.mounts() if m.target.startswith(str(root)) and m.fstype.startswith("nfs")]
+
+
+def test_two_nodes_share_a_directory_volume(tmp_path: Path, nfs_server: NfsServer, node_a: Driver) -> None:
+    shared = mount_capability(mode="MULTI_NODE_MULTI_WRITER")
+    volume_id = create(node_a, "rwx", shared, "shared")
+    with running_driver(tmp_path / "b", ["--node-id", "node-b", *config_for(tmp_path, nfs_server, "b")]) as node_b:
+        target_a, target_b = str(node_a.root / "pod-a"), str(node_b.root / "pod-b")
+        staging_a = attach(node_a, "test-node", volume_id, shared, target_a)
+        staging_b = attach(node_b, "node-b", volume_id, shared, target_b)
+        Path(target_a, "from-a").write_text("written on node a")
+        Path(target_b, "from-b").write_text("written on node b")
+        assert Path(target_b, "from-a").read_text() == "written on node a"
+        assert Path(target_a, "from-b").read_text() == "written on node b"
+        # The data is a folder of the export, as the server sees it.
+        assert (nfs_server.export_dir / tmp_path.name / "rwx" / "from-a").read_text() == "written on node a"
+        stats = node_a.node.NodeGetVolumeStats(
+            pb.NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=target_a), timeout=60
+        )
+        assert not stats.volume_condition.abnormal, stats.volume_condition.message
+        detach(node_b, "node-b", volume_id, staging_b, target_b)
+        detach(node_a, "test-node", volume_id, staging_a, target_a)
+    assert nfs_mounts(tmp_path) == [], "unstage must unmount the share"
+    node_a.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id), timeout=120)
+    assert not (nfs_server.export_dir / tmp_path.name / "rwx").exists(), "delete must remove the folder"
+
+
+def test_a_read_only_publication_cannot_write(node_a: Driver) -> None:
+    cap = mount_capability(mode="MULTI_NODE_READER_ONLY")
+    volume_id = create(node_a, "readers", cap, "shared")
+    target = str(node_a.root / "pod")
+    staging = attach(node_a, "test-node", volume_id, cap, target)
+    with pytest.raises(OSError):
+        Path(target, "nope").write_text("must fail")
+    detach(node_a, "test-node", volume_id, staging, target)
+    node_a.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id), timeout=120)
+
+
+def test_image_volumes_share_one_export_mount(tmp_path: Path, node_a: Driver) -> None:
+    fs_cap, raw_cap = mount_capability("ext4"), block_capability()
+    fs_volume = create(node_a, "image-fs", fs_cap, "images")
+    raw_volume = create(node_a, "image-raw", raw_cap, "images")
+    fs_target, raw_target = str(node_a.root / "pod-fs"), str(node_a.root / "pod-raw")
+    fs_staging = attach(node_a, "test-node", fs_volume, fs_cap, fs_target)
+    raw_staging = attach(node_a, "test-node", raw_volume, raw_cap, raw_target)
+    exports = nfs_mounts(tmp_path)
+    assert len(exports) == 1, f"one export mount per node, shared by its image volumes: {exports}"
+    Path(fs_target, "data").write_bytes(b"on an image on the export")
+    with open(raw_target, "r+b") as device:
+        device.seek(3 * MiB)
+        device.write(b"raw bytes")
+        device.flush()
+        os.fsync(device.fileno())
+    detach(node_a, "test-node", fs_volume, fs_staging, fs_target)
+    assert len(nfs_mounts(tmp_path)) == 1, "the export stays mounted while an image on it is attached"
+    detach(node_a, "test-node", raw_volume, raw_staging, raw_target)
+    assert nfs_mounts(tmp_path) == [], "the export is unmounted with its last image"
+    assert [d for d, back in loopdev.attached().items() if back.startswith(str(tmp_path))] == []
+    # Staged again, the data is there: it lives in the image on the server.
+    fs_staging = attach(node_a, "test-node", fs_volume, fs_cap, fs_target)
+    assert Path(fs_target, "data").read_bytes() == b"on an image on the export"
+    detach(node_a, "test-node", fs_volume, fs_staging, fs_target)
+    for volume_id in (fs_volume, raw_volume):
+        node_a.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id), timeout=120)
+
+
+def test_a_filesystem_on_an_image_is_not_shared_read_write(node_a: Driver) -> None:
+    request = pb.CreateVolumeRequest(
+        name="rwx-fs",
+        volume_capabilities=[mount_capability("ext4", "MULTI_NODE_MULTI_WRITER")],
+        parameters={"backend": "images"},
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        node_a.controller.CreateVolume(request, timeout=60)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "corrupt" in (caught.value.details() or "")
