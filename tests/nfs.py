@@ -64,6 +64,13 @@ EXPORT {{
 """
 
 
+def kernel_has_nfs() -> bool:
+    """Whether this kernel has an NFS client (loading its module if it can)."""
+    subprocess.run(["modprobe", "-q", "nfsv4"], check=False, capture_output=True)
+    with open("/proc/filesystems", encoding="ascii") as listing:
+        return any(line.split()[-1] in ("nfs", "nfs4") for line in listing)
+
+
 def plugins_dir() -> str:
     for candidate in ("/usr/lib/x86_64-linux-gnu/ganesha", "/usr/lib/aarch64-linux-gnu/ganesha", "/usr/lib/ganesha"):
         if os.path.isdir(candidate):

@@ -378,7 +378,7 @@ def test_every_sidecar_flag_exists_in_the_pinned_release() -> None:
 @pytest.mark.parametrize("values", VALUES)
 def test_the_driver_accepts_the_rendered_config(values: str | None) -> None:
     from csi import config
-    from csi.backends import local
+    from csi.backends import local, nfs
 
     rendered = next(d for d in render(values) if d["kind"] == "ConfigMap")["data"]["config.yaml"]
     for entry in config.parse(yaml.safe_load(rendered), "rendered config").backends:
@@ -386,7 +386,10 @@ def test_the_driver_accepts_the_rendered_config(values: str | None) -> None:
             from csi.backends.rbd import settings_from
 
             settings_from(entry)
+        elif entry.kind == "nfs":
+            nfs.settings_from(entry)
         else:
+            assert entry.kind == "local", entry.kind
             assert set(entry.settings) <= local.SETTINGS
 
 
@@ -568,3 +571,180 @@ def test_every_leader_elected_container_gives_its_lease_back_on_exit(values: str
                 assert "--feature-gates=ReleaseLeaderElectionOnExit=true" in args, each["name"]
                 elected += 1
     assert elected == 5  # provisioner, attacher, snapshotter, resizer, snapshot-controller
+
+
+# -- nfs ---------------------------------------------------------------------------------------
+
+NFS_VALUES = "nfs-values.yaml"
+PROVISIONER_FSTYPE = "csi.storage.k8s.io/fstype"
+
+
+def nfs_backends(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The nfs backends of the rendered driver config, as the driver reads them."""
+    from csi import config
+    from csi.backends import nfs
+
+    rendered = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["config.yaml"]
+    parsed = config.parse(yaml.safe_load(rendered), "rendered config")
+    return {entry.name: nfs.settings_from(entry) for entry in parsed.backends if entry.kind == "nfs"}
+
+
+def test_the_nfs_values_make_one_backend_per_layout_on_one_export() -> None:
+    """The driver's own loader and nfs.settings_from take every backend of the rendered
+    config; the two layouts share the server's export and each has a StorageClass."""
+    docs = render(NFS_VALUES)
+    backends = nfs_backends(docs)
+    assert {b.layout for b in backends.values()} == {"directory", "image"}
+    assert len({(b.server, b.share, b.port) for b in backends.values()}) == 1
+    assert {b.node_mount_dir for b in backends.values()} == {"/var/lib/cairn-csi/nfs"}
+    classes = {d["parameters"]["backend"]: d for d in docs if d["kind"] == "StorageClass"}
+    assert set(classes) == set(backends)
+    assert [d for d in docs if d["kind"] == "VolumeSnapshotClass"]
+
+
+def test_every_nfs_class_asks_for_what_its_backend_offers() -> None:
+    """What the provisioner would send for each class (its filesystem, or the default it
+    was given, in the capability; the class's parameters) is what the backend accepts: a
+    share takes no filesystem, so no default filesystem may be forced on it."""
+    from csi.backends import nfs
+    from csi.backends.nfs.controller import NfsVolumes
+    from csi.model import AccessMode, AccessType, Capability
+    from csi.parameters import backend_parameters
+
+    docs = render(NFS_VALUES)
+    backends = nfs_backends(docs)
+    provisioner = container(workloads(docs)["cairn-csi-controller"], "csi-provisioner")
+    default_fs = next((a.split("=", 1)[1] for a in provisioner["args"] if a.startswith("--default-fstype=")), "")
+    for storage_class in (d for d in docs if d["kind"] == "StorageClass"):
+        parameters = storage_class["parameters"]
+        settings = backends[parameters["backend"]]
+        fs_type = parameters.get(PROVISIONER_FSTYPE) or default_fs
+        if settings.layout == "directory":
+            capabilities = nfs.DIRECTORY_CAPABILITIES
+            wanted = [Capability(AccessType.MOUNT, AccessMode.MULTI_NODE_MULTI_WRITER, fs_type, ())]
+        else:
+            capabilities = nfs.IMAGE_CAPABILITIES
+            wanted = [
+                Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER, fs_type, ()),
+                Capability(AccessType.BLOCK, AccessMode.MULTI_NODE_MULTI_WRITER, "", ()),
+            ]
+        for capability in wanted:
+            assert capabilities.unsupported(capability) is None, (storage_class["metadata"]["name"], capability)
+        assert set(backend_parameters(parameters)) <= NfsVolumes.volume_parameters
+    for snapshot_class in (d for d in docs if d["kind"] == "VolumeSnapshotClass"):
+        assert set(backend_parameters(snapshot_class.get("parameters", {}))) <= NfsVolumes.snapshot_parameters
+
+
+@pytest.mark.parametrize("values", VALUES)
+def test_the_provisioner_passes_the_claims_names(values: str | None) -> None:
+    """subDir templates name ${pvc.metadata.name} and ${pvc.metadata.namespace}, which
+    reach CreateVolume only with --extra-create-metadata; and no default filesystem is
+    forced on classes without one (a share refuses any)."""
+    provisioner = container(workloads(render(values))["cairn-csi-controller"], "csi-provisioner")
+    assert "--extra-create-metadata" in provisioner["args"]
+    assert not [a for a in provisioner["args"] if a.startswith("--default-fstype")]
+
+
+def node_mounts(docs: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The node plugin driver's mounts by path, and its pod's volumes by name."""
+    node = workloads(docs)["cairn-csi-node"]
+    mounts = {m["mountPath"]: m for m in container(node, "cairn")["volumeMounts"]}
+    return mounts, {v["name"]: v for v in node["volumes"]}
+
+
+def test_the_node_plugin_mounts_the_nfs_mount_dir_bidirectionally() -> None:
+    """Image volumes' exports are mounted under nodeMountDir and directory volumes' sources
+    recorded there: it is a host directory, and mounts made in it reach the host."""
+    mounts, volumes = node_mounts(render(NFS_VALUES))
+    mount = mounts["/var/lib/cairn-csi/nfs"]
+    assert mount["mountPropagation"] == "Bidirectional"
+    assert volumes[mount["name"]]["hostPath"] == {"path": "/var/lib/cairn-csi/nfs", "type": "DirectoryOrCreate"}
+    # No parent mount already covers it with propagation (the state dir is a sibling).
+    covering = [p for p in mounts if "/var/lib/cairn-csi/nfs".startswith(p.rstrip("/") + "/")]
+    assert not covering, covering
+
+    # A directory of its own is mounted too, each directory once however many backends use it.
+    docs = render(NFS_VALUES, KUBERNETES[0], "--set", "backends[1].nodeMountDir=/srv/cairn-nfs")
+    mounts, volumes = node_mounts(docs)
+    for path in ("/var/lib/cairn-csi/nfs", "/srv/cairn-nfs"):
+        assert mounts[path]["mountPropagation"] == "Bidirectional"
+        assert volumes[mounts[path]["name"]]["hostPath"]["path"] == path
+    assert len([m for m in mounts.values() if m["name"].startswith("nfs-")]) == 2
+
+    mounts, _ = node_mounts(render(None))
+    assert "/var/lib/cairn-csi/nfs" not in mounts, "only nfs backends need it"
+
+
+def deployment(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == name)
+
+
+def test_the_nfs_controller_runs_alone() -> None:
+    """An nfs backend sweeps its export when the controller starts: never two controllers."""
+    controller = deployment(render(NFS_VALUES), "cairn-csi-controller")
+    assert controller["spec"]["replicas"] == 1
+    assert controller["spec"]["strategy"]["type"] == "Recreate"
+    cairn = container(controller["spec"]["template"]["spec"], "cairn")
+    assert cairn["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True}
+    result = helm(
+        "template", "cairn", str(CHART), "--kube-version", KUBERNETES[0],
+        "--values", str(CHART / "ci" / NFS_VALUES), "--set", "controller.replicas=2",
+    )  # fmt: skip
+    assert result.returncode != 0 and "nfs backends need controller.replicas=1" in result.stderr
+    rbd = deployment(render("rbd-values.yaml"), "cairn-csi-controller")
+    assert "strategy" not in rbd["spec"], "other backends keep the rolling update"
+
+
+def test_an_nfs_export_root_is_mounted_into_the_controller_once() -> None:
+    docs = render(
+        NFS_VALUES,
+        KUBERNETES[0],
+        "--set",
+        "backends[0].exportRoot=/srv/export",
+        "--set",
+        "backends[1].exportRoot=/srv/export",
+    )
+    assert {b.export_root for b in nfs_backends(docs).values()} == {"/srv/export"}
+    pod = workloads(docs)["cairn-csi-controller"]
+    mounts = [m for m in container(pod, "cairn")["volumeMounts"] if m["mountPath"] == "/srv/export"]
+    assert len(mounts) == 1
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts[0]["name"]]["hostPath"] == {"path": "/srv/export", "type": "Directory"}
+    for version in KUBERNETES:
+        for doc in render(NFS_VALUES, version, "--set", "backends[0].exportRoot=/srv/export"):
+            if doc["kind"] == "Deployment":
+                kubernetes_validate.validate(doc, version, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("backend", "complaint"),
+    [
+        ({"layout": "block"}, "layout"),
+        ({"onDelete": "keep"}, "onDelete"),
+        ({"mountPermissions": 0o777}, "mountPermissions"),  # an unquoted 0777: the number 511
+        ({"share": "export"}, "share"),
+        ({"port": 0}, "port"),
+        ({"timeout": 0}, "timeout"),
+        ({"mountOptions": "nfsvers=4.1"}, "mountOptions"),
+        ({"nodeMountDir": "relative"}, "nodeMountDir"),
+        ({"path": "/srv"}, "path"),  # a local backend's setting: the driver would refuse it
+        ({"controllerSecret": "s"}, "controllerSecret"),
+        ({"server": None}, "server"),
+    ],
+)
+def test_the_values_schema_checks_nfs_backends(tmp_path: Path, backend: dict[str, Any], complaint: str) -> None:
+    entry = {"name": "nfs-a", "kind": "nfs", "server": "nfs.example.internal", "share": "/export", **backend}
+    values = tmp_path / "nfs.yaml"
+    values.write_text(
+        yaml.safe_dump({"backends": [{k: v for k, v in entry.items() if v is not None}], "storageClasses": []})
+    )
+    result = helm("template", "cairn", str(CHART), "--kube-version", KUBERNETES[0], "--values", str(values))
+    assert result.returncode != 0
+    assert complaint in result.stderr
+
+
+def test_the_values_schema_wants_nfs_class_permissions_quoted(tmp_path: Path) -> None:
+    values = tmp_path / "nfs.yaml"
+    values.write_text("storageClasses:\n  - {name: x, backend: local, parameters: {mountPermissions: 0775}}\n")
+    result = helm("template", "cairn", str(CHART), "--kube-version", KUBERNETES[0], "--values", str(values))
+    assert result.returncode != 0 and "mountPermissions" in result.stderr

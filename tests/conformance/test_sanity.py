@@ -17,6 +17,7 @@ import yaml
 
 from tests.ceph import POOL, USER, CephCluster
 from tests.conftest import running_driver
+from tests.nfs import EXPORT, NfsServer, kernel_has_nfs
 from tests.support import require_root, require_tools
 
 pytestmark = pytest.mark.conformance
@@ -148,3 +149,32 @@ SECRET_NAMES = [
     "CreateSnapshotSecret", "DeleteSnapshotSecret", "ControllerExpandVolumeSecret", "NodeExpandVolumeSecret",
     "ListSnapshotsSecret", "GetSnapshotSecret", "ListVolumesSecret",
 ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("layout", "access_type"), [("directory", "mount"), ("image", "mount"), ("image", "block")])
+def test_csi_sanity_nfs(tmp_path: Path, nfs_server: NfsServer, layout: str, access_type: str) -> None:
+    """Against the test NFS server: the controller through the user-space client, the
+    node through the kernel's NFS client, which this host may lack (the vm tier runs
+    this test in a guest with a stock kernel)."""
+    require_tools("csi-sanity", "mount.nfs", "losetup", "mkfs.ext4")
+    if not kernel_has_nfs():
+        pytest.skip("this kernel has no NFS client (the vm tier runs this test)")
+    backend = {
+        "name": f"nfs-{layout}",
+        "kind": "nfs",
+        "server": "127.0.0.1",
+        "share": EXPORT,
+        "port": nfs_server.port,
+        "layout": layout,
+        "subDir": f"{tmp_path.name}/${{pv.metadata.name}}",
+        "nodeMountDir": str(tmp_path / "driver" / "nfs"),  # under the driver: its leak check covers it
+        "timeout": 20,
+    }
+    config = tmp_path / "cairn.yaml"
+    config.write_text(yaml.safe_dump({"backends": [backend]}))
+    with running_driver(tmp_path / "driver", ["--config", str(config)]) as driver:
+        result = run_sanity(tmp_path, str(driver.socket), access_type, imposed_skips(f"nfs-{layout}"))
+    check(tmp_path, result, f"nfs-{layout}")
+    control = nfs_server.export_dir / ".cairn" / f"nfs-{layout}"
+    left = [str(p.relative_to(control)) for p in control.rglob("*") if p.is_file()]
+    assert left == [], f"csi-sanity's volumes and snapshots must all be gone: {left}"

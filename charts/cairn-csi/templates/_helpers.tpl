@@ -35,6 +35,29 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- range .Values.backends }}{{ if eq .kind "local" }}true{{ end }}{{ end -}}
 {{- end }}
 
+{{- define "cairn.hasNfs" -}}
+{{- range .Values.backends }}{{ if eq .kind "nfs" }}true{{ end }}{{ end -}}
+{{- end }}
+
+{{/* Never two controllers side by side, even during a rollout (Deployment strategy
+Recreate): a local backend's files are on one node, and an nfs backend sweeps what crashed
+calls left on its export when the controller starts, which is only safe while no other
+controller works there (controller.yaml also refuses replicas > 1 with nfs). */}}
+{{- define "cairn.singleController" -}}
+{{- if or (include "cairn.hasLocal" .) (include "cairn.hasNfs" .) }}true{{ end -}}
+{{- end }}
+
+{{/* The nodeMountDir of every nfs backend (default /var/lib/cairn-csi/nfs), each once,
+one a line: where the node plugin mounts exports for image volumes and records the
+sources of directory volumes. */}}
+{{- define "cairn.nfsMountDirs" -}}
+{{- $dirs := list -}}
+{{- range .Values.backends -}}
+{{- if eq .kind "nfs" -}}{{- $dirs = append $dirs (.nodeMountDir | default "/var/lib/cairn-csi/nfs") | uniq -}}{{- end -}}
+{{- end -}}
+{{- join "\n" $dirs -}}
+{{- end }}
+
 {{/* hostPath volumes and mounts for the directories of local backends. */}}
 {{- define "cairn.localVolumes" -}}
 {{- range .Values.backends }}

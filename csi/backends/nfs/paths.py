@@ -72,7 +72,11 @@ def check_relative(path: str, what: str) -> list[str]:
         raise InvalidArgument(f"{what} contains a NUL byte")
     if path.startswith("/"):
         raise InvalidArgument(f"{what} is absolute: it must be relative to the export")
-    if len(path.encode()) > PATH_MAX:
+    try:
+        size = len(path.encode())
+    except UnicodeEncodeError:  # a lone surrogate: no name on the export (NFSv4 names are UTF-8)
+        raise InvalidArgument(f"{what} is not valid UTF-8") from None
+    if size > PATH_MAX:
         raise InvalidArgument(f"{what} is longer than {PATH_MAX} bytes")
     parts = path.split("/")
     for part in parts:

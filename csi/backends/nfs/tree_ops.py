@@ -108,15 +108,28 @@ def check_no_links(tree: Tree, parts: list[str]) -> None:
 def remove_tree(tree: Tree, path: str, as_owner: Callable[[Stat], Tree] | None = None) -> None:
     """Remove ``path`` and everything below it; missing is fine. ``as_owner`` gives a
     tree that acts as a folder's owner, for exports that squash root: there the owner of
-    each folder removes its entries (and may first give itself write permission on it)."""
+    each folder removes its entries (and may first give itself back read, write and search
+    permission on it)."""
     try:
         st = tree.lstat(path)
     except FileNotFoundError:
         return
+    _remove_tree(tree, path, st, as_owner, None)
+
+
+def _remove_tree(
+    tree: Tree, path: str, st: Stat, as_owner: Callable[[Stat], Tree] | None, parent_owner: Tree | None
+) -> None:
+    """``st`` is ``path``'s, as whoever could see it (below a folder only its owner may
+    search, ``tree`` cannot); ``parent_owner`` acts as the owner of the folder holding it."""
     if not st.is_dir:
         remove_file(tree, path)
         return
     actor = as_owner(st) if as_owner else tree
+    if as_owner is not None and statmod.S_IMODE(st.mode) & statmod.S_IRWXU != statmod.S_IRWXU:
+        # A folder its owner took permissions from (0500, 0300, 0000): the mode is the
+        # owner's to change, whatever it is, so it may list, search and empty it again.
+        actor.chmod(path, statmod.S_IMODE(st.mode) | statmod.S_IRWXU)
     for name in actor.listdir(path):
         child = join(path, name)
         try:
@@ -124,7 +137,7 @@ def remove_tree(tree: Tree, path: str, as_owner: Callable[[Stat], Tree] | None =
         except FileNotFoundError:
             continue
         if child_st.is_dir:
-            remove_tree(tree, child, as_owner)
+            _remove_tree(tree, child, child_st, as_owner, actor)
         else:
             try:
                 actor.unlink(child)
@@ -140,8 +153,10 @@ def remove_tree(tree: Tree, path: str, as_owner: Callable[[Stat], Tree] | None =
     except PermissionError:
         if as_owner is None:
             raise
-        parent = path.rsplit("/", 1)[0] if "/" in path else ""
-        as_owner(tree.lstat(parent)).rmdir(path)
+        if parent_owner is None:
+            parent = path.rsplit("/", 1)[0] if "/" in path else ""
+            parent_owner = as_owner(tree.lstat(parent))
+        parent_owner.rmdir(path)
 
 
 def copy_tree(tree: Tree, source: str, target: str) -> None:

@@ -8,7 +8,6 @@ a stock kernel against the host's test server."""
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,17 +18,11 @@ import yaml
 from csi import loopdev, mount
 from csi.generated import csi_pb2 as pb
 from tests.conftest import running_driver
-from tests.nfs import EXPORT, NfsServer
+from tests.nfs import EXPORT, NfsServer, kernel_has_nfs
 from tests.support import Driver, block_capability, mount_capability, require_tools
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
-
-
-def kernel_has_nfs() -> bool:
-    subprocess.run(["modprobe", "-q", "nfsv4"], check=False, capture_output=True)
-    with open("/proc/filesystems", encoding="ascii") as listing:
-        return any(line.split()[-1] in ("nfs", "nfs4") for line in listing)
 
 
 @pytest.fixture(autouse=True)
