@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import threading
 import time
 import uuid
@@ -55,7 +56,6 @@ from csi.model import (
     Snapshot,
     SourceRef,
     Volume,
-    VolumeCondition,
     VolumeSpec,
 )
 from csi.sizes import choose_size
@@ -68,6 +68,12 @@ PARAM_MOUNT_OPTIONS = "mountOptions"
 PARAM_MOUNT_PERMISSIONS = "mountPermissions"
 _NAMESPACE = {kind: uuid.uuid5(uuid.NAMESPACE_URL, f"https://cairn.csi.io/nfs/{kind}") for kind in ("vol", "snap")}
 _FOLDER = {"volume": "volumes", "snapshot": "snapshots"}
+_CONTROL_FOLDERS = ("volumes", "snapshots", "tmp", "trash", "archived")
+_CONTROL_MODE = 0o711
+"""Searchable by anyone, listable by the driver only: where the export squashes root, the
+owners of what a volume holds must reach it there to remove it (see ``_remove_tree``)."""
+_OWNER_CLIENTS = 16
+"""How many clients acting as other users (root squash) stay connected."""
 _PREFIX = {"volume": "vol", "snapshot": "snap"}
 
 
@@ -127,8 +133,11 @@ class NfsVolumes:
             return
         try:
             tree_ops.make_dirs(self.tree, paths_of(self.control))
-            for folder in ("volumes", "snapshots", "tmp", "trash"):
-                tree_ops.make_dirs(self.tree, [*paths_of(self.control), folder], 0o700)
+            for folder in _CONTROL_FOLDERS:
+                path = tree_ops.join(self.control, folder)
+                tree_ops.make_dirs(self.tree, paths_of(path), _CONTROL_MODE)
+                if stat.S_IMODE(self.tree.lstat(path).mode) != _CONTROL_MODE:
+                    self.tree.chmod(path, _CONTROL_MODE)
         except OSError as exc:
             raise Unavailable(f"export {self.tree.describe()} is not usable: {exc.strerror or exc}") from exc
         self._ready = True
@@ -339,25 +348,50 @@ class NfsVolumes:
         def remove() -> None:
             if tree_ops.exists(self.tree, path):
                 if record["onDelete"] == "archive":
-                    self.tree.rename(path, self._archive_name(local_id, record))
+                    self._archive(local_id, record)
                 elif record["onDelete"] == "delete":
                     trash = tree_ops.join(self.control, "trash", f"{local_id}-{uuid.uuid4().hex[:8]}")
-                    self.tree.rename(path, trash)
-                    tree_ops.remove_file(self.tree, record_path)
-                    self._remove_tree(trash)
-                    return
+                    self._move(path, trash)
+            # The record goes last: a delete cut short is finished by the retry.
+            self._empty_trash(local_id)
             tree_ops.remove_file(self.tree, record_path)
 
         self._call(remove)
 
-    def _archive_name(self, local_id: str, record: Mapping[str, Any]) -> str:
-        """A name beside the volume's that cannot collide: the time and the volume's ID."""
+    def _empty_trash(self, local_id: str) -> None:
+        trash = tree_ops.join(self.control, "trash")
+        for name in self.tree.listdir(trash):
+            if name.startswith(f"{local_id}-"):
+                self._remove_tree(tree_ops.join(trash, name))
+
+    def _move(self, path: str, target: str) -> None:
+        """Rename ``path``; a folder a pod made its own (moving a folder rewrites its
+        '..', which needs write permission on it) is moved by its owner where root is
+        squashed, after the owner gives itself that permission."""
+        try:
+            self.tree.rename(path, target)
+        except PermissionError:
+            if self.owner_tree is None:
+                raise
+            st = self.tree.lstat(path)
+            owner = self._as_owner(st)
+            owner.chmod(path, stat.S_IMODE(st.mode) | stat.S_IRWXU)
+            self.tree.rename(path, target)
+
+    def _archive(self, local_id: str, record: Mapping[str, Any]) -> None:
+        """Keep the data under a name that cannot collide (time, volume ID and a random
+        part): a folder beside where it was, as ``archived-<name>-...``; an image in the
+        backend's ``archived`` folder, beside a copy of its record naming the claim."""
         path = str(record["path"])
-        if record["layout"] == "image":
-            return f"archived-{record['name']}-{local_id}.img"
-        parent, _, base = path.rpartition("/")
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        return tree_ops.join(parent, f"archived-{base}-{stamp}-{local_id}")
+        unique = f"{stamp}-{local_id}-{uuid.uuid4().hex[:8]}"
+        if record["layout"] == "image":
+            target = tree_ops.join(self.control, "archived", unique)
+            tree_ops.write_json(self.tree, f"{target}.json", dict(record))
+            self._move(path, f"{target}.img")
+            return
+        parent, _, base = path.rpartition("/")
+        self._move(path, tree_ops.join(parent, f"archived-{base}-{unique}"))
 
     def _remove_tree(self, path: str) -> None:
         try:
@@ -372,9 +406,12 @@ class NfsVolumes:
         assert self.owner_tree is not None
         key = (st.uid, st.gid)
         with self._owners_lock:
-            if key not in self._owners:
-                self._owners[key] = self.owner_tree(*key)
-            return self._owners[key]
+            tree = self._owners.pop(key, None) or self.owner_tree(*key)
+            self._owners[key] = tree  # the most recently used last
+            while len(self._owners) > _OWNER_CLIENTS:
+                oldest = next(iter(self._owners))
+                self._owners.pop(oldest).close()
+            return tree
 
     def get_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Volume:
         return self._volume(local_id, self._require("volume", local_id))
@@ -490,10 +527,8 @@ class NfsVolumes:
 
         def remove() -> None:
             if tree_ops.exists(self.tree, data):
-                trash = tree_ops.join(self.control, "trash", f"{local_id}-{uuid.uuid4().hex[:8]}")
-                self.tree.rename(data, trash)
-                tree_ops.remove_file(self.tree, record_path)
-                self._remove_tree(trash)
+                self._move(data, tree_ops.join(self.control, "trash", f"{local_id}-{uuid.uuid4().hex[:8]}"))
+            self._empty_trash(local_id)
             tree_ops.remove_file(self.tree, record_path)
 
         self._call(remove)
@@ -541,9 +576,6 @@ class NfsVolumes:
             return
         del record["published"][node_id]
         self._write("volume", local_id, record)
-
-    def condition(self, local_id: str) -> VolumeCondition:
-        return HEALTHY
 
 
 def paths_of(path: str) -> list[str]:

@@ -12,6 +12,7 @@ an ``OSError`` with its errno, so callers handle both the same way.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat as statmod
 from collections.abc import Iterator
@@ -80,6 +81,8 @@ class Tree(Protocol):
     def lchown(self, path: str, uid: int, gid: int) -> None: ...
     def lutimes(self, path: str, atime_ns: int, mtime_ns: int) -> None: ...
     def truncate(self, path: str, size: int) -> None: ...
+    def xattrs(self, path: str) -> dict[str, bytes]: ...
+    def set_xattr(self, path: str, name: str, value: bytes) -> None: ...
     def open(self, path: str, flags: int, mode: int = 0o600) -> File: ...
     def close(self) -> None: ...
 
@@ -186,6 +189,20 @@ class LocalTree:
 
     def truncate(self, path: str, size: int) -> None:
         os.truncate(self._path(path), size)
+
+    def xattrs(self, path: str) -> dict[str, bytes]:
+        """Extended attributes, POSIX ACLs included (``system.posix_acl_*``)."""
+        full = self._path(path)
+        try:
+            names = os.listxattr(full, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EPERM):
+                return {}  # a filesystem (or a symbolic link) without them
+            raise
+        return {name: os.getxattr(full, name, follow_symlinks=False) for name in names}
+
+    def set_xattr(self, path: str, name: str, value: bytes) -> None:
+        os.setxattr(self._path(path), name, value, follow_symlinks=False)
 
     def open(self, path: str, flags: int, mode: int = 0o600) -> File:
         return _LocalFile(os.open(self._path(path), flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode))

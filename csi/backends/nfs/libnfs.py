@@ -458,6 +458,14 @@ class Client:
     def truncate(self, path: str, size: int) -> None:
         self._call("nfs_truncate", self._abs(path), size, path=path)
 
+    def xattrs(self, path: str) -> dict[str, bytes]:
+        """None: NFSv4.0 and 4.1 carry no extended attributes (nor POSIX ACLs), and
+        libnfs 4.0 speaks no 4.2; copies through this client keep none (README)."""
+        return {}
+
+    def set_xattr(self, path: str, name: str, value: bytes) -> None:
+        raise OSError(errno.ENOTSUP, f"{os.strerror(errno.ENOTSUP)}: NFSv4.1 carries no extended attributes", path)
+
     def _open(self, path: str, flags: int) -> _NfsFile:
         with self._lock:
             ctx, handle = self._ready(path), _P()

@@ -178,7 +178,7 @@ def _copy_dir(tree: Tree, source: str, target: str, st: Stat, links: dict[int, s
             _copy_dir(tree, src, dst, child, links)
         elif child.is_symlink:
             tree.symlink(tree.readlink(src), dst)
-            _attributes(tree, dst, child, symlink=True)
+            _attributes(tree, dst, child, {}, symlink=True)
         elif child.is_file:
             if child.nlink > 1 and child.ino in links:
                 tree.link(links[child.ino], dst)
@@ -187,7 +187,7 @@ def _copy_dir(tree: Tree, source: str, target: str, st: Stat, links: dict[int, s
             if child.nlink > 1:
                 links[child.ino] = dst
         # Sockets, FIFOs and device nodes are not data; they are left out.
-    _attributes(tree, target, st)
+    _attributes(tree, target, st, tree.xattrs(source))
 
 
 def copy_file(tree: Tree, source: str, target: str) -> None:
@@ -211,16 +211,19 @@ def copy_file(tree: Tree, source: str, target: str) -> None:
             dst.fsync()
         after = tree.lstat(source)
         if (after.size, after.mtime_ns, after.ctime_ns) == (before.size, before.mtime_ns, before.ctime_ns):
-            _attributes(tree, target, before)
+            _attributes(tree, target, before, tree.xattrs(source))
             return
     raise Aborted(f"file {source!r} kept changing while it was copied ({COPY_ATTEMPTS} attempts); try again")
 
 
-def _attributes(tree: Tree, path: str, st: Stat, symlink: bool = False) -> None:
+def _attributes(tree: Tree, path: str, st: Stat, source_xattrs: dict[str, bytes], symlink: bool = False) -> None:
     with contextlib.suppress(PermissionError):  # a squashed client cannot give files away
         tree.lchown(path, st.uid, st.gid)
     if not symlink:
         tree.chmod(path, statmod.S_IMODE(st.mode))
+        # After the mode: a POSIX ACL (an xattr) carries the mode's bits and its own mask.
+        for name, value in source_xattrs.items():
+            tree.set_xattr(path, name, value)
     try:
         tree.lutimes(path, st.atime_ns, st.mtime_ns)
     except OSError as exc:

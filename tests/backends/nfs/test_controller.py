@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import stat
+import struct
 import time
 import types
 import uuid
@@ -405,30 +406,49 @@ def assert_unchanged(before: dict[str, os.stat_result], root: Path) -> None:
         ), path
 
 
+ACL = "system.posix_acl_access"
+# A POSIX ACL as the kernel stores it: version 2, then (tag, permissions, id) entries:
+# owner rw-, user 1234 r--, owning group r--, mask r--, others ---.
+ACL_VALUE = struct.pack(
+    "<I" + "HHI" * 5,
+    2,
+    0x01,
+    6,
+    0xFFFFFFFF,
+    0x02,
+    4,
+    1234,
+    0x04,
+    4,
+    0xFFFFFFFF,
+    0x10,
+    4,
+    0xFFFFFFFF,
+    0x20,
+    0,
+    0xFFFFFFFF,
+)
+
+
 def _copy_with_xattr(nfs: Nfs) -> tuple[Path, Path, Path]:
     volume = nfs.volumes.create_volume(nfs.spec("pv-xattr"))
     source = nfs.folder(volume)
     (source / "file").write_text("with an attribute")
     os.setxattr(source / "file", "user.test", b"value")
+    os.setxattr(source / "file", ACL, ACL_VALUE)
     os.setxattr(source, "user.folder", b"on the folder")
     snapshot = nfs.volumes.create_snapshot("snap-xattr", volume.local_id, {})
     clone = nfs.volumes.create_volume(nfs.spec("pv-xattr-clone", source=SourceRef("volume", volume.local_id)))
     return source, nfs.control / "snapshots" / f"{snapshot.local_id}.data", nfs.folder(clone)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason="tree_ops.copy_file/_attributes copy data, mode, owner and times only: the fs.Tree protocol has no "
-    "xattr calls, so LocalTree (exportRoot) drops extended attributes and POSIX ACLs (system.posix_acl_*) "
-    "although the filesystem has them",
-)
 def test_local_tree_copies_keep_extended_attributes(make: Make) -> None:
     nfs = make("local")
     source, snapshot, clone = _copy_with_xattr(nfs)
     assert os.getxattr(source / "file", "user.test") == b"value"
     for copy in (snapshot, clone):
         assert os.getxattr(copy / "file", "user.test") == b"value"
+        assert os.getxattr(copy / "file", ACL) == ACL_VALUE, "the POSIX ACL was not kept"
         assert os.getxattr(copy, "user.folder") == b"on the folder"
 
 
@@ -505,13 +525,6 @@ def test_on_delete_archive_renames_beside_without_collisions(nfs: Nfs) -> None:
     nfs.assert_control_empty()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason="controller.py _archive_name: a directory archive is archived-<base>-<UTC second>-<volume ID>; the ID "
-    "derives from the request name, so the same name archived twice within one second gets the same name: the "
-    "rename fails with a raw ENOTEMPTY OSError (not a domain error), or silently replaces an empty first archive",
-)
 def test_on_delete_archive_same_name_twice_in_one_second(nfs: Nfs, monkeypatch: pytest.MonkeyPatch) -> None:
     frozen = time.gmtime(1_700_000_000)
     clock = types.SimpleNamespace(time=time.time, gmtime=lambda: frozen, strftime=time.strftime)
@@ -524,18 +537,13 @@ def test_on_delete_archive_same_name_twice_in_one_second(nfs: Nfs, monkeypatch: 
 
 
 def archives_of(nfs: Nfs, volume: Volume) -> list[Path]:
-    """An image's archives, beside it or (where they land today) at the export's root."""
-    pattern = f"archived-*{volume.local_id}*"
-    return [*nfs.export.glob(pattern), *nfs.control.rglob(pattern)]
+    """An image's archives: in the backend's ``archived`` folder, each beside its record."""
+    found = sorted((nfs.control / "archived").glob(f"*{volume.local_id}*.img"))
+    for image in found:
+        assert json.loads(image.with_suffix(".json").read_text())["name"] == volume.name
+    return found
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="controller.py _archive_name: an image volume's archive is archived-<name>-<ID>.img at the export's "
-    "root (not beside the image), with no time stamp: archiving the same name again renames over the first "
-    "archive and silently destroys it",
-)
 def test_on_delete_archive_of_images_does_not_collide(make: Make, through: str) -> None:
     nfs = make(through, "image")
     archived = []
@@ -550,14 +558,6 @@ def test_on_delete_archive_of_images_does_not_collide(make: Make, through: str) 
     assert sorted(p.read_bytes()[:6].rstrip(b"\0") for p in archived) == [b"first", b"second"]
 
 
-IMAGE_ARCHIVE_NAME = (
-    "controller.py _archive_name builds an image's archive name from the request name unchecked "
-    "(archived-<name>-<ID>.img, relative to the export's root): a name holding '/' (CSI allows it; only control "
-    "characters are refused) makes the rename fail with ENOENT, reported as NotFound 'vanished' on every retry"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=NotFound, reason=IMAGE_ARCHIVE_NAME)
 def test_on_delete_archive_of_an_image_whose_name_holds_a_slash(make: Make, through: str) -> None:
     nfs = make(through, "image")
     volume = nfs.volumes.create_volume(nfs.spec(f"{nfs.name}-team/pv", onDelete="archive"))
@@ -566,12 +566,6 @@ def test_on_delete_archive_of_an_image_whose_name_holds_a_slash(make: Make, thro
     assert len(archives_of(nfs, volume)) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=IMAGE_ARCHIVE_NAME + "; and through LocalTree a name with '..' after an existing archived-* folder "
-    "renames the image out of the export",
-)
 def test_on_delete_archive_of_an_image_stays_inside_the_export(make: Make) -> None:
     nfs = make("local", "image")
     (nfs.export / f"archived-{nfs.name}").mkdir()  # any folder of that name, as a directory backend archives
@@ -581,13 +575,6 @@ def test_on_delete_archive_of_an_image_stays_inside_the_export(make: Make) -> No
 
 
 # -- deletion where root is squashed ---------------------------------------------------------------
-
-TRASH_0700 = (
-    "controller.py NfsVolumes._ensure makes .cairn/<b>/trash mode 0700 (owned by the squashed user), and "
-    "delete_volume renames the volume's folder into it before removing it: a tree acting as another owner "
-    "(owner_tree, uid 1000) cannot search trash/ to reach its own folders (NFS4ERR_ACCESS on the LOOKUP), so "
-    "every subfolder owned by someone else stops the delete with FAILED_PRECONDITION; trash/ needs 0711"
-)
 
 
 def fill_as_pods(folder: Path) -> None:
@@ -625,7 +612,7 @@ def squashed_backend(make: Make, owner: bool) -> tuple[Nfs, Volume, Path]:
     volume = nfs.volumes.create_volume(nfs.spec(f"{nfs.name}-vol"))
     folder = nfs.folder(volume)
     assert folder.stat().st_uid == 65534  # made as nobody
-    assert stat.S_IMODE((nfs.control / "trash").stat().st_mode) == 0o700
+    assert stat.S_IMODE((nfs.control / "trash").stat().st_mode) == 0o711  # owners may pass through
     fill_as_pods(folder)
     assert squashed_entries(nfs) == {f"{nfs.name}-vol"}
     return nfs, volume, folder
@@ -645,39 +632,17 @@ def test_delete_under_root_squash_of_files_in_the_folder(make: Make) -> None:
     nfs.assert_control_empty()
 
 
-@pytest.mark.xfail(strict=True, raises=FailedPrecondition, reason=TRASH_0700)
 def test_delete_under_root_squash_as_each_owner(make: Make) -> None:
     """Through /squashed, root is nobody; the controller deletes other users' folders by
     acting as each folder's owner (``owner_tree``, as ``controller_for`` sets it up):
     a folder of uid 1000 (0755) with its files, a folder of uid 1001 without write
     permission for anyone (0500)."""
     nfs, volume, folder = squashed_backend(make, owner=True)
-    try:
-        nfs.volumes.delete_volume(volume.local_id)
-    except FailedPrecondition as exc:
-        # What happens today: out of sight (in trash/), the record gone, the data stuck.
-        assert "trash" in str(exc) and "Permission denied" in str(exc)
-        assert not folder.exists()
-        assert nfs.volumes.list_volumes() == []
-        assert len(nfs.control_contents()["trash"]) == 1
-        raise
-    assert not folder.exists()
-    assert squashed_entries(nfs) == set()
-    assert nfs.volumes.list_volumes() == []
-    nfs.assert_control_empty()
-
-
-def test_delete_under_root_squash_once_owners_can_reach_the_trash(make: Make) -> None:
-    """The cause of the failure above, pinned down: with trash/ searchable by others (0711,
-    which still lists nothing to them) the same delete removes everything, as each owner."""
-    nfs, volume, folder = squashed_backend(make, owner=True)
-    nfs.volumes.tree.chmod(f".cairn/{nfs.name}/trash", 0o711)  # through the server, which caches modes
     nfs.volumes.delete_volume(volume.local_id)
     assert not folder.exists()
     assert squashed_entries(nfs) == set()
     assert nfs.volumes.list_volumes() == []
     nfs.assert_control_empty()
-    assert {uid for uid, _ in nfs.volumes._owners} >= {1000, 1001}  # it did act as the owners
 
 
 def test_delete_under_root_squash_of_folders_their_owner_cannot_read(make: Make) -> None:
@@ -694,33 +659,18 @@ def test_delete_under_root_squash_of_folders_their_owner_cannot_read(make: Make)
         for path in (locked / "inner" / "file", locked / "inner", locked / "file", locked):
             os.chown(path, uid, uid)
         locked.chmod(mode)
-    nfs.volumes.tree.chmod(f".cairn/{nfs.name}/trash", 0o711)
     nfs.volumes.delete_volume(volume.local_id)
     assert squashed_entries(nfs) == set()
     nfs.assert_control_empty()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=FailedPrecondition,
-    reason="controller.py delete_volume renames the volume's folder into trash/ as the squashed user only: moving "
-    "a folder to another parent needs write permission on the folder itself (to rewrite '..'), so a folder whose "
-    "owner is a pod's user (mode 0755) cannot be deleted at all; the rename is not retried as the folder's owner",
-)
 def test_delete_under_root_squash_of_a_folder_a_pod_took_over(make: Make) -> None:
     """A node that mounts without squashing ran an init container's ``chown 1000 /data``;
     the controller's access is squashed."""
     nfs, volume, folder = squashed_backend(make, owner=True)
     os.chown(folder, 1000, 1000)
     folder.chmod(0o755)
-    try:
-        nfs.volumes.delete_volume(volume.local_id)
-    except FailedPrecondition:
-        # What happens today is at least safe: refused as a whole, nothing half deleted.
-        assert nfs.volumes.list_volumes() == [volume]
-        assert sorted(os.listdir(folder)) == ["top", "u1000", "u1001-readonly"]
-        assert nfs.control_contents()["trash"] == []
-        raise
+    nfs.volumes.delete_volume(volume.local_id)
     assert not folder.exists()
     assert squashed_entries(nfs) == set()
     nfs.assert_control_empty()
@@ -728,11 +678,11 @@ def test_delete_under_root_squash_of_a_folder_a_pod_took_over(make: Make) -> Non
 
 def test_delete_under_root_squash_without_owner_tree_fails_safely(make: Make) -> None:
     """Without ``owner_tree`` the squashed controller cannot remove other users' folders.
-    What happens: the folder is renamed into trash/ and the record removed before the
-    trash is emptied, so the delete fails with FAILED_PRECONDITION naming the refusal,
-    the volume is gone for the CO (not listed; a retried delete succeeds) and its data
-    is out of sight in trash/ (whole, but for what nobody may remove), where only a
-    start-up sweep (``recover``) can reach it."""
+    The folder is moved out of sight into trash/ first, then its removal is refused: the
+    delete fails with FAILED_PRECONDITION naming the refusal, and keeps failing on every
+    retry (the record goes last), so the CO reports the volume it could not delete
+    instead of forgetting data nobody removed. The volume is no longer usable (not
+    listed, NOT_FOUND), and a controller with owner_tree finishes the job."""
     nfs, volume, folder = squashed_backend(make, owner=False)
     with pytest.raises(FailedPrecondition, match=r"refused .*Permission denied"):
         nfs.volumes.delete_volume(volume.local_id)
@@ -745,13 +695,13 @@ def test_delete_under_root_squash_without_owner_tree_fails_safely(make: Make) ->
     left = nfs.control / "trash" / trash
     assert sorted(os.listdir(left / "u1000")) == ["deeper", "file0", "file1", "file2"]  # nobody's to remove
     assert (left / "u1001-readonly" / "file").read_text() == "locked in"
-    nfs.volumes.delete_volume(volume.local_id)  # the CO's retry: nothing left to delete, for the CO
+    with pytest.raises(FailedPrecondition):
+        nfs.volumes.delete_volume(volume.local_id)  # the CO's retry: still refused, not forgotten
     assert nfs.control_contents()["trash"] == [trash]
     nfs.volumes.recover()  # still nobody: nothing more it can do, and it does not fail
     assert nfs.control_contents()["trash"] == [trash]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=TRASH_0700)
 def test_recover_with_owner_tree_empties_the_trash_under_root_squash(make: Make) -> None:
     nfs, volume, _ = squashed_backend(make, owner=False)
     with pytest.raises(FailedPrecondition):
@@ -763,16 +713,8 @@ def test_recover_with_owner_tree_empties_the_trash_under_root_squash(make: Make)
     nfs.assert_control_empty()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="controller.py delete_volume: the record is removed before the trash is emptied, and a retried delete "
-    "returns at once when the record is gone, so what a failed removal left in trash/ is only reclaimed by "
-    "recover() at the next start, never by the retry the CO makes (even with owner_tree, and trash/ reachable)",
-)
 def test_a_retried_delete_with_owner_tree_empties_what_a_failed_one_left(make: Make) -> None:
     nfs, volume, _ = squashed_backend(make, owner=False)
-    nfs.volumes.tree.chmod(f".cairn/{nfs.name}/trash", 0o711)  # rule out the other defect (TRASH_0700)
     with pytest.raises(FailedPrecondition):
         nfs.volumes.delete_volume(volume.local_id)
     nfs.volumes.owner_tree = make("client", squashed=True, owner=True).volumes.owner_tree

@@ -13,6 +13,7 @@ import shutil
 import signal
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -255,12 +256,27 @@ def test_close_is_idempotent(nfs_server: NfsServer) -> None:
     (nfs_server.export_dir / name).unlink()
 
 
+def wait_stopped(pid: int) -> None:
+    """Until every thread of ``pid`` is stopped: SIGSTOP takes effect per thread, and a
+    thread still running may answer a call sent at once."""
+    for _ in range(1000):
+        states = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/stat", encoding="ascii") as handle:
+                states.append(handle.read().rsplit(")", 1)[1].split()[0])
+        if all(state in ("T", "t") for state in states):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"server {pid} did not stop: thread states {states}")
+
+
 def test_a_stopped_server_times_out_then_recovers(client: Client, work: str, nfs_server: NfsServer) -> None:
     own_server(nfs_server)
     quick = Client("127.0.0.1", EXPORT, port=nfs_server.port, timeout=2.0)
     try:
         os.kill(nfs_server.pid, signal.SIGSTOP)
         try:
+            wait_stopped(nfs_server.pid)
             with pytest.raises(TimeoutError):
                 quick.stat(work)
             with pytest.raises(TimeoutError):
