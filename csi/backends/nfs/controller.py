@@ -182,14 +182,39 @@ class NfsVolumes:
         return tree_ops.exists(self.tree, self._data_path(kind, local_id, record))
 
     def _read(self, kind: str, local_id: str) -> dict[str, Any] | None:
-        """The record of a complete object, or None."""
+        """The record of a complete object, or None. A statically provisioned folder has
+        no record: it is described from its ID."""
         self._ensure()
+        if kind == "volume" and is_static(local_id):
+            return self._static(local_id)
         record: dict[str, Any] | None = self._call(
             lambda: tree_ops.read_json(self.tree, self._record_path(kind, local_id))
         )
         if record is None or not self._call(lambda: self._has_data(kind, local_id, record)):
             return None
         return record
+
+    def _static(self, local_id: str) -> dict[str, Any] | None:
+        """A folder an operator made and named in a PersistentVolume (static provisioning):
+        the driver publishes it and may copy it, and never writes, resizes or removes it."""
+        if self.settings.layout != "directory":
+            raise NotFound(
+                f"volume {local_id!r}: backend {self.settings.backend!r} makes images; static volumes are folders"
+            )
+        path = static_path(local_id)
+        st = self._call(lambda: _lstat_or_none(self.tree, path))
+        if st is None or not st.is_dir:
+            return None
+        return {
+            "name": local_id,
+            "layout": "directory",
+            "path": path,
+            "size": 0,
+            "source": None,
+            "published": {},
+            "mountOptions": list(self.settings.mount_options),
+            "static": True,
+        }
 
     def _require(self, kind: str, local_id: str) -> dict[str, Any]:
         record = self._read(kind, local_id)
@@ -336,6 +361,9 @@ class NfsVolumes:
 
     def delete_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
         self._ensure()
+        if is_static(local_id):
+            log.info("volume %s is a folder the driver did not make: it stays on the export", local_id)
+            return
         record_path = self._record_path("volume", local_id)
         record = self._call(lambda: tree_ops.read_json(self.tree, record_path))
         if record is None:
@@ -464,6 +492,8 @@ class NfsVolumes:
         self, local_id: str, required_bytes: int, limit_bytes: int, *, secrets: Secrets = NO_SECRETS
     ) -> int:
         record = self._require("volume", local_id)
+        if record.get("static"):
+            raise FailedPrecondition(f"volume {local_id} is a folder the driver did not make: it has no size to grow")
         current = self._size("volume", local_id, record)
         if required_bytes <= current:
             return current
@@ -486,7 +516,8 @@ class NfsVolumes:
             if existing["source"] != source_local_id:
                 raise AlreadyExists(f"snapshot {name!r} exists for another source volume")
             return self._snapshot(local_id, existing)
-        source = self._read("volume", source_local_id) if _valid("volume", source_local_id) else None
+        valid = _valid("volume", source_local_id) or is_static(source_local_id)
+        source = self._read("volume", source_local_id) if valid else None
         if source is None:
             raise NotFound(f"source volume {source_local_id!r} does not exist")
         temp = tree_ops.join(self.control, "tmp", local_id)
@@ -557,25 +588,56 @@ class NfsVolumes:
         record = self._require("volume", local_id)
         published: dict[str, bool] = record["published"]
         check_publication(local_id, published, node_id, capability, readonly)
-        if node_id not in published:
+        if node_id not in published and not record.get("static"):
             published[node_id] = readonly
             self._write("volume", local_id, record)
-        return {
+        context = {
             "server": self.settings.server,
             "share": self.settings.share,
             "port": str(self.settings.port),
             "path": str(record["path"]),
             "mountOptions": ",".join(record["mountOptions"]),
         }
+        if record.get("static"):
+            # The PersistentVolume's attributes (server, share, subDir) say what to mount.
+            for key in ("server", "share", "path"):
+                del context[key]
+        return context
 
     def unpublish_volume(self, local_id: str, node_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
         if not _valid("volume", local_id):
-            return
+            return  # a static volume's publications are not recorded
         record = self._read("volume", local_id)
         if record is None or node_id not in record["published"]:
             return
         del record["published"][node_id]
         self._write("volume", local_id, record)
+
+
+STATIC_PREFIX = "static:"
+
+
+def is_static(local_id: str) -> bool:
+    return local_id.startswith(STATIC_PREFIX)
+
+
+def static_path(local_id: str) -> str:
+    """The folder a static volume's ID names (``static:<subDir>``), checked like a
+    template's result."""
+    path = local_id[len(STATIC_PREFIX) :]
+    try:
+        paths.check_relative(path, f"static volume {local_id!r}")
+    except InvalidArgument as exc:
+        raise NotFound(str(exc)) from None
+    return path
+
+
+def _lstat_or_none(tree: Tree, path: str) -> Stat | None:
+    try:
+        tree_ops.check_no_links(tree, [*paths_of(path), ""])
+        return tree.lstat(path)
+    except (FileNotFoundError, InvalidArgument):
+        return None
 
 
 def paths_of(path: str) -> list[str]:

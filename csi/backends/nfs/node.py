@@ -18,13 +18,15 @@ mounts from anyone else's.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+from collections.abc import Mapping
 
 from csi import loopdev, mount
 from csi.backends.base import Attachment, AttachRequest
 from csi.backends.nfs import paths
 from csi.backends.nfs.common import NfsSettings
-from csi.backends.nfs.controller import check_local_id, parse_mount_options
+from csi.backends.nfs.controller import STATIC_PREFIX, check_local_id, is_static, parse_mount_options
 from csi.errors import InvalidArgument, NotFound
 from csi.files import write_atomically
 
@@ -52,13 +54,31 @@ class NfsConnector:
         if self.settings.layout == "image":
             check_local_id("volume", local_id)
             return self._attach_image(local_id, options, request.capability.access_mode.read_only)
-        sub_dir = context.get("path") or context.get("subDir") or ""
+        if is_static(local_id):
+            sub_dir = self._static_folder(local_id, request.volume_context)
+        else:
+            sub_dir = context.get("path") or context.get("subDir") or ""
         if not sub_dir:
             raise InvalidArgument(f"volume {local_id}: neither publish nor volume context names its subDir")
         paths.check_relative(sub_dir, f"volume {local_id} subDir")
         source = self.settings.source(sub_dir)
         self._remember(local_id, source)
         return Attachment(source=source, fstype=NFS_FSTYPE, options=options)
+
+    def _static_folder(self, local_id: str, attributes: Mapping[str, str]) -> str:
+        """A statically provisioned folder: its handle (``static:<subDir>``) names it; the
+        attributes csi-driver-nfs's PersistentVolumes carry (server, share, subDir) are
+        accepted when they agree with the handle and the backend, refused otherwise."""
+        sub_dir = local_id[len(STATIC_PREFIX) :]
+        expected = {"server": self.settings.server, "share": self.settings.share, "subDir": sub_dir}
+        for key, value in expected.items():
+            given = attributes.get(key)
+            if given is not None and given.rstrip("/") != value.rstrip("/"):
+                raise InvalidArgument(
+                    f"volume {local_id}: attribute {key}={given!r} disagrees with backend "
+                    f"{self.settings.backend!r} and the volume handle ({value!r})"
+                )
+        return sub_dir
 
     def _attach_image(self, local_id: str, options: tuple[str, ...], read_only: bool) -> Attachment:
         if not mount.is_mounted(self.export_mount):
@@ -87,7 +107,7 @@ class NfsConnector:
                 self._release_export()
             return
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.sources_dir, local_id))
+            os.unlink(self._source_file(local_id))
 
     def _release_export(self) -> None:
         """Unmount the export once no loop device of this host uses a file on it."""
@@ -103,16 +123,19 @@ class NfsConnector:
             check_local_id("volume", local_id)
             return loopdev.find(self._image(local_id)) if mount.is_mounted(self.export_mount) else []
         try:
-            with open(os.path.join(self.sources_dir, local_id), encoding="utf-8") as handle:
+            with open(self._source_file(local_id), encoding="utf-8") as handle:
                 return [handle.read().strip()]
         except (FileNotFoundError, ValueError):
             return []
 
+    def _source_file(self, local_id: str) -> str:
+        """Where the source of a directory volume attached here is kept: named by a digest
+        of the ID (a static volume's ID holds '/')."""
+        return os.path.join(self.sources_dir, hashlib.sha256(local_id.encode()).hexdigest())
+
     def _remember(self, local_id: str, source: str) -> None:
-        if "/" in local_id or local_id in ("", ".", ".."):
-            raise InvalidArgument(f"volume ID {local_id!r} cannot name a file")
         os.makedirs(self.sources_dir, exist_ok=True)
-        write_atomically(os.path.join(self.sources_dir, local_id), source.encode())
+        write_atomically(self._source_file(local_id), source.encode())
 
     def refresh_size(self, local_id: str, device: str) -> None:
         loopdev.refresh_size(device)

@@ -836,3 +836,74 @@ def test_errno_of_a_refused_change_is_a_domain_error() -> None:
     for code in (errno.EACCES, errno.EPERM, errno.EROFS):
         error = controller._domain_error(OSError(code, os.strerror(code), "a/b"), "nfs://x/export")
         assert isinstance(error, FailedPrecondition) and "a/b" in str(error)
+
+
+# -- static provisioning ------------------------------------------------------------------------
+
+
+def test_a_static_folder_is_published_copied_and_never_removed(nfs: Nfs) -> None:
+    """A folder an operator made, named by a PersistentVolume's handle
+    (``1:<backend>:static:<subDir>``): published without a record, copied by a snapshot,
+    left alone by expand and delete."""
+    folder = nfs.export / nfs.name / "legacy" / "data"
+    folder.mkdir(parents=True)
+    (folder / "old").write_text("made before the driver")
+    local_id = f"static:{nfs.name}/legacy/data"
+    volume = nfs.volumes.get_volume(local_id)
+    assert volume.context == {"subDir": f"{nfs.name}/legacy/data"}
+    shared = Capability(AccessType.MOUNT, AccessMode.MULTI_NODE_MULTI_WRITER)
+    context = nfs.volumes.publish_volume(local_id, "node-a", shared, False)
+    assert "path" not in context and "server" not in context, "the node mounts what the handle names"
+    nfs.volumes.publish_volume(local_id, "node-b", shared, False)
+    nfs.volumes.unpublish_volume(local_id, "node-a")
+    with pytest.raises(FailedPrecondition, match="did not make"):
+        nfs.volumes.expand_volume(local_id, 64 * MiB, 0)
+    snapshot = nfs.volumes.create_snapshot("snap-static", local_id, {})
+    restored = nfs.volumes.create_volume(nfs.spec("pv-from-static", source=SourceRef("snapshot", snapshot.local_id)))
+    assert (nfs.folder(restored) / "old").read_text() == "made before the driver"
+    nfs.volumes.delete_volume(local_id)
+    assert (folder / "old").read_text() == "made before the driver", "a static folder is never removed"
+    assert nfs.volumes.list_volumes() == [restored], "static volumes are not listed: they have no record"
+    nfs.volumes.delete_volume(restored.local_id)
+    nfs.volumes.delete_snapshot(snapshot.local_id)
+    nfs.assert_control_empty()
+
+
+@pytest.mark.parametrize("handle", ["static:../outside", "static:/etc", "static:", "static:a//b", "static:.cairn/x"])
+def test_a_static_handle_cannot_leave_the_export(nfs: Nfs, handle: str) -> None:
+    with pytest.raises(NotFound):
+        nfs.volumes.get_volume(handle)
+    with pytest.raises(NotFound):
+        nfs.volumes.publish_volume(handle, "node-a", RWO, False)
+    nfs.volumes.delete_volume(handle)  # nothing to delete, and nothing deleted
+
+
+def test_a_static_handle_through_a_planted_link_is_refused(nfs: Nfs, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (nfs.export / nfs.name).mkdir()
+    (nfs.export / nfs.name / "link").symlink_to(outside)
+    with pytest.raises(NotFound):
+        nfs.volumes.get_volume(f"static:{nfs.name}/link")
+    with pytest.raises(NotFound):
+        nfs.volumes.get_volume(f"static:{nfs.name}/link/inner")
+
+
+def test_static_attributes_must_agree_with_the_handle(nfs_server: NfsServer, tmp_path: Path) -> None:
+    from csi.backends.base import AttachRequest
+    from csi.backends.nfs.node import NfsConnector
+
+    settings = NfsSettings(
+        backend="nfs-static", server="127.0.0.1", share=EXPORT, port=nfs_server.port, node_mount_dir=str(tmp_path)
+    )
+    connector = NfsConnector(settings)
+    shared = Capability(AccessType.MOUNT, AccessMode.MULTI_NODE_MULTI_WRITER)
+    good = {"server": "127.0.0.1", "share": EXPORT, "subDir": "legacy/data"}
+    attachment = connector.attach("static:legacy/data", AttachRequest(shared, volume_context=good))
+    assert attachment.source == f"127.0.0.1:{EXPORT}/legacy/data"
+    assert connector.sources("static:legacy/data") == [attachment.source]
+    connector.detach("static:legacy/data")
+    assert connector.sources("static:legacy/data") == []
+    for key, wrong in (("server", "10.0.0.9"), ("share", "/other"), ("subDir", "elsewhere")):
+        with pytest.raises(InvalidArgument, match=key):
+            connector.attach("static:legacy/data", AttachRequest(shared, volume_context={**good, key: wrong}))
