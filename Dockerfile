@@ -7,7 +7,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
         python3 python3-venv ca-certificates kmod \
         util-linux mount e2fsprogs xfsprogs coreutils \
         ceph-common rbd-nbd rbd-fuse python3-rbd python3-rados \
-        nfs-common libnfs13 \
+        nfs-common libnfs13 quota \
         lvm2 \
     && rm -rf /var/lib/apt/lists/*
 

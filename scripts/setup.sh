@@ -31,8 +31,9 @@ if [ "$what" = test ]; then
   # proxy by tests/cluster/build/binaries.sh into the cache.)
   packages+=(etcd-server containerd openssl iproute2)
   # The nfs backend: its test server (nfs-ganesha in user space), the controller's
-  # user-space client (libnfs) and the node's kernel client tools (used in the vm tier).
-  packages+=(nfs-ganesha nfs-ganesha-vfs libnfs13 nfs-common)
+  # user-space client (libnfs), the node's kernel client tools (used in the vm tier), and
+  # the project quota tools for exports the controller reaches itself (exportRoot).
+  packages+=(nfs-ganesha nfs-ganesha-vfs libnfs13 nfs-common quota)
 fi
 
 missing=()

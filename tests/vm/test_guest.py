@@ -67,9 +67,9 @@ def test_rbd_node_suite_with_a_kernel_mapper(mapper: str, ceph: CephCluster) -> 
 def test_nfs_node_suite_with_the_kernel_client(nfs_server: NfsServer) -> None:
     require_guest()
     result = guest.run(
-        f"modprobe -a loop nfsv4 && {pytest_in_guest('tests/backends/nfs/test_node.py tests/conformance/test_sanity.py -k nfs')}",
+        f"modprobe -a loop nfsv4 && {pytest_in_guest('tests/backends/nfs/test_node.py tests/backends/nfs/test_quota.py tests/conformance/test_sanity.py -k nfs')}",
         env={"CAIRN_REQUIRE_ALL": "1", "PYTHONDONTWRITEBYTECODE": "1", RUNNING_SERVER: str(nfs_server.root)},
         host_ports=[nfs_server.port],
         shares=[nfs_server.root],
     )
-    assert_all_passed(result, 7)
+    assert_all_passed(result, 9)

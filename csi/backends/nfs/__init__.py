@@ -25,10 +25,12 @@ StorageClass parameters: subDir, onDelete, mountOptions (comma-separated), mount
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping
 from typing import Any
 
+from csi import quota
 from csi.backends.base import Backend, Capabilities, Expansion
 from csi.backends.nfs import paths
 from csi.backends.nfs.common import LAYOUTS, NODE_MOUNT_DIR, ON_DELETE, NfsSettings
@@ -37,6 +39,8 @@ from csi.backends.nfs.node import NfsConnector
 from csi.config import BackendConfig
 from csi.errors import ConfigError, InvalidArgument
 from csi.model import AccessMode, AccessType
+
+log = logging.getLogger(__name__)
 
 SETTINGS = frozenset(
     {
@@ -136,7 +140,11 @@ def controller_for(settings: NfsSettings) -> NfsVolumes:
     if settings.export_root:
         from csi.backends.nfs.fs import LocalTree
 
-        return NfsVolumes(settings, LocalTree(settings.export_root))
+        why_not = quota.enforced_at(settings.export_root) if settings.layout == "directory" else None
+        if why_not:
+            log.warning("backend %s: directory volume sizes are advisory: %s", settings.backend, why_not)
+        quota_root = "" if why_not or settings.layout != "directory" else settings.export_root
+        return NfsVolumes(settings, LocalTree(settings.export_root), quota_root=quota_root)
     from csi.backends.nfs.libnfs import Client
 
     def client(uid: int = 0, gid: int = 0) -> Client:

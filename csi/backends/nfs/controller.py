@@ -34,6 +34,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from csi import quota
 from csi.backends.base import check_publication, matching
 from csi.backends.nfs import paths, tree_ops
 from csi.backends.nfs.common import ON_DELETE, NfsSettings
@@ -112,13 +113,22 @@ class NfsVolumes:
     snapshot_parameters: frozenset[str] = frozenset()
     topology: tuple[Segment, ...] = ()  # an export is reachable from every node
 
-    def __init__(self, settings: NfsSettings, tree: Tree, owner_tree: Callable[[int, int], Tree] | None = None) -> None:
+    def __init__(
+        self,
+        settings: NfsSettings,
+        tree: Tree,
+        owner_tree: Callable[[int, int], Tree] | None = None,
+        quota_root: str = "",
+    ) -> None:
         """``owner_tree(uid, gid)`` gives a tree that acts as that user, where the export
         squashes root: removing a folder's entries as their owner is how deletion
         works there."""
         self.settings = settings
         self.tree = tree
         self.owner_tree = owner_tree
+        self.quota_root = quota_root
+        """Where ``tree`` lies on this host when its filesystem enforces project quotas
+        (``exportRoot``): directory volumes' sizes are then limits, not advice."""
         self._owners: dict[tuple[int, int], Tree] = {}
         self._owners_lock = threading.Lock()
         self.control = settings.control
@@ -325,6 +335,10 @@ class NfsVolumes:
                 else:
                     self.tree.mkdir(temp, options["permissions"])
                 self.tree.chmod(temp, options["permissions"])
+                if self.quota_root:
+                    full = os.path.join(self.quota_root, temp)
+                    record["project"] = quota.project_for(full)
+                    quota.limit(full, record["project"], size)
             else:
                 if source_path:
                     tree_ops.copy_file(self.tree, source_path, temp)
@@ -382,6 +396,8 @@ class NfsVolumes:
                     self._move(path, trash)
             # The record goes last: a delete cut short is finished by the retry.
             self._empty_trash(local_id)
+            if record.get("project") and self.quota_root and record["onDelete"] == "delete":
+                quota.release(self.quota_root, int(record["project"]))
             tree_ops.remove_file(self.tree, record_path)
 
         self._call(remove)
@@ -500,6 +516,8 @@ class NfsVolumes:
         size = choose_size(required_bytes, limit_bytes)
         if record["layout"] == "image":
             self._call(lambda: self.tree.truncate(str(record["path"]), size))
+        elif record.get("project") and self.quota_root:
+            quota.grow(os.path.join(self.quota_root, str(record["path"])), int(record["project"]), size)
         record["size"] = size
         self._write("volume", local_id, record)
         return size
