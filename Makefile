@@ -50,6 +50,7 @@ integration conformance: setup-test
 bench: setup-test
 	$(VENV)/bin/python bench/provision.py
 	$(VENV)/bin/python bench/rbd_backend.py
+	$(VENV)/bin/python bench/nfs_backend.py
 
 ## deploy: re-render deploy/cairn-csi.yaml from the chart
 deploy: setup-test
