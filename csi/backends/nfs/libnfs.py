@@ -458,6 +458,10 @@ class Client:
     def truncate(self, path: str, size: int) -> None:
         self._call("nfs_truncate", self._abs(path), size, path=path)
 
+    def clone_file(self, source: str, target: str) -> bool:
+        """Never: a clone is NFSv4.2 (CLONE), which libnfs 4.0 does not speak."""
+        return False
+
     def xattrs(self, path: str) -> dict[str, bytes]:
         """None: NFSv4.0 and 4.1 carry no extended attributes (nor POSIX ACLs), and
         libnfs 4.0 speaks no 4.2; copies through this client keep none (README)."""

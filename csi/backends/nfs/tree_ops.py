@@ -193,27 +193,36 @@ def _copy_dir(tree: Tree, source: str, target: str, st: Stat, links: dict[int, s
 def copy_file(tree: Tree, source: str, target: str) -> None:
     """Copy one regular file, keeping holes, attributes, and consistency (the copy is
     redone while the source changes under it)."""
-    for _ in range(COPY_ATTEMPTS):
+    for attempt in range(COPY_ATTEMPTS):
+        if attempt:
+            remove_file(tree, target)
         before = tree.lstat(source)
-        with (
-            opened(tree, source, os.O_RDONLY) as src,
-            opened(tree, target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as dst,
-        ):
-            offset = 0
-            while offset < before.size:
-                data = src.pread(min(CHUNK, before.size - offset), offset)
-                if not data:
-                    break
-                if data != _ZERO[: len(data)]:
-                    dst.pwrite(data, offset)
-                offset += len(data)
-            dst.truncate(before.size)
-            dst.fsync()
+        # Shared extents where the filesystem can (instant, holes stay holes), else bytes.
+        if not tree.clone_file(source, target):
+            _copy_bytes(tree, source, target, before.size)
         after = tree.lstat(source)
         if (after.size, after.mtime_ns, after.ctime_ns) == (before.size, before.mtime_ns, before.ctime_ns):
             _attributes(tree, target, before, tree.xattrs(source))
             return
     raise Aborted(f"file {source!r} kept changing while it was copied ({COPY_ATTEMPTS} attempts); try again")
+
+
+def _copy_bytes(tree: Tree, source: str, target: str, size: int) -> None:
+    """Copy ``size`` bytes, writing no block of zeros (the target keeps the holes)."""
+    with (
+        opened(tree, source, os.O_RDONLY) as src,
+        opened(tree, target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as dst,
+    ):
+        offset = 0
+        while offset < size:
+            data = src.pread(min(CHUNK, size - offset), offset)
+            if not data:
+                break
+            if data != _ZERO[: len(data)]:
+                dst.pwrite(data, offset)
+            offset += len(data)
+        dst.truncate(size)
+        dst.fsync()
 
 
 def _attributes(tree: Tree, path: str, st: Stat, source_xattrs: dict[str, bytes], symlink: bool = False) -> None:

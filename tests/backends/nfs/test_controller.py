@@ -16,6 +16,7 @@ import os
 import shutil
 import stat
 import struct
+import subprocess
 import time
 import types
 import uuid
@@ -35,6 +36,7 @@ from csi.backends.nfs.paths import PVC_NAME, PVC_NAMESPACE
 from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from csi.model import AccessMode, AccessType, Capability, MiB, SourceRef, Volume, VolumeSpec
 from tests.nfs import EXPORT, SQUASHED, NfsServer
+from tests.support import require_tools
 
 pytestmark = pytest.mark.integration
 
@@ -907,3 +909,53 @@ def test_static_attributes_must_agree_with_the_handle(nfs_server: NfsServer, tmp
     for key, wrong in (("server", "10.0.0.9"), ("share", "/other"), ("subDir", "elsewhere")):
         with pytest.raises(InvalidArgument, match=key):
             connector.attach("static:legacy/data", AttachRequest(shared, volume_context={**good, key: wrong}))
+
+
+# -- reflinks with exportRoot --------------------------------------------------------------------
+
+
+@pytest.fixture
+def reflink_export(tmp_path: Path) -> Iterator[Path]:
+    """An XFS filesystem with reflinks, where a server beside the controller exports it."""
+    require_tools("mkfs.xfs", "losetup")
+    image, target = tmp_path / "xfs.img", tmp_path / "export"
+    target.mkdir()
+    with open(image, "wb") as handle:
+        handle.truncate(512 * MiB)
+    loop = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True, check=True)
+    device = loop.stdout.strip()
+    try:
+        subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", device], check=True, capture_output=True)
+        subprocess.run(["mount", device, str(target)], check=True, capture_output=True)
+        try:
+            yield target
+        finally:
+            subprocess.run(["umount", str(target)], check=False)
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
+
+
+def test_image_snapshots_share_extents_on_the_exported_filesystem(reflink_export: Path) -> None:
+    settings = NfsSettings(backend="reflink", server="127.0.0.1", share=EXPORT, layout="image")
+    volumes = NfsVolumes(settings, LocalTree(str(reflink_export)))
+    volume = volumes.create_volume(VolumeSpec("pv-reflink", 128 * MiB, 0, (RWO,)))
+    image = reflink_export / ".cairn" / "reflink" / "volumes" / f"{volume.local_id}.img"
+    with open(image, "r+b") as handle:
+        handle.write(os.urandom(96 * MiB))
+        os.fsync(handle.fileno())
+
+    def free() -> int:
+        st = os.statvfs(reflink_export)
+        return st.f_bavail * st.f_frsize
+
+    before = free()
+    snapshot = volumes.create_snapshot("snap-reflink", volume.local_id, {})
+    clone = volumes.create_volume(
+        VolumeSpec("pv-reflink-clone", 128 * MiB, 0, (RWO,), source=SourceRef("volume", volume.local_id))
+    )
+    assert before - free() < 16 * MiB, "a snapshot and a clone of 96 MiB of data took its room: not reflinked"
+    copy = reflink_export / ".cairn" / "reflink" / "snapshots" / f"{snapshot.local_id}.data"
+    assert copy.read_bytes() == image.read_bytes()
+    volumes.delete_volume(clone.local_id)
+    volumes.delete_snapshot(snapshot.local_id)
+    volumes.delete_volume(volume.local_id)
