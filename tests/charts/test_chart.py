@@ -596,7 +596,9 @@ def test_the_nfs_values_make_one_backend_per_layout_on_one_export() -> None:
     backends = nfs_backends(docs)
     assert {b.layout for b in backends.values()} == {"directory", "image"}
     assert len({(b.server, b.share, b.port) for b in backends.values()}) == 1
-    assert {b.node_mount_dir for b in backends.values()} == {"/var/lib/cairn-csi/nfs"}
+    assert {b.node_mount_dir for b in backends.values()} == {
+        "/var/lib/kubelet/plugins/cairn.csi.io/nfs"
+    }  # the chart places it
     classes = {d["parameters"]["backend"]: d for d in docs if d["kind"] == "StorageClass"}
     assert set(classes) == set(backends)
     assert [d for d in docs if d["kind"] == "VolumeSnapshotClass"]
@@ -645,6 +647,11 @@ def test_the_provisioner_passes_the_claims_names(values: str | None) -> None:
     assert not [a for a in provisioner["args"] if a.startswith("--default-fstype")]
 
 
+def driver_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["config.yaml"])
+    return config
+
+
 def node_mounts(docs: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """The node plugin driver's mounts by path, and its pod's volumes by name."""
     node = workloads(docs)["cairn-csi-node"]
@@ -652,27 +659,26 @@ def node_mounts(docs: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], 
     return mounts, {v["name"]: v for v in node["volumes"]}
 
 
-def test_the_node_plugin_mounts_the_nfs_mount_dir_bidirectionally() -> None:
+def test_the_nfs_mount_dir_is_under_the_kubelet_directory_unless_named() -> None:
     """Image volumes' exports are mounted under nodeMountDir and directory volumes' sources
-    recorded there: it is a host directory, and mounts made in it reach the host."""
-    mounts, volumes = node_mounts(render(NFS_VALUES))
-    mount = mounts["/var/lib/cairn-csi/nfs"]
-    assert mount["mountPropagation"] == "Bidirectional"
-    assert volumes[mount["name"]]["hostPath"] == {"path": "/var/lib/cairn-csi/nfs", "type": "DirectoryOrCreate"}
-    # No parent mount already covers it with propagation (the state dir is a sibling).
-    covering = [p for p in mounts if "/var/lib/cairn-csi/nfs".startswith(p.rstrip("/") + "/")]
-    assert not covering, covering
+    recorded there, so mounts made there must reach the host: by default it is a folder of
+    the driver's in the kubelet's plugins directory, which the node plugin mounts with
+    Bidirectional propagation already (and which is on a shared mount on any node, where a
+    folder elsewhere may not be); a folder named outside it gets a mount of its own."""
+    docs = render(NFS_VALUES)
+    default = "/var/lib/kubelet/plugins/cairn.csi.io/nfs"
+    for backend in driver_config(docs)["backends"]:
+        if backend["kind"] == "nfs":
+            assert backend["nodeMountDir"] == default
+    mounts, _ = node_mounts(docs)
+    assert mounts["/var/lib/kubelet"]["mountPropagation"] == "Bidirectional"
+    assert not [m for m in mounts.values() if m["name"].startswith("nfs-")], "no mount of its own is needed"
 
-    # A directory of its own is mounted too, each directory once however many backends use it.
     docs = render(NFS_VALUES, KUBERNETES[0], "--set", "backends[1].nodeMountDir=/srv/cairn-nfs")
     mounts, volumes = node_mounts(docs)
-    for path in ("/var/lib/cairn-csi/nfs", "/srv/cairn-nfs"):
-        assert mounts[path]["mountPropagation"] == "Bidirectional"
-        assert volumes[mounts[path]["name"]]["hostPath"]["path"] == path
-    assert len([m for m in mounts.values() if m["name"].startswith("nfs-")]) == 2
-
-    mounts, _ = node_mounts(render(None))
-    assert "/var/lib/cairn-csi/nfs" not in mounts, "only nfs backends need it"
+    assert mounts["/srv/cairn-nfs"]["mountPropagation"] == "Bidirectional"
+    assert volumes[mounts["/srv/cairn-nfs"]["name"]]["hostPath"]["path"] == "/srv/cairn-nfs"
+    assert len([m for m in mounts.values() if m["name"].startswith("nfs-")]) == 1
 
 
 def deployment(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from csi import loopdev
 from tests.ceph import POOL, USER, CephCluster
 from tests.cluster.build import images
 from tests.cluster.kube import NODE, Cluster, ClusterError
+from tests.nfs import EXPORT as NFS_EXPORT
+from tests.nfs import NfsServer
 from tests.support import require, require_root, require_tools
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,7 +177,7 @@ class Kube:
         return run([helm_binary(), *args], timeout=timeout, env=env)
 
 
-def values(cluster: Cluster, ceph: CephCluster | None) -> dict[str, Any]:
+def values(cluster: Cluster, ceph: CephCluster | None, nfs: NfsServer | None = None) -> dict[str, Any]:
     """The chart's values for the test cluster: every backend the tier tests, and the
     sidecars this cluster has (see the README: the registrar is the driver's own, the
     kubelet probes liveness natively, and there is no resizer image)."""
@@ -200,6 +202,19 @@ def values(cluster: Cluster, ceph: CephCluster | None) -> dict[str, Any]:
         secret = {"secretName": SECRET, "secretNamespace": NAMESPACE}
         classes.append({"name": "cairn-rbd", "backend": "ceph", "volumeBindingMode": "Immediate", **secret})
         snapshot_classes.append({"name": "cairn-rbd", **secret})
+    if nfs is not None:
+        backends.append(
+            {
+                "name": "nfs",
+                "kind": "nfs",
+                "server": "127.0.0.1",
+                "share": NFS_EXPORT,
+                "port": nfs.port,
+                "subDir": "${pvc.metadata.namespace}/${pvc.metadata.name}",
+            }
+        )
+        classes.append({"name": "cairn-nfs", "backend": "nfs", "volumeBindingMode": "Immediate"})
+        snapshot_classes.append({"name": "cairn-nfs"})
     return {
         "image": {"pullPolicy": "Never"},
         "logLevel": "debug",
@@ -214,7 +229,7 @@ def values(cluster: Cluster, ceph: CephCluster | None) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="package")
-def release(kube: Kube, ceph: CephCluster) -> Iterator[dict[str, Any]]:
+def release(kube: Kube, ceph: CephCluster, nfs_server: NfsServer) -> Iterator[dict[str, Any]]:
     """The chart installed with `helm install`, the way an operator installs it; removed
     with `helm uninstall` at the end, after which no object of the release is left."""
     kube.apply(
@@ -226,7 +241,7 @@ def release(kube: Kube, ceph: CephCluster) -> Iterator[dict[str, Any]]:
         }
     )
     devices_before = set(loopdev.attached())
-    settings = values(kube.cluster, ceph)
+    settings = values(kube.cluster, ceph, nfs_server)
     path = kube.cluster.root / "values.yaml"
     path.write_text(yaml.safe_dump(settings))
     started = time.monotonic()
@@ -248,12 +263,12 @@ def release(kube: Kube, ceph: CephCluster) -> Iterator[dict[str, Any]]:
     # object of the release, no volume, and no registration with the kubelet (pods take
     # their grace period to go).
     deadline = time.monotonic() + 120
-    while (left := nothing_left(kube, ceph, devices_before)) and time.monotonic() < deadline:
+    while (left := nothing_left(kube, ceph, nfs_server, devices_before)) and time.monotonic() < deadline:
         time.sleep(1)
     assert left == {}, "left behind by helm uninstall"
 
 
-def nothing_left(kube: Kube, ceph: CephCluster, devices_before: set[str]) -> dict[str, str]:
+def nothing_left(kube: Kube, ceph: CephCluster, nfs: NfsServer, devices_before: set[str]) -> dict[str, str]:
     selector = f"app.kubernetes.io/instance={RELEASE}"
     found = {
         "namespaced": kube.kubectl(
@@ -268,6 +283,12 @@ def nothing_left(kube: Kube, ceph: CephCluster, devices_before: set[str]) -> dic
         "images": ceph.rbd("ls", POOL),
         "files": "\n".join(
             str(path) for path in (kube.cluster.root / "cairn" / "local").rglob("*") if path.is_file()
+        ),
+        # Records and images are files; a volume's folder is <namespace>/<claim> (the
+        # namespace folders the template made stay, as on any export).
+        "export": "\n".join(
+            [str(p) for p in nfs.export_dir.rglob("*") if p.is_file()]
+            + [str(p) for p in nfs.export_dir.glob("*/*") if p.is_dir() and p.parent.name != ".cairn"]
         ),
     }  # fmt: skip
     found["loop devices"] = "\n".join(

@@ -16,6 +16,7 @@ import pytest
 from tests.ceph import POOL, CephCluster
 from tests.cluster.build.images import BUSYBOX
 from tests.cluster.conftest import NAMESPACE, Kube
+from tests.nfs import NfsServer
 
 pytestmark = pytest.mark.cluster
 GiB = "1Gi"
@@ -242,3 +243,36 @@ def _bytes(quantity: str) -> int:
         if quantity.endswith(suffix):
             return int(float(quantity[: -len(suffix)]) * factor)
     return int(quantity)
+
+
+def test_nfs_claims_snapshots_and_deletion(
+    kube: Kube, release: dict[str, Any], nfs_server: NfsServer, names: list[tuple[str, str]]
+) -> None:
+    """The nfs backend through Kubernetes, as far as this host's kernel allows (it has no
+    NFS client, so no pod mounts these claims here; the vm tier mounts them): a
+    ReadWriteMany claim lands in the folder its namespace and name make (the provisioner
+    passes them with --extra-create-metadata), a VolumeSnapshot copies it, a claim restored
+    from the snapshot holds the data, and deleting the claims removes the folders."""
+    kube.apply(claim("shared", "cairn-nfs", modes=("ReadWriteMany",)))
+    names.append(("pvc", "shared"))
+    volume = kube.get("pv", bound(kube, "shared"), namespace="")
+    assert volume["spec"]["csi"]["volumeAttributes"]["subDir"] == "default/shared"
+    assert "fsType" not in volume["spec"]["csi"], "a share has no filesystem to choose"
+    folder = nfs_server.export_dir / "default" / "shared"
+    token = uuid.uuid4().hex
+    (folder / "token").write_text(token)  # as a pod on a node with an NFS client would
+    kube.apply(snapshot("nfs-snap", "shared", "cairn-nfs"))
+    names.append(("volumesnapshot", "nfs-snap"))
+    kube.wait_for(
+        "snapshot readyToUse", lambda: kube.get("volumesnapshot", "nfs-snap").get("status", {}).get("readyToUse")
+    )
+    source = {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "nfs-snap"}
+    kube.apply(claim("restored", "cairn-nfs", modes=("ReadWriteMany",), source=source))
+    names.append(("pvc", "restored"))
+    bound(kube, "restored")
+    assert (nfs_server.export_dir / "default" / "restored" / "token").read_text() == token
+    for name in ("restored", "shared"):
+        kube.delete("pvc", name)
+    kube.delete("volumesnapshot", "nfs-snap")
+    gone(kube)
+    assert not folder.exists() and not (nfs_server.export_dir / "default" / "restored").exists()

@@ -47,13 +47,24 @@ controller works there (controller.yaml also refuses replicas > 1 with nfs). */}
 {{- if or (include "cairn.hasLocal" .) (include "cairn.hasNfs" .) }}true{{ end -}}
 {{- end }}
 
-{{/* The nodeMountDir of every nfs backend (default /var/lib/cairn-csi/nfs), each once,
-one a line: where the node plugin mounts exports for image volumes and records the
-sources of directory volumes. */}}
+{{/* Where the node plugin of an nfs backend mounts exports for image volumes and records
+the sources of directory volumes, when the backend names no nodeMountDir: a folder of
+the driver's under the kubelet's plugins directory, which the node plugin already mounts
+with Bidirectional propagation (and which the kubelet's host keeps on a shared mount). */}}
+{{- define "cairn.nfsDefaultMountDir" -}}
+{{- printf "%s/plugins/%s/nfs" .Values.node.kubeletDir (include "cairn.driver" .) -}}
+{{- end }}
+
+{{/* The nodeMountDirs of nfs backends outside the kubelet's directory, each once, one a
+line: each needs a hostPath mount of its own, with Bidirectional propagation (the host
+path must then be on a shared mount, as the kubelet's directory is). */}}
 {{- define "cairn.nfsMountDirs" -}}
 {{- $dirs := list -}}
+{{- $kubelet := printf "%s/" (.Values.node.kubeletDir | trimSuffix "/") -}}
 {{- range .Values.backends -}}
-{{- if eq .kind "nfs" -}}{{- $dirs = append $dirs (.nodeMountDir | default "/var/lib/cairn-csi/nfs") | uniq -}}{{- end -}}
+{{- if and (eq .kind "nfs") .nodeMountDir (not (hasPrefix $kubelet .nodeMountDir)) -}}
+{{- $dirs = append $dirs .nodeMountDir | uniq -}}
+{{- end -}}
 {{- end -}}
 {{- join "\n" $dirs -}}
 {{- end }}

@@ -56,6 +56,10 @@ _U, _U32, _U64 = ctypes.c_uint, ctypes.c_uint32, ctypes.c_uint64
 _PP = ctypes.POINTER(_P)
 
 
+_LOST_STATE = ("NFS4ERR_EXPIRED", "NFS4ERR_STALE_CLIENTID", "NFS4ERR_BADSESSION", "NFS4ERR_DEADSESSION")
+"""What the server answers once it forgot a client (a lease not renewed in time)."""
+
+
 class _Stat64(ctypes.Structure):  # struct nfs_stat_64
     _fields_ = [
         (name, _U64)
@@ -313,6 +317,8 @@ class Client:
             code = errno.ETIMEDOUT
         elif code == errno.EIO and "nfs_service failed" in message and ctx == self._ctx:
             self._drop()  # the connection is gone
+        elif any(status in message for status in _LOST_STATE) and ctx == self._ctx:
+            self._drop()  # the server forgot this client: its open files are gone with it
         raise OSError(code, f"{os.strerror(code)}: {message}", path, None, path2)
 
     def _call(
@@ -320,14 +326,27 @@ class Client:
     ) -> int:
         """``function(ctx, [file handle,] *args)`` under the lock; failures raise ``OSError``."""
         with self._lock:
-            ctx = self._ready(path)
-            if file is not None:
-                if not file.handle:
-                    raise OSError(errno.EBADF, "the file is closed", path)
-                if file.generation != self._generation:
-                    raise OSError(errno.ESTALE, f"opened before the connection to {self.describe()} was lost", path)
-                args = (file.handle, *args)
-            return self._check(ctx, getattr(self._lib, function)(ctx, *args), path, path2)
+            for attempt in (1, 2):
+                ctx = self._ready(path)
+                call_args = args
+                if file is not None:
+                    if not file.handle:
+                        raise OSError(errno.EBADF, "the file is closed", path)
+                    if file.generation != self._generation:
+                        raise OSError(errno.ESTALE, f"opened before the connection to {self.describe()} was lost", path)
+                    call_args = (file.handle, *args)
+                ret = getattr(self._lib, function)(ctx, *call_args)
+                if ret < 0 and attempt == 1 and file is None and self._lost_state(ctx):
+                    # The server forgot this client (its lease ran out while it was idle or
+                    # busy elsewhere) and refused the call: a new client may make it again.
+                    self._drop()
+                    continue
+                return self._check(ctx, ret, path, path2)
+            raise AssertionError("unreachable")
+
+    def _lost_state(self, ctx: int) -> bool:
+        message = self._message(ctx)
+        return any(status in message for status in _LOST_STATE)
 
     # SETATTR by a compound of our own (see the module's docstring).
 
@@ -472,10 +491,14 @@ class Client:
 
     def _open(self, path: str, flags: int) -> _NfsFile:
         with self._lock:
-            ctx, handle = self._ready(path), _P()
-            self._check(
-                ctx, self._lib.nfs_open2(ctx, self._abs(path), flags | os.O_NOFOLLOW, 0o600, ctypes.byref(handle)), path
-            )
+            for attempt in (1, 2):
+                ctx, handle = self._ready(path), _P()
+                ret = self._lib.nfs_open2(ctx, self._abs(path), flags | os.O_NOFOLLOW, 0o600, ctypes.byref(handle))
+                if ret < 0 and attempt == 1 and self._lost_state(ctx):
+                    self._drop()  # forgotten by the server (see _call): a new client may open it
+                    continue
+                self._check(ctx, ret, path)
+                break
             opened = _NfsFile(self, handle, path, self._generation)
             self._files.add(opened)
             return opened
