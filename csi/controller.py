@@ -5,7 +5,6 @@ code lives here; every error is a domain error that ``status.py`` maps to a code
 from __future__ import annotations
 
 import logging
-import shlex
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
@@ -37,6 +36,7 @@ from csi.parameters import (
     PARAM_MKFS_OPTIONS,
     backend_parameters,
     check_keys,
+    check_mkfs_options,
     claim_metadata,
 )
 from csi.registry import Registry
@@ -88,10 +88,7 @@ def volume_context(parameters: Mapping[str, str]) -> dict[str, str]:
     if PARAM_FS_TYPE in parameters:
         context[PARAM_FS_TYPE] = parse_filesystem(parameters[PARAM_FS_TYPE]).value
     if PARAM_MKFS_OPTIONS in parameters:
-        try:
-            shlex.split(parameters[PARAM_MKFS_OPTIONS])
-        except ValueError as exc:
-            raise InvalidArgument(f"parameter {PARAM_MKFS_OPTIONS!r} does not parse: {exc}") from exc
+        check_mkfs_options(parameters[PARAM_MKFS_OPTIONS], "parameter")
         context[PARAM_MKFS_OPTIONS] = parameters[PARAM_MKFS_OPTIONS]
     return context
 

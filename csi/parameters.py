@@ -3,6 +3,7 @@ split between those and a backend's own."""
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
@@ -18,6 +19,9 @@ PARAM_BACKEND = "backend"
 PARAM_GROUP = "group"
 PARAM_FS_TYPE = "fsType"
 PARAM_MKFS_OPTIONS = "mkfsOptions"
+MAX_MKFS_OPTIONS = 4096
+"""Bytes of mkfsOptions accepted: real options take a few dozen, and parsing megabytes
+would hold a call for seconds."""
 PARAM_REQUIRES = "requires"
 """Features the StorageClass's backends must offer, comma-separated (snapshots, clones,
 expansion, online-expansion, block, shared): a group places only on members that do."""
@@ -39,6 +43,16 @@ CLAIM_METADATA = frozenset(
 def claim_metadata(parameters: Mapping[str, str]) -> dict[str, str]:
     """The claim's names the external-provisioner adds with --extra-create-metadata."""
     return {k: v for k, v in parameters.items() if k in CLAIM_METADATA}
+
+
+def check_mkfs_options(value: str, where: str) -> list[str]:
+    """mkfsOptions split as a shell would, or INVALID_ARGUMENT naming ``where``."""
+    if len(value) > MAX_MKFS_OPTIONS:
+        raise InvalidArgument(f"{where} {PARAM_MKFS_OPTIONS!r} is longer than {MAX_MKFS_OPTIONS} bytes")
+    try:
+        return shlex.split(value)
+    except ValueError as exc:
+        raise InvalidArgument(f"{where} {PARAM_MKFS_OPTIONS!r} does not parse: {exc}") from exc
 
 
 def required_features(parameters: Mapping[str, str]) -> list[str]:

@@ -3,24 +3,37 @@ backend runs the same suites: a ``Profile`` says how to start a driver on that b
 which secrets and StorageClass parameters its calls carry, and how to list what the
 backend holds (to prove a suite leaked or duplicated nothing).
 
-A new backend joins the suites by adding a profile factory to ``PROFILES``."""
+A new backend joins the suites by adding a profile factory to ``PROFILES``.
+
+A profile whose node path this host cannot run (nfs: the node mounts with the kernel's
+NFS client, which this host's kernel lacks; the vm tier runs that path in a guest) says so
+with ``node=False``: the suites then do the data part of a mount on the server side
+(``write_data``, ``read_data``), keep every controller call, and skip, with
+``node_missing`` as the reason, what exists to test the node path itself."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import yaml
 
 from csi import loopdev, mount
+from csi.backends.nfs import tree_ops
+from csi.backends.nfs.fs import opened
+from csi.backends.nfs.libnfs import Client
 from tests.ceph import POOL, USER, CephCluster
 from tests.conftest import running_driver
+from tests.nfs import EXPORT, NfsServer
 from tests.support import Driver, leftovers, require_root, require_tools
 
 SEED_VARIABLE = "CAIRN_TEST_SEED"
@@ -46,11 +59,42 @@ class Profile:
     parameters: dict[str, str] = field(default_factory=dict)
     backend_objects: Callable[[], set[str]] = lambda: set()
     """What the backend holds now (files, images, journal entries), for leak checks."""
+    fs_type: str = "ext4"
+    """The filesystem a mount capability asks for ("" where the backend formats nothing)."""
+    block: bool = True
+    """Whether the backend offers raw block volumes."""
+    node: bool = True
+    """Whether this host can run the backend's node path (NodeStage, NodePublish)."""
+    node_missing: str = ""
+    """Why it cannot: the reason every test of the node path is skipped with."""
+    write_data: Callable[[Mapping[str, str], str, bytes], None] | None = None
+    """Without a node path: write a file into a volume (by its volume context) on the
+    server side, in place of a pod writing to its mount."""
+    read_data: Callable[[Mapping[str, str], str], bytes] | None = None
+    """Without a node path: read a file of a volume (by its volume context) on the server side."""
+    strays: Callable[[], set[str]] = lambda: set()
+    """What the backend made outside the places it may use there (nfs: anything new on
+    the export besides the profile's folder and the backend's own folder), checked
+    after every fuzz batch; ``backend_objects`` lists it too."""
+    close: Callable[[], None] = lambda: None
+    """Remove what the profile made outside its root, once its test is over."""
+    random_kills: int = 4
+    """Kills at seeded random delays per crash scenario, besides its milestones."""
+    known_defects: Mapping[str, str] = field(default_factory=dict)
+    """Test (function name) -> a defect of the backend that makes it fail every time:
+    that test is marked ``xfail(strict=True)`` with it as the reason, so that it says
+    when the defect is gone."""
 
     @contextmanager
     def driver(self) -> Iterator[Driver]:
         with running_driver(self.root / "driver", self.driver_args) as instance:
             yield instance
+
+    def require_node(self, what: str) -> None:
+        """Skip a test that exists to exercise the node path, saying why, where this host
+        cannot run it."""
+        if not self.node:
+            pytest.skip(f"{what} exercises the node path, which {self.name} cannot run here: {self.node_missing}")
 
 
 def local_profile(root: Path) -> Profile:
@@ -97,7 +141,127 @@ def rbd_profile(root: Path, ceph: CephCluster) -> Profile:
     return Profile("rbd", root, ["--config", str(config)], secrets=credentials, backend_objects=objects)
 
 
-PROFILES = ("local", "rbd")
+NFS_CONTROL_FOLDERS = frozenset({"volumes", "snapshots", "tmp", "trash", "archived"})
+"""The folders of the nfs backend's own folder (``.cairn/<backend>``): each entry in one
+is an object (a record, an image, a snapshot's data, what a crash left in tmp or trash)."""
+NFS_NO_NODE = (
+    "its node mounts with the kernel NFS client, which this host's kernel lacks (`mount -t nfs` fails here); "
+    "the vm tier runs the nfs node path in a guest with a stock kernel"
+)
+
+
+def _names(directory: Path) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def nfs_profile(root: Path, server: NfsServer) -> Profile:
+    """The nfs backend, directory layout, on the session's test server: the controller
+    reaches the export through its user-space client. Each profile puts its volumes in a
+    folder of its own on the export (``subDir``) and removes it, and the backend's own
+    folder, once its test is over.
+
+    The node path needs the kernel's NFS client, which this host lacks: the data part of a
+    mount is done on the server side instead. A payload is written through an NFS client
+    of the test's own (the server caches what it serves, so a file written behind its back,
+    on the exported directory, may stay invisible to it and to the driver's copies), and
+    read back from the exported directory itself: what a snapshot or clone holds has
+    travelled through the server, and is checked where the server stored it."""
+    backend_name = "nfs"
+    folder = f"hardening-{uuid.uuid4().hex[:12]}"
+    export = server.export_dir
+    control = export / ".cairn" / backend_name
+    before = set(_names(export))
+    before_control = set(_names(export / ".cairn"))
+    config = root / "cairn.yaml"
+    backend = {
+        "name": backend_name,
+        "kind": "nfs",
+        "server": "127.0.0.1",
+        "share": EXPORT,
+        "port": server.port,
+        "subDir": f"{folder}/${{pv.metadata.name}}",
+        "timeout": 20,
+        # Under the driver: its leak check covers what a node call leaves there.
+        "nodeMountDir": str(root / "driver" / "nfs"),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump({"backends": [backend]}))
+
+    @contextmanager
+    def client() -> Iterator[Client]:
+        """A client of the test's own, for one task, connected anew each time."""
+        made = Client("127.0.0.1", EXPORT, port=server.port, timeout=20)
+        try:
+            yield made
+        finally:
+            with contextlib.suppress(OSError):
+                made.close()
+
+    def strays() -> set[str]:
+        """New entries at the export's root and in ``.cairn``, but the profile's folder
+        and the backend's own: where a path that escaped its folder would land."""
+        found = {f"outside {name}" for name in _names(export) if name not in before | {".cairn", folder}}
+        return found | {
+            f"outside .cairn/{name}"
+            for name in _names(export / ".cairn")
+            if name not in before_control | {backend_name}
+        }
+
+    def objects() -> set[str]:
+        """Entries of the backend's folders (a snapshot's data folder is one object), the
+        volume folders in the profile's folder, and the strays."""
+        found = strays()
+        for name in _names(control):
+            if name in NFS_CONTROL_FOLDERS and (control / name).is_dir():
+                found |= {f"{name}/{entry}" for entry in _names(control / name)}
+            else:
+                found.add(name)
+        return found | {f"folder {name}" for name in _names(export / folder)}
+
+    def write_data(context: Mapping[str, str], name: str, payload: bytes) -> None:
+        with client() as nfs, opened(nfs, f"{context['subDir']}/{name}", os.O_WRONLY | os.O_CREAT, 0o644) as handle:
+            handle.truncate(0)
+            handle.pwrite(payload, 0)
+            handle.fsync()
+
+    def read_data(context: Mapping[str, str], name: str) -> bytes:
+        return (export / context["subDir"] / name).read_bytes()
+
+    def close() -> None:
+        """Remove the profile's folders through the server, so that it forgets them too
+        (the next profile's driver makes ``.cairn/nfs`` again), else behind its back."""
+        made = [name for name in _names(export) if name not in before | {".cairn"}]
+        made += [f".cairn/{name}" for name in _names(export / ".cairn") if name not in before_control]
+        paths = list(dict.fromkeys([*made, f".cairn/{backend_name}"]))
+        try:
+            with client() as nfs:
+                for path in paths:
+                    tree_ops.remove_tree(nfs, path)
+        except OSError:
+            for path in paths:
+                shutil.rmtree(export / path, ignore_errors=True)
+
+    return Profile(
+        "nfs",
+        root,
+        ["--config", str(config)],
+        backend_objects=objects,
+        fs_type="",
+        block=False,
+        node=False,
+        node_missing=NFS_NO_NODE,
+        write_data=write_data,
+        read_data=read_data,
+        strays=strays,
+        close=close,
+        random_kills=12,  # no child process marks a milestone, and a round takes under half a second
+    )
+
+
+PROFILES = ("local", "rbd", "nfs")
 
 
 @dataclass(frozen=True)

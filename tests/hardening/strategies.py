@@ -12,6 +12,14 @@ sizes, unparseable quoting) and a little random text. The same hostile values al
 Every path a request may name lies in the sandbox, names something under the test's
 root, is relative to the driver's working directory, or ends in ``MARK``: nothing the
 fuzzer sends can name a mount point or directory of the host outside the test.
+
+On the nfs backend, StorageClass parameters also name paths on the export (``subDir``
+templates, and the claim's names they expand): ``nfs_parameters`` adds attempts to leave
+the profile's folder (``..``, absolute paths, NUL, overlong names, the driver's own
+folder), and valid variants that all stay inside that folder, so anything the driver
+makes elsewhere on the export is a stray. RPCs a profile cannot serve on this host
+(``World.excluded``: the node path where the node's kernel client is missing) are
+neither swept nor drawn.
 """
 
 from __future__ import annotations
@@ -97,6 +105,10 @@ HOSTILE_MKFS_OPTIONS = (
 TOKENS = ("", "after:")
 HOSTILE_TOKENS = ("garbage", "after:\uffff", "before:x", "after:" + HUGE, HUGE, "\0", "after:\0")
 MAPPERS = ("rbd-fuse", "krbd", "rbd-nbd")
+NODE_PATH_RPCS = frozenset({"NodeStageVolume", "NodePublishVolume"})
+"""The node RPCs that mount (NodeStage) or need what a stage mounted (NodePublish): not
+fuzzed on a profile without a node path. The other node RPCs still are: they mount
+nothing, and check the requests and IDs of that backend's volumes like any other."""
 HOSTILE_PUBLISH_VALUES = {
     "mapper": ("nbd", "", "RBD-FUSE", HUGE, "\0"),
     "mapOptions": ("a,b,=,", "ms_mode=nonsense", HUGE, "\0"),
@@ -120,6 +132,9 @@ class Fixture:
     staging_path: str
     target_path: str
     capacity: int
+    published: bool = False
+    """ControllerPublished to the node (the staged ones are, and on a profile without a
+    node path, those that would have been)."""
 
 
 @dataclass
@@ -142,6 +157,10 @@ class World:
     disposable_snapshots: list[str] = field(default_factory=list)
     stages: list[tuple[str, str]] = field(default_factory=list)
     publishes: list[tuple[str, str]] = field(default_factory=list)
+    kind: str = ""
+    """The profile's backend kind (local, rbd, nfs)."""
+    excluded: frozenset[str] = frozenset()
+    """RPCs not fuzzed (see ``NODE_PATH_RPCS``)."""
 
     def __post_init__(self) -> None:
         self.volumes.extend(f.volume_id for f in self.fixtures if f.volume_id not in self.volumes)
@@ -181,6 +200,91 @@ class World:
             sandbox + "/" + HUGE,
             sandbox + "/\u202e\ufffd é",
         ]
+
+    def folder(self) -> str:
+        """Where the profile puts volumes on the export (nfs): the folder of the first
+        fixture's ``subDir``."""
+        return self.fixtures[0].volume_context.get("subDir", "").rpartition("/")[0]
+
+
+HOSTILE_PATH_NAMES = ("..", ".", f"../{MARK}", "./..")
+"""Request names that a ``subDir`` template turns into path components (nfs)."""
+PVC_NAME = "csi.storage.k8s.io/pvc/name"
+PVC_NAMESPACE = "csi.storage.k8s.io/pvc/namespace"
+PV_NAME = "csi.storage.k8s.io/pv/name"
+
+
+def nfs_parameters(folder: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """StorageClass parameters of the nfs backend, valid and hostile, for a profile whose
+    volumes go in ``folder`` on the export. Valid ones keep every volume one folder deep
+    in ``folder`` (so each delete leaves nothing there); hostile ones try to leave it:
+    ``..`` (in the template, or in a claim's name it expands), absolute paths, empty and
+    ``.`` components, NUL, names over NAME_MAX, paths over PATH_MAX, the driver's own
+    folder, unknown or broken variables; and broken modes, options and delete policies."""
+    pv = "${pv.metadata.name}"
+    valid = [
+        {"subDir": f"{folder}/other-{pv}"},
+        {"subDir": f"{folder}/${{pvc.metadata.namespace}}-{pv}", PVC_NAMESPACE: "ns"},
+        {"subDir": f"{folder}/${{pvc.metadata.name}}-{pv}", PVC_NAME: "claim"},
+        {"mountPermissions": "0750"},
+        {"mountOptions": "nfsvers=4.1,hard,noatime"},
+        {"onDelete": "delete"},
+    ]
+    sub_dirs = [
+        "",
+        " ",
+        ".",
+        "..",
+        "/",
+        "\0",
+        f"{folder}/..",
+        f"{folder}/../{MARK}-escape",
+        f"{folder}/../../{MARK}-escape/{pv}",
+        f"{folder}/{pv}/..",
+        f"{folder}/{pv}/../../{MARK}-escape",
+        f"{folder}/./{pv}",
+        f"{folder}//{pv}",
+        f"{folder}/{pv}/",
+        f"../{MARK}-escape/{pv}",
+        f"/{MARK}-absolute/{pv}",
+        f"/tmp/{MARK}-absolute",
+        f"{folder}/a\0b/{pv}",
+        f"{folder}/" + "n" * 256,
+        f"{folder}/{pv}-" + "n" * 250,
+        f"{folder}/" + "/".join(["d"] * 600),
+        f"{folder}/" + HUGE,
+        f".cairn/{pv}",
+        f".cairn/nfs/volumes/{pv}",
+        f".cairn/nfs/../../{MARK}-escape",
+        f"{folder}/${{nosuch}}",
+        f"{folder}/${{}}",
+        f"{folder}/${{pvc.metadata.name}}",  # a claim's name the request does not carry
+    ]
+    hostile = [{"subDir": value} for value in sub_dirs] + [
+        {PV_NAME: ".."},
+        {PV_NAME: "."},
+        {PV_NAME: f"../{MARK}-escape"},
+        {PV_NAME: "\0"},
+        {PV_NAME: "n" * 300},
+        {"subDir": f"{folder}/${{pvc.metadata.name}}/{MARK}-escape", PVC_NAME: ".."},
+        {"subDir": f"{folder}/${{pvc.metadata.name}}", PVC_NAME: "../.."},
+        {"subDir": f"{folder}/${{pvc.metadata.namespace}}/{pv}", PVC_NAMESPACE: "/etc"},
+        {"subDir": f"{folder}/${{pvc.metadata.namespace}}-{pv}", PVC_NAMESPACE: HUGE},
+        {"mountPermissions": "8888"},
+        {"mountPermissions": "-1"},
+        {"mountPermissions": "77777"},
+        {"mountPermissions": "0x1ff"},
+        {"mountPermissions": ""},
+        {"mountPermissions": "\0"},
+        {"mountOptions": "nfsvers=4.1 hard"},
+        {"mountOptions": "hard\0"},
+        {"mountOptions": HUGE + " x"},
+        {"onDelete": "nuke"},
+        {"onDelete": ""},
+        {"onDelete": "retain\0"},
+        {"onDelete": "DELETE"},
+    ]
+    return valid, hostile
 
 
 def quick(secrets: dict[str, str], valid: dict[str, str]) -> dict[str, str]:
@@ -299,7 +403,8 @@ class Pools:
         self.volume_id = Pool(mixed(volume_ids, w.hostile_volume_ids(), text()), w.hostile_volume_ids())
         self.snapshot_id = Pool(mixed(snapshot_ids, w.hostile_snapshot_ids(), text()), w.hostile_snapshot_ids())
         names = [*(f.name for f in w.fixtures), *(f"{MARK}-{i}" for i in range(6))]
-        self.name = Pool(mixed(st.sampled_from(names), HOSTILE_TEXT, text()), HOSTILE_TEXT[:4])
+        hostile_names = HOSTILE_TEXT + (HOSTILE_PATH_NAMES if w.kind == "nfs" else ())
+        self.name = Pool(mixed(st.sampled_from(names), hostile_names, text()), HOSTILE_TEXT[:4])
         self.node_id = Pool(
             mixed(st.just(w.node_id), ["other-node", *HOSTILE_TEXT], text()), ["other-node", "", "\0", HUGE]
         )
@@ -422,6 +527,8 @@ class Pools:
         ]
         if self.world.backend == "local":
             additions.append({"preallocate": "false"})
+        elif self.world.kind == "nfs":
+            additions += nfs_parameters(self.world.folder())[0]
         else:
             additions += [{"mapper": m} for m in MAPPERS] + [{"imageFeatures": "layering"}]
         hostile: list[dict[str, str]] = [
@@ -445,6 +552,21 @@ class Pools:
             {"fsType": "\0"},
         ]
         random = st.dictionaries(st.sampled_from(["fsType", "mkfsOptions", "pool", "mapper", "x"]), text(), max_size=2)
+        if self.world.kind == "nfs":
+            folder = self.world.folder()
+            hostile += nfs_parameters(folder)[1]
+            # Random values of its parameters; a random subDir stays one folder inside the
+            # profile's (a random path could make folders that outlive their volume).
+            one_name = st.text(st.characters(exclude_characters="/"), min_size=1, max_size=24)
+            random = random | st.fixed_dictionaries(
+                {},
+                optional={
+                    "subDir": one_name.map(lambda name: f"{folder}/{name}"),
+                    "onDelete": text(),
+                    "mountOptions": text(),
+                    "mountPermissions": text(),
+                },
+            )
         strategy = weighted(
             (6, st.sampled_from(additions)), (3, st.sampled_from(hostile)), (1, random | self.generic_map_strategy())
         ).map(lambda extra: {**base, **extra})
@@ -464,6 +586,8 @@ class Pools:
             {"mapper": "nbd"},
             {HUGE: HUGE[:100]},
         ]
+        if self.world.kind == "nfs":
+            hostile += [{"subDir": p} for p in ("..", f"../{MARK}", f"/tmp/{MARK}", ".cairn/nfs", "a\0b", HUGE)]
         built = st.fixed_dictionaries(
             {}, optional={"fsType": self.fs_type.strategy, "mkfsOptions": st.sampled_from(MKFS_OPTIONS) | text()}
         )
@@ -565,6 +689,8 @@ class Call:
     goes the whole way again."""
     depends: int | None = None
     """Takes its object ID from the answer of that call of the batch's previous step."""
+    refuse: bool = False
+    """Must not succeed (an attempt to leave the profile's folder on the export)."""
 
     @property
     def path(self) -> str:
@@ -785,8 +911,13 @@ def mutated_request(draw: st.DrawFn, method: MethodDescriptor, world: World, poo
 CHURN = ("CreateVolume", "DeleteVolume", "ListVolumes", "ListSnapshots", "CreateSnapshot", "DeleteSnapshot")
 
 
+def fuzzed(world: World) -> list[tuple[str, MethodDescriptor]]:
+    """The RPCs the fuzz sends: all, less ``world.excluded``."""
+    return [(s, m) for s, m in methods() if m.name not in world.excluded]
+
+
 def calls(world: World, pools: Pools) -> st.SearchStrategy[Call]:
-    by_name = {m.name: (s, m) for s, m in methods()}
+    by_name = {m.name: (s, m) for s, m in fuzzed(world)}
 
     def one(name: str) -> st.SearchStrategy[Call]:
         service, method = by_name[name]
@@ -810,7 +941,7 @@ def churn_calls(world: World, pools: Pools) -> st.SearchStrategy[Call]:
 def raw_call(draw: st.DrawFn, world: World) -> Call:
     """Bytes sent as a serialized request: random, or a valid request broken on the wire
     (truncated, invalid UTF-8 in a string, a wrong wire type, a huge length)."""
-    service, method = draw(st.sampled_from(methods()))
+    service, method = draw(st.sampled_from(fuzzed(world)))
     cls = request_class(method)
     base = draw(valid_request(method, world)).SerializeToString()
     kind = draw(st.sampled_from(["random", "truncated", "utf8", "wiretype", "length", "unknown-field"]))
@@ -877,29 +1008,63 @@ def race(draw: st.DrawFn, world: World) -> Batch:
 
 def idle_fixture(world: World) -> Fixture:
     """The fixture that is neither staged nor published."""
-    return next(f for f in world.fixtures if not f.staging_path)
+    return next(f for f in world.fixtures if not f.staging_path and not f.published)
+
+
+def create_request(world: World, name: str, parameters: dict[str, str]) -> pb.CreateVolumeRequest:
+    return pb.CreateVolumeRequest(
+        name=name,
+        capacity_range=pb.CapacityRange(required_bytes=16 * MiB),
+        volume_capabilities=[idle_fixture(world).capability],
+        parameters={**world.parameters, **parameters},
+        secrets=dict(world.secrets),
+    )
+
+
+def nfs_escapes(world: World) -> list[Call]:
+    """CreateVolume calls that try to leave the profile's folder on the export (each of
+    ``nfs_parameters``' hostile sets, and names that a template turns into ``..``), each
+    under a name no volume has: for an existing name the driver answers from its record
+    before it builds a path, so a sweep under the usual names would not reach the checks.
+    Every one must be refused."""
+    requests = [(f"{MARK}-escape-{i}", extra) for i, extra in enumerate(nfs_parameters(world.folder())[1])]
+    requests += [(name, {}) for name in HOSTILE_PATH_NAMES]
+    return [
+        Call("Controller", "CreateVolume", create_request(world, name, extra), refuse=True) for name, extra in requests
+    ]
+
+
+@st.composite
+def fresh_create(draw: st.DrawFn, world: World, pools: Pools) -> Call:
+    """A CreateVolume under a name no volume has yet, with drawn parameters: on nfs, so
+    that its ``subDir`` is expanded and checked rather than answered from a record."""
+    name = f"{MARK}-fresh-{draw(st.integers(0, 1 << 20))}"
+    return Call("Controller", "CreateVolume", create_request(world, name, draw(pools.parameters.strategy)))
 
 
 def batches(world: World, pools: Pools) -> st.SearchStrategy[Batch]:
     """Mostly one mutated request; some concurrent calls that make, list and remove
-    objects; some races; a few raw byte strings."""
+    objects; some races; a few raw byte strings; on nfs, also creates under fresh names."""
     single = calls(world, pools).map(lambda c: ((c,),))
     concurrent = st.lists(weighted((3, churn_calls(world, pools)), (1, calls(world, pools))), min_size=2, max_size=4)
-    return weighted(
+    choices: list[tuple[int, st.SearchStrategy[Batch]]] = [
         (82, single),
         (10, concurrent.map(lambda cs: (tuple(cs),))),
         (6, race(world)),
         (2, raw_call(world).map(lambda c: ((c,),))),
-    )
+    ]
+    if world.kind == "nfs":
+        choices.append((6, fresh_create(world, pools).map(lambda c: ((c,),))))
+    return weighted(*choices)
 
 
 def sweep(world: World, pools: Pools) -> list[Call]:
     """Deterministic calls: every RPC empty, then for each RPC every field of a valid
     request about the first fixture (for NodeStageVolume: the idle one) set to each of
     its pool's hostile values, one field at a time. Stages and publishes that succeed are
-    undone at once, so each goes the whole way."""
+    undone at once, so each goes the whole way. On nfs, then ``nfs_escapes``."""
     found: list[Call] = []
-    for service, method in methods():
+    for service, method in fuzzed(world):
         cls = request_class(method)
         found.append(Call(service, method.name, cls()))
         fixture = idle_fixture(world) if method.name == "NodeStageVolume" else world.fixtures[0]
@@ -911,4 +1076,6 @@ def sweep(world: World, pools: Pools) -> list[Call]:
                 request.CopyFrom(base)
                 assign(request, path, value)
                 found.append(Call(service, method.name, request, undo=undo))
+    if world.kind == "nfs" and "CreateVolume" not in world.excluded:
+        found += nfs_escapes(world)
     return found

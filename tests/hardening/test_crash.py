@@ -7,8 +7,14 @@ is deleted.
 
 Kill points: each operation is measured once, then killed after seeded random delays
 within that time, and at milestones (the moment a given child process such as ``cp``,
-``mkfs.ext4`` or ``rbd-fuse`` appears below the driver). Seeded: each test prints its
-seed, and CAIRN_TEST_SEED replays a run's choices (timing itself cannot be replayed).
+``mkfs.ext4`` or ``rbd-fuse`` appears below the driver; the nfs controller runs no child
+process, so its kills are at random delays only, and more of them: ``random_kills``).
+Seeded: each test prints its seed, and CAIRN_TEST_SEED replays a run's choices (timing
+itself cannot be replayed).
+
+On a profile without a node path (nfs here), a "mount" is ControllerPublish alone and the
+data is written and read on the server side; the stage rounds, which exist to test the
+node path, are skipped with the reason.
 
 The first two tests pin the freeze defect: a snapshot or clone of a mounted local volume
 freezes its filesystem, and a crash during the copy must not leave it frozen."""
@@ -51,7 +57,6 @@ pytestmark = pytest.mark.integration
 MiB = 1 << 20
 CALL_TIMEOUT = 120.0
 RETRY_FOR = 20.0  # a retry keeps trying this long (rbd: a dead client's watch expires first)
-RANDOM_KILLS = 4  # seeded random delays per operation, besides its milestones
 ALONE = 0.25  # share of kills that hit the driver alone, leaving its children running
 # Answers no retry can change: a retry that gets one fails the test at once. Any other
 # error is retried, as the sidecars and kubelet do, until RETRY_FOR has passed (and is
@@ -153,7 +158,7 @@ class Api:
     def __init__(self, profile: Profile, driver: Driver) -> None:
         self.profile = profile
         self.driver = driver
-        self.cap = mount_capability("ext4")
+        self.cap = mount_capability(profile.fs_type)
         self.paths = driver.root / "paths"  # where the driver's own teardown looks for leftovers
 
     def send(self, step: Step) -> Any:
@@ -230,8 +235,11 @@ class Api:
         self.retry(("node", "NodePublishVolume", request))
 
     def mount(self, vol: Handle) -> Handle:
-        """ControllerPublish, NodeStage and NodePublish, as for a pod."""
+        """ControllerPublish, NodeStage and NodePublish, as for a pod; without a node path
+        ControllerPublish alone (the data is then reached on the server side)."""
         self.publish(vol)
+        if not self.profile.node:
+            return vol
         self.retry(("node", "NodeStageVolume", self.stage_request(vol)))
         self.node_publish(vol)
         return vol
@@ -267,22 +275,29 @@ class Api:
 
     # data
 
-    @staticmethod
-    def write(vol: Handle, payload: bytes, sync: bool = True, name: str = "marker") -> None:
+    def write(self, vol: Handle, payload: bytes, sync: bool = True, name: str = "marker") -> None:
+        """Write ``name`` in a mounted volume (without a node path: on the server side)."""
+        if not self.profile.node:
+            assert self.profile.write_data is not None
+            self.profile.write_data(vol.context, name, payload)
+            return
         with open(os.path.join(vol.target, name), "wb") as handle:
             handle.write(payload)
             if sync:
                 handle.flush()
                 os.fsync(handle.fileno())
 
-    @staticmethod
-    def read(vol: Handle, name: str = "marker") -> bytes:
+    def read(self, vol: Handle, name: str = "marker") -> bytes:
+        """Read ``name`` of a mounted volume (without a node path: on the server side)."""
+        if not self.profile.node:
+            assert self.profile.read_data is not None
+            return self.profile.read_data(vol.context, name)
         with open(os.path.join(vol.target, name), "rb") as handle:
             return handle.read()
 
     def restored_payload(self, name: str, source: pb.VolumeContentSource) -> bytes:
-        """The marker of a new volume made from ``source``, read through a mount, after
-        which the new volume is deleted again."""
+        """The marker of a new volume made from ``source``, read through a mount (or on the
+        server side), after which the new volume is deleted again."""
         vol = self.mount(self.create(name, source=source))
         try:
             return self.read(vol)
@@ -324,6 +339,13 @@ def backend_pieces(kind: str, volumes: dict[str, str], snapshots: dict[str, str]
             if kind == "local":
                 folder = "volumes" if what == "volume" else "snapshots"
                 pieces |= {f"{folder}/{local_id}.img", f"{folder}/{local_id}.json"}
+            elif kind == "nfs":
+                # A record in the backend's folder; the data is the volume's folder
+                # (named after the volume by the profile's subDir) or the snapshot's copy.
+                if what == "volume":
+                    pieces |= {f"volumes/{local_id}.json", f"folder {name}"}
+                else:
+                    pieces |= {f"snapshots/{local_id}.json", f"snapshots/{local_id}.data"}
             else:
                 image_uuid = local_id.rsplit("/", 1)[1]
                 prefix = "cairn-vol-" if what == "volume" else "cairn-snap-"
@@ -439,9 +461,14 @@ class KillPoint:
 class Scenario:
     """One operation, repeated in rounds: ``setup`` makes what it needs and returns the
     steps (requests) the operation sends; ``verify`` checks the outcome once the steps
-    succeeded after the kill; ``cleanup`` removes what the round made."""
+    succeeded after the kill; ``cleanup`` removes what the round made.
+
+    ``milestones`` names, per profile, the child processes to kill at; a profile not
+    named (nfs: its controller runs none) is killed at random delays only."""
 
     milestones: dict[str, tuple[str, ...]] = {}
+    node_path = False
+    """Whether the operation exists to exercise the node path (skipped without one)."""
 
     def __init__(self, api: Api, rng: random.Random) -> None:
         self.api = api
@@ -539,6 +566,7 @@ class Snapshot(Copy):
 
 class Stage(Scenario):
     milestones = {"local": ("losetup", "mkfs.ext4", "mount"), "rbd": ("rbd-fuse", "losetup", "mkfs.ext4", "mount")}
+    node_path = True
 
     def setup(self, round_: int) -> list[Step]:
         self.vol = self.api.create(f"stage-{round_}")
@@ -560,7 +588,9 @@ class Stage(Scenario):
 class Expand(Scenario):
     """Online growth (ControllerExpand, then NodeExpand of the staged volume) where this
     host lets ext4 grow while mounted; elsewhere offline growth: ControllerExpand of an
-    unstaged volume, then the NodeStage that grows it."""
+    unstaged volume, then the NodeStage that grows it. Without a node path (nfs: a
+    share's size is advisory, no filesystem grows), ControllerExpand alone, after which
+    the volume reports the new size and keeps its data."""
 
     SIZE = 96 * MiB
     online = has_capability(CAP_SYS_RESOURCE)
@@ -578,6 +608,8 @@ class Expand(Scenario):
         controller = pb.ControllerExpandVolumeRequest(
             volume_id=self.vol.id, capacity_range=size, volume_capability=self.api.cap, secrets=self.api.profile.secrets
         )
+        if not self.api.profile.node:
+            return [("controller", "ControllerExpandVolume", controller)]
         if not self.online:
             self.api.unstage(self.vol)
             return [
@@ -595,10 +627,15 @@ class Expand(Scenario):
 
     def verify(self, answers: list[Any]) -> None:
         assert answers[0].capacity_bytes >= self.SIZE
-        if not self.online:
-            self.api.node_publish(self.vol)
-        st = os.statvfs(self.vol.target)
-        assert st.f_blocks * st.f_frsize > 80 * MiB, "the filesystem did not grow"
+        if not self.api.profile.node:
+            request = pb.ControllerGetVolumeRequest(volume_id=self.vol.id)
+            got = self.api.retry(("controller", "ControllerGetVolume", request)).volume
+            assert got.capacity_bytes >= self.SIZE, "the volume does not keep its new size"
+        else:
+            if not self.online:
+                self.api.node_publish(self.vol)
+            st = os.statvfs(self.vol.target)
+            assert st.f_blocks * st.f_frsize > 80 * MiB, "the filesystem did not grow"
         assert self.api.read(self.vol) == self.payload
         self.api.check_objects({self.vol.name: self.vol.id}, {})
 
@@ -672,8 +709,8 @@ def run_steps(api: Api, steps: list[Step], point: KillPoint | None) -> tuple[lis
     return [api.retry(step) for step in steps], hit
 
 
-def kill_points(rng: random.Random, duration: float, milestones: tuple[str, ...]) -> list[KillPoint]:
-    points = [KillPoint(delay=rng.uniform(0, duration), alone=rng.random() < ALONE) for _ in range(RANDOM_KILLS)]
+def kill_points(rng: random.Random, duration: float, milestones: tuple[str, ...], kills: int) -> list[KillPoint]:
+    points = [KillPoint(delay=rng.uniform(0, duration), alone=rng.random() < ALONE) for _ in range(kills)]
     points += [KillPoint(milestone=name, alone=rng.random() < ALONE) for name in milestones]
     rng.shuffle(points)
     return points
@@ -681,6 +718,8 @@ def kill_points(rng: random.Random, duration: float, milestones: tuple[str, ...]
 
 @pytest.mark.parametrize("operation", list(SCENARIOS))
 def test_crash_and_retry(profile: Profile, operation: str) -> None:
+    if SCENARIOS[operation].node_path:
+        profile.require_node(f"crash and retry in {operation}")
     rng = random.Random(f"{seed(f'crash {profile.name} {operation}')}")
     with profile.driver() as driver:
         api = Api(profile, driver)
@@ -692,7 +731,7 @@ def test_crash_and_retry(profile: Profile, operation: str) -> None:
             duration = time.monotonic() - started
             scenario.verify(answers)
             scenario.cleanup()
-            points = kill_points(rng, duration, scenario.milestones.get(profile.name, ()))
+            points = kill_points(rng, duration, scenario.milestones.get(profile.name, ()), profile.random_kills)
             print(f"{operation} takes {duration * 1000:.0f} ms; kills: {', '.join(map(str, points))}")
             for round_, point in enumerate(points, start=1):
                 started = time.monotonic()

@@ -1,18 +1,27 @@
 """A structure-aware fuzzer over every RPC of the Identity, Controller and Node services.
 
 Per backend: make a few real volumes (one staged and published on a filesystem, one as a
-raw block device, one idle) and a snapshot through the API, then send the deterministic
+raw block device, one idle; where the backend has no block access, a second filesystem
+volume shared by many nodes) and a snapshot through the API, then send the deterministic
 ``sweep`` (each field of each request set to each hostile value, one at a time) and a
 seeded run of Hypothesis batches (mostly single mutated requests; some sent concurrently;
 a few raw byte strings). Then undo through the API everything the run made, and check.
 
 A run fails on: UNKNOWN; INTERNAL for a request that parses; a call that hangs (no answer
 within CALL_TIMEOUT); an error message over MAX_DETAILS bytes or a RESOURCE_EXHAUSTED about
-metadata size; a node call that succeeds with a relative path; a file made outside the
+metadata size; a node call that succeeds with a relative path; on nfs, a CreateVolume of
+the sweep's attempts to leave the profile's folder that succeeds; a file made outside the
 test's root (driver's working directory, /, /tmp) or outside the sandbox and the driver's
 directory within it; a mount outside them; the driver dying or not answering Probe; and,
 after the clean-up, a mount or loop device more than before, or an object left in the
-backend.
+backend; on a backend whose profile names where it may write (nfs: the profile's folder
+and the backend's own on the export), anything it made elsewhere, after every batch.
+
+On a profile without a node path (nfs: the node mounts with the kernel's NFS client, which
+this host lacks; the vm tier runs that path), the fixtures are ControllerPublished but
+not staged, and the node RPCs that mount or need a mount (``fz.NODE_PATH_RPCS``) are
+neither swept nor drawn, which the run prints with the reason; every controller RPC, and
+the other node RPCs, are fuzzed as everywhere.
 
 Failures are collected, not raised at once: the report lists each distinct class (RPC,
 kind, code, message shape) with the smallest request that showed it, after a bounded
@@ -72,7 +81,13 @@ MiB = 1 << 20
 PATH_FIELDS = ("staging_target_path", "target_path", "volume_path")
 CACHES = {".pytest_cache", ".mypy_cache", ".ruff_cache", ".hypothesis"}
 """Entries the tools make in the driver's working directory (the repository)."""
-PLACES = ("file made outside the sandbox", "mount outside the sandbox", "a failed call left a mount or device")
+STRAY = "made outside its folders on the backend"
+PLACES = (
+    "file made outside the sandbox",
+    "mount outside the sandbox",
+    "a failed call left a mount or device",
+    STRAY,
+)
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -274,6 +289,7 @@ class Fuzzer:
     published: list[tuple[str, str]] = field(default_factory=list)
     tried_stages: list[tuple[str, str]] = field(default_factory=list)
     tried_publishes: list[tuple[str, str]] = field(default_factory=list)
+    strays: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -389,6 +405,8 @@ class Fuzzer:
             fail("driver died")
         if len(details.encode()) > MAX_DETAILS:
             fail("oversized error message", f"{len(details.encode())} bytes: {details[:120]}")
+        if call.refuse and code is grpc.StatusCode.OK:
+            fail("an attempt to leave the profile's folder succeeded", "OK")
         if code is grpc.StatusCode.OK and not isinstance(call.request, bytes):
             request = call.request
             output = fz.methods_by_name()[call.method].output_type.name
@@ -488,6 +506,9 @@ class Fuzzer:
             self.failures.append(Failure("file made outside the sandbox", rpc, "", entry, first, len(calls) > 1))
         for target in self.watch.new_mounts():
             self.failures.append(Failure("mount outside the sandbox", rpc, "", target, first, len(calls) > 1))
+        for stray in sorted(self.profile.strays() - self.strays):
+            self.failures.append(Failure(STRAY, rpc, "", stray, first, len(calls) > 1))
+            self.strays.add(stray)  # report each once
 
     # -- minimising -----------------------------------------------------------------------
 
@@ -563,16 +584,20 @@ def smaller(message: Message) -> Iterator[Message]:
 
 def make_world(fuzzer: Fuzzer, profile: Profile, sandbox: Path) -> fz.World:
     """Three volumes and a snapshot, made as a CO would: one staged and published on ext4,
-    one staged and published as a raw block device, one idle."""
+    one staged and published as a raw block device (without block access: a filesystem
+    shared by many nodes), one idle. Without a node path, ControllerPublished only."""
     sandbox.mkdir()
     (sandbox / "a-file").write_text("data the driver must not remove\n")
     (sandbox / "a-dir").mkdir()
     (sandbox / "a-dir" / "content").write_text("data\n")
     secrets = dict(profile.secrets)
     fixtures = []
-    for kind, cap, staged in (
-        ("mount", mount_capability("ext4"), True),
-        ("block", block_capability(), True),
+    second = (
+        ("block", block_capability()) if profile.block else ("shared", mount_capability("", "MULTI_NODE_MULTI_WRITER"))
+    )
+    for kind, cap, published in (
+        ("mount", mount_capability(profile.fs_type), True),
+        (*second, True),
         ("idle", mount_capability(), False),
     ):
         name = f"{fz.MARK}-fixture-{kind}"
@@ -592,8 +617,8 @@ def make_world(fuzzer: Fuzzer, profile: Profile, sandbox: Path) -> fz.World:
         volume = created.volume  # type: ignore[attr-defined]
         publish_context: dict[str, str] = {}
         staging = target = ""
-        if staged:
-            published = fuzzer.expect_ok(
+        if published:
+            answer = fuzzer.expect_ok(
                 fz.Call(
                     "Controller",
                     "ControllerPublishVolume",
@@ -602,7 +627,8 @@ def make_world(fuzzer: Fuzzer, profile: Profile, sandbox: Path) -> fz.World:
                     ),
                 )
             )
-            publish_context = dict(published.publish_context)  # type: ignore[attr-defined]
+            publish_context = dict(answer.publish_context)  # type: ignore[attr-defined]
+        if published and profile.node:
             staging, target = str(sandbox / f"fixture-stage-{kind}"), str(sandbox / f"fixture-target-{kind}")
             fuzzer.expect_ok(
                 fz.Call(
@@ -643,6 +669,7 @@ def make_world(fuzzer: Fuzzer, profile: Profile, sandbox: Path) -> fz.World:
                 staging_path=staging,
                 target_path=target,
                 capacity=volume.capacity_bytes,
+                published=published,
             )
         )
     snapshot = fuzzer.expect_ok(
@@ -664,6 +691,8 @@ def make_world(fuzzer: Fuzzer, profile: Profile, sandbox: Path) -> fz.World:
         parameters=dict(profile.parameters),
         fixtures=fixtures,
         snapshots=[snapshot.snapshot.snapshot_id],  # type: ignore[attr-defined]
+        kind=profile.name,
+        excluded=frozenset() if profile.node else fz.NODE_PATH_RPCS,
     )
     fuzzer.world = world
     return world
@@ -838,7 +867,10 @@ def test_fuzz_every_rpc(profile: Profile) -> None:
     for (_, code), n in fuzzer.codes.items():
         answers[code] += n
     print("answers: " + ", ".join(f"{code} {n}" for code, n in answers.most_common()))
-    missing = [m.name for _, m in fz.methods() if not fuzzer.counts[m.name]]
+    excluded = world.excluded if world else frozenset()
+    if excluded:
+        print(f"fuzz[{profile.name}] sends no {', '.join(sorted(excluded))}: {profile.node_missing}")
+    missing = [m.name for _, m in fz.methods() if not fuzzer.counts[m.name] and m.name not in excluded]
     if missing:
         problems.append(f"RPCs the fuzz never reached: {', '.join(missing)}")
     if fuzzer.stopped:

@@ -40,6 +40,7 @@ from csi.backends.nfs import paths, tree_ops
 from csi.backends.nfs.common import ON_DELETE, NfsSettings
 from csi.backends.nfs.fs import Stat, Tree, opened
 from csi.errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -679,6 +680,8 @@ def _domain_error(exc: OSError, where: str) -> Exception:
         return OutOfRange(f"export {where} cannot hold a file that large ({name})")
     if exc.errno == errno.ENOENT:
         return NotFound(f"{name or 'a path'} vanished from export {where} during the call")
+    if exc.errno == errno.ESTALE:
+        return Aborted(f"the connection to export {where} was made anew during the call ({name}); retry")
     if exc.errno in (
         errno.ETIMEDOUT,
         errno.ECONNREFUSED,

@@ -56,8 +56,17 @@ _U, _U32, _U64 = ctypes.c_uint, ctypes.c_uint32, ctypes.c_uint64
 _PP = ctypes.POINTER(_P)
 
 
-_LOST_STATE = ("NFS4ERR_EXPIRED", "NFS4ERR_STALE_CLIENTID", "NFS4ERR_BADSESSION", "NFS4ERR_DEADSESSION")
-"""What the server answers once it forgot a client (a lease not renewed in time)."""
+_LOST_STATE = (
+    "NFS4ERR_EXPIRED",
+    "NFS4ERR_STALE_CLIENTID",
+    "NFS4ERR_BADSESSION",
+    "NFS4ERR_DEADSESSION",
+    "NFS4ERR_BAD_SEQID",
+    "NFS4ERR_OLD_STATEID",
+    "NFS4ERR_BAD_STATEID",
+)
+"""What the server answers once it forgot a client (a lease not renewed in time), or once
+the client's open-state bookkeeping went wrong: a new client starts clean."""
 
 
 class _Stat64(ctypes.Structure):  # struct nfs_stat_64
@@ -241,6 +250,8 @@ class Client:
         self._name = f"cairn-csi {os.uname().nodename} {uuid.uuid4()}".encode()
         self._lib = _library()
         self._lock = threading.Lock()
+        self._path_closed = threading.Condition(self._lock)
+        self._open_paths: dict[str, int] = {}  # path -> generation of the file open on it
         self._ctx: int | None = None
         self._closed = False
         self._generation = 0  # of the context; a file belongs to the one it was opened in
@@ -491,6 +502,14 @@ class Client:
 
     def _open(self, path: str, flags: int) -> _NfsFile:
         with self._lock:
+            # libnfs 4.0 keeps one open-owner per context and gets its sequence wrong when
+            # the same file is opened twice at once: the second CLOSE breaks every later
+            # open (NFS4ERR_BAD_SEQID). So a file is open once per client at a time; a
+            # second opener waits for the first to close it.
+            deadline = time.monotonic() + 4 * self._timeout_s
+            while self._open_paths.get(path) == self._generation and self._ctx:
+                if not self._path_closed.wait(max(0.0, deadline - time.monotonic())):
+                    raise OSError(errno.ETIMEDOUT, f"{path} stayed open elsewhere on this client", path)
             for attempt in (1, 2):
                 ctx, handle = self._ready(path), _P()
                 ret = self._lib.nfs_open2(ctx, self._abs(path), flags | os.O_NOFOLLOW, 0o600, ctypes.byref(handle))
@@ -500,6 +519,7 @@ class Client:
                 self._check(ctx, ret, path)
                 break
             opened = _NfsFile(self, handle, path, self._generation)
+            self._open_paths[path] = self._generation
             self._files.add(opened)
             return opened
 
@@ -590,5 +610,13 @@ class _NfsFile:
         with client._lock:
             handle, self.handle = self.handle, _P()
             client._files.discard(self)
+            if handle and client._open_paths.get(self.path) == self.generation:
+                del client._open_paths[self.path]
+                client._path_closed.notify_all()
             if handle and client._ctx and self.generation == client._generation:
-                client._check(client._ctx, client._lib.nfs_close(client._ctx, handle), self.path)
+                ctx = client._ctx
+                ret = client._lib.nfs_close(ctx, handle)
+                if ret < 0 and client._lost_state(ctx):
+                    client._drop()  # the server keeps no state of ours to close any more
+                    return
+                client._check(ctx, ret, self.path)

@@ -26,6 +26,8 @@ from csi.backends.nfs.fs import Stat, Tree, opened
 from csi.errors import Aborted, InvalidArgument
 
 CHUNK = 1 << 20
+STALE_ATTEMPTS = 3
+"""Reads and writes of a small record redone when the client reconnected meanwhile."""
 COPY_ATTEMPTS = 3
 _ZERO = bytes(CHUNK)
 
@@ -43,28 +45,42 @@ def exists(tree: Tree, path: str) -> bool:
 
 
 def read_json(tree: Tree, path: str) -> dict[str, Any] | None:
-    try:
-        with opened(tree, path, os.O_RDONLY) as handle:
-            size = handle.fstat().size
-            data = handle.pread(size, 0)
-    except FileNotFoundError:
-        return None
-    record: dict[str, Any] = json.loads(data)
-    return record
+    """A small record, or None. A client that had to reconnect while the file was open
+    (ESTALE: another call found the connection lost) reads it again."""
+    for attempt in range(STALE_ATTEMPTS):
+        try:
+            with opened(tree, path, os.O_RDONLY) as handle:
+                size = handle.fstat().size
+                data = handle.pread(size, 0)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno != errno.ESTALE or attempt == STALE_ATTEMPTS - 1:
+                raise
+            continue
+        record: dict[str, Any] = json.loads(data)
+        return record
+    raise AssertionError("unreachable")
 
 
 def write_json(tree: Tree, path: str, record: dict[str, Any]) -> None:
     """Write ``record`` at ``path`` so a reader sees the old or the new, never a torn one."""
-    temp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     data = json.dumps(record, sort_keys=True).encode()
-    try:
-        with opened(tree, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) as handle:
-            handle.pwrite(data, 0)
-            handle.fsync()
-        tree.rename(temp, path)
-    except BaseException:
-        remove_file(tree, temp)
-        raise
+    for attempt in range(STALE_ATTEMPTS):
+        temp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with opened(tree, temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) as handle:
+                handle.pwrite(data, 0)
+                handle.fsync()
+            tree.rename(temp, path)
+            return
+        except OSError as exc:
+            remove_file(tree, temp)
+            if exc.errno != errno.ESTALE or attempt == STALE_ATTEMPTS - 1:
+                raise
+        except BaseException:
+            remove_file(tree, temp)
+            raise
 
 
 def remove_file(tree: Tree, path: str) -> None:

@@ -338,3 +338,31 @@ def test_a_client_idle_past_its_lease_works_on(client: Client, work: str, nfs_se
     with opened(client, path, os.O_CREAT | os.O_WRONLY, 0o644) as handle:
         handle.pwrite(b"written after the lease ran out", 0)
     assert (nfs_server.export_dir / path).read_bytes() == b"written after the lease ran out"
+
+
+def test_one_file_opened_twice_at_once_leaves_the_client_working(client: Client, work: str) -> None:
+    """libnfs 4.0 loses its open-state sequence when one context opens a file twice at
+    once (a second CLOSE fails, then every open): the client lets one opener at a time
+    hold a file, so concurrent readers of one record (listings in parallel) wait their
+    turn instead of breaking the client."""
+    path = f"{work}/record.json"
+    with opened(client, path, os.O_CREAT | os.O_WRONLY, 0o644) as handle:
+        handle.pwrite(b'{"x": 1}', 0)
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            for _ in range(30):
+                with opened(client, path, os.O_RDONLY) as handle:
+                    assert handle.pread(64, 0) == b'{"x": 1}'
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with opened(client, path, os.O_RDONLY) as handle:
+        assert handle.pread(64, 0) == b'{"x": 1}'
