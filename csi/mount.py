@@ -1,10 +1,19 @@
 """The one place that formats, mounts, bind-mounts, unmounts, grows filesystems and reads
 filesystem statistics. Everything here is idempotent where the CSI flows need it to be:
 mounting what is already mounted the same way and unmounting what is not mounted are
-both no-ops."""
+both no-ops.
+
+A network filesystem (NFS, a FUSE daemon) whose server is gone blocks any process that
+touches it, in the kernel, until the server answers (a ``hard`` NFS mount: forever). So
+nothing here looks at a mount point in this process: the mount table is read from
+/proc, paths are resolved without a stat of their last name, and the statistics of a
+network filesystem are read by a child process with a timeout (``probe``), which tells
+a healthy mount from a stale one (ESTALE: its server restarted) or one that does not
+answer. Unmounting such a mount falls back to a forced, then a lazy unmount."""
 
 from __future__ import annotations
 
+import enum
 import errno
 import hashlib
 import json
@@ -78,13 +87,27 @@ def mounts(pid: str = "self") -> list[MountEntry]:
     return entries
 
 
+def canonical(path: str) -> str:
+    """``path`` as the mount table names it: absolute, its folders' symlinks resolved,
+    its last name left as it is. Resolving the last name would stat it, and a stat of a
+    dead network mount blocks; a mount point is never a symlink, so it needs none."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    return os.path.join(os.path.realpath(parent), name) if name else parent
+
+
 def find_mount(target: str) -> MountEntry | None:
-    """The topmost mount on ``target``, or None."""
-    target = os.path.realpath(target)
+    """The topmost mount on ``target``, or None. Reads the mount table only: a mount on
+    ``target`` is found without touching it. A ``target`` that is a symlink (never a
+    mount point) is followed."""
+    wanted = canonical(target)
     found = None
     for entry in mounts():
-        if entry.target == target:
+        if entry.target == wanted:
             found = entry
+    if found is None and os.path.islink(wanted):
+        resolved = os.path.realpath(wanted)
+        return find_mount(resolved) if resolved != wanted else None
     return found
 
 
@@ -186,18 +209,155 @@ def bind(source: str, target: str, readonly: bool = False, options: Sequence[str
 
 def unmount(target: str) -> None:
     """Unmount everything stacked on ``target``; a path that is not mounted is fine. A
-    busy mount is FailedPrecondition naming what holds it, where a mount does."""
+    busy mount is FailedPrecondition naming what holds it, where a mount does. A network
+    mount whose server does not answer, or whose handle is stale, is unmounted by force
+    (lazily where even that fails), never waited for."""
     for _ in range(8):
-        if not is_mounted(target):
+        entry = find_mount(target)
+        if entry is None:
             return
+        if is_network(entry):
+            _unmount_network(entry)
+            continue
         try:
             proc.run(["umount", target])
         except CommandBusy as exc:
-            real = os.path.realpath(target)
-            inside = [e.target for e in mounts() if e.target.startswith(real + "/")]
-            holder = f"mounts inside it: {', '.join(inside)}" if inside else "a process has files open or works in it"
-            raise CommandBusy(exc.argv, exc.returncode, f"{exc.stderr} ({holder})") from exc
+            raise _busy(target, exc) from exc
     raise FailedPrecondition(f"{target} is still mounted after 8 unmounts")
+
+
+def _busy(target: str, exc: CommandBusy) -> CommandBusy:
+    real = canonical(target)
+    inside = [e.target for e in mounts() if e.target.startswith(real + "/")]
+    holder = f"mounts inside it: {', '.join(inside)}" if inside else "a process has files open or works in it"
+    return CommandBusy(exc.argv, exc.returncode, f"{exc.stderr} ({holder})")
+
+
+def _unmount_network(entry: MountEntry) -> None:
+    """Unmount the network filesystem mounted as ``entry``: as usual while its server
+    answers (busy is FailedPrecondition, as for any mount), by force when it does not,
+    its handle is stale, or the plain unmount runs past UMOUNT_TIMEOUT. The umount calls
+    name the mount point as the mount table does and resolve nothing (``-c``), so they
+    stat nothing on it either."""
+    health = probe(entry.target, entry=entry)
+    if health.condition in (Condition.OK, Condition.ERROR):
+        try:
+            proc.run(["umount", "--no-canonicalize", entry.target], timeout=UMOUNT_TIMEOUT)
+            return
+        except CommandBusy as exc:
+            raise _busy(entry.target, exc) from exc
+        except CommandTimeout:
+            reason = f"umount did not finish within {UMOUNT_TIMEOUT:g} s"
+    else:
+        reason = health.message
+    log.warning("forcing the unmount of %s: %s", entry.target, reason)
+    _force_unmount(entry)
+
+
+def _force_unmount(entry: MountEntry) -> None:
+    """``umount --force`` (which aborts the calls waiting on the server), then, if the
+    mount is still there, ``umount --lazy`` (detached now, released by the kernel once
+    unused). Each bounded by FORCE_TIMEOUT; neither runs the filesystem's umount helper
+    (``-i``), which may talk to the server."""
+    target = entry.target
+    for flag in ("--force", "--lazy"):
+        try:
+            proc.run(["umount", flag, "--internal-only", "--no-canonicalize", target], timeout=FORCE_TIMEOUT)
+            if flag == "--lazy":
+                log.warning("detached %s lazily: the kernel releases it once nothing uses it", target)
+            return
+        except (CommandFailed, CommandTimeout) as exc:
+            if find_mount(target) != entry:
+                return  # unmounted after all (a forced unmount killed while releasing the filesystem)
+            if flag == "--lazy":
+                raise
+            log.warning("umount --force of %s failed (%s); detaching it lazily", target, exc)
+
+
+# -- network filesystems: health without blocking --------------------------------------
+
+PROBE_TIMEOUT = 10.0
+"""Seconds a network filesystem has to answer a statfs before it counts as not responding."""
+UMOUNT_TIMEOUT = 30.0
+FORCE_TIMEOUT = 10.0
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "ceph", "fuse"})
+_STALE = ("Stale file handle", "Transport endpoint is not connected")
+_STATFS_FORMAT = "%S %b %f %a %c %d"  # fragment size, blocks, free, available, inodes, free inodes
+
+
+def is_network(entry: MountEntry) -> bool:
+    """Whether the mount is served from elsewhere (a server, a FUSE daemon), so touching
+    it may block for as long as that does not answer."""
+    return entry.fstype in NETWORK_FILESYSTEMS or entry.fstype.startswith("fuse.")
+
+
+class Condition(enum.Enum):
+    OK = "ok"
+    STALE = "stale"
+    """The handle is stale (ESTALE: the server restarted or the export changed) or the
+    FUSE daemon is gone (ENOTCONN): it answers, but only with errors, until mounted again."""
+    HUNG = "hung"
+    """No answer within the timeout: the server is down or unreachable."""
+    ERROR = "error"
+    """Any other error reading it."""
+
+
+@dataclass(frozen=True)
+class Health:
+    condition: Condition
+    stats: FilesystemStats | None = None
+    message: str = ""
+
+
+def _describe(entry: MountEntry | None, path: str) -> str:
+    if entry is None:
+        return f"the filesystem at {path}"
+    if entry.fstype in ("nfs", "nfs4"):
+        return f"NFS server {entry.source} (mounted at {path})"
+    return f"{entry.fstype} filesystem {entry.source} (mounted at {path})"
+
+
+def probe(path: str, timeout: float | None = None, entry: MountEntry | None = None) -> Health:
+    """The statistics of the filesystem at ``path``, read by a child process (``stat
+    -f``) that is killed when it takes longer than ``timeout`` (PROBE_TIMEOUT): a dead
+    server blocks that child, never the caller. ``entry`` is the mount at ``path`` (found
+    when not given), which names the server in the message."""
+    limit = PROBE_TIMEOUT if timeout is None else timeout
+    if entry is None:
+        entry = find_mount(path)
+    what = _describe(entry, path)
+    try:
+        result = proc.run(["stat", "--file-system", f"--format={_STATFS_FORMAT}", "--", path], timeout=limit)
+    except CommandTimeout:
+        return Health(Condition.HUNG, message=f"{what} not responding (no answer within {limit:g} s)")
+    except CommandFailed as exc:
+        error = exc.stderr.rsplit(": ", 1)[-1] if exc.stderr else str(exc)
+        if any(marker in exc.stderr for marker in _STALE):
+            return Health(Condition.STALE, message=f"{what} is stale ({error}): it must be mounted again")
+        return Health(Condition.ERROR, message=f"{what} cannot be read ({error})")
+    try:
+        frsize, blocks, free, avail, files, ffree = (int(field) for field in result.stdout.split())
+    except ValueError:
+        return Health(Condition.ERROR, message=f"{what}: stat printed {result.stdout.strip()!r}")
+    stats = FilesystemStats(
+        total_bytes=blocks * frsize,
+        available_bytes=avail * frsize,
+        used_bytes=(blocks - free) * frsize,
+        total_inodes=files,
+        available_inodes=ffree,
+        used_inodes=files - ffree,
+    )
+    return Health(Condition.OK, stats)
+
+
+def health(path: str, timeout: float | None = None) -> Health:
+    """The statistics of the filesystem at ``path`` without ever blocking on a server: a
+    network filesystem mounted at ``path`` is probed in a child process; any other is
+    read here (``filesystem_stats``)."""
+    entry = find_mount(path)
+    if entry is not None and is_network(entry):
+        return probe(path, timeout, entry)
+    return Health(Condition.OK, filesystem_stats(path))
 
 
 def grow_filesystem(device: str, mount_path: str, fs: Filesystem) -> None:
@@ -218,6 +378,8 @@ def grow_filesystem(device: str, mount_path: str, fs: Filesystem) -> None:
 
 
 def filesystem_stats(path: str) -> FilesystemStats:
+    """Statistics of the filesystem at ``path``, read in this process: for local
+    filesystems (``health`` picks this or ``probe``)."""
     st = os.statvfs(path)
     return FilesystemStats(
         total_bytes=st.f_blocks * st.f_frsize,

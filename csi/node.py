@@ -4,21 +4,26 @@ is ``mount.py``'s; what must survive a plugin restart is kept in ``nodestate.py`
 
 NodeStage is a small transaction: every step that succeeds registers its undo, and a
 failure undoes the steps in reverse, so a failed stage leaves no device or mount behind.
+
+A share's server may die or restart under its mounts. Nothing here stats a mount point
+in this process (``mount.py`` reads network filesystems in a child with a timeout), so
+no call hangs: stats report such a volume as abnormal, unpublish and unstage unmount it
+by force, and a stage or publish over a stale mount (ESTALE after a server restart)
+mounts the share again; one whose server does not answer is UNAVAILABLE.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shlex
 import stat
 from collections.abc import Callable, Mapping
 
 import grpc
 
 from csi import convert, ids, mount
-from csi.backends.base import AttachRequest, Backend
-from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from csi.backends.base import Attachment, AttachRequest, Backend
+from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from csi.filesystems import parse_filesystem
 from csi.generated import csi_pb2 as pb
 from csi.generated import csi_pb2_grpc as pb_grpc
@@ -33,7 +38,7 @@ from csi.model import (
     Filesystem,
 )
 from csi.nodestate import NodeState, StagedVolume
-from csi.parameters import PARAM_FS_TYPE, PARAM_MKFS_OPTIONS
+from csi.parameters import PARAM_FS_TYPE, PARAM_MKFS_OPTIONS, check_mkfs_options
 from csi.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -54,10 +59,7 @@ def filesystem_for(cap: Capability, volume_context: dict[str, str]) -> Filesyste
 def parse_mkfs_options(volume_context: dict[str, str]) -> list[str]:
     """The volume's mkfs options, checked before anything is attached (a statically
     provisioned PV's context never passed CreateVolume's check)."""
-    try:
-        return shlex.split(volume_context.get(PARAM_MKFS_OPTIONS, ""))
-    except ValueError as exc:
-        raise InvalidArgument(f"volume_context {PARAM_MKFS_OPTIONS!r} does not parse: {exc}") from exc
+    return check_mkfs_options(volume_context.get(PARAM_MKFS_OPTIONS, ""), "volume_context")
 
 
 def check_context(context: Mapping[str, str], field: str) -> None:
@@ -127,8 +129,13 @@ class NodeService(pb_grpc.NodeServicer):
             staged = self.state.load(request.volume_id)
             if staged is not None and self._still_staged(staged, request.staging_target_path, cap, fs):
                 return pb.NodeStageVolumeResponse()
-            self._stage(backend, local_id, request, cap, fs, mkfs_options)
+            self._stage(backend, local_id, request, cap, fs, mkfs_options, staged.targets if staged else None)
         return pb.NodeStageVolumeResponse()
+
+    @staticmethod
+    def _mount_share(attachment: Attachment, staging: str, mount_flags: tuple[str, ...], read_only: bool) -> None:
+        options = list(dict.fromkeys([*attachment.options, *mount_flags, *(["ro"] if read_only else [])]))
+        mount.mount(attachment.source, staging, attachment.fstype, options)
 
     def _still_staged(self, staged: StagedVolume, staging_path: str, cap: Capability, fs: Filesystem | None) -> bool:
         """True when an earlier stage is intact and matches; False when it must be redone
@@ -146,7 +153,26 @@ class NodeService(pb_grpc.NodeServicer):
             )
         if cap.access_type is AccessType.BLOCK:
             return os.path.exists(staged.device)
-        return mount.is_mounted(staging_path)
+        entry = mount.find_mount(staging_path)
+        return entry is not None and self._answers(staged.volume_id, staging_path, entry)
+
+    @staticmethod
+    def _answers(volume_id: str, path: str, entry: mount.MountEntry) -> bool:
+        """Whether the mount ``entry`` at ``path`` can be used as it is. A network mount is
+        probed (never touched here): a stale one (its server restarted) is unmounted, and
+        False tells the caller to mount it again; one whose server does not answer is
+        Unavailable, and stays mounted for when it answers again (its pods' binds of it
+        carry on then)."""
+        if not mount.is_network(entry):
+            return True
+        health = mount.probe(path, entry=entry)
+        if health.condition is mount.Condition.STALE:
+            log.warning("mounting %s again: %s", path, health.message, extra={"volume_id": volume_id})
+            mount.unmount(path)
+            return False
+        if health.condition is mount.Condition.HUNG:
+            raise Unavailable(f"volume {volume_id}: {health.message}")
+        return True
 
     def _stage(
         self,
@@ -156,7 +182,10 @@ class NodeService(pb_grpc.NodeServicer):
         cap: Capability,
         fs: Filesystem | None,
         mkfs_options: list[str],
+        targets: dict[str, bool] | None = None,
     ) -> None:
+        """Stage the volume; ``targets`` are the publications an earlier stage at the same
+        path recorded (a stale share mounted again still has them)."""
         undo: list[Callable[[], None]] = []
         staging = request.staging_target_path
         try:
@@ -167,7 +196,10 @@ class NodeService(pb_grpc.NodeServicer):
                 raise InvalidArgument(f"volume {request.volume_id} is a shared filesystem: it has no block access")
             mount_options = [*cap.mount_flags, *(["ro"] if cap.access_mode.read_only else [])]
             existing = mount.find_mount(staging) if cap.access_type is AccessType.MOUNT else None
-            if existing is not None and mount.source_of(existing) == attachment.shown_as:
+            ours = existing is not None and mount.source_of(existing) == attachment.shown_as
+            if ours and existing is not None and not self._answers(request.volume_id, staging, existing):
+                ours = False  # stale, and unmounted now: mounted again below
+            if ours:
                 # Mounted by a stage that crashed before it recorded it: the mount is this
                 # volume's, and only the record is missing.
                 log.info("found the volume mounted at %s already", staging)
@@ -178,8 +210,7 @@ class NodeService(pb_grpc.NodeServicer):
                 elif not os.path.isdir(staging):
                     raise InvalidArgument(f"staging_target_path {staging!r} exists and is not a directory")
                 if attachment.source:
-                    options = list(dict.fromkeys([*attachment.options, *mount_options]))
-                    mount.mount(attachment.source, staging, attachment.fstype, options)
+                    self._mount_share(attachment, staging, cap.mount_flags, cap.access_mode.read_only)
                 else:
                     assert fs is not None
                     formatted = mount.format_and_mount(attachment.device, staging, fs, mkfs_options, mount_options)
@@ -195,6 +226,7 @@ class NodeService(pb_grpc.NodeServicer):
                     filesystem=fs.value if fs else attachment.fstype,
                     mount_flags=cap.mount_flags,
                     shared_source=bool(attachment.source),
+                    targets=dict(targets or {}),
                 )
             )
         except BaseException:
@@ -250,7 +282,7 @@ class NodeService(pb_grpc.NodeServicer):
         target = convert.path(request.target_path, "target_path")
         cap = self._capability(request)
         convert.path(request.staging_target_path, "staging_target_path")
-        self._route(request.volume_id)
+        backend, local_id = self._route(request.volume_id)
         readonly = request.readonly or cap.access_mode.read_only
         with self.inflight.hold(request.volume_id):
             staged = self.state.load(request.volume_id)
@@ -258,6 +290,8 @@ class NodeService(pb_grpc.NodeServicer):
                 raise FailedPrecondition(f"volume {request.volume_id} is not staged at {request.staging_target_path}")
             if staged.access_type is not cap.access_type:
                 raise FailedPrecondition(f"volume {request.volume_id} is staged for {staged.access_type.value} access")
+            if staged.shared_source:
+                self._mend_staging(backend, local_id, staged, request, cap)
             entry = mount.find_mount(target)
             if entry is not None:
                 if mount.source_of(entry) != staged.device:
@@ -268,12 +302,44 @@ class NodeService(pb_grpc.NodeServicer):
                     raise AlreadyExists(
                         f"volume {request.volume_id} is already published at {target} with other options"
                     )
-            else:
+                if not self._answers(request.volume_id, target, entry):
+                    entry = None  # a bind of a stale mount, unmounted now: bound again below
+            if entry is None:
                 self._check_single_writer(staged, cap, target)
                 self._bind(staged, cap, target, readonly)
             staged.targets[target] = readonly
             self.state.save(staged)
         return pb.NodePublishVolumeResponse()
+
+    def _mend_staging(
+        self,
+        backend: Backend,
+        local_id: str,
+        staged: StagedVolume,
+        request: pb.NodePublishVolumeRequest,
+        cap: Capability,
+    ) -> None:
+        """Mount a share's staging path again when its mount went stale (its server
+        restarted) or is gone (a stage that unmounted a stale one failed to mount it
+        again): the publish request carries what attaching needs, and a share's source is
+        all a mount needs. Unavailable when its server does not answer; a foreign mount
+        on the path is left alone."""
+        path = staged.staging_path
+        entry = mount.find_mount(path)
+        if entry is not None and (
+            mount.source_of(entry) != staged.device or self._answers(staged.volume_id, path, entry)
+        ):
+            return
+        attach = AttachRequest(cap, dict(request.volume_context), dict(request.publish_context), request.secrets)
+        attachment = backend.connector.attach(local_id, attach)
+        if attachment.shown_as != staged.device:
+            raise FailedPrecondition(
+                f"volume {staged.volume_id} was staged from {staged.device} and is now {attachment.shown_as}: "
+                f"its stale mount at {path} is unmounted; stage it again"
+            )
+        make_path(path, "staging_target_path")
+        self._mount_share(attachment, path, staged.mount_flags, staged.access_mode.read_only)
+        log.info("mounted %s again", path, extra={"volume_id": staged.volume_id})
 
     @staticmethod
     def _check_single_writer(staged: StagedVolume, cap: Capability, target: str) -> None:
@@ -353,13 +419,14 @@ class NodeService(pb_grpc.NodeServicer):
         problem = convert.path_problem(path)
         if problem:
             raise NotFound(f"volume {volume_id} is not at volume_path {path!r}: it {problem}")
-        if not os.path.exists(path):
+        # A mount point exists; only another path is looked at (a stat of a dead share blocks).
+        if mount.find_mount(path) is None and not os.path.exists(path):
             raise NotFound(f"path {path} of volume {volume_id} does not exist")
         staged = self.state.load(volume_id)
         if staged is None:
             raise NotFound(f"volume {volume_id} is not staged on node {self.node_id}")
-        known = {os.path.realpath(p) for p in (staged.staging_path, *staged.targets)}
-        if os.path.realpath(path) not in known:
+        known = {mount.canonical(p) for p in (staged.staging_path, *staged.targets)}
+        if mount.canonical(path) not in known:
             raise NotFound(f"volume {volume_id} is not staged or published at {path}")
         return staged
 
@@ -376,13 +443,24 @@ class NodeService(pb_grpc.NodeServicer):
         problems = []
         if not backend.connector.present(local_id):
             problems.append("the volume's backing data is gone")
-        if staged.access_type is AccessType.MOUNT and not mount.is_mounted(path):
+        entry = mount.find_mount(path)
+        if staged.access_type is AccessType.MOUNT and entry is None:
             problems.append(f"{path} is no longer mounted")
-        condition = pb.VolumeCondition(abnormal=bool(problems), message="; ".join(problems) or "volume is healthy")
-        if stat.S_ISBLK(os.stat(path).st_mode):
+        if entry is not None and mount.is_network(entry):
+            # Read in a child with a timeout: a dead server answers abnormal, never a hang.
+            health = mount.probe(path, entry=entry)
+            if health.stats is None:
+                problems.append(health.message)
+                # Zeros rather than nothing: the kubelet drops a response without usage,
+                # and the condition with it.
+                usage = [pb.VolumeUsage(unit=pb.VolumeUsage.BYTES)]
+            else:
+                usage = convert.usage(health.stats)
+        elif stat.S_ISBLK(os.stat(path).st_mode):
             usage = [pb.VolumeUsage(unit=pb.VolumeUsage.BYTES, total=mount.device_size(path))]
         else:
             usage = convert.usage(mount.filesystem_stats(path))
+        condition = pb.VolumeCondition(abnormal=bool(problems), message="; ".join(problems) or "volume is healthy")
         return pb.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
 
     def NodeExpandVolume(
@@ -400,7 +478,10 @@ class NodeService(pb_grpc.NodeServicer):
             staged = self._staged_at(request.volume_id, request.volume_path)
             if staged.shared_source:
                 # A share grows on its server; nothing on the node changes size.
-                capacity = mount.filesystem_stats(staged.staging_path).total_bytes
+                health = mount.health(staged.staging_path)
+                if health.stats is None:
+                    raise Unavailable(f"volume {request.volume_id}: {health.message}")
+                capacity = health.stats.total_bytes
             else:
                 backend.connector.refresh_size(local_id, staged.device)
                 if staged.access_type is AccessType.MOUNT:

@@ -1,9 +1,20 @@
 """The one place that runs host commands: argv only (no shell), a timeout on every call,
-stderr captured and carried in the error, and each call logged at debug level."""
+stderr captured and carried in the error, and each call logged at debug level.
+
+A command that outlives its timeout is killed with its whole process group (each
+command runs in a session of its own, so a helper it started, ``mount.nfs`` under
+``mount``, dies with it) and waited for briefly (KILL_WAIT), never forever: a process
+stuck in the kernel on a dead network mount dies at SIGKILL only where the kernel waits
+killably. A hard NFS mount does; a FUSE request its daemon has read but never answers
+does not (until the connection is aborted, as ``umount --force`` does), and such a
+process is left to the kernel rather than wedging the caller."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -13,29 +24,65 @@ from csi.errors import CommandFailed, CommandTimeout, command_failed
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 120.0
+KILL_WAIT = 2.0
+"""How long to wait for a command killed at its timeout to be gone."""
 
 
 def run(
     argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, ok_codes: Sequence[int] = (0,)
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` and return its result; raise CommandFailed on an exit code outside
-    ``ok_codes`` and CommandTimeout (after killing it) when it runs past ``timeout``."""
+    ``ok_codes`` and CommandTimeout (after killing it and its helpers) when it runs past
+    ``timeout``."""
     started = time.monotonic()
     try:
-        result = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False
+        child = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         )
-    except subprocess.TimeoutExpired as exc:
-        raise CommandTimeout(argv, timeout) from exc
     except FileNotFoundError as exc:
         raise CommandFailed(argv, 127, f"{argv[0]} is not installed on this host") from exc
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        _kill(child, argv)
+        raise CommandTimeout(argv, timeout) from exc
+    except BaseException:
+        _kill(child, argv)
+        raise
     log.debug(
         "ran command",
-        extra={"argv": list(argv), "rc": result.returncode, "seconds": round(time.monotonic() - started, 3)},
+        extra={"argv": list(argv), "rc": child.returncode, "seconds": round(time.monotonic() - started, 3)},
     )
+    result = subprocess.CompletedProcess(list(argv), child.returncode, stdout, stderr)
     if result.returncode not in ok_codes:
         raise command_failed(argv, result.returncode, result.stderr or result.stdout)
     return result
+
+
+def _kill(child: subprocess.Popen[str], argv: Sequence[str]) -> None:
+    """SIGKILL ``child`` and its process group, and wait for it at most KILL_WAIT
+    seconds. One that outlives that is left running (subprocess reaps it later); its
+    pipes are closed here, so nothing of it keeps this process waiting."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signal.SIGKILL)  # its own session: the group is its pid
+    with contextlib.suppress(ProcessLookupError):
+        child.kill()
+    try:
+        child.wait(timeout=KILL_WAIT)
+    except subprocess.TimeoutExpired:
+        log.warning(
+            "a killed command is still running (stuck in the kernel); leaving it",
+            extra={"argv": list(argv), "pid": child.pid},
+        )
+    for pipe in (child.stdout, child.stderr):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
 
 
 def spawn(argv: Sequence[str]) -> subprocess.Popen[str]:

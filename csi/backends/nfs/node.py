@@ -141,6 +141,10 @@ class NfsConnector:
         loopdev.refresh_size(device)
 
     def present(self, local_id: str) -> bool:
-        if self.settings.layout == "image" and mount.is_mounted(self.export_mount):
-            return os.path.exists(self._image(local_id))
-        return True
+        """Whether the image is still on the export; asked only while the export answers
+        (a dead server blocks whatever touches its files), else not known: True."""
+        if self.settings.layout != "image" or not mount.is_mounted(self.export_mount):
+            return True
+        if mount.probe(self.export_mount).condition is not mount.Condition.OK:
+            return True  # the staged mount's own probe reports the server's condition
+        return os.path.exists(self._image(local_id))

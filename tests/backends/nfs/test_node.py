@@ -7,8 +7,12 @@ a stock kernel against the host's test server."""
 
 from __future__ import annotations
 
+import errno
 import os
+import subprocess
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -16,9 +20,10 @@ import pytest
 import yaml
 
 from csi import loopdev, mount
+from csi.backends.nfs.libnfs import Client
 from csi.generated import csi_pb2 as pb
 from tests.conftest import running_driver
-from tests.nfs import EXPORT, NfsServer, kernel_has_nfs
+from tests.nfs import EXPORT, RUNNING_SERVER, NfsServer, kernel_has_nfs
 from tests.support import Driver, block_capability, mount_capability, require_tools
 
 pytestmark = pytest.mark.integration
@@ -162,3 +167,129 @@ def test_a_filesystem_on_an_image_is_not_shared_read_write(node_a: Driver) -> No
         node_a.controller.CreateVolume(request, timeout=60)
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "corrupt" in (caught.value.details() or "")
+
+
+# -- a server that dies under its mounts --------------------------------------------------
+
+UNREACHABLE_TABLE = "cairn_test_unreachable"
+
+
+@contextmanager
+def unreachable(port: int) -> Iterator[None]:
+    """Drop every packet this host sends to the server's port, as a server that died or
+    a network that failed would: calls wait for answers that never come. Only in the vm
+    tier's guest, which reaches the host's server through its own NAT (a firewall rule
+    there touches nothing else)."""
+    if not os.environ.get(RUNNING_SERVER):
+        pytest.skip("blocks the server's port with nftables: only in the vm tier's guest")
+    require_tools("nft")
+    rules = f"""table ip {UNREACHABLE_TABLE} {{
+  chain out {{
+    type filter hook output priority 0;
+    tcp dport {port} drop
+  }}
+}}
+"""
+    subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["nft", "delete", "table", "ip", UNREACHABLE_TABLE], check=True)
+
+
+def test_a_server_out_of_reach_hangs_no_call(tmp_path: Path, nfs_server: NfsServer, node_a: Driver) -> None:
+    """The server stops answering under a published share (hard-mounted, so whatever
+    touches the mount waits for it for ever): stats answer abnormal, naming the server;
+    a new stage is UNAVAILABLE; the kubelet's unpublish and unstage complete, forcing
+    the mounts away. Nothing waits for the server."""
+    cap = mount_capability(mode="MULTI_NODE_MULTI_WRITER")
+    volume_id = create(node_a, "unreachable", cap, "shared")
+    target = str(node_a.root / "pod")
+    staging = attach(node_a, "test-node", volume_id, cap, target)
+    Path(target, "before").write_text("written while the server answered")
+    stats_request = pb.NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=target)
+    with unreachable(nfs_server.port):
+        started = time.monotonic()
+        stats = node_a.node.NodeGetVolumeStats(stats_request, timeout=60)
+        message = stats.volume_condition.message
+        assert stats.volume_condition.abnormal, message
+        assert f"NFS server 127.0.0.1:{EXPORT}/{tmp_path.name}/unreachable" in message, message
+        assert "not responding" in message, message
+        stage = pb.NodeStageVolumeRequest(volume_id=volume_id, staging_target_path=staging, volume_capability=cap)
+        with pytest.raises(grpc.RpcError) as caught:
+            node_a.node.NodeStageVolume(stage, timeout=60)
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE, caught.value.details()
+        node_a.node.NodeUnpublishVolume(
+            pb.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=target), timeout=60
+        )
+        node_a.node.NodeUnstageVolume(
+            pb.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=staging), timeout=120
+        )
+        assert nfs_mounts(tmp_path) == [], "unstage must take the share's mounts away"
+        assert not os.path.exists(target)
+        print(f"stats, stage, unpublish and unstage without the server: {time.monotonic() - started:.1f}s")
+    unpublish = pb.ControllerUnpublishVolumeRequest(volume_id=volume_id, node_id="test-node")
+    node_a.controller.ControllerUnpublishVolume(unpublish, timeout=60)
+    assert (nfs_server.export_dir / tmp_path.name / "unreachable" / "before").exists()
+    node_a.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id), timeout=120)
+
+
+def replace_folder(server: NfsServer, path: str) -> None:
+    """Remove the empty folder ``path`` of the export and make it again, through the
+    server (as another client), so the server forgets the old folder's file handle."""
+    client = Client("127.0.0.1", EXPORT, port=server.port, timeout=10)
+    try:
+        client.rmdir(path)
+        client.mkdir(path, 0o777)
+        client.open(f"{path}/restored", os.O_WRONLY | os.O_CREAT, 0o644).close()
+    finally:
+        client.close()
+
+
+def test_a_stale_share_is_mounted_again(tmp_path: Path, nfs_server: NfsServer, node_a: Driver) -> None:
+    """The share's folder is replaced on the server (removed and made again, as a
+    restored backup leaves it): the mount's file handle is stale (ESTALE), as after a
+    server restart that lost its handles. Stats report it, and the next stage and
+    publish mount the share again instead of answering OK over the stale mount."""
+    cap = mount_capability(mode="MULTI_NODE_MULTI_WRITER")
+    volume_id = create(node_a, "replaced", cap, "shared")
+    target = str(node_a.root / "pod")
+    staging = attach(node_a, "test-node", volume_id, cap, target)
+    replace_folder(nfs_server, f"{tmp_path.name}/replaced")
+    folder = nfs_server.export_dir / tmp_path.name / "replaced"
+    deadline = time.monotonic() + 60
+    while True:  # the pod meets the stale handle first (the server's cache may hide it a moment)
+        try:
+            os.listdir(target)
+        except OSError as exc:
+            assert exc.errno == errno.ESTALE, exc
+            break
+        assert time.monotonic() < deadline, "the replaced folder's old handle never went stale"
+        time.sleep(1)
+    stats = node_a.node.NodeGetVolumeStats(
+        pb.NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=target), timeout=60
+    )
+    assert stats.volume_condition.abnormal, stats.volume_condition.message
+    assert "is stale (Stale file handle)" in stats.volume_condition.message
+    # The kubelet stages and publishes again (a pod restarting): both mount the share anew.
+    publish = pb.ControllerPublishVolumeRequest(volume_id=volume_id, node_id="test-node", volume_capability=cap)
+    context = node_a.controller.ControllerPublishVolume(publish, timeout=60).publish_context
+    stage = pb.NodeStageVolumeRequest(
+        volume_id=volume_id, staging_target_path=staging, volume_capability=cap, publish_context=context
+    )
+    node_a.node.NodeStageVolume(stage, timeout=120)
+    assert Path(staging, "restored").exists()
+    node_publish = pb.NodePublishVolumeRequest(
+        volume_id=volume_id, staging_target_path=staging, target_path=target, volume_capability=cap
+    )
+    node_a.node.NodePublishVolume(node_publish, timeout=60)
+    Path(target, "after").write_text("written after the remount")
+    assert (folder / "after").read_text() == "written after the remount"
+    for path in (staging, target):
+        stats = node_a.node.NodeGetVolumeStats(
+            pb.NodeGetVolumeStatsRequest(volume_id=volume_id, volume_path=path), timeout=60
+        )
+        assert not stats.volume_condition.abnormal, stats.volume_condition.message
+    detach(node_a, "test-node", volume_id, staging, target)
+    assert nfs_mounts(tmp_path) == []
+    node_a.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id), timeout=120)
