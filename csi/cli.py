@@ -105,6 +105,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default=f"{DEFAULT_ROOT}/node", help="where the node plugin records staged volumes")
     p.add_argument("--mode", choices=("all", "controller", "node"), default="all", help="which CSI services to serve")
     p.add_argument("--max-volumes-per-node", type=int, default=0, help="attach limit reported to Kubernetes (0: none)")
+    p.add_argument(
+        "--volume-mount-group",
+        action="store_true",
+        default=env("CAIRN_VOLUME_MOUNT_GROUP") == "true",
+        help="apply pods' fsGroup to volumes in the driver (root folder only, setgid) instead of the kubelet's walk",
+    )
     p.add_argument("--workers", type=int, default=8, help="gRPC worker threads")
     p.add_argument(
         "--check-nodes",
@@ -192,7 +198,9 @@ def build_server(args: argparse.Namespace) -> Server:
         controller = ControllerService(registry, Scheduler(registry), node_directory(args.check_nodes))
     node = None
     if serves_node:
-        node = NodeService(registry, args.node_id, NodeState(args.state_dir), args.max_volumes_per_node)
+        node = NodeService(
+            registry, args.node_id, NodeState(args.state_dir), args.max_volumes_per_node, args.volume_mount_group
+        )
     identity = IdentityService(registry, controller=controller is not None)
     services = Services(identity, controller, node)
     # Backend health and free space only where the controller runs: a node plugin has no

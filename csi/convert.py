@@ -66,6 +66,9 @@ def path_problem(value: str) -> str | None:
     return None
 
 
+MAX_GID = (1 << 31) - 1
+
+
 def capability(message: pb.VolumeCapability, field: str = "volume_capability") -> Capability:
     if not message.HasField("access_mode") or message.access_mode.mode == pb.VolumeCapability.AccessMode.UNKNOWN:
         raise InvalidArgument(f"{field}.access_mode is required")
@@ -77,7 +80,10 @@ def capability(message: pb.VolumeCapability, field: str = "volume_capability") -
     if kind == "block":
         return Capability(AccessType.BLOCK, mode)
     if kind == "mount":
-        return Capability(AccessType.MOUNT, mode, message.mount.fs_type, tuple(message.mount.mount_flags))
+        group = message.mount.volume_mount_group
+        if group and not (group.isdigit() and group.isascii() and int(group) <= MAX_GID):
+            raise InvalidArgument(f"{field}.mount.volume_mount_group {group[:64]!r} is not a numeric group ID")
+        return Capability(AccessType.MOUNT, mode, message.mount.fs_type, tuple(message.mount.mount_flags), group)
     raise InvalidArgument(f"{field}.access_type (mount or block) is required")
 
 

@@ -78,6 +78,9 @@ class Capability:
     access_mode: AccessMode
     fs_type: str = ""
     mount_flags: tuple[str, ...] = ()
+    mount_group: str = field(default="", compare=False)
+    """The group a publication must give the volume (the pod's fsGroup; VOLUME_MOUNT_GROUP),
+    or empty. Not part of what a capability is: two publications may give different groups."""
 
 
 @dataclass(frozen=True)

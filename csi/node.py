@@ -84,11 +84,18 @@ def describe(access_type: AccessType, filesystem: str, mode: AccessMode, flags: 
 
 
 class NodeService(pb_grpc.NodeServicer):
-    def __init__(self, registry: Registry, node_id: str, state: NodeState, max_volumes: int = 0) -> None:
+    def __init__(
+        self, registry: Registry, node_id: str, state: NodeState, max_volumes: int = 0, mount_group: bool = False
+    ) -> None:
+        """``mount_group``: apply the pod's fsGroup to a volume ourselves (VOLUME_MOUNT_GROUP),
+        so the kubelet does not walk every file of it."""
         self.registry = registry
         self.capabilities = list(ALWAYS)
         if any(b.capabilities.node_expansion for b in registry):
             self.capabilities.append(pb.NodeServiceCapability.RPC.EXPAND_VOLUME)
+        self.mount_group = mount_group
+        if mount_group:
+            self.capabilities.append(pb.NodeServiceCapability.RPC.VOLUME_MOUNT_GROUP)
         self.node_id = node_id
         self.state = state
         self.max_volumes = max_volumes
@@ -284,6 +291,11 @@ class NodeService(pb_grpc.NodeServicer):
         convert.path(request.staging_target_path, "staging_target_path")
         backend, local_id = self._route(request.volume_id)
         readonly = request.readonly or cap.access_mode.read_only
+        if cap.mount_group and not self.mount_group:
+            raise InvalidArgument(
+                f"volume {request.volume_id}: volume_mount_group is not offered by this node plugin "
+                "(start it with --volume-mount-group)"
+            )
         with self.inflight.hold(request.volume_id):
             staged = self.state.load(request.volume_id)
             if staged is None or staged.staging_path != request.staging_target_path:
@@ -307,6 +319,8 @@ class NodeService(pb_grpc.NodeServicer):
             if entry is None:
                 self._check_single_writer(staged, cap, target)
                 self._bind(staged, cap, target, readonly)
+            if cap.mount_group and cap.access_type is AccessType.MOUNT and not readonly:
+                mount.give_group(target, cap.mount_group)
             staged.targets[target] = readonly
             self.state.save(staged)
         return pb.NodePublishVolumeResponse()

@@ -363,3 +363,51 @@ def test_snapshot_of_a_mounted_volume_holds_unsynced_writes(driver: Driver, fs: 
         each.unstage()
         each.delete()
     driver.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id), timeout=60)
+
+
+def test_the_driver_applies_the_pods_group_without_walking_the_files(tmp_path: Path) -> None:
+    """VOLUME_MOUNT_GROUP (--volume-mount-group): a publication carrying the pod's fsGroup
+    gives the volume's root to that group with setgid, so what the pod makes belongs to
+    the group; files already there keep theirs (no walk). Without the flag the capability
+    is not advertised and a request carrying a group is refused, naming the flag."""
+    from tests.conftest import running_driver
+
+    with running_driver(tmp_path / "grouped", ["--volume-mount-group"]) as driver:
+        listed = driver.node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest(), timeout=30).capabilities
+        assert pb.NodeServiceCapability.RPC.VOLUME_MOUNT_GROUP in [c.rpc.type for c in listed]
+        cap = mount_capability("ext4")
+        vol = Volume(driver, "grouped", cap)
+        vol.publish()
+        vol.stage()
+        target = str(driver.root / "pod")
+        vol.mount(target)
+        Path(target, "before").write_text("made before the group was given")
+        vol.umount(target)
+        vol.cap = pb.VolumeCapability()
+        vol.cap.CopyFrom(cap)
+        vol.cap.mount.volume_mount_group = "4321"
+        vol.mount(target)
+        root = os.stat(target)
+        assert root.st_gid == 4321 and root.st_mode & stat.S_ISGID and root.st_mode & stat.S_IRWXG == stat.S_IRWXG
+        Path(target, "after").write_text("made by the pod")
+        assert os.stat(Path(target, "after")).st_gid == 4321, "setgid: new files belong to the group"
+        assert os.stat(Path(target, "before")).st_gid == 0, "existing files are not walked"
+        vol.cap.mount.volume_mount_group = "not-a-gid"
+        assert code_of(vol.mount, str(driver.root / "pod2")) is grpc.StatusCode.INVALID_ARGUMENT
+        vol.umount(target)
+        vol.unstage()
+        vol.delete()
+    with running_driver(tmp_path / "plain") as driver:
+        listed = driver.node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest(), timeout=30).capabilities
+        assert pb.NodeServiceCapability.RPC.VOLUME_MOUNT_GROUP not in [c.rpc.type for c in listed]
+        vol = Volume(driver, "plain", mount_capability("ext4"))
+        vol.publish()
+        vol.stage()
+        vol.cap.mount.volume_mount_group = "4321"
+        with pytest.raises(grpc.RpcError) as refused:
+            vol.mount(str(driver.root / "pod"))
+        error: Any = refused.value
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "--volume-mount-group" in (error.details() or "")
+        vol.unstage()
+        vol.delete()

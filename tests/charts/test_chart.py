@@ -754,3 +754,12 @@ def test_the_values_schema_wants_nfs_class_permissions_quoted(tmp_path: Path) ->
     values.write_text("storageClasses:\n  - {name: x, backend: local, parameters: {mountPermissions: 0775}}\n")
     result = helm("template", "cairn", str(CHART), "--kube-version", KUBERNETES[0], "--values", str(values))
     assert result.returncode != 0 and "mountPermissions" in result.stderr
+
+
+def test_volume_mount_group_is_opt_in() -> None:
+    """The driver applies fsGroup itself only when asked: advertising VOLUME_MOUNT_GROUP
+    makes the kubelet leave every volume's group to the driver."""
+    args = container(workloads(render(None))["cairn-csi-node"], "cairn")["args"]
+    assert "--volume-mount-group" not in args
+    docs = render(None, KUBERNETES[0], "--set", "node.volumeMountGroup=true")
+    assert "--volume-mount-group" in container(workloads(docs)["cairn-csi-node"], "cairn")["args"]

@@ -72,4 +72,4 @@ def test_nfs_node_suite_with_the_kernel_client(nfs_server: NfsServer) -> None:
         host_ports=[nfs_server.port],
         shares=[nfs_server.root],
     )
-    assert_all_passed(result, 9)
+    assert_all_passed(result, 13)

@@ -293,3 +293,23 @@ def test_a_stale_share_is_mounted_again(tmp_path: Path, nfs_server: NfsServer, n
     detach(node_a, "test-node", volume_id, staging, target)
     assert nfs_mounts(tmp_path) == []
     node_a.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id), timeout=120)
+
+
+def test_the_pods_group_is_given_to_a_shared_folder(tmp_path: Path, nfs_server: NfsServer) -> None:
+    """VOLUME_MOUNT_GROUP on a share: the folder gets the pod's group and setgid through
+    the mount, without the kubelet's walk over every file on the server."""
+    args = ["--volume-mount-group", *config_for(tmp_path, nfs_server, "g")]
+    with running_driver(tmp_path / "g", args) as driver:
+        cap = mount_capability(mode="MULTI_NODE_MULTI_WRITER")
+        volume_id = create(driver, "grouped", cap, "shared")
+        grouped = pb.VolumeCapability()
+        grouped.CopyFrom(cap)
+        grouped.mount.volume_mount_group = "4321"
+        target = str(driver.root / "pod")
+        staging = attach(driver, "test-node", volume_id, grouped, target)
+        folder = nfs_server.export_dir / tmp_path.name / "grouped"
+        assert folder.stat().st_gid == 4321 and folder.stat().st_mode & 0o2070 == 0o2070
+        Path(target, "made-by-the-pod").write_text("x")
+        assert (folder / "made-by-the-pod").stat().st_gid == 4321
+        detach(driver, "test-node", volume_id, staging, target)
+        driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id), timeout=120)
