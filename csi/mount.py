@@ -339,15 +339,7 @@ def probe(path: str, timeout: float | None = None, entry: MountEntry | None = No
         frsize, blocks, free, avail, files, ffree = (int(field) for field in result.stdout.split())
     except ValueError:
         return Health(Condition.ERROR, message=f"{what}: stat printed {result.stdout.strip()!r}")
-    stats = FilesystemStats(
-        total_bytes=blocks * frsize,
-        available_bytes=avail * frsize,
-        used_bytes=(blocks - free) * frsize,
-        total_inodes=files,
-        available_inodes=ffree,
-        used_inodes=files - ffree,
-    )
-    return Health(Condition.OK, stats)
+    return Health(Condition.OK, _stats(frsize, blocks, free, avail, files, ffree, ffree))
 
 
 def health(path: str, timeout: float | None = None) -> Health:
@@ -391,13 +383,18 @@ def filesystem_stats(path: str) -> FilesystemStats:
     """Statistics of the filesystem at ``path``, read in this process: for local
     filesystems (``health`` picks this or ``probe``)."""
     st = os.statvfs(path)
+    return _stats(st.f_frsize, st.f_blocks, st.f_bfree, st.f_bavail, st.f_files, st.f_ffree, st.f_favail)
+
+
+def _stats(frsize: int, blocks: int, free: int, avail: int, files: int, ffree: int, favail: int) -> FilesystemStats:
+    """What statfs says, as the node reports it."""
     return FilesystemStats(
-        total_bytes=st.f_blocks * st.f_frsize,
-        available_bytes=st.f_bavail * st.f_frsize,
-        used_bytes=(st.f_blocks - st.f_bfree) * st.f_frsize,
-        total_inodes=st.f_files,
-        available_inodes=st.f_favail,
-        used_inodes=st.f_files - st.f_ffree,
+        total_bytes=blocks * frsize,
+        available_bytes=avail * frsize,
+        used_bytes=(blocks - free) * frsize,
+        total_inodes=files,
+        available_inodes=favail,
+        used_inodes=files - ffree,
     )
 
 

@@ -66,36 +66,37 @@ def project_for(path: str) -> int:
 def limit(path: str, project: int, size: int) -> None:
     """Put ``path`` and everything below it in ``project`` and cap the project at ``size``
     bytes (rounded up to whole KiB)."""
-    entry = mount_of(path)
-    if entry is None or entry.fstype not in SUPPORTED:
-        raise FailedPrecondition(f"{path}: no filesystem with project quotas")
-    kib = -(-size // 1024)
+    entry = _quota_mount(path)
     if entry.fstype == "xfs":
         proc.run(["xfs_quota", "-x", "-c", f"project -s -p {path} {project}", entry.target], timeout=600)
-        proc.run(["xfs_quota", "-x", "-c", f"limit -p bhard={kib}k {project}", entry.target])
     else:
         proc.run(["chattr", "-R", "+P", "-p", str(project), path], timeout=600)
-        proc.run(["setquota", "-P", str(project), "0", str(kib), "0", "0", entry.target])
+    _cap(entry, project, size)
 
 
 def grow(path: str, project: int, size: int) -> None:
     """Raise the project's cap (the folder's project is set already)."""
-    entry = mount_of(path)
-    if entry is None or entry.fstype not in SUPPORTED:
-        raise FailedPrecondition(f"{path}: no filesystem with project quotas")
-    kib = -(-size // 1024)
-    if entry.fstype == "xfs":
-        proc.run(["xfs_quota", "-x", "-c", f"limit -p bhard={kib}k {project}", entry.target])
-    else:
-        proc.run(["setquota", "-P", str(project), "0", str(kib), "0", "0", entry.target])
+    _cap(_quota_mount(path), project, size)
 
 
 def release(path: str, project: int) -> None:
     """Drop the project's cap (its folder is being removed)."""
     entry = mount_of(path)
+    if entry is not None and entry.fstype in SUPPORTED:
+        _cap(entry, project, 0)
+
+
+def _quota_mount(path: str) -> mount.MountEntry:
+    entry = mount_of(path)
     if entry is None or entry.fstype not in SUPPORTED:
-        return
+        raise FailedPrecondition(f"{path}: no filesystem with project quotas")
+    return entry
+
+
+def _cap(entry: mount.MountEntry, project: int, size: int) -> None:
+    """The project's hard block limit: ``size`` bytes rounded up to whole KiB (0: none)."""
+    kib = -(-size // 1024)
     if entry.fstype == "xfs":
-        proc.run(["xfs_quota", "-x", "-c", f"limit -p bhard=0 {project}", entry.target])
+        proc.run(["xfs_quota", "-x", "-c", f"limit -p bhard={kib}k {project}", entry.target])
     else:
-        proc.run(["setquota", "-P", str(project), "0", "0", "0", "0", entry.target])
+        proc.run(["setquota", "-P", str(project), "0", str(kib), "0", "0", entry.target])

@@ -123,16 +123,22 @@ class NfsServer:
                 squashed_pseudo=SQUASHED,
             )
         )
+        (self.root / "port").write_text(str(self.port))
+        self.resume()
+        return self
+
+    def resume(self) -> None:
+        """Start ganesha on the written configuration (after ``stop``: the same port and
+        directories); return once it listens."""
         self._process = subprocess.Popen(
-            [GANESHA, "-F", "-L", str(self.log), "-f", str(conf), "-p", str(self.root / "ganesha.pid")],
+            [GANESHA, "-F", "-L", str(self.log), "-f", str(self.root / "ganesha.conf"),
+             "-p", str(self.root / "ganesha.pid")],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-        )
+        )  # fmt: skip
         self.pid = self._process.pid
-        (self.root / "port").write_text(str(self.port))
         self._wait_ready()
-        return self
 
     def _wait_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
@@ -161,20 +167,7 @@ class NfsServer:
     def restart(self) -> None:
         """Stop and start again on the same port and directories (a server reboot)."""
         self.stop()
-        port = self.port
-        self.start_on(port)
-
-    def start_on(self, port: int) -> None:
-        conf = self.root / "ganesha.conf"
-        self.port = port
-        self._process = subprocess.Popen(
-            [GANESHA, "-F", "-L", str(self.log), "-f", str(conf), "-p", str(self.root / "ganesha.pid")],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.pid = self._process.pid
-        self._wait_ready()
+        self.resume()
 
     def log_tail(self, lines: int = 40) -> str:
         try:

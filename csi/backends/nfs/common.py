@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from csi.backends.nfs.paths import CONTROL_DIR, DEFAULT_TEMPLATE
 
@@ -27,7 +27,6 @@ class NfsSettings:
     export_root: str = ""
     timeout: float = 30.0
     node_mount_dir: str = NODE_MOUNT_DIR
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def control(self) -> str:

@@ -254,21 +254,3 @@ def _attributes(tree: Tree, path: str, st: Stat, source_xattrs: dict[str, bytes]
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.EACCES, errno.EINVAL, errno.ENOTSUP):
             raise
-
-
-def used_bytes(tree: Tree, path: str) -> int:
-    """Bytes allocated under ``path`` (for a directory volume's usage figure)."""
-    total = 0
-    stack = [path]
-    while stack:
-        current = stack.pop()
-        for name in tree.listdir(current):
-            child = join(current, name)
-            try:
-                st = tree.lstat(child)
-            except FileNotFoundError:
-                continue
-            total += st.used
-            if st.is_dir:
-                stack.append(child)
-    return total

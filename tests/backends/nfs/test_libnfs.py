@@ -297,13 +297,12 @@ def test_reconnects_after_a_server_restart(client: Client, work: str, nfs_server
         handle.pread(1, 0)
     assert stale.value.errno == errno.ESTALE
     handle.close()
-    port = nfs_server.port
     nfs_server.stop()
     try:
         with pytest.raises(OSError):
             client.stat(work)
     finally:
-        nfs_server.start_on(port)
+        nfs_server.resume()
     assert client.stat(work).is_dir
 
 
