@@ -331,8 +331,9 @@ class Fuzzer:
             failure.concurrent = concurrent
         with self.lock:
             self.failures += found
-            if outcome.code is grpc.StatusCode.OK and not isinstance(call.request, bytes):
-                self.learn(call.method, call.request, outcome.response or b"")
+            acted = parsed(call)  # raw bytes that parse (an unknown field added) act too
+            if outcome.code is grpc.StatusCode.OK and acted is not None:
+                self.learn(call.method, acted, outcome.response or b"")
         if call.undo and outcome.code is grpc.StatusCode.OK and isinstance(call.request, Message):
             self.check_host((call,))  # before the undo hides where it mounted
             request: Any = call.request
@@ -355,9 +356,9 @@ class Fuzzer:
 
     def tried(self, call: fz.Call) -> None:
         """Remember every stage and publish asked for, done or not, for the clean-up."""
-        if isinstance(call.request, bytes):
+        request: Any = parsed(call)
+        if request is None:
             return
-        request: Any = call.request
         if call.method == "NodeStageVolume" and request.volume_id and request.staging_target_path:
             pair = (request.volume_id, request.staging_target_path)
             with self.lock:
@@ -539,6 +540,16 @@ class Fuzzer:
                     best, changed = candidate, True
                     break
         return fz.Call(call.service, call.method, best)
+
+
+def parsed(call: fz.Call) -> Message | None:
+    """The request of ``call``; raw bytes parsed, or None where they do not parse."""
+    if isinstance(call.request, Message):
+        return call.request
+    try:
+        return fz.request_class(fz.methods_by_name()[call.method]).FromString(call.request)
+    except DecodeError:
+        return None
 
 
 def made_id(call: fz.Call, outcome: Outcome) -> str:
