@@ -34,6 +34,9 @@ if [ "$what" = test ]; then
   # user-space client (libnfs), the node's kernel client tools (used in the vm tier), and
   # the project quota tools for exports the controller reaches itself (exportRoot).
   packages+=(nfs-ganesha nfs-ganesha-vfs libnfs13 nfs-common quota)
+  # The lvm backend: LVM's tools and the thin pools' checker (activation, thin pools and
+  # snapshots run in the vm tier, whose guest runs the host's binaries).
+  packages+=(lvm2 thin-provisioning-tools)
 fi
 
 missing=()
