@@ -105,6 +105,9 @@ evictionHard: {{"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
+# Volumes in use are reported with the node status; the default 10 s holds every detach
+# (and so every claim's deletion) that long after its pod is gone.
+nodeStatusUpdateFrequency: 2s
 """
 
 # The runtime wrapper: every container joins the host's network namespace, and in-cluster

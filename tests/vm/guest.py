@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import lzma
 import os
 import shlex
@@ -26,7 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-CACHE = Path(os.environ.get("CAIRN_VM_CACHE", REPO / ".tools" / "vm"))
+# The unpacked kernel and the initramfs, outside the clone when a build cache is named.
+CACHE = Path(
+    os.environ.get("CAIRN_VM_CACHE")
+    or (Path(os.environ["CAIRN_CACHE"]) / "vm" if os.environ.get("CAIRN_CACHE") else REPO / ".tools" / "vm")
+)
 GUEST_MODULES = ("virtio_mmio", "9pnet_virtio", "9p", "overlay")
 TOOLS = ("qemu-system-x86_64", "busybox", "cpio", "modprobe", "nft")
 
@@ -51,7 +56,9 @@ $bb mkdir -p $root/run/cairn-vm
 $bb mount -t 9p -o "cache=none,$nine" control $root/run/cairn-vm || fail "cannot mount the control share"
 repo="$root$($bb cat $root/run/cairn-vm/repo)"
 $bb mkdir -p "$repo"  # the repository may sit under /tmp, fresh in the guest
-$bb mount -t 9p -o "cache=none,$nine" repo "$repo" || fail "cannot mount the repository"
+# The host leaves the repository (and the virtualenv in it) alone while the guest runs:
+# cached reads make imports twice as fast as uncached 9p round trips.
+$bb mount -t 9p -o "cache=loose,$nine" repo "$repo" || fail "cannot mount the repository"
 $bb mount --move /dev $root/dev
 $bb mkdir -p $root/dev/pts $root/dev/shm
 $bb mount -t devpts devpts $root/dev/pts
@@ -148,7 +155,9 @@ def _vmlinux(version: str) -> Path:
 
 
 def _initramfs(version: str) -> Path:
-    target = CACHE / f"initramfs-{version}.cpio.gz"
+    # Keyed on what goes in besides the kernel's modules: a changed init is a new archive.
+    recipe = hashlib.sha256(f"{INIT}\n{GUEST_MODULES}".encode()).hexdigest()[:12]
+    target = CACHE / f"initramfs-{version}-{recipe}.cpio.gz"
     if target.exists():
         return target
     with tempfile.TemporaryDirectory() as build:

@@ -23,8 +23,9 @@ from tests.support import Driver, block_capability, mount_capability, require_to
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_pool")]
 MiB = 1 << 20
 
-# rbd-fuse works on any kernel; the vm tier runs these tests again with krbd and rbd-nbd.
-MAPPER = os.environ.get("CAIRN_TEST_RBD_MAPPER", "rbd-fuse")
+# rbd-fuse works on any kernel; the vm tier runs these tests again with krbd and rbd-nbd
+# (a comma-separated list runs them once per mapper).
+MAPPERS = os.environ.get("CAIRN_TEST_RBD_MAPPER", "rbd-fuse").split(",")
 
 
 # How each mapper shows in mappings(): a kernel rbd device, an nbd device, a fuse mount.
@@ -39,17 +40,17 @@ def credentials_dir(tmp: Path, ceph: CephCluster) -> Path:
     return directory
 
 
-def config_for(tmp: Path, ceph: CephCluster, node: str) -> list[str]:
+def config_for(tmp: Path, ceph: CephCluster, node: str, mapper: str) -> list[str]:
     config = tmp / f"cairn-{node}.yaml"
     backend = {
         "name": "ceph",
         "kind": "rbd",
         "monitors": ceph.monitors,
         "pool": POOL,
-        "mapper": MAPPER,
+        "mapper": mapper,
         "fuseDir": str(tmp / node / "fuse"),  # under the driver: its leak check covers it
         # The test cluster speaks only msgr v2; the kernel client defaults to v1.
-        "mapOptions": "ms_mode=prefer-crc" if MAPPER == "krbd" else "",
+        "mapOptions": "ms_mode=prefer-crc" if mapper == "krbd" else "",
         # For the calls that carry no secret (ControllerGetVolume, ListVolumes).
         "credentialsDir": str(credentials_dir(tmp, ceph)),
     }
@@ -57,10 +58,15 @@ def config_for(tmp: Path, ceph: CephCluster, node: str) -> list[str]:
     return ["--config", str(config)]
 
 
+@pytest.fixture(params=MAPPERS)
+def mapper(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def node_a(tmp_path: Path, ceph: CephCluster) -> Iterator[Driver]:
-    require_tools("rbd-fuse" if MAPPER == "rbd-fuse" else "rbd", "losetup", "mkfs.ext4")
-    with running_driver(tmp_path / "a", config_for(tmp_path, ceph, "a")) as driver:
+def node_a(tmp_path: Path, ceph: CephCluster, mapper: str) -> Iterator[Driver]:
+    require_tools("rbd-fuse" if mapper == "rbd-fuse" else "rbd", "losetup", "mkfs.ext4")
+    with running_driver(tmp_path / "a", config_for(tmp_path, ceph, "a", mapper)) as driver:
         yield driver
 
 
@@ -115,7 +121,7 @@ def mappings(root: Path) -> list[str]:
 
 
 def test_a_staged_volume_survives_a_plugin_restart_and_unstages_after_it(
-    node_a: Driver, secrets: dict[str, str]
+    node_a: Driver, mapper: str, secrets: dict[str, str]
 ) -> None:
     cap = mount_capability("ext4")
     volume_id = create(node_a, "restart", cap, secrets)
@@ -123,7 +129,7 @@ def test_a_staged_volume_survives_a_plugin_restart_and_unstages_after_it(
     staging = attach(node_a, "test-node", volume_id, cap, secrets, target)
     Path(target, "before").write_text("written before the restart")
     found = mappings(node_a.root.parent)
-    assert len(found) == 1 and found[0].startswith(MAPPED_AS[MAPPER]), f"{MAPPER} should map it: {found}"
+    assert len(found) == 1 and found[0].startswith(MAPPED_AS[mapper]), f"{mapper} should map it: {found}"
     node_a.restart()
     Path(target, "after").write_text("and after it")
     os.sync()
@@ -168,11 +174,11 @@ def test_a_mounted_filesystem_grows_online(node_a: Driver, secrets: dict[str, st
 
 
 def test_two_nodes_share_a_raw_block_volume(
-    tmp_path: Path, ceph: CephCluster, node_a: Driver, secrets: dict[str, str]
+    tmp_path: Path, ceph: CephCluster, node_a: Driver, mapper: str, secrets: dict[str, str]
 ) -> None:
     shared = block_capability("MULTI_NODE_MULTI_WRITER")
     volume_id = create(node_a, "shared-raw", shared, secrets)
-    with running_driver(tmp_path / "b", ["--node-id", "node-b", *config_for(tmp_path, ceph, "b")]) as node_b:
+    with running_driver(tmp_path / "b", ["--node-id", "node-b", *config_for(tmp_path, ceph, "b", mapper)]) as node_b:
         target_a, target_b = str(node_a.root / "dev-a"), str(node_b.root / "dev-b")
         staging_a = attach(node_a, "test-node", volume_id, shared, secrets, target_a)
         staging_b = attach(node_b, "node-b", volume_id, shared, secrets, target_b)
