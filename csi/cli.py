@@ -21,7 +21,7 @@ from types import FrameType
 
 from csi import DRIVER_NAME, __version__, config
 from csi import log as logsetup
-from csi.backends import local, nfs
+from csi.backends import local, lvm, nfs
 from csi.backends.base import Backend
 from csi.config import BackendConfig
 from csi.controller import ControllerService
@@ -64,6 +64,7 @@ BUILDERS: dict[str, Callable[[BackendConfig, str, bool, bool], Backend]] = {
     "local": local.build,
     "rbd": _rbd,
     "nfs": nfs.build,
+    "lvm": lvm.build,
 }
 
 

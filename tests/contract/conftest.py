@@ -7,6 +7,7 @@ A new backend joins the suite by adding a factory to ``SUBJECTS`` (and a paramet
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,38 @@ def _nfs_subject(request: pytest.FixtureRequest, layout: str, through: str) -> S
     )
 
 
+def _lvm_subject(request: pytest.FixtureRequest, tmp_path: Path, thin: bool) -> Subject:
+    """An lvm backend on a volume group of loop devices. Thick volumes are metadata only
+    and run on any kernel; a thin pool needs device-mapper (the vm tier)."""
+    from csi.backends.lvm import capabilities
+    from csi.backends.lvm.volumes import LvmVolumes
+    from tests.lvm import has_device_mapper, loop_volume_group
+    from tests.support import require_root, require_tools
+
+    require_root()
+    require_tools("lvm")
+    if thin and not has_device_mapper():
+        pytest.skip("thin pools need the kernel's device-mapper, which this kernel lacks; the vm tier runs them")
+    context = contextlib.ExitStack()
+    group = context.enter_context(loop_volume_group(tmp_path, size=1024 * MiB))
+    pool = ""
+    if thin:
+        pool = "pool"
+        made = group.run("lvcreate", "--type", "thin-pool", "--size", "512m", "--name", pool, group.name)
+        if made.returncode != 0:
+            context.close()
+            raise AssertionError(f"cannot make the thin pool: {made.stderr}")
+    volumes = LvmVolumes("lvm", group.lvm(), group.name, pool, "node-a")
+    return Subject(
+        "lvm-thin" if thin else "lvm-thick",
+        volumes,
+        capabilities(thin),
+        nodes=("node-a", "node-a"),
+        stranger="node-b",
+        close=lambda: context.close(),
+    )
+
+
 SUBJECTS: dict[str, Callable[[pytest.FixtureRequest, Path], Subject]] = {
     "fake": fake_subject,
     "local": local_subject,
@@ -153,6 +186,8 @@ SUBJECTS: dict[str, Callable[[pytest.FixtureRequest, Path], Subject]] = {
     "nfs-directory": lambda request, tmp_path: _nfs_subject(request, "directory", "client"),
     "nfs-image": lambda request, tmp_path: _nfs_subject(request, "image", "client"),
     "nfs-exportroot": lambda request, tmp_path: _nfs_subject(request, "directory", "exportRoot"),
+    "lvm-thick": lambda request, tmp_path: _lvm_subject(request, tmp_path, thin=False),
+    "lvm-thin": lambda request, tmp_path: _lvm_subject(request, tmp_path, thin=True),
 }
 
 
@@ -178,6 +213,8 @@ def pytest_runtest_makereport(
         pytest.param("nfs-directory", marks=pytest.mark.integration),
         pytest.param("nfs-image", marks=pytest.mark.integration),
         pytest.param("nfs-exportroot", marks=pytest.mark.integration),
+        pytest.param("lvm-thick", marks=pytest.mark.integration),
+        pytest.param("lvm-thin", marks=pytest.mark.integration),
     ]
 )
 def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Subject]:

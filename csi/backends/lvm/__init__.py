@@ -1,5 +1,60 @@
-"""The lvm backend: volumes as logical volumes of a node's volume group (linear, striped,
-mirrored, or thin in a thin pool) and snapshots as LVM snapshots. Every LVM command runs
-through ``lvm.Lvm``, and ``failures`` says what LVM's failures mean."""
+"""The lvm backend: Cinder's reference driver. Volumes are logical volumes of a volume
+group on one node; with a thin pool, snapshots, restores and clones are thin snapshots.
+
+Settings:
+    volumeGroup: the volume group (required)
+    thinPool: a thin pool in it; without one volumes are thick, and snapshots and clones
+        are not offered
+    node: node ID that holds the volume group (default: the driver's --node-id)
+    lvmConfig: LVM configuration given to every LVM command (``--config``), such as a
+        device filter
+"""
 
 from __future__ import annotations
+
+from csi.backends.base import Backend, Capabilities
+from csi.backends.lvm.lvm import Lvm, valid_name
+from csi.backends.lvm.node import LvmConnector
+from csi.backends.lvm.volumes import LvmVolumes
+from csi.config import BackendConfig
+from csi.errors import ConfigError
+from csi.model import AccessMode, AccessType
+
+SETTINGS = frozenset({"volumeGroup", "thinPool", "node", "lvmConfig"})
+_SINGLE_NODE = frozenset(m for m in AccessMode if not m.multi_node)
+_REFUSALS = {
+    (kind, mode): f"the lvm backend keeps volumes on one node and cannot offer {mode.value}"
+    for kind in AccessType
+    for mode in AccessMode
+    if mode.multi_node
+}
+
+
+def capabilities(thin: bool) -> Capabilities:
+    return Capabilities(
+        access={AccessType.MOUNT: _SINGLE_NODE, AccessType.BLOCK: _SINGLE_NODE},
+        node_local=True,
+        snapshots=thin,
+        clones=thin,
+        refusals=_REFUSALS,
+    )
+
+
+def build(config: BackendConfig, node_id: str, controller: bool, node: bool) -> Backend:
+    unknown = set(config.settings) - SETTINGS
+    if unknown:
+        raise ConfigError(f"backend {config.name!r}: unknown lvm settings {sorted(unknown)}")
+    settings = {key: config.settings.get(key) for key in SETTINGS}
+    for key, value in settings.items():
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"backend {config.name!r}: {key!r} must be a string")
+    vg, pool = str(settings["volumeGroup"] or ""), str(settings["thinPool"] or "")
+    if not valid_name(vg):
+        raise ConfigError(f"backend {config.name!r}: 'volumeGroup' must name a volume group, not {vg!r}")
+    if pool and not valid_name(pool):
+        raise ConfigError(f"backend {config.name!r}: 'thinPool' {pool!r} is not an LVM name")
+    lvm = Lvm(str(settings["lvmConfig"] or ""))
+    owner = str(settings["node"] or node_id)
+    volumes = LvmVolumes(config.name, lvm, vg, pool, owner) if controller else None
+    connector = LvmConnector(config.name, lvm, vg) if node else None
+    return Backend(config.name, "lvm", config.group, capabilities(bool(pool)), volumes, connector)

@@ -1,0 +1,361 @@
+"""Controller half of the lvm backend: volumes and snapshots are logical volumes of one
+volume group on one node, and LVM's own metadata is the only record.
+
+Every object is one LV whose name derives from the request name (``cairn-vol-<uuid>``,
+``cairn-snap-<uuid>``, the UUID a digest of the name), carrying in its tags everything a
+later call needs: the backend that made it, the request name, the content source, when
+it was made, and the nodes it is published to. ``lvcreate`` sets the tags in the same
+metadata update that makes the LV, so a create cut short by a crash leaves either
+nothing or a complete object, and the retry, computing the same LV name, finds it.
+
+Thick volumes (no ``thinPool``) take extents from the volume group; LVM zeroes only the
+head of a new LV, and the controller never activates one, so a new thick volume is tagged
+``unwiped`` and the node wipes old filesystem signatures off it at its first attach (the
+rest of its extents may still hold a previous volume's data: raw block readers of a thick
+volume can see it, as with plain LVM). Thin volumes read as zeros where never written.
+Snapshots, restores and clones are thin snapshots, so they need a thin pool; a thick
+backend declares neither.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+
+from csi import ids
+from csi.backends.base import check_publication, matching
+from csi.backends.lvm.lvm import LogicalVolume, Lvm, round_up
+from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from csi.model import (
+    HEALTHY,
+    NO_SECRETS,
+    TOPOLOGY_NODE_KEY,
+    Capability,
+    Secrets,
+    Segment,
+    Snapshot,
+    SourceRef,
+    Volume,
+    VolumeCondition,
+    VolumeSpec,
+    reaches,
+)
+from csi.sizes import choose_size
+
+TAG = "cairn.csi.io/"
+BACKEND_TAG = TAG + "backend="
+NAME_TAG = TAG + "name="
+SOURCE_TAG = TAG + "source="
+CREATED_TAG = TAG + "created="
+PUBLISHED_TAG = TAG + "published="
+SIZE_TAG = TAG + "size="
+UNWIPED_TAG = TAG + "unwiped"
+
+_PREFIX = {"volume": "vol", "snapshot": "snap"}
+_NAMESPACE = {kind: uuid.uuid5(uuid.NAMESPACE_URL, f"https://cairn.csi.io/lvm/{kind}") for kind in _PREFIX}
+_REST = {
+    kind: re.compile(rf"^{prefix}-[0-9a-f]{{8}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{12}}$")
+    for kind, prefix in _PREFIX.items()
+}
+
+
+def encode(text: str) -> str:
+    """``text`` in LVM's tag alphabet (URL-safe base64)."""
+    return base64.urlsafe_b64encode(text.encode()).decode()
+
+
+def decode(text: str) -> str | None:
+    try:
+        return base64.urlsafe_b64decode(text.encode()).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+
+
+def lv_name(rest: str) -> str:
+    """The LV of a local ID's node-free part (``vol-<uuid>``)."""
+    return f"cairn-{rest}"
+
+
+def tag_value(tags: frozenset[str], prefix: str) -> str | None:
+    found = [t[len(prefix) :] for t in tags if t.startswith(prefix)]
+    return found[0] if found else None
+
+
+class LvmVolumes:
+    volume_parameters: frozenset[str] = frozenset()
+    snapshot_parameters: frozenset[str] = frozenset()
+
+    def __init__(self, backend: str, lvm: Lvm, volume_group: str, thin_pool: str, node_id: str) -> None:
+        self.backend = backend
+        self.lvm = lvm
+        self.vg = volume_group
+        self.thin_pool = thin_pool
+        self.node_id = node_id
+        self.topology: tuple[Segment, ...] = ({TOPOLOGY_NODE_KEY: node_id},)
+
+    # -- IDs ------------------------------------------------------------------------
+
+    def local_id(self, kind: str, name: str) -> str:
+        return ids.with_node(self.backend, self.node_id, f"{_PREFIX[kind]}-{uuid.uuid5(_NAMESPACE[kind], name)}")
+
+    def _lv(self, kind: str, local_id: str) -> str:
+        """The LV name of a local ID of this backend; NotFound for any other string."""
+        _, rest = ids.split_node(local_id)
+        if not _REST[kind].match(rest) or ids.with_node(self.backend, self.node_id, rest) != local_id:
+            raise NotFound(f"{kind} {local_id!r} does not exist in volume group {self.vg} on node {self.node_id!r}")
+        return lv_name(rest)
+
+    def _find(self, kind: str, local_id: str) -> LogicalVolume | None:
+        """The LV of ``local_id`` when it is one of this backend's; None when there is none."""
+        found = self.lvm.volume(self.vg, self._lv(kind, local_id))
+        if found is None or BACKEND_TAG + encode(self.backend) not in found.tags:
+            return None
+        return found
+
+    def _maybe(self, kind: str, local_id: str) -> LogicalVolume | None:
+        """The LV of ``local_id``; None also for an ID this backend never made (deletes
+        of those succeed, as the spec asks)."""
+        try:
+            return self._find(kind, local_id)
+        except NotFound:
+            return None
+
+    def _require(self, kind: str, local_id: str) -> LogicalVolume:
+        found = self._find(kind, local_id)
+        if found is None:
+            raise NotFound(f"{kind} {local_id!r} does not exist in volume group {self.vg}")
+        return found
+
+    # -- capacity -------------------------------------------------------------------
+
+    def health(self) -> str | None:
+        try:
+            self.lvm.volume_group(self.vg)
+            if self.thin_pool and self.lvm.volume(self.vg, self.thin_pool) is None:
+                return f"thin pool {self.vg}/{self.thin_pool} does not exist"
+        except Exception as exc:  # any failure to read LVM is the answer
+            return f"volume group {self.vg}: {exc}"
+        return None
+
+    def free_bytes(self, segment: Segment | None = None, *, secrets: Secrets = NO_SECRETS) -> int:
+        if not reaches(self.topology, segment):
+            return 0
+        if not self.thin_pool:
+            return self.lvm.volume_group(self.vg).free
+        # A thin pool is offered once: what its volumes (snapshots aside, which share
+        # their origin's blocks) have been promised is no longer free.
+        pool = self.lvm.volume(self.vg, self.thin_pool)
+        if pool is None:
+            return 0
+        promised = sum(
+            lv.size
+            for lv in self.lvm.volumes(self.vg)
+            if lv.pool == self.thin_pool and not lv.name.startswith("cairn-snap-")
+        )
+        return max(0, pool.size - promised)
+
+    def max_volume_bytes(self, segment: Segment | None = None, *, secrets: Secrets = NO_SECRETS) -> int:
+        return self.free_bytes(segment, secrets=secrets)
+
+    # -- volumes --------------------------------------------------------------------
+
+    def create_volume(self, spec: VolumeSpec) -> Volume:
+        local_id = self.local_id("volume", spec.name)
+        name = self._lv("volume", local_id)
+        extent = self.lvm.volume_group(self.vg).extent_size
+        existing = self.lvm.volume(self.vg, name)
+        if existing is None:
+            source = self._source(spec.source)
+            size = round_up(choose_size(spec.required_bytes, spec.limit_bytes, source.size if source else 0), extent)
+            if spec.limit_bytes and size > spec.limit_bytes:
+                raise OutOfRange(
+                    f"volume {spec.name!r}: LVM allocates whole extents of {extent} bytes, and none fits the "
+                    f"range {spec.required_bytes}..{spec.limit_bytes}"
+                )
+            tags = [
+                BACKEND_TAG + encode(self.backend),
+                NAME_TAG + encode(spec.name),
+                CREATED_TAG + str(int(time.time())),
+            ]
+            if source is not None and spec.source is not None:
+                # A thin snapshot has its source's size; the size asked for is noted, so
+                # the growth that follows is finished by a retry if a crash cuts it short.
+                tags += [SOURCE_TAG + f"{spec.source.kind}:{encode(spec.source.local_id)}", SIZE_TAG + str(size)]
+                self.lvm.snapshot(self.vg, source.name, name, tags, activate=False)
+            else:
+                if not self.thin_pool:
+                    tags.append(UNWIPED_TAG)
+                self.lvm.create(self.vg, name, size, tags, thin_pool=self.thin_pool, activate=False)
+            existing = self.lvm.volume(self.vg, name)
+            if existing is None:
+                raise NotFound(f"volume {spec.name!r}: LV {self.vg}/{name} vanished right after it was made")
+        volume = self._volume(local_id, existing)
+        if volume.name != spec.name:
+            raise AlreadyExists(f"LV {self.vg}/{name} exists and does not belong to volume {spec.name!r}")
+        target = tag_value(existing.tags, SIZE_TAG) or ""
+        if target.isdigit() and volume.capacity_bytes < int(target):
+            self.lvm.extend(self.vg, name, int(target))
+            volume = self.get_volume(local_id)
+        return matching(volume, spec)
+
+    def _source(self, source: SourceRef | None) -> LogicalVolume | None:
+        if source is None:
+            return None
+        if not self.thin_pool:
+            raise InvalidArgument(f"backend {self.backend!r} has no thin pool: it cannot copy a {source.kind}")
+        found = self._find(source.kind, source.local_id)
+        if found is None:
+            raise NotFound(f"source {source.kind} {source.local_id!r} does not exist")
+        return found
+
+    def delete_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
+        found = self._maybe("volume", local_id)
+        if found is None:
+            return
+        published = self._published(found)
+        if published:
+            raise FailedPrecondition(f"volume {local_id} is still published to node(s) {', '.join(sorted(published))}")
+        self.lvm.remove(self.vg, found.name)
+
+    def get_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Volume:
+        return self._volume(local_id, self._require("volume", local_id))
+
+    def lookup_volume(self, name: str, *, secrets: Secrets = NO_SECRETS) -> Volume | None:
+        local_id = self.local_id("volume", name)
+        found = self._find("volume", local_id)
+        return self._volume(local_id, found) if found else None
+
+    def list_volumes(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
+        return sorted((self._volume(local_id, lv) for local_id, lv in self._listed("volume")), key=lambda v: v.local_id)
+
+    def _listed(self, kind: str) -> list[tuple[str, LogicalVolume]]:
+        prefix = f"cairn-{_PREFIX[kind]}-"
+        found = []
+        for lv in self.lvm.volumes(self.vg, tag=BACKEND_TAG + encode(self.backend)):
+            if lv.name.startswith(prefix) and _REST[kind].match(lv.name.removeprefix("cairn-")):
+                found.append((ids.with_node(self.backend, self.node_id, lv.name.removeprefix("cairn-")), lv))
+        return found
+
+    def _volume(self, local_id: str, lv: LogicalVolume) -> Volume:
+        source = None
+        raw = tag_value(lv.tags, SOURCE_TAG)
+        if raw:
+            kind, _, encoded = raw.partition(":")
+            source_id = decode(encoded)
+            if kind in ("snapshot", "volume") and source_id:
+                source = SourceRef(kind, source_id)  # type: ignore[arg-type]
+        published = self._published(lv)
+        strangers = sorted(set(published) - {self.node_id})
+        condition = HEALTHY
+        if strangers:
+            condition = VolumeCondition(
+                True, f"it is recorded as published to {', '.join(strangers)}, which cannot reach it"
+            )
+        return Volume(
+            local_id=local_id,
+            name=decode(tag_value(lv.tags, NAME_TAG) or "") or "",
+            capacity_bytes=lv.size,
+            source=source,
+            topology=self.topology,
+            published_nodes=tuple(sorted(published)),
+            condition=condition,
+        )
+
+    def expand_volume(
+        self, local_id: str, required_bytes: int, limit_bytes: int, *, secrets: Secrets = NO_SECRETS
+    ) -> int:
+        found = self._require("volume", local_id)
+        if required_bytes <= found.size:
+            return found.size
+        extent = self.lvm.volume_group(self.vg).extent_size
+        size = round_up(choose_size(required_bytes, limit_bytes), extent)
+        if limit_bytes and size > limit_bytes:
+            raise OutOfRange(f"volume {local_id}: no whole number of {extent}-byte extents fits {limit_bytes} bytes")
+        self.lvm.extend(self.vg, found.name, size)
+        return self._require("volume", local_id).size
+
+    # -- snapshots ------------------------------------------------------------------
+
+    def create_snapshot(
+        self, name: str, source_local_id: str, parameters: Mapping[str, str], *, secrets: Secrets = NO_SECRETS
+    ) -> Snapshot:
+        local_id = self.local_id("snapshot", name)
+        lv = self._lv("snapshot", local_id)
+        existing = self._find("snapshot", local_id)
+        if existing is None:
+            source = self._source(SourceRef("volume", source_local_id))
+            assert source is not None
+            tags = [
+                BACKEND_TAG + encode(self.backend),
+                NAME_TAG + encode(name),
+                CREATED_TAG + str(int(time.time())),
+                SOURCE_TAG + f"volume:{encode(source_local_id)}",
+            ]
+            self.lvm.snapshot(self.vg, source.name, lv, tags, activate=False)
+            existing = self._require("snapshot", local_id)
+        snapshot = self._snapshot(local_id, existing)
+        if snapshot.name != name or snapshot.source_volume_local_id != source_local_id:
+            raise AlreadyExists(f"snapshot {name!r} exists for another source volume")
+        return snapshot
+
+    def delete_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
+        found = self._maybe("snapshot", local_id)
+        if found is not None:
+            self.lvm.remove(self.vg, found.name)
+
+    def get_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Snapshot:
+        return self._snapshot(local_id, self._require("snapshot", local_id))
+
+    def list_snapshots(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
+        return sorted(
+            (self._snapshot(local_id, lv) for local_id, lv in self._listed("snapshot")), key=lambda s: s.local_id
+        )
+
+    def _snapshot(self, local_id: str, lv: LogicalVolume) -> Snapshot:
+        source = decode((tag_value(lv.tags, SOURCE_TAG) or "").removeprefix("volume:")) or ""
+        created = tag_value(lv.tags, CREATED_TAG) or "0"
+        return Snapshot(
+            local_id=local_id,
+            name=decode(tag_value(lv.tags, NAME_TAG) or "") or "",
+            source_volume_local_id=source,
+            size_bytes=lv.size,
+            created_at=float(created) if created.isdigit() else 0.0,
+        )
+
+    # -- publication ----------------------------------------------------------------
+
+    @staticmethod
+    def _published(lv: LogicalVolume) -> dict[str, bool]:
+        """Node -> read-only, from the LV's publication tags."""
+        found = {}
+        for tag in lv.tags:
+            if tag.startswith(PUBLISHED_TAG):
+                node, _, mode = tag[len(PUBLISHED_TAG) :].rpartition(":")
+                decoded = decode(node)
+                if decoded is not None:
+                    found[decoded] = mode == "ro"
+        return found
+
+    def publish_volume(
+        self, local_id: str, node_id: str, capability: Capability, readonly: bool, *, secrets: Secrets = NO_SECRETS
+    ) -> dict[str, str]:
+        found = self._require("volume", local_id)
+        if node_id != self.node_id:
+            raise NotFound(f"node {node_id!r} cannot reach volume {local_id}: it is local to node {self.node_id!r}")
+        published = self._published(found)
+        check_publication(local_id, published, node_id, capability, readonly)
+        if node_id not in published:
+            tag = PUBLISHED_TAG + f"{encode(node_id)}:{'ro' if readonly else 'rw'}"
+            self.lvm.add_tags(self.vg, found.name, [tag])
+        return {"lv": f"{self.vg}/{found.name}"}
+
+    def unpublish_volume(self, local_id: str, node_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
+        found = self._maybe("volume", local_id)
+        if found is None:
+            return
+        tags = [t for t in found.tags if t.startswith(PUBLISHED_TAG + encode(node_id) + ":")]
+        self.lvm.delete_tags(self.vg, found.name, tags)
