@@ -8,7 +8,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
         util-linux mount e2fsprogs xfsprogs coreutils \
         ceph-common rbd-nbd rbd-fuse python3-rbd python3-rados \
         nfs-common libnfs13 quota \
-        lvm2 \
+        lvm2 thin-provisioning-tools \
     && rm -rf /var/lib/apt/lists/*
 
 COPY pyproject.toml README.md /src/
