@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.hardening.harness import PROFILES, Profile, local_profile, nfs_profile, rbd_profile
+from tests.hardening.harness import PROFILES, Profile, local_profile, lvm_profile, nfs_profile, rbd_profile
 
 
 @pytest.fixture(params=PROFILES)
 def profile(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Profile]:
     """Each hardening test runs once per backend; rbd brings the session's Ceph cluster
     and must leave its pool as it found it; nfs brings the session's NFS server, and
-    removes its folders from the export afterwards. A test that a known defect of the
+    removes its folders from the export afterwards; lvm brings a volume group of its own. A test that a known defect of the
     backend fails every time is marked xfail(strict=True) with it as the reason."""
     if request.param == "rbd":
         ceph = request.getfixturevalue("ceph")
@@ -20,6 +20,8 @@ def profile(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Profile]
         made = rbd_profile(tmp_path, ceph)
     elif request.param == "nfs":
         made = nfs_profile(tmp_path, request.getfixturevalue("nfs_server"))
+    elif request.param == "lvm":
+        made = lvm_profile(tmp_path)
     else:
         made = local_profile(tmp_path)
     defect = made.known_defects.get(request.node.originalname)

@@ -80,6 +80,10 @@ class Profile:
     """Remove what the profile made outside its root, once its test is over."""
     random_kills: int = 4
     """Kills at seeded random delays per crash scenario, besides its milestones."""
+    snapshots: bool = True
+    """Whether the backend as configured here offers snapshots and clones."""
+    no_snapshots: str = ""
+    """Why it does not: the reason every test of snapshots and clones is skipped with."""
     known_defects: Mapping[str, str] = field(default_factory=dict)
     """Test (function name) -> a defect of the backend that makes it fail every time:
     that test is marked ``xfail(strict=True)`` with it as the reason, so that it says
@@ -89,6 +93,11 @@ class Profile:
     def driver(self) -> Iterator[Driver]:
         with running_driver(self.root / "driver", self.driver_args) as instance:
             yield instance
+
+    def require_snapshots(self, what: str) -> None:
+        """Skip a test of snapshots or clones, saying why, where the profile offers none."""
+        if not self.snapshots:
+            pytest.skip(f"{what} needs snapshots, which {self.name} does not offer here: {self.no_snapshots}")
 
     def require_node(self, what: str) -> None:
         """Skip a test that exists to exercise the node path, saying why, where this host
@@ -261,7 +270,52 @@ def nfs_profile(root: Path, server: NfsServer) -> Profile:
     )
 
 
-PROFILES = ("local", "rbd", "nfs")
+LVM_NO_NODE = (
+    "its node activates logical volumes with device-mapper, which this host's kernel lacks; "
+    "the vm tier runs the lvm node path in a guest with a stock kernel"
+)
+LVM_NO_SNAPSHOTS = (
+    "the lvm profile here is thick (thin pools need device-mapper, which this host's kernel lacks); "
+    "the vm tier runs lvm's thin snapshots, restores and clones"
+)
+
+
+def lvm_profile(root: Path) -> Profile:
+    """The lvm backend, thick, on a volume group of loop devices under a private LVM
+    configuration: LVM metadata only, the node path and thin pools need device-mapper."""
+    from tests.lvm import loop_volume_group
+
+    require_root()
+    require_tools("lvm")
+    stack = contextlib.ExitStack()
+    root.mkdir(parents=True, exist_ok=True)
+    # The physical volumes' files and loop devices are the test's, not the driver's: they
+    # live beside the profile's root, whose leftovers the suites check.
+    disks = root.parent / f"pvs-of-{root.name}"
+    disks.mkdir(exist_ok=True)
+    group = stack.enter_context(loop_volume_group(disks, size=2048 * 1024 * 1024))
+    config = root / "cairn.yaml"
+    backend = {"name": "lvm", "kind": "lvm", "volumeGroup": group.name, "lvmConfig": group.config}
+    config.write_text(yaml.safe_dump({"backends": [backend]}))
+
+    def objects() -> set[str]:
+        return {f"lv {row['lv_name']}" for row in group.report("lvs", "lv_name")}
+
+    return Profile(
+        "lvm",
+        root,
+        ["--config", str(config)],
+        backend_objects=objects,
+        node=False,
+        node_missing=LVM_NO_NODE,
+        snapshots=False,
+        no_snapshots=LVM_NO_SNAPSHOTS,
+        close=stack.close,
+        random_kills=8,
+    )
+
+
+PROFILES = ("local", "rbd", "nfs", "lvm")
 
 
 @dataclass(frozen=True)
