@@ -62,6 +62,22 @@ def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
         cluster.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def guest_beside_the_session(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """When the vm tier is selected, its guest starts with the session and runs beside
+    the host's tests (tests/vm/background.py)."""
+    from tests.vm import background, guest
+
+    wanted = any(item.nodeid.startswith("tests/vm/") for item in request.session.items)
+    if not wanted or os.geteuid() != 0 or guest.missing_prerequisites():
+        yield  # the vm test says why it cannot run
+        return
+    with background.started(Path(tmp_path_factory.mktemp("vm"))):
+        yield
+
+
 @pytest.fixture(scope="session")
 def nfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NfsServer]:
     """One NFS server (nfs-ganesha, NFSv4, loopback) for the whole session."""

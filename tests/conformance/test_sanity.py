@@ -178,3 +178,33 @@ def test_csi_sanity_nfs(tmp_path: Path, nfs_server: NfsServer, layout: str, acce
     control = nfs_server.export_dir / ".cairn" / f"nfs-{layout}"
     left = [str(p.relative_to(control)) for p in control.rglob("*") if p.is_file()]
     assert left == [], f"csi-sanity's volumes and snapshots must all be gone: {left}"
+
+
+@pytest.mark.parametrize("access_type", ["mount", "block"])
+def test_csi_sanity_lvm(tmp_path: Path, access_type: str) -> None:
+    """Against a thin pool on a volume group of loop devices: activation needs the
+    kernel's device-mapper, which this host may lack (the vm tier runs this test in a
+    guest with a stock kernel)."""
+    from tests.lvm import has_device_mapper, loop_volume_group
+
+    require_root()
+    require_tools("csi-sanity", "lvm", "wipefs", "mkfs.ext4", "thin_check")
+    if not has_device_mapper():
+        pytest.skip("this kernel has no device-mapper (the vm tier runs this test)")
+    with loop_volume_group(tmp_path, size=2048 << 20) as group:
+        pool = group.run("lvcreate", "--type", "thin-pool", "--size", "1g", "--name", "pool", group.name)
+        assert pool.returncode == 0, pool.stderr
+        backend = {
+            "name": "lvm",
+            "kind": "lvm",
+            "volumeGroup": group.name,
+            "thinPool": "pool",
+            "lvmConfig": group.config,
+        }
+        config = tmp_path / "cairn.yaml"
+        config.write_text(yaml.safe_dump({"backends": [backend]}))
+        with running_driver(tmp_path / "driver", ["--config", str(config)]) as driver:
+            result = run_sanity(tmp_path, str(driver.socket), access_type, imposed_skips("lvm"))
+        check(tmp_path, result, "lvm")
+        left = [row["lv_name"] for row in group.report("lvs", "lv_name") if row["lv_name"] != "pool"]
+        assert left == [], f"csi-sanity's volumes and snapshots must all be gone: {left}"

@@ -12,7 +12,6 @@ shared control directory, and the guest powers itself off.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import lzma
@@ -22,7 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,6 +205,7 @@ def run(
     memory: str = "2G",
     host_ports: Sequence[int] = (),
     shares: Sequence[Path] = (),
+    on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
 ) -> GuestResult:
     """Run ``command`` (bash) as root in a fresh guest, from the repository directory.
     With ``host_ports``, the guest's connections to those ports of 127.0.0.1 reach the
@@ -253,8 +253,14 @@ def run(
             *extra,
         ]  # fmt: skip
         started = time.monotonic()
-        with contextlib.suppress(subprocess.TimeoutExpired):  # a missing status reports it
-            subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False)
+        qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if on_start is not None:
+            on_start(qemu)  # so that a caller on another thread can stop it
+        try:
+            qemu.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:  # a missing status reports it
+            qemu.kill()
+            qemu.wait()
         seconds = time.monotonic() - started
 
         def read(name: str) -> str:
