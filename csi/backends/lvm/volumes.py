@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from csi import ids
 from csi.backends.base import check_publication, matching
+from csi.backends.lvm import failures
 from csi.backends.lvm.lvm import LogicalVolume, Lvm, round_up
-from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Unavailable
 from csi.model import (
     HEALTHY,
     NO_SECRETS,
@@ -111,10 +113,26 @@ class LvmVolumes:
 
     def _find(self, kind: str, local_id: str) -> LogicalVolume | None:
         """The LV of ``local_id`` when it is one of this backend's; None when there is none."""
-        found = self.lvm.volume(self.vg, self._lv(kind, local_id))
+        name = self._lv(kind, local_id)
+        with self._group_present():
+            found = self.lvm.volume(self.vg, name)
         if found is None or BACKEND_TAG + encode(self.backend) not in found.tags:
             return None
         return found
+
+    @contextlib.contextmanager
+    def _group_present(self) -> Iterator[None]:
+        """A volume group LVM cannot find is UNAVAILABLE, not "no such volume": the disks
+        that hold it may be back later, and a delete answered OK now would leave their LV
+        behind for good."""
+        try:
+            yield
+        except failures.VolumeGroupNotFound as exc:
+            raise Unavailable(f"volume group {self.vg} is not found on node {self.node_id!r}: {exc}") from exc
+
+    def _extent(self) -> int:
+        with self._group_present():
+            return self.lvm.volume_group(self.vg).extent_size
 
     def _maybe(self, kind: str, local_id: str) -> LogicalVolume | None:
         """The LV of ``local_id``; None also for an ID this backend never made (deletes
@@ -144,8 +162,12 @@ class LvmVolumes:
     def free_bytes(self, segment: Segment | None = None, *, secrets: Secrets = NO_SECRETS) -> int:
         if not reaches(self.topology, segment):
             return 0
+        try:
+            group = self.lvm.volume_group(self.vg)
+        except failures.VolumeGroupNotFound:
+            return 0  # no room where there is no volume group; health() says why
         if not self.thin_pool:
-            return self.lvm.volume_group(self.vg).free
+            return group.free
         # A thin pool is offered once: what its volumes (snapshots aside, which share
         # their origin's blocks) have been promised is no longer free.
         pool = self.lvm.volume(self.vg, self.thin_pool)
@@ -166,7 +188,7 @@ class LvmVolumes:
     def create_volume(self, spec: VolumeSpec) -> Volume:
         local_id = self.local_id("volume", spec.name)
         name = self._lv("volume", local_id)
-        extent = self.lvm.volume_group(self.vg).extent_size
+        extent = self._extent()
         existing = self.lvm.volume(self.vg, name)
         if existing is None:
             source = self._source(spec.source)
@@ -197,7 +219,9 @@ class LvmVolumes:
         if volume.name != spec.name:
             raise AlreadyExists(f"LV {self.vg}/{name} exists and does not belong to volume {spec.name!r}")
         target = tag_value(existing.tags, SIZE_TAG) or ""
-        if target.isdigit() and volume.capacity_bytes < int(target):
+        if volume.source == spec.source and target.isdigit() and volume.capacity_bytes < int(target):
+            # The growth a crash cut short, finished by the retry of the same request (a
+            # request for another source is refused below, its volume left as it is).
             self.lvm.extend(self.vg, name, int(target))
             volume = self.get_volume(local_id)
         return matching(volume, spec)
@@ -235,7 +259,9 @@ class LvmVolumes:
     def _listed(self, kind: str) -> list[tuple[str, LogicalVolume]]:
         prefix = f"cairn-{_PREFIX[kind]}-"
         found = []
-        for lv in self.lvm.volumes(self.vg, tag=BACKEND_TAG + encode(self.backend)):
+        with self._group_present():
+            listed = self.lvm.volumes(self.vg, tag=BACKEND_TAG + encode(self.backend))
+        for lv in listed:
             if lv.name.startswith(prefix) and _REST[kind].match(lv.name.removeprefix("cairn-")):
                 found.append((ids.with_node(self.backend, self.node_id, lv.name.removeprefix("cairn-")), lv))
         return found
@@ -271,7 +297,7 @@ class LvmVolumes:
         found = self._require("volume", local_id)
         if required_bytes <= found.size:
             return found.size
-        extent = self.lvm.volume_group(self.vg).extent_size
+        extent = self._extent()
         size = round_up(choose_size(required_bytes, limit_bytes), extent)
         if limit_bytes and size > limit_bytes:
             raise OutOfRange(f"volume {local_id}: no whole number of {extent}-byte extents fits {limit_bytes} bytes")
