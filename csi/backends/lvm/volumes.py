@@ -97,6 +97,7 @@ class LvmVolumes:
         self.vg = volume_group
         self.thin_pool = thin_pool
         self.node_id = node_id
+        self._extent_size = 0
         self.topology: tuple[Segment, ...] = ({TOPOLOGY_NODE_KEY: node_id},)
 
     # -- IDs ------------------------------------------------------------------------
@@ -131,8 +132,12 @@ class LvmVolumes:
             raise Unavailable(f"volume group {self.vg} is not found on node {self.node_id!r}: {exc}") from exc
 
     def _extent(self) -> int:
-        with self._group_present():
-            return self.lvm.volume_group(self.vg).extent_size
+        """The volume group's extent size, read once: LVM changes it only on request
+        (``vgchange -s``), and every create and expand needs it."""
+        if not self._extent_size:
+            with self._group_present():
+                self._extent_size = self.lvm.volume_group(self.vg).extent_size
+        return self._extent_size
 
     def _maybe(self, kind: str, local_id: str) -> LogicalVolume | None:
         """The LV of ``local_id``; None also for an ID this backend never made (deletes
