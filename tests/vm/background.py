@@ -35,7 +35,7 @@ SUITES = (
     "tests/conformance/test_sanity.py",  # only its nfs and lvm runs: the host runs the others
     "tests/backends/lvm/test_node.py",  # device-mapper: activation, thin pools, snapshots
 )
-AT_LEAST = 16 + 2 * 4 + 1 + 13 + 3 + 1
+AT_LEAST = 16 + 2 * 4 + 1 + 13 + 4 + 1
 # csi-sanity against lvm takes five minutes per run under emulation (hundreds of LVM
 # commands): the guest runs it in filesystem mode; raw block passes too (run it with
 # -k test_csi_sanity_lvm), and the lvm node suite covers raw block volumes every time.

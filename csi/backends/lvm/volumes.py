@@ -57,6 +57,12 @@ PUBLISHED_TAG = TAG + "published="
 SIZE_TAG = TAG + "size="
 UNWIPED_TAG = TAG + "unwiped"
 
+PARAM_STRIPES = "stripes"
+"""StorageClass parameter: physical volumes a thick volume is striped over (default 1)."""
+PARAM_MIRRORS = "mirrors"
+"""StorageClass parameter: extra copies of a thick volume (raid1; raid10 with stripes)."""
+_LIMITS = {PARAM_STRIPES: (1, 128), PARAM_MIRRORS: (0, 4)}
+
 _PREFIX = {"volume": "vol", "snapshot": "snap"}
 _NAMESPACE = {kind: uuid.uuid5(uuid.NAMESPACE_URL, f"https://cairn.csi.io/lvm/{kind}") for kind in _PREFIX}
 _REST = {
@@ -88,7 +94,7 @@ def tag_value(tags: frozenset[str], prefix: str) -> str | None:
 
 
 class LvmVolumes:
-    volume_parameters: frozenset[str] = frozenset()
+    volume_parameters: frozenset[str] = frozenset({PARAM_STRIPES, PARAM_MIRRORS})
     snapshot_parameters: frozenset[str] = frozenset()
 
     def __init__(self, backend: str, lvm: Lvm, volume_group: str, thin_pool: str, node_id: str) -> None:
@@ -194,8 +200,13 @@ class LvmVolumes:
         local_id = self.local_id("volume", spec.name)
         name = self._lv("volume", local_id)
         extent = self._extent()
+        with self._group_present():
+            return self._create(spec, local_id, name, extent)
+
+    def _create(self, spec: VolumeSpec, local_id: str, name: str, extent: int) -> Volume:
         existing = self.lvm.volume(self.vg, name)
         if existing is None:
+            stripes, mirrors = self._layout(spec)
             source = self._source(spec.source)
             size = round_up(choose_size(spec.required_bytes, spec.limit_bytes, source.size if source else 0), extent)
             if spec.limit_bytes and size > spec.limit_bytes:
@@ -216,7 +227,10 @@ class LvmVolumes:
             else:
                 if not self.thin_pool:
                     tags.append(UNWIPED_TAG)
-                self.lvm.create(self.vg, name, size, tags, thin_pool=self.thin_pool, activate=False)
+                self.lvm.create(
+                    self.vg, name, size, tags, thin_pool=self.thin_pool, stripes=stripes, mirrors=mirrors,
+                    activate=False,
+                )  # fmt: skip
             existing = self.lvm.volume(self.vg, name)
             if existing is None:
                 raise NotFound(f"volume {spec.name!r}: LV {self.vg}/{name} vanished right after it was made")
@@ -230,6 +244,29 @@ class LvmVolumes:
             self.lvm.extend(self.vg, name, int(target))
             volume = self.get_volume(local_id)
         return matching(volume, spec)
+
+    def _layout(self, spec: VolumeSpec) -> tuple[int, int]:
+        """Stripes and mirrors the StorageClass asks for; INVALID_ARGUMENT where this
+        backend cannot lay a volume out that way."""
+        found = {}
+        for key, (low, high) in _LIMITS.items():
+            text = spec.parameters.get(key, str(low))
+            if not text.isdigit() or not low <= int(text) <= high:
+                raise InvalidArgument(f"parameter {key!r} must be a whole number from {low} to {high}, not {text!r}")
+            found[key] = int(text)
+        stripes, mirrors = found[PARAM_STRIPES], found[PARAM_MIRRORS]
+        if (stripes > 1 or mirrors) and self.thin_pool:
+            raise InvalidArgument(
+                f"backend {self.backend!r} keeps volumes in thin pool {self.vg}/{self.thin_pool}, whose layout its "
+                f"volumes take: {PARAM_STRIPES!r} and {PARAM_MIRRORS!r} apply to thick backends"
+            )
+        devices = self.lvm.volume_group(self.vg).pv_count
+        if stripes * (mirrors + 1) > devices:
+            raise InvalidArgument(
+                f"{stripes} stripe(s) with {mirrors} mirror(s) need {stripes * (mirrors + 1)} physical volumes; "
+                f"volume group {self.vg} has {devices}"
+            )
+        return stripes, mirrors
 
     def _source(self, source: SourceRef | None) -> LogicalVolume | None:
         if source is None:

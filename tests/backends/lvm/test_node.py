@@ -31,7 +31,7 @@ def group(tmp_path: Path) -> Iterator[LoopVolumeGroup]:
     if not has_device_mapper():
         # A kernel feature, not a package `make test` could install: the vm tier runs them.
         pytest.skip("this kernel has no device-mapper (the vm tier runs these tests)")
-    with loop_volume_group(tmp_path, size=1024 * MiB) as made:
+    with loop_volume_group(tmp_path, size=512 * MiB, devices=2) as made:
         pool = made.run("lvcreate", "--type", "thin-pool", "--size", "384m", "--name", "pool", made.name)
         assert pool.returncode == 0, pool.stderr
         yield made
@@ -175,3 +175,25 @@ def test_a_staged_volume_grows_online_and_raw_block_works(driver: Driver, group:
         assert handle.read(9) == b"raw bytes"
     detach(driver, block, staging, device)
     delete(driver, volume, block)
+
+
+def test_a_mirrored_volume_keeps_its_data(driver: Driver, group: LoopVolumeGroup) -> None:
+    """A StorageClass asking for a mirror gets a raid1 volume over both disks."""
+    cap = mount_capability("ext4")
+    request = pb.CreateVolumeRequest(
+        name="mirrored",
+        volume_capabilities=[cap],
+        capacity_range={"required_bytes": 32 * MiB},
+        parameters={"backend": "thick", "mirrors": "1"},
+    )
+    volume = driver.controller.CreateVolume(request, timeout=120).volume.volume_id
+    rows = group.report("lvs", "lv_name,segtype")
+    assert "raid1" in [r["segtype"] for r in rows if r["lv_name"].startswith("cairn-vol-")], rows
+    target = str(driver.root / "pod")
+    staging = attach(driver, volume, cap, target)
+    Path(target, "data").write_text("on both disks")
+    detach(driver, volume, staging, target)
+    staging = attach(driver, volume, cap, target)
+    assert Path(target, "data").read_text() == "on both disks"
+    detach(driver, volume, staging, target)
+    delete(driver, volume)

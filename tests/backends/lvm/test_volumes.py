@@ -10,7 +10,7 @@ import pytest
 
 from csi.backends.lvm.lvm import Lvm
 from csi.backends.lvm.volumes import LvmVolumes
-from csi.errors import Unavailable
+from csi.errors import InvalidArgument, Unavailable
 from csi.model import AccessMode, AccessType, Capability, MiB, VolumeSpec
 from tests.lvm import loop_volume_group
 from tests.support import require_root, require_tools
@@ -38,3 +38,35 @@ def test_a_volume_group_that_is_away_is_unavailable_and_deletes_nothing(tmp_path
         assert [v.name for v in volumes.list_volumes()] == ["kept"], "the volume is still there"
         volumes.delete_volume(volume.local_id)
         assert volumes.list_volumes() == []
+
+
+def test_stripes_and_mirrors_where_the_volume_group_allows_them(tmp_path: Path) -> None:
+    require_root()
+    require_tools("lvm")
+    with loop_volume_group(tmp_path, size=256 * MiB, devices=2) as group:
+        volumes = LvmVolumes("lvm", group.lvm(), group.name, "", "node-a")
+
+        def spec(name: str, **parameters: str) -> VolumeSpec:
+            return VolumeSpec(name, 16 * MiB, 0, (RWO,), parameters)
+
+        striped = volumes.create_volume(spec("striped", stripes="2"))
+        rows = group.report("lvs", "lv_name,stripes,segtype")
+        assert {r["lv_name"]: (r["segtype"], r["stripes"]) for r in rows}[
+            f"cairn-{striped.local_id.split('@')[1]}"
+        ] == (
+            "striped",
+            "2",
+        )
+        for parameters, problem in (
+            ({"stripes": "3"}, "need 3 physical volumes; volume group .* has 2"),
+            ({"stripes": "2", "mirrors": "1"}, "need 4 physical volumes"),
+            ({"stripes": "two"}, "'stripes' must be a whole number from 1 to 128"),
+            ({"mirrors": "-1"}, "'mirrors' must be a whole number from 0 to 4"),
+        ):
+            with pytest.raises(InvalidArgument, match=problem):
+                volumes.create_volume(spec("refused", **parameters))
+        thin = LvmVolumes("lvm", group.lvm(), group.name, "pool", "node-a")
+        with pytest.raises(InvalidArgument, match="take"):
+            thin.create_volume(spec("thin-striped", stripes="2"))
+        assert [v.name for v in volumes.list_volumes()] == ["striped"], "refusals made nothing"
+        volumes.delete_volume(striped.local_id)
