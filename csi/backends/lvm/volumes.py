@@ -109,7 +109,10 @@ class LvmVolumes:
     # -- IDs ------------------------------------------------------------------------
 
     def local_id(self, kind: str, name: str) -> str:
-        return ids.with_node(self.backend, self.node_id, f"{_PREFIX[kind]}-{uuid.uuid5(_NAMESPACE[kind], name)}")
+        # The backend is part of the digest: two backends on one volume group never
+        # compute the same LV for one request name.
+        digest = uuid.uuid5(_NAMESPACE[kind], f"{self.backend}/{name}")
+        return ids.with_node(self.backend, self.node_id, f"{_PREFIX[kind]}-{digest}")
 
     def _lv(self, kind: str, local_id: str) -> str:
         """The LV name of a local ID of this backend; NotFound for any other string."""
@@ -235,7 +238,7 @@ class LvmVolumes:
             if existing is None:
                 raise NotFound(f"volume {spec.name!r}: LV {self.vg}/{name} vanished right after it was made")
         volume = self._volume(local_id, existing)
-        if volume.name != spec.name:
+        if volume.name != spec.name or BACKEND_TAG + encode(self.backend) not in existing.tags:
             raise AlreadyExists(f"LV {self.vg}/{name} exists and does not belong to volume {spec.name!r}")
         target = tag_value(existing.tags, SIZE_TAG) or ""
         if volume.source == spec.source and target.isdigit() and volume.capacity_bytes < int(target):
