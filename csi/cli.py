@@ -9,6 +9,7 @@ concrete backend implementations.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import faulthandler
 import logging
 import os
@@ -19,10 +20,11 @@ import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
 
-from csi import DRIVER_NAME, __version__, config
+from csi import DRIVER_NAME, __version__, config, kube
 from csi import log as logsetup
 from csi.backends import local, lvm, nfs
 from csi.backends.base import Backend
+from csi.backends.routed import NodeAgent, Objects, RoutedVolumes
 from csi.config import BackendConfig
 from csi.controller import ControllerService
 from csi.errors import ConfigError
@@ -68,15 +70,70 @@ BUILDERS: dict[str, Callable[[BackendConfig, str, bool, bool], Backend]] = {
 }
 
 
-def build_backends(driver_config: config.DriverConfig, node_id: str, controller: bool, node: bool) -> list[Backend]:
-    """The backends of the configuration, each with the halves this process's role needs."""
-    backends = []
+def build_backends(
+    driver_config: config.DriverConfig,
+    node_id: str,
+    controller: bool,
+    node: bool,
+    routing: Callable[[], Objects | None] = lambda: None,
+) -> tuple[list[Backend], list[NodeAgent]]:
+    """The backends of the configuration, each with the halves this process's role
+    needs, and the node agents of the routed ones. A node-local backend that pins no
+    ``node`` is routed through the Kubernetes API when ``routing`` gives a connection
+    (asked once, only when such a backend is configured)."""
+    backends, agents = [], []
+    objects: Objects | None = None
+    asked = False
     for entry in driver_config.backends:
         builder = BUILDERS.get(entry.kind)
         if builder is None:
             raise ConfigError(f"backend {entry.name!r}: unknown kind {entry.kind!r} (known: {', '.join(BUILDERS)})")
-        backends.append(builder(entry, node_id, controller, node))
-    return backends
+        backend = builder(entry, node_id, controller, node)
+        if backend.rest is not None and not entry.settings.get("node"):
+            if not asked:
+                objects, asked = routing(), True
+            if objects is not None:
+                backend, agent = _routed(backend, entry, node_id, controller, node, objects)
+                agents += [agent] if agent else []
+        backends.append(backend)
+    return backends, agents
+
+
+def _routed(
+    backend: Backend, entry: BackendConfig, node_id: str, controller: bool, node: bool, objects: Objects
+) -> tuple[Backend, NodeAgent | None]:
+    """``backend`` served on many nodes: the controller half through NodeVolume objects,
+    the node's own storage through an agent (on the nodes ``nodes`` lists, or every one)."""
+    assert backend.rest is not None
+    nodes = entry.settings.get("nodes") or []
+    if not isinstance(nodes, list) or not all(isinstance(n, str) and n for n in nodes):
+        raise ConfigError(f"backend {entry.name!r}: 'nodes' must be a list of node names")
+    routed = None
+    if controller:
+        pinned = backend.volumes  # this node's half, read for what it understands
+        routed = RoutedVolumes(
+            backend.name,
+            objects,
+            backend.rest,
+            volume_parameters=pinned.volume_parameters,
+            snapshot_parameters=pinned.snapshot_parameters,
+            nodes=nodes,
+        )
+    agent = None
+    if node and (not nodes or node_id in nodes):
+        executor = BUILDERS[entry.kind](entry, node_id, True, False).volumes
+        agent = NodeAgent(backend.name, node_id, objects, executor, backend.rest)
+    log.info("backend %s: volumes on many nodes, reached through the Kubernetes API", backend.name)
+    return dataclasses.replace(backend, controller=routed), agent
+
+
+def node_routing(mode: str) -> Objects | None:
+    """The Kubernetes API for routed backends: like ``node_directory``, ``auto`` uses it
+    in a pod, ``kubernetes`` insists (the kubeconfig outside a cluster), ``off`` never."""
+    if mode == "off" or (mode == "auto" and not kube.in_cluster()):
+        log.info("node routing off: node-local backends serve the node they name, or this one")
+        return None
+    return Objects.connect(kube.configuration(kubeconfig=mode == "kubernetes", purpose="node routing"))
 
 
 def tcp_port(text: str) -> int:
@@ -119,6 +176,14 @@ def parser() -> argparse.ArgumentParser:
         default="auto",
         help="refuse ControllerPublishVolume to a node whose CSINode does not list the driver: "
         "auto (when running in a Kubernetes cluster), kubernetes (in-cluster, else the kubeconfig), off",
+    )
+    p.add_argument(
+        "--node-routing",
+        choices=("auto", "kubernetes", "off"),
+        default="auto",
+        help="serve node-local backends that name no node on every node, reaching each node through the "
+        "Kubernetes API: auto (when running in a Kubernetes cluster), kubernetes (in-cluster, else the "
+        "kubeconfig), off (they serve --node-id)",
     )
     p.add_argument(
         "--health-port", type=int, default=0, help="TCP port serving only grpc.health.v1, for gRPC probes (0: off)"
@@ -175,7 +240,7 @@ def node_directory(mode: str) -> NodeDirectory | None:
     when running in a pod (KUBERNETES_SERVICE_HOST set, service account mounted) and
     nothing otherwise; ``kubernetes`` insists, falling back to the kubeconfig outside a
     cluster, and stops start-up when neither is there."""
-    if mode == "off" or (mode == "auto" and not os.environ.get("KUBERNETES_SERVICE_HOST")):
+    if mode == "off" or (mode == "auto" and not kube.in_cluster()):
         log.info("node checks off: ControllerPublishVolume accepts any node ID")
         return None
     try:
@@ -193,7 +258,10 @@ def build_server(args: argparse.Namespace) -> Server:
     driver_config = config.load(args.config) if args.config else config.embedded_default(args.data_dir)
     serves_controller = args.mode in ("all", "controller")
     serves_node = args.mode in ("all", "node")
-    registry = Registry(build_backends(driver_config, args.node_id, serves_controller, serves_node))
+    backends, agents = build_backends(
+        driver_config, args.node_id, serves_controller, serves_node, lambda: node_routing(args.node_routing)
+    )
+    registry = Registry(backends)
     controller = None
     if serves_controller:
         controller = ControllerService(registry, Scheduler(registry), node_directory(args.check_nodes))
@@ -208,7 +276,7 @@ def build_server(args: argparse.Namespace) -> Server:
     # business asking a storage cluster.
     watched = list(registry) if serves_controller else []
     metrics = Metrics(args.metrics_port, watched) if args.metrics_port else None
-    companions: list[Companion] = []
+    companions: list[Companion] = list(agents)
     if serves_node and args.registration_dir:
         companions.append(RegistrationServer(args.registration_dir, args.kubelet_registration_path))
     return Server(

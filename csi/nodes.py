@@ -35,8 +35,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from csi import DRIVER_NAME
-from csi.errors import ConfigError, NotFound, Unavailable
+from csi import DRIVER_NAME, kube
+from csi.errors import NotFound, Unavailable
 
 if TYPE_CHECKING:
     from kubernetes.client import Configuration
@@ -85,25 +85,7 @@ class KubernetesNodes:
         """A directory for the cluster this process runs in (its service account), or,
         with ``kubeconfig``, outside a cluster, the one the current kubeconfig context
         names. ConfigError when neither is available."""
-        try:
-            from kubernetes import client
-            from kubernetes import config as kubernetes_config
-        except ImportError as exc:
-            raise ConfigError(f"node checks need the kubernetes Python client: {exc}") from exc
-        config: Any = kubernetes_config  # its loaders are untyped
-        configuration = client.Configuration()
-        try:
-            config.load_incluster_config(client_configuration=configuration)
-        except config.ConfigException as in_cluster:
-            if not kubeconfig:
-                raise ConfigError(f"not running in a Kubernetes cluster: {in_cluster}") from in_cluster
-            try:
-                config.load_kube_config(client_configuration=configuration, persist_config=False)
-            except Exception as exc:  # the loader raises several kinds for a missing or bad file
-                raise ConfigError(
-                    f"no Kubernetes configuration: not in a cluster ({in_cluster}), and no usable kubeconfig ({exc})"
-                ) from exc
-        return cls.from_configuration(configuration, **options)
+        return cls.from_configuration(kube.configuration(kubeconfig=kubeconfig, purpose="node checks"), **options)
 
     @classmethod
     def from_configuration(cls, configuration: Configuration, **options: Any) -> KubernetesNodes:
@@ -112,7 +94,7 @@ class KubernetesNodes:
         # One retry of a failed connection (an API server restarting), no more: every
         # request is bounded by the timeout, and the CO retries the call itself.
         configuration.retries = 1
-        return cls(client.StorageV1Api(client.ApiClient(configuration)), **options)
+        return cls(client.StorageV1Api(kube.api_client(configuration)), **options)
 
     def require(self, node_id: str) -> None:
         with self._lock:

@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 
 from tests.ceph import POOL, RUNNING_CLUSTER, CephCluster
+from tests.cluster.kube import build_step
 from tests.nfs import GANESHA, NfsServer
 from tests.nfs import RUNNING_SERVER as RUNNING_NFS_SERVER
 from tests.support import Driver, leftovers, require, require_root, require_tools, scrub
+
+CLUSTER_BUILD = Path(__file__).parent / "cluster" / "build"
 
 
 @contextmanager
@@ -91,6 +94,15 @@ def nfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NfsServer]:
         yield server.start()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_binaries() -> Path:
+    """The Kubernetes binaries (built once, cached outside the clone, keyed on their
+    version): the cluster tier's, and the API server of the tests that need only that."""
+    require_root()
+    require_tools("etcd", "containerd", "runc", "ctr", "openssl")
+    return Path(build_step([str(CLUSTER_BUILD / "binaries.sh")]).strip().splitlines()[-1])
 
 
 @pytest.fixture

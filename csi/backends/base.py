@@ -24,7 +24,7 @@ of ``csi.errors`` and never anything from grpc.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -110,8 +110,9 @@ class Capabilities:
 
 
 class VolumeBackend(Protocol):
-    topology: tuple[Segment, ...]
-    """Where this backend's volumes can be used; empty means from every node."""
+    @property
+    def topology(self) -> tuple[Segment, ...]:
+        """Where this backend's volumes can be used; empty means from every node."""
 
     volume_parameters: frozenset[str]
     """StorageClass parameters this backend understands (besides the services' own)."""
@@ -255,6 +256,10 @@ class Backend:
     capabilities: Capabilities
     controller: VolumeBackend | None
     node: NodeConnector | None
+    rest: Callable[[str, str], str] | None = None
+    """For a node-local backend that can serve many nodes: (kind, request name) -> the
+    node-free part of the local ID its controller half gives that object on any node
+    (see ``routed``); None for a backend that cannot."""
 
     @property
     def volumes(self) -> VolumeBackend:

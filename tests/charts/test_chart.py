@@ -315,7 +315,8 @@ def test_snapshot_crds_are_the_released_ones(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     fetched = sorted(p.name for p in tmp_path.glob("*.yaml"))
-    assert fetched == sorted(p.name for p in CRDS.glob("*.yaml"))
+    # The chart's own kinds (cairn.csi.io) are Cairn's, not the snapshot controller's.
+    assert fetched == sorted(p.name for p in CRDS.glob("*.yaml") if not p.name.startswith("cairn.csi.io_"))
     for name in fetched:
         assert (tmp_path / name).read_bytes() == (CRDS / name).read_bytes(), name
 

@@ -19,10 +19,10 @@ import yaml
 from csi import loopdev
 from tests.ceph import POOL, USER, CephCluster
 from tests.cluster.build import images
-from tests.cluster.kube import NODE, Cluster, ClusterError
+from tests.cluster.kube import NODE, Cluster, ClusterError, build_step
 from tests.nfs import EXPORT as NFS_EXPORT
 from tests.nfs import NfsServer
-from tests.support import require, require_root, require_tools
+from tests.support import require
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "cairn-csi"
@@ -36,19 +36,7 @@ def helm_binary() -> str:
     return shutil.which("helm") or str(ROOT / ".tools" / "bin" / "helm")
 
 
-def run(argv: list[str], timeout: float = 3600, env: dict[str, str] | None = None) -> str:
-    """A build step; its output is shown when it fails."""
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, env=env)
-    if result.returncode != 0:
-        raise ClusterError(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return result.stdout
-
-
-@pytest.fixture(scope="session")
-def cluster_binaries() -> Path:
-    require_root()
-    require_tools("etcd", "containerd", "runc", "ctr", "openssl")
-    return Path(run([str(BUILD / "binaries.sh")]).strip().splitlines()[-1])
+run = build_step
 
 
 # The cluster and the release live as long as the tier's tests (package scope): the

@@ -169,6 +169,14 @@ class ClusterError(RuntimeError):
     pass
 
 
+def build_step(argv: list[str], timeout: float = 3600, env: dict[str, str] | None = None) -> str:
+    """A build step; its output is shown when it fails."""
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, env=env)
+    if result.returncode != 0:
+        raise ClusterError(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result.stdout
+
+
 class Cluster:
     """One cluster under ``root``, run from the binaries in ``binaries``; ``pause`` is the
     sandbox image's name, which must be among the images imported before the kubelet."""
@@ -238,53 +246,8 @@ class Cluster:
 
     def start(self, images: Sequence[Path]) -> None:
         """Start everything; ``images`` are imported before the kubelet starts."""
-        self._started = time.monotonic()
-        for sub in ("logs", "bin", "cni/bin", "cni/net.d", "containerd", "kubelet", "kubelet-plugins", "etcd"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._pod_logs_before = set(os.listdir(POD_LOGS)) if POD_LOGS.is_dir() else set()
-        self._pki()
-        etcd_port, etcd_peer = free_port(), free_port()
-        self._spawn(
-            "etcd",
-            "etcd",
-            "--name=cairn",
-            f"--data-dir={self.root}/etcd/data",
-            f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
-            f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
-            f"--listen-peer-urls=http://127.0.0.1:{etcd_peer}",
-            f"--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}",
-            f"--initial-cluster=cairn=http://127.0.0.1:{etcd_peer}",
-            "--initial-cluster-state=new",
-        )
-        self._wait("etcd", lambda: _http_ok(f"http://127.0.0.1:{etcd_port}/health"))
+        self.start_api()
         pki = self.root / "pki"
-        self._spawn(
-            "kube-apiserver",
-            str(self.binaries / "kube-apiserver"),
-            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--secure-port={self.api_port}",
-            f"--cert-dir={self.root}/apiserver",
-            f"--tls-cert-file={pki}/apiserver.crt",
-            f"--tls-private-key-file={pki}/apiserver.key",
-            f"--client-ca-file={pki}/ca.crt",
-            f"--kubelet-client-certificate={pki}/apiserver-kubelet-client.crt",
-            f"--kubelet-client-key={pki}/apiserver-kubelet-client.key",
-            # loopback node addresses are refused; the node is reached by its name
-            "--kubelet-preferred-address-types=Hostname,InternalIP",
-            f"--service-account-key-file={pki}/sa.pub",
-            f"--service-account-signing-key-file={pki}/sa.key",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            "--service-cluster-ip-range=10.0.0.0/24",
-            "--authorization-mode=Node,RBAC",
-            "--enable-admission-plugins=NodeRestriction",
-            "--endpoint-reconciler-type=none",
-            "--allow-privileged=true",
-            "--profiling=false",
-            "--v=1",
-        )
-        self._wait("kube-apiserver", lambda: self.kubectl("get", "--raw=/readyz", check=False) == "ok")
         for component, port in (("kube-controller-manager", free_port()), ("kube-scheduler", free_port())):
             config = self.root / "kubeconfig" / f"{component}.yaml"
             extra = (
@@ -328,6 +291,57 @@ class Cluster:
             "default ServiceAccount", lambda: bool(self.kubectl("get", "sa", "default", "-o", "name", check=False))
         )
         self.timings["start"] = time.monotonic() - self._started
+
+    def start_api(self) -> None:
+        """Start etcd and the API server alone: enough for clients of the API that need
+        no node, no scheduler and no controllers."""
+        self._started = time.monotonic()
+        for sub in ("logs", "bin", "cni/bin", "cni/net.d", "containerd", "kubelet", "kubelet-plugins", "etcd"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._pod_logs_before = set(os.listdir(POD_LOGS)) if POD_LOGS.is_dir() else set()
+        self._pki()
+        pki = self.root / "pki"
+        etcd_port, etcd_peer = free_port(), free_port()
+        self._spawn(
+            "etcd",
+            "etcd",
+            "--name=cairn",
+            f"--data-dir={self.root}/etcd/data",
+            f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
+            f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
+            f"--listen-peer-urls=http://127.0.0.1:{etcd_peer}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}",
+            f"--initial-cluster=cairn=http://127.0.0.1:{etcd_peer}",
+            "--initial-cluster-state=new",
+        )
+        self._wait("etcd", lambda: _http_ok(f"http://127.0.0.1:{etcd_port}/health"))
+        self._spawn(
+            "kube-apiserver",
+            str(self.binaries / "kube-apiserver"),
+            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={self.api_port}",
+            f"--cert-dir={self.root}/apiserver",
+            f"--tls-cert-file={pki}/apiserver.crt",
+            f"--tls-private-key-file={pki}/apiserver.key",
+            f"--client-ca-file={pki}/ca.crt",
+            f"--kubelet-client-certificate={pki}/apiserver-kubelet-client.crt",
+            f"--kubelet-client-key={pki}/apiserver-kubelet-client.key",
+            # loopback node addresses are refused; the node is reached by its name
+            "--kubelet-preferred-address-types=Hostname,InternalIP",
+            f"--service-account-key-file={pki}/sa.pub",
+            f"--service-account-signing-key-file={pki}/sa.key",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            "--service-cluster-ip-range=10.0.0.0/24",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            "--endpoint-reconciler-type=none",
+            "--allow-privileged=true",
+            "--profiling=false",
+            "--v=1",
+        )
+        self._wait("kube-apiserver", lambda: self.kubectl("get", "--raw=/readyz", check=False) == "ok")
 
     def _node(self, images: Sequence[Path]) -> None:
         runc = shutil.which("runc", path="/usr/sbin:/usr/bin:/sbin:/bin") or "/usr/sbin/runc"

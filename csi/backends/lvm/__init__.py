@@ -5,22 +5,29 @@ Settings:
     volumeGroup: the volume group (required)
     thinPool: a thin pool in it; without one volumes are thick, and snapshots and clones
         are not offered
-    node: node ID that holds the volume group (default: the driver's --node-id)
+    node: node ID that holds the volume group. Without it, in a Kubernetes cluster, every
+        node running the node plugin (or those ``nodes`` lists) holds a volume group of
+        that name, and the controller reaches them through the API (``backends.routed``);
+        outside a cluster, the driver's --node-id
+    nodes: the node names that hold the volume group (default: every node plugin's node)
     lvmConfig: LVM configuration given to every LVM command (``--config``), such as a
         device filter
 """
 
 from __future__ import annotations
 
+import functools
+
 from csi.backends.base import Backend, Capabilities
 from csi.backends.lvm.lvm import Lvm, valid_name
 from csi.backends.lvm.node import LvmConnector
-from csi.backends.lvm.volumes import LvmVolumes
+from csi.backends.lvm.volumes import LvmVolumes, rest_of
 from csi.config import BackendConfig
 from csi.errors import ConfigError
 from csi.model import AccessMode, AccessType
 
 SETTINGS = frozenset({"volumeGroup", "thinPool", "node", "lvmConfig"})
+ROUTING = frozenset({"nodes"})  # read by the driver when it routes the backend
 _SINGLE_NODE = frozenset(m for m in AccessMode if not m.multi_node)
 _REFUSALS = {
     (kind, mode): f"the lvm backend keeps volumes on one node and cannot offer {mode.value}"
@@ -41,7 +48,7 @@ def capabilities(thin: bool) -> Capabilities:
 
 
 def build(config: BackendConfig, node_id: str, controller: bool, node: bool) -> Backend:
-    unknown = set(config.settings) - SETTINGS
+    unknown = set(config.settings) - SETTINGS - ROUTING
     if unknown:
         raise ConfigError(f"backend {config.name!r}: unknown lvm settings {sorted(unknown)}")
     settings = {key: config.settings.get(key) for key in SETTINGS}
@@ -57,4 +64,12 @@ def build(config: BackendConfig, node_id: str, controller: bool, node: bool) -> 
     owner = str(settings["node"] or node_id)
     volumes = LvmVolumes(config.name, lvm, vg, pool, owner) if controller else None
     connector = LvmConnector(config.name, lvm, vg) if node else None
-    return Backend(config.name, "lvm", config.group, capabilities(bool(pool)), volumes, connector)
+    return Backend(
+        config.name,
+        "lvm",
+        config.group,
+        capabilities(bool(pool)),
+        volumes,
+        connector,
+        rest=functools.partial(rest_of, config.name),
+    )

@@ -83,6 +83,13 @@ def decode(text: str) -> str | None:
         return None
 
 
+def rest_of(backend: str, kind: str, name: str) -> str:
+    """The node-free part of the local ID of request ``name`` (``vol-<uuid>``): the same
+    on every node. The backend is part of the digest, so two backends on one volume
+    group never compute the same LV for one request name."""
+    return f"{_PREFIX[kind]}-{uuid.uuid5(_NAMESPACE[kind], f'{backend}/{name}')}"
+
+
 def lv_name(rest: str) -> str:
     """The LV of a local ID's node-free part (``vol-<uuid>``)."""
     return f"cairn-{rest}"
@@ -109,10 +116,7 @@ class LvmVolumes:
     # -- IDs ------------------------------------------------------------------------
 
     def local_id(self, kind: str, name: str) -> str:
-        # The backend is part of the digest: two backends on one volume group never
-        # compute the same LV for one request name.
-        digest = uuid.uuid5(_NAMESPACE[kind], f"{self.backend}/{name}")
-        return ids.with_node(self.backend, self.node_id, f"{_PREFIX[kind]}-{digest}")
+        return ids.with_node(self.backend, self.node_id, rest_of(self.backend, kind, name))
 
     def _lv(self, kind: str, local_id: str) -> str:
         """The LV name of a local ID of this backend; NotFound for any other string."""

@@ -1,0 +1,964 @@
+"""Node-local volumes on many nodes: the controller's calls reach the node that holds a
+volume through the Kubernetes API (see docs/design.md, "Reaching the node that holds a
+volume").
+
+Two cluster-scoped kinds of ``cairn.csi.io/v1alpha1`` carry everything:
+
+* A ``NodeVolume`` per volume or snapshot is the controller's intent, written before
+  anything is made: what to make (spec) and on which node (``spec.node``, also the
+  ``cairn.csi.io/node`` label the node's agent selects on). Its name derives from the
+  request name, so a retried create finds it and a second one cannot exist. The node's
+  ``NodeAgent`` makes the object with the backend's own controller half pinned to that
+  node (which tags what it makes with the request name in the same step), and writes the
+  outcome to ``status``. The controller's ``RoutedVolumes`` waits for that status and
+  answers from it; a call that runs out of waiting answers ABORTED, and the CO's retry
+  finds the same object. Deleting is the object's deletion: the agent's finalizer holds
+  it until the volume is gone on the node.
+* A ``NodeStorage`` per backend and node, which its agent refreshes: free space, the
+  largest volume, health, and a heartbeat. GetCapacity answers per node from it, and the
+  nodes with a fresh one are where the backend places volumes.
+
+Either side may stop at any step. The agent re-reads every object at start and every
+``resync`` seconds and finishes what it finds, each step being idempotent; the
+controller's retry re-reads the object. A create a node cannot satisfy for want of room
+moves to the next candidate node, preferred nodes first (Cinder's scheduler retry). When
+a node is gone for good (no Node object, no heartbeat), a delete of its volumes releases
+their objects instead of waiting for ever: their data went with the node.
+
+Publications of a routed volume are recorded on its object (the node's storage is not
+touched by an attach decision); secrets are never written to objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from csi import errors, ids
+from csi.backends.base import VolumeBackend, check_publication, matching
+from csi.errors import (
+    Aborted,
+    AlreadyExists,
+    CairnError,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from csi.model import (
+    HEALTHY,
+    NO_SECRETS,
+    TOPOLOGY_NODE_KEY,
+    AccessMode,
+    AccessType,
+    Capability,
+    Secrets,
+    Segment,
+    Snapshot,
+    SourceRef,
+    Volume,
+    VolumeCondition,
+    VolumeSpec,
+    reaches,
+)
+
+log = logging.getLogger(__name__)
+
+GROUP = "cairn.csi.io"
+VERSION = "v1alpha1"
+VOLUMES = "nodevolumes"
+STORAGES = "nodestorages"
+FINALIZER = "cairn.csi.io/node-volume"
+NODE_LABEL = "cairn.csi.io/node"
+BACKEND_LABEL = "cairn.csi.io/backend"
+KIND_LABEL = "cairn.csi.io/kind"
+
+API_TIMEOUT = 5.0  # seconds for one API request
+WAIT = 8.0  # seconds a controller call waits for the node before answering ABORTED
+RESYNC = 10.0  # seconds between two full reads of an agent's objects (and heartbeats)
+STALE = 60.0  # seconds after which a node's storage report no longer counts
+POLL = 0.1  # seconds between two reads of an object the controller waits for
+
+PENDING, READY, FAILED = "Pending", "Ready", "Failed"
+_LABEL_VALUE = 63
+_OBJECT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Errors a node answers that another node may not: the create moves on.
+_MOVE_ON = ("ResourceExhausted", "Unavailable")
+
+Rest = Callable[[str, str], str]
+"""(kind, request name) -> the node-free part of a local ID (``vol-<uuid>``), the same on
+every node; it is the object's name."""
+
+
+class Conflict(Exception):
+    """The object changed since it was read (HTTP 409): read it again and redo."""
+
+
+def node_label(node: str) -> str:
+    """The label value that stands for ``node`` (a digest key when the name does not fit)."""
+    return ids.node_key(node, _LABEL_VALUE)
+
+
+def storage_name(backend: str, node: str) -> str:
+    return f"{backend}.{hashlib.sha256(node.encode()).hexdigest()[:20]}"
+
+
+_CODES: dict[str, type[CairnError]] = {
+    cls.__name__: cls
+    for cls in (
+        errors.InvalidArgument,
+        errors.NotFound,
+        errors.AlreadyExists,
+        errors.OutOfRange,
+        errors.ResourceExhausted,
+        errors.FailedPrecondition,
+        errors.Aborted,
+        errors.Unavailable,
+        errors.DeadlineExceeded,
+        errors.Unimplemented,
+    )
+}
+
+
+def code_of(exc: CairnError) -> str:
+    """The class of the domain tree ``exc`` belongs to, as it travels in an object's
+    status (a tool's CommandNoSpace travels as ResourceExhausted); "Internal" for an
+    unclassified failure."""
+    for cls in type(exc).__mro__:
+        if cls.__name__ in _CODES and cls is _CODES[cls.__name__]:
+            return cls.__name__
+    return "Internal"
+
+
+def error_of(code: str, message: str) -> CairnError:
+    """The domain error a node reported; an unclassified one stays unclassified
+    (INTERNAL), as it would have been on the node."""
+    return _CODES.get(code, CairnError)(message)
+
+
+# -- the objects, through the API ------------------------------------------------------
+
+
+class Objects:
+    """The two kinds through a ``kubernetes`` CustomObjectsApi, every request bounded by
+    ``timeout``; 404 is None, 409 is Conflict, any other failure Unavailable."""
+
+    def __init__(self, api: Any, core: Any = None, *, timeout: float = API_TIMEOUT) -> None:
+        self.api = api
+        self.core = core
+        self.timeout = timeout
+
+    @classmethod
+    def connect(cls, configuration: Any, *, timeout: float = API_TIMEOUT) -> Objects:
+        from kubernetes import client
+
+        from csi import kube
+
+        api_client = kube.api_client(configuration)
+        return cls(client.CustomObjectsApi(api_client), client.CoreV1Api(api_client), timeout=timeout)
+
+    def _call(self, what: str, call: Callable[[], Any]) -> Any:
+        import urllib3
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return call()
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            if exc.status == 409:
+                raise Conflict(what) from exc
+            hint = ""
+            if exc.status in (401, 403):
+                hint = f" (the service account needs access to {GROUP} {VOLUMES} and {STORAGES})"
+            raise Unavailable(
+                f"{what}: the Kubernetes API answered {exc.status} {exc.reason or ''}".rstrip() + hint
+            ) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise Unavailable(f"{what}: the Kubernetes API could not be reached: {exc}") from exc
+
+    def get(self, plural: str, name: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = self._call(
+            f"reading {plural} {name}",
+            lambda: self.api.get_cluster_custom_object(GROUP, VERSION, plural, name, _request_timeout=self.timeout),
+        )
+        return found
+
+    def create(self, plural: str, body: dict[str, Any]) -> dict[str, Any]:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": _KINDS[plural], **body}
+        made: dict[str, Any] = self._call(
+            f"creating {plural} {body['metadata']['name']}",
+            lambda: self.api.create_cluster_custom_object(GROUP, VERSION, plural, body, _request_timeout=self.timeout),
+        )
+        return made
+
+    def replace(self, plural: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Write ``body`` back; Conflict when it changed since it was read (its
+        resourceVersion), None when it is gone."""
+        name = body["metadata"]["name"]
+        written: dict[str, Any] | None = self._call(
+            f"updating {plural} {name}",
+            lambda: self.api.replace_cluster_custom_object(
+                GROUP, VERSION, plural, name, body, _request_timeout=self.timeout
+            ),
+        )
+        return written
+
+    def delete(self, plural: str, name: str) -> None:
+        self._call(
+            f"deleting {plural} {name}",
+            lambda: self.api.delete_cluster_custom_object(GROUP, VERSION, plural, name, _request_timeout=self.timeout),
+        )
+
+    def list(self, plural: str, selector: str) -> tuple[list[dict[str, Any]], str]:
+        """The objects ``selector`` picks, and the list's resourceVersion."""
+        found = self._call(
+            f"listing {plural} ({selector})",
+            lambda: self.api.list_cluster_custom_object(
+                GROUP, VERSION, plural, label_selector=selector, _request_timeout=self.timeout
+            ),
+        )
+        if found is None:
+            return [], ""
+        return list(found.get("items") or []), str(found.get("metadata", {}).get("resourceVersion", ""))
+
+    def watch(self, plural: str, selector: str, since: str, seconds: float) -> Iterator[dict[str, Any]]:
+        """Objects as they change after resourceVersion ``since``, for about ``seconds``."""
+        from kubernetes import watch
+
+        watcher: Any = watch.Watch()  # type: ignore[no-untyped-call]
+        stream = watcher.stream(
+            self.api.list_cluster_custom_object,
+            GROUP,
+            VERSION,
+            plural,
+            label_selector=selector,
+            resource_version=since,
+            timeout_seconds=max(1, int(seconds)),
+            _request_timeout=seconds + self.timeout,
+        )
+        for event in stream:
+            if event.get("type") == "ERROR":
+                return  # typically 410 Gone: the caller lists again
+            obj = event.get("object")
+            if isinstance(obj, dict):
+                yield obj
+
+    def node_exists(self, node: str) -> bool | None:
+        """Whether the cluster has a Node object ``node`` (None: cannot tell)."""
+        if self.core is None:
+            return None
+        try:
+            return (
+                self._call(f"reading node {node}", lambda: self.core.read_node(node, _request_timeout=self.timeout))
+                is not None
+            )
+        except (Unavailable, Conflict):
+            return None
+
+
+_KINDS = {VOLUMES: "NodeVolume", STORAGES: "NodeStorage"}
+
+
+# -- what travels in a NodeVolume ----------------------------------------------------
+
+
+def _capability_out(capability: Capability) -> dict[str, Any]:
+    return {
+        "accessType": capability.access_type.value,
+        "accessMode": capability.access_mode.value,
+        "fsType": capability.fs_type,
+        "mountFlags": list(capability.mount_flags),
+    }
+
+
+def _capability_in(raw: Mapping[str, Any]) -> Capability:
+    return Capability(
+        AccessType(raw["accessType"]),
+        AccessMode(raw["accessMode"]),
+        str(raw.get("fsType") or ""),
+        tuple(raw.get("mountFlags") or ()),
+    )
+
+
+def _source_out(source: SourceRef | None) -> dict[str, str] | None:
+    return {"kind": source.kind, "localId": source.local_id} if source else None
+
+
+def _source_in(raw: Mapping[str, Any] | None) -> SourceRef | None:
+    if not raw:
+        return None
+    return SourceRef(raw["kind"], raw["localId"])
+
+
+def spec_of(obj: Mapping[str, Any]) -> VolumeSpec:
+    """The VolumeSpec a NodeVolume asks its node to satisfy (no secrets, no topology:
+    the node is the topology)."""
+    spec = obj["spec"]
+    return VolumeSpec(
+        name=spec["name"],
+        required_bytes=int(spec.get("requiredBytes") or 0),
+        limit_bytes=int(spec.get("limitBytes") or 0),
+        capabilities=tuple(_capability_in(c) for c in spec.get("capabilities") or ()),
+        parameters=dict(spec.get("parameters") or {}),
+        source=_source_in(spec.get("source")),
+    )
+
+
+# -- the controller's half -------------------------------------------------------------
+
+
+class RoutedVolumes:
+    """A VolumeBackend whose volumes live on many nodes, each made by that node's agent."""
+
+    def __init__(
+        self,
+        backend: str,
+        objects: Objects,
+        rest: Rest,
+        *,
+        volume_parameters: frozenset[str] = frozenset(),
+        snapshot_parameters: frozenset[str] = frozenset(),
+        nodes: Sequence[str] = (),
+        wait: float = WAIT,
+        stale: float = STALE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.backend = backend
+        self.objects = objects
+        self.rest = rest
+        self.volume_parameters = volume_parameters
+        self.snapshot_parameters = snapshot_parameters
+        self.nodes = frozenset(nodes)
+        self.wait = wait
+        self.stale = stale
+        self.clock = clock
+        self._reports: tuple[float, dict[str, dict[str, Any]]] = (-1e18, {})
+        self._reports_lock = threading.Lock()
+
+    # -- where: nodes and their reports ------------------------------------------------
+
+    def reports(self) -> dict[str, dict[str, Any]]:
+        """Node -> its fresh storage report, for the nodes that may hold volumes (read
+        at most once a second)."""
+        with self._reports_lock:
+            read_at, found = self._reports
+            if time.monotonic() - read_at < 1.0:
+                return found
+            items, _ = self.objects.list(STORAGES, f"{BACKEND_LABEL}={self.backend}")
+            now = self.clock()
+            found = {}
+            for item in items:
+                spec = item.get("spec") or {}
+                node = str(spec.get("node") or "")
+                if not node or spec.get("backend") != self.backend or (self.nodes and node not in self.nodes):
+                    continue
+                if now - float(spec.get("heartbeat") or 0) <= self.stale:
+                    found[node] = spec
+            self._reports = (time.monotonic(), found)
+            return found
+
+    @property
+    def topology(self) -> tuple[Segment, ...]:
+        try:
+            reports = self.reports()
+        except Unavailable:
+            reports = {}
+        # Never empty: an empty topology means "usable everywhere".
+        return tuple({TOPOLOGY_NODE_KEY: node} for node in sorted(reports)) or ({TOPOLOGY_NODE_KEY: ""},)
+
+    def health(self) -> str | None:
+        try:
+            reports = self.reports()
+        except Unavailable as exc:
+            return str(exc)
+        if not reports:
+            return f"no node reports backend {self.backend!r}: is the node plugin running where its storage is?"
+        problems = [f"node {node}: {r['problem']}" for node, r in sorted(reports.items()) if r.get("problem")]
+        if len(problems) == len(reports):
+            return "; ".join(problems)
+        return None
+
+    def _report_for(self, segment: Segment | None) -> list[dict[str, Any]]:
+        return [r for node, r in self.reports().items() if reaches(({TOPOLOGY_NODE_KEY: node},), segment)]
+
+    def free_bytes(self, segment: Segment | None = None, *, secrets: Secrets = NO_SECRETS) -> int:
+        return max((int(r.get("freeBytes") or 0) for r in self._report_for(segment)), default=0)
+
+    def max_volume_bytes(self, segment: Segment | None = None, *, secrets: Secrets = NO_SECRETS) -> int:
+        return max((int(r.get("maxVolumeBytes") or 0) for r in self._report_for(segment)), default=0)
+
+    # -- objects ---------------------------------------------------------------------
+
+    def _name(self, kind: str, request_name: str) -> str:
+        return self.rest(kind, request_name)
+
+    def _object(self, kind: str, local_id: str) -> dict[str, Any] | None:
+        """The object of a local ID this backend issued, or None."""
+        key, rest = ids.split_node(local_id)
+        if key is None or not _OBJECT_NAME.match(rest) or len(rest) > 253:
+            return None
+        obj = self.objects.get(VOLUMES, rest)
+        if obj is None or not self._ours(obj, kind):
+            return None
+        if self._local_id(obj) != local_id:
+            return None
+        return obj
+
+    def _ours(self, obj: Mapping[str, Any], kind: str) -> bool:
+        spec = obj.get("spec") or {}
+        return bool(spec.get("backend") == self.backend and spec.get("kind") == kind)
+
+    def _local_id(self, obj: Mapping[str, Any]) -> str:
+        return ids.with_node(self.backend, obj["spec"]["node"], obj["metadata"]["name"])
+
+    def _await(self, name: str, done: Callable[[dict[str, Any] | None], bool], what: str) -> dict[str, Any] | None:
+        """Read object ``name`` until ``done`` says so, for at most ``self.wait`` seconds;
+        ABORTED (the CO retries) when the node has not answered by then."""
+        deadline = time.monotonic() + self.wait
+        while True:
+            obj = self.objects.get(VOLUMES, name)
+            if done(obj):
+                return obj
+            if time.monotonic() >= deadline:
+                node = ((obj or {}).get("spec") or {}).get("node", "?")
+                raise Aborted(f"{what}: node {node!r} has not finished it yet (its node plugin works on it)")
+            time.sleep(POLL)
+
+    def _update(self, name: str, change: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+        """Read, change (``change`` says whether it changed anything) and write object
+        ``name`` until the write is not refused for a concurrent change."""
+        for _ in range(20):
+            obj = self.objects.get(VOLUMES, name)
+            if obj is None or not change(obj):
+                return obj
+            try:
+                return self.objects.replace(VOLUMES, obj)
+            except Conflict:
+                continue
+        raise Aborted(f"{name}: changed by someone else twenty times in a row")
+
+    @staticmethod
+    def _settled(obj: dict[str, Any] | None) -> bool:
+        return obj is None or (obj.get("status") or {}).get("phase") in (READY, FAILED)
+
+    # -- volumes -------------------------------------------------------------------
+
+    def create_volume(self, spec: VolumeSpec) -> Volume:
+        name = self._name("volume", spec.name)
+        obj = self.objects.get(VOLUMES, name)
+        if obj is None:
+            obj = self._propose(name, spec)
+        elif not self._ours(obj, "volume") or obj["spec"].get("name") != spec.name:
+            raise AlreadyExists(f"volume {spec.name!r}: object {name} belongs to another request")
+        elif obj["metadata"].get("deletionTimestamp"):
+            raise Aborted(f"volume {spec.name!r} is being deleted; retry once it is gone")
+        while True:
+            obj = self._await(name, self._settled, f"creating volume {spec.name!r}")
+            if obj is None:
+                raise Aborted(f"volume {spec.name!r} was deleted while it was being made; retry")
+            status = obj.get("status") or {}
+            if status.get("phase") == READY:
+                return matching(self._volume(obj), spec)
+            self._next_node(obj, spec)
+
+    def _candidates(self, spec: VolumeSpec) -> list[str]:
+        """Nodes that may hold the new volume, best first: the source's node for a copy;
+        otherwise the preferred nodes in order, then the others with the most room first,
+        every one within the requisite topology and with room for the size asked."""
+        if spec.source is not None:
+            kind = spec.source.kind
+            source = self._object(kind, spec.source.local_id)
+            if source is None or (source.get("status") or {}).get("phase") != READY:
+                raise NotFound(f"source {kind} {spec.source.local_id!r} does not exist")
+            node = source["spec"]["node"]
+            if spec.requisite and not any(reaches(({TOPOLOGY_NODE_KEY: node},), r) for r in spec.requisite):
+                raise ResourceExhausted(
+                    f"volume {spec.name!r}: its source {kind} is on node {node!r}, outside the requested topology"
+                )
+            return [node]
+        reports = self.reports()
+        allowed = [
+            node
+            for node in reports
+            if not spec.requisite or any(reaches(({TOPOLOGY_NODE_KEY: node},), r) for r in spec.requisite)
+        ]
+        roomy = [n for n in allowed if int(reports[n].get("freeBytes") or 0) >= spec.required_bytes]
+        if not roomy:
+            where = ", ".join(sorted(allowed)) or "none within the requested topology"
+            raise ResourceExhausted(
+                f"volume {spec.name!r}: no node of backend {self.backend!r} has {spec.required_bytes} bytes free "
+                f"(nodes: {where})"
+            )
+        preferred = [n for p in spec.preferred for n in sorted(roomy) if reaches(({TOPOLOGY_NODE_KEY: n},), p)]
+        order = list(dict.fromkeys(preferred))
+        order += sorted((n for n in roomy if n not in order), key=lambda n: -int(reports[n].get("freeBytes") or 0))
+        return order
+
+    def _propose(self, name: str, spec: VolumeSpec) -> dict[str, Any]:
+        candidates = self._candidates(spec)
+        body = {
+            "metadata": {
+                "name": name,
+                "labels": {
+                    BACKEND_LABEL: self.backend,
+                    KIND_LABEL: "volume",
+                    NODE_LABEL: node_label(candidates[0]),
+                },
+            },
+            "spec": {
+                "backend": self.backend,
+                "kind": "volume",
+                "name": spec.name,
+                "node": candidates[0],
+                "candidates": candidates[1:],
+                "tried": [],
+                "requiredBytes": spec.required_bytes,
+                "limitBytes": spec.limit_bytes,
+                "capabilities": [_capability_out(c) for c in spec.capabilities],
+                "parameters": dict(spec.parameters),
+                "source": _source_out(spec.source),
+                "published": {},
+            },
+            "status": {"phase": PENDING},
+        }
+        try:
+            return self.objects.create(VOLUMES, body)
+        except Conflict:
+            found = self.objects.get(VOLUMES, name)
+            if found is None:
+                raise Aborted(f"volume {spec.name!r}: its object came and went; retry") from None
+            return found
+
+    def _next_node(self, obj: dict[str, Any], spec: VolumeSpec) -> None:
+        """The node refused the create: give it to the next candidate, or, when none is
+        left, remove the object and answer the node's error."""
+        status, ospec = obj.get("status") or {}, obj["spec"]
+        error = error_of(str(status.get("code") or ""), str(status.get("message") or "the node failed"))
+        left = [n for n in ospec.get("candidates") or () if n not in (ospec.get("tried") or ())]
+        if status.get("code") not in _MOVE_ON or not left:
+            self.objects.delete(VOLUMES, obj["metadata"]["name"])
+            raise error
+        log.info(
+            "volume %r: node %s answered %s; trying node %s", spec.name, ospec["node"], status.get("code"), left[0]
+        )
+        tried = [*(ospec.get("tried") or ()), ospec["node"]]
+
+        def move(current: dict[str, Any]) -> bool:
+            if (current.get("status") or {}).get("phase") != FAILED or current["spec"]["node"] != ospec["node"]:
+                return False  # someone (a concurrent retry) moved it already
+            current["spec"].update(node=left[0], tried=tried)
+            current["metadata"]["labels"][NODE_LABEL] = node_label(left[0])
+            current["status"] = {"phase": PENDING}
+            return True
+
+        self._update(obj["metadata"]["name"], move)
+
+    def delete_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
+        obj = self._object("volume", local_id)
+        if obj is None:
+            return
+        published = (obj["spec"].get("published") or {}) if not obj["metadata"].get("deletionTimestamp") else {}
+        if published:
+            raise FailedPrecondition(f"volume {local_id} is still published to node(s) {', '.join(sorted(published))}")
+        self._remove(obj, f"volume {local_id}")
+
+    def _remove(self, obj: dict[str, Any], what: str) -> None:
+        name, node = obj["metadata"]["name"], obj["spec"]["node"]
+        self.objects.delete(VOLUMES, name)
+        try:
+            gone = self._await(
+                name, lambda o: o is None or bool((o.get("status") or {}).get("deleteCode")), f"deleting {what}"
+            )
+        except Aborted:
+            if self._node_lost(node):
+                self._release(name, node, what)
+                return
+            raise
+        if gone is not None:
+            status = gone["status"]
+            raise error_of(status["deleteCode"], f"deleting {what} on node {node!r}: {status.get('deleteMessage', '')}")
+
+    def _node_lost(self, node: str) -> bool:
+        """Whether ``node`` is gone for good: no fresh storage report and no Node object."""
+        if node in self.reports():
+            return False
+        return self.objects.node_exists(node) is False
+
+    def _release(self, name: str, node: str, what: str) -> None:
+        log.warning(
+            "%s: node %r is gone (no Node object, no heartbeat); releasing its record, its data went with it",
+            what,
+            node,
+        )
+
+        def drop(current: dict[str, Any]) -> bool:
+            finalizers = current["metadata"].get("finalizers") or []
+            if FINALIZER not in finalizers:
+                return False
+            current["metadata"]["finalizers"] = [f for f in finalizers if f != FINALIZER]
+            return True
+
+        self._update(name, drop)
+
+    def get_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Volume:
+        obj = self._object("volume", local_id)
+        if obj is None or (obj.get("status") or {}).get("phase") != READY:
+            raise NotFound(f"volume {local_id!r} does not exist")
+        return self._volume(obj)
+
+    def lookup_volume(self, name: str, *, secrets: Secrets = NO_SECRETS) -> Volume | None:
+        obj = self.objects.get(VOLUMES, self._name("volume", name))
+        if obj is None or not self._ours(obj, "volume") or (obj.get("status") or {}).get("phase") != READY:
+            return None
+        return self._volume(obj)
+
+    def _ready(self, kind: str) -> list[dict[str, Any]]:
+        items, _ = self.objects.list(VOLUMES, f"{BACKEND_LABEL}={self.backend},{KIND_LABEL}={kind}")
+        return [o for o in items if self._ours(o, kind) and (o.get("status") or {}).get("phase") == READY]
+
+    def list_volumes(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
+        return sorted((self._volume(o) for o in self._ready("volume")), key=lambda v: v.local_id)
+
+    def _volume(self, obj: Mapping[str, Any]) -> Volume:
+        spec, status = obj["spec"], obj.get("status") or {}
+        node = spec["node"]
+        condition = HEALTHY
+        if status.get("abnormal"):
+            condition = VolumeCondition(True, str(status["abnormal"]))
+        return Volume(
+            local_id=self._local_id(obj),
+            name=spec["name"],
+            capacity_bytes=int(status.get("capacityBytes") or 0),
+            source=_source_in(spec.get("source")),
+            topology=({TOPOLOGY_NODE_KEY: node},),
+            published_nodes=tuple(sorted(spec.get("published") or {})),
+            condition=condition,
+        )
+
+    def expand_volume(
+        self, local_id: str, required_bytes: int, limit_bytes: int, *, secrets: Secrets = NO_SECRETS
+    ) -> int:
+        obj = self._object("volume", local_id)
+        if obj is None or (obj.get("status") or {}).get("phase") != READY:
+            raise NotFound(f"volume {local_id!r} does not exist")
+        if required_bytes <= int(obj["status"].get("capacityBytes") or 0):
+            return int(obj["status"]["capacityBytes"])
+        name = obj["metadata"]["name"]
+
+        def ask(current: dict[str, Any]) -> bool:
+            if int(current["spec"].get("requiredBytes") or 0) >= required_bytes:
+                return False
+            current["spec"].update(requiredBytes=required_bytes, limitBytes=limit_bytes)
+            (current.setdefault("status", {})).pop("expandCode", None)
+            return True
+
+        self._update(name, ask)
+
+        def grown(o: dict[str, Any] | None) -> bool:
+            status = (o or {}).get("status") or {}
+            return (
+                o is None or int(status.get("capacityBytes") or 0) >= required_bytes or bool(status.get("expandCode"))
+            )
+
+        done = self._await(name, grown, f"expanding volume {local_id}")
+        if done is None:
+            raise NotFound(f"volume {local_id!r} does not exist")
+        status = done["status"]
+        if int(status.get("capacityBytes") or 0) >= required_bytes:
+            return int(status["capacityBytes"])
+        error = error_of(str(status["expandCode"]), str(status.get("expandMessage") or "expansion failed"))
+
+        def forget(current: dict[str, Any]) -> bool:
+            # A refused growth is not asked again at every resync: the CO asks again.
+            current["spec"]["requiredBytes"] = int(current["status"].get("capacityBytes") or 0)
+            return True
+
+        self._update(name, forget)
+        raise error
+
+    # -- snapshots -------------------------------------------------------------------
+
+    def create_snapshot(
+        self, name: str, source_local_id: str, parameters: Mapping[str, str], *, secrets: Secrets = NO_SECRETS
+    ) -> Snapshot:
+        object_name = self._name("snapshot", name)
+        obj = self.objects.get(VOLUMES, object_name)
+        if obj is None:
+            source = self._object("volume", source_local_id)
+            if source is None or (source.get("status") or {}).get("phase") != READY:
+                raise NotFound(f"source volume {source_local_id!r} does not exist")
+            node = source["spec"]["node"]
+            body = {
+                "metadata": {
+                    "name": object_name,
+                    "labels": {BACKEND_LABEL: self.backend, KIND_LABEL: "snapshot", NODE_LABEL: node_label(node)},
+                },
+                "spec": {
+                    "backend": self.backend,
+                    "kind": "snapshot",
+                    "name": name,
+                    "node": node,
+                    "sourceLocalId": source_local_id,
+                    "parameters": dict(parameters),
+                },
+                "status": {"phase": PENDING},
+            }
+            with contextlib.suppress(Conflict):
+                self.objects.create(VOLUMES, body)
+        else:
+            if not self._ours(obj, "snapshot") or obj["spec"].get("name") != name:
+                raise AlreadyExists(f"snapshot {name!r}: object {object_name} belongs to another request")
+            if obj["spec"].get("sourceLocalId") != source_local_id:
+                raise AlreadyExists(f"snapshot {name!r} exists for another source volume")
+        done = self._await(object_name, self._settled, f"taking snapshot {name!r}")
+        if done is None:
+            raise Aborted(f"snapshot {name!r} was deleted while it was being taken; retry")
+        status = done.get("status") or {}
+        if status.get("phase") == FAILED:
+            self.objects.delete(VOLUMES, object_name)
+            raise error_of(str(status.get("code") or ""), str(status.get("message") or "the node failed"))
+        return self._snapshot(done)
+
+    def delete_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
+        obj = self._object("snapshot", local_id)
+        if obj is not None:
+            self._remove(obj, f"snapshot {local_id}")
+
+    def get_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Snapshot:
+        obj = self._object("snapshot", local_id)
+        if obj is None or (obj.get("status") or {}).get("phase") != READY:
+            raise NotFound(f"snapshot {local_id!r} does not exist")
+        return self._snapshot(obj)
+
+    def list_snapshots(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
+        return sorted((self._snapshot(o) for o in self._ready("snapshot")), key=lambda s: s.local_id)
+
+    def _snapshot(self, obj: Mapping[str, Any]) -> Snapshot:
+        spec, status = obj["spec"], obj.get("status") or {}
+        return Snapshot(
+            local_id=self._local_id(obj),
+            name=spec["name"],
+            source_volume_local_id=spec["sourceLocalId"],
+            size_bytes=int(status.get("sizeBytes") or 0),
+            created_at=float(status.get("createdAt") or 0),
+        )
+
+    # -- publication -----------------------------------------------------------------
+
+    def publish_volume(
+        self, local_id: str, node_id: str, capability: Capability, readonly: bool, *, secrets: Secrets = NO_SECRETS
+    ) -> dict[str, str]:
+        obj = self._object("volume", local_id)
+        if obj is None or (obj.get("status") or {}).get("phase") != READY:
+            raise NotFound(f"volume {local_id!r} does not exist")
+        owner = obj["spec"]["node"]
+        if node_id != owner:
+            raise NotFound(f"node {node_id!r} cannot reach volume {local_id}: it is local to node {owner!r}")
+
+        def record(current: dict[str, Any]) -> bool:
+            published = {str(k): bool(v) for k, v in (current["spec"].get("published") or {}).items()}
+            check_publication(local_id, published, node_id, capability, readonly)
+            if node_id in published:
+                return False
+            current["spec"]["published"] = {**published, node_id: readonly}
+            return True
+
+        self._update(obj["metadata"]["name"], record)
+        return {}
+
+    def unpublish_volume(self, local_id: str, node_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
+        obj = self._object("volume", local_id)
+        if obj is None:
+            return
+
+        def forget(current: dict[str, Any]) -> bool:
+            published = dict(current["spec"].get("published") or {})
+            if published.pop(node_id, None) is None:
+                return False
+            current["spec"]["published"] = published
+            return True
+
+        self._update(obj["metadata"]["name"], forget)
+
+
+# -- the node's half -------------------------------------------------------------------
+
+
+class NodeAgent:
+    """Makes, grows and removes the NodeVolumes of one backend on this node with
+    ``executor`` (the backend's controller half pinned to this node), and reports this
+    node's storage. Runs in its own thread from ``start`` to ``stop``."""
+
+    def __init__(
+        self,
+        backend: str,
+        node: str,
+        objects: Objects,
+        executor: VolumeBackend,
+        rest: Rest,
+        *,
+        resync: float = RESYNC,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.backend = backend
+        self.node = node
+        self.objects = objects
+        self.executor = executor
+        self.rest = rest
+        self.resync = resync
+        self.clock = clock
+        self.selector = f"{BACKEND_LABEL}={backend},{NODE_LABEL}={node_label(node)}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._synced = False
+
+    @property
+    def health_name(self) -> str:
+        return f"node-agent-{self.backend}"
+
+    def serving(self) -> bool:
+        """Whether the agent runs and its last full pass reached the API."""
+        return self._thread is not None and self._thread.is_alive() and self._synced
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"agent-{self.backend}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                since = self.sync()
+                deadline = time.monotonic() + self.resync
+                while not self._stop.is_set() and time.monotonic() < deadline:
+                    for obj in self.objects.watch(VOLUMES, self.selector, since, min(self.resync, 5.0)):
+                        self.handle(obj)
+                        since = str(obj.get("metadata", {}).get("resourceVersion") or since)
+                        if self._stop.is_set():
+                            return
+            except Exception:  # an agent that stops here stops the node's volumes
+                self._synced = False
+                log.exception("backend %s: node agent pass failed; retrying", self.backend)
+                self._stop.wait(1.0)
+
+    def sync(self) -> str:
+        """Handle every object of this node once and report the node's storage; the
+        list's resourceVersion, to watch from."""
+        items, version = self.objects.list(VOLUMES, self.selector)
+        for obj in items:
+            self.handle(obj)
+        self.report()
+        self._synced = True
+        return version
+
+    def report(self) -> None:
+        problem = self.executor.health()
+        free = self.executor.free_bytes() if problem is None else 0
+        largest = self.executor.max_volume_bytes() if problem is None else 0
+        name = storage_name(self.backend, self.node)
+        spec = {
+            "backend": self.backend,
+            "node": self.node,
+            "freeBytes": free,
+            "maxVolumeBytes": largest,
+            "problem": problem or "",
+            "heartbeat": int(self.clock()),
+        }
+        current = self.objects.get(STORAGES, name)
+        if current is None:
+            body = {"metadata": {"name": name, "labels": {BACKEND_LABEL: self.backend}}, "spec": spec}
+            with contextlib.suppress(Conflict):
+                self.objects.create(STORAGES, body)
+            return
+        current["spec"] = spec
+        with contextlib.suppress(Conflict):  # the next report writes it
+            self.objects.replace(STORAGES, current)
+
+    def handle(self, obj: dict[str, Any]) -> None:
+        """One step on one object; a step cut short is redone by the next pass."""
+        spec = obj.get("spec") or {}
+        if spec.get("backend") != self.backend or spec.get("node") != self.node:
+            return
+        try:
+            if obj["metadata"].get("deletionTimestamp"):
+                self._delete(obj)
+            elif (obj.get("status") or {}).get("phase") == PENDING:
+                self._create(obj)
+            elif (obj.get("status") or {}).get("phase") == READY and spec.get("kind") == "volume":
+                self._grow(obj)
+        except Conflict:
+            pass  # changed meanwhile: the watch brings the new version
+
+    def _local_id(self, obj: Mapping[str, Any]) -> str:
+        return ids.with_node(self.backend, self.node, obj["metadata"]["name"])
+
+    def _create(self, obj: dict[str, Any]) -> None:
+        spec = obj["spec"]
+        if FINALIZER not in (obj["metadata"].get("finalizers") or []):
+            # The finalizer first: from here on the object is not gone before the volume.
+            obj["metadata"]["finalizers"] = [*(obj["metadata"].get("finalizers") or []), FINALIZER]
+            written = self.objects.replace(VOLUMES, obj)
+            if written is None:
+                return
+            obj = written
+        status: dict[str, Any]
+        try:
+            if spec["kind"] == "volume":
+                volume = self.executor.create_volume(spec_of(obj))
+                status = {"phase": READY, "capacityBytes": volume.capacity_bytes}
+            else:
+                snapshot = self.executor.create_snapshot(
+                    spec["name"], spec["sourceLocalId"], spec.get("parameters") or {}
+                )
+                status = {"phase": READY, "sizeBytes": snapshot.size_bytes, "createdAt": snapshot.created_at}
+        except CairnError as exc:
+            log.info("backend %s: %s %r failed on this node: %s", self.backend, spec["kind"], spec["name"], exc)
+            # Nothing was made (every create leaves nothing behind when it fails), so the
+            # object may go, or move to another node, without this node's say.
+            obj["metadata"]["finalizers"] = [f for f in obj["metadata"].get("finalizers") or [] if f != FINALIZER]
+            status = {"phase": FAILED, "code": code_of(exc), "message": str(exc)}
+        obj["status"] = status
+        self.objects.replace(VOLUMES, obj)
+
+    def _grow(self, obj: dict[str, Any]) -> None:
+        status, spec = obj["status"], obj["spec"]
+        wanted = int(spec.get("requiredBytes") or 0)
+        if wanted <= int(status.get("capacityBytes") or 0) or status.get("expandCode"):
+            return
+        try:
+            status["capacityBytes"] = self.executor.expand_volume(
+                self._local_id(obj), wanted, int(spec.get("limitBytes") or 0)
+            )
+        except CairnError as exc:
+            status.update(expandCode=code_of(exc), expandMessage=str(exc))
+        self.objects.replace(VOLUMES, obj)
+
+    def _delete(self, obj: dict[str, Any]) -> None:
+        finalizers = obj["metadata"].get("finalizers") or []
+        if FINALIZER not in finalizers:
+            return
+        try:
+            if obj["spec"]["kind"] == "volume":
+                self.executor.delete_volume(self._local_id(obj))
+            else:
+                self.executor.delete_snapshot(self._local_id(obj))
+        except CairnError as exc:
+            log.warning("backend %s: cannot delete %s yet: %s", self.backend, obj["metadata"]["name"], exc)
+            status = obj.setdefault("status", {})
+            if status.get("deleteCode") != code_of(exc):
+                status.update(deleteCode=code_of(exc), deleteMessage=str(exc))
+                self.objects.replace(VOLUMES, obj)
+            return
+        obj["metadata"]["finalizers"] = [f for f in finalizers if f != FINALIZER]
+        self.objects.replace(VOLUMES, obj)

@@ -1,0 +1,295 @@
+"""Node-local volumes on many nodes, routed through the Kubernetes API: a real etcd and
+kube-apiserver started here, the chart's CustomResourceDefinitions, and two "nodes" that
+each hold their own LVM volume group (loop devices; LVM metadata only where the kernel
+has no device-mapper), each with its own node agent, and the controller's half beside
+them. Every object goes through the API server, every volume is an LV."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from csi.backends.lvm.volumes import LvmVolumes, rest_of
+from csi.backends.routed import (
+    FINALIZER,
+    PENDING,
+    STORAGES,
+    VOLUMES,
+    NodeAgent,
+    Objects,
+    RoutedVolumes,
+    spec_of,
+)
+from csi.errors import Aborted, FailedPrecondition, NotFound
+from csi.model import TOPOLOGY_NODE_KEY, AccessMode, AccessType, Capability, MiB, VolumeSpec
+from tests.cluster.kube import Cluster
+from tests.lvm import LoopVolumeGroup, loop_volume_group
+from tests.support import require_root, require_tools
+
+pytestmark = pytest.mark.integration
+CRDS = Path(__file__).resolve().parents[2] / "charts" / "cairn-csi" / "crds"
+BACKEND = "lvm"
+REST = functools.partial(rest_of, BACKEND)
+RWO = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER)
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory, cluster_binaries: Path) -> Iterator[Cluster]:
+    """etcd and kube-apiserver, with the chart's NodeVolume and NodeStorage kinds."""
+    require_root()
+    require_tools("lvm")
+    cluster = Cluster(tmp_path_factory.mktemp("api"), cluster_binaries, pause="")
+    try:
+        cluster.start_api()
+        for name in ("cairn.csi.io_nodevolumes.yaml", "cairn.csi.io_nodestorages.yaml"):
+            cluster.kubectl("apply", "-f", str(CRDS / name))
+        cluster.kubectl("wait", "--for=condition=Established", "crd/nodevolumes.cairn.csi.io", "--timeout=60s")
+        cluster.kubectl("wait", "--for=condition=Established", "crd/nodestorages.cairn.csi.io", "--timeout=60s")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def connect(cluster: Cluster) -> Objects:
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    loader: Any = config
+    loader.load_kube_config(
+        config_file=str(cluster.kubeconfig), client_configuration=configuration, persist_config=False
+    )
+    return Objects.connect(configuration)
+
+
+@dataclass
+class Node:
+    name: str
+    group: LoopVolumeGroup
+    objects: Objects
+    agent: NodeAgent | None = None
+
+    def executor(self) -> LvmVolumes:
+        return LvmVolumes(BACKEND, self.group.lvm(), self.group.name, "", self.name)
+
+    def start(self, resync: float = 2.0) -> None:
+        self.agent = NodeAgent(BACKEND, self.name, self.objects, self.executor(), REST, resync=resync)
+        self.agent.start()
+
+    def stop(self) -> None:
+        if self.agent is not None:
+            self.agent.stop()
+            self.agent = None
+
+    def lvs(self) -> list[str]:
+        """The names of the LVs in this node's volume group, read with LVM itself."""
+        return sorted(row["lv_name"] for row in self.group.report("lvs", "lv_name"))
+
+    def free(self) -> int:
+        return int(self.group.report("vgs", "vg_free")[0]["vg_free"])
+
+
+@dataclass
+class Nodes:
+    a: Node
+    b: Node
+    objects: Objects
+    cluster: Cluster
+
+    def controller(self, **options: Any) -> RoutedVolumes:
+        """A fresh controller half, as a restarted controller would make."""
+        return RoutedVolumes(BACKEND, self.objects, REST, **options)
+
+    def object(self, name: str) -> dict[str, Any] | None:
+        return self.objects.get(VOLUMES, name)
+
+
+@pytest.fixture
+def nodes(api: Cluster, tmp_path: Path) -> Iterator[Nodes]:
+    """node-a with a 64 MiB volume group, node-b with a 128 MiB one, both agents running;
+    afterwards every object is removed (finalizers too) before the groups go."""
+    objects = connect(api)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with (
+        loop_volume_group(tmp_path / "a", 64 * MiB) as group_a,
+        loop_volume_group(tmp_path / "b", 128 * MiB) as group_b,
+    ):
+        a, b = Node("node-a", group_a, objects), Node("node-b", group_b, objects)
+        a.start()
+        b.start()
+        try:
+            yield Nodes(a, b, objects, api)
+        finally:
+            a.stop()
+            b.stop()
+            for plural in (VOLUMES, STORAGES):
+                for item in objects.list(plural, "")[0]:
+                    if item["metadata"].get("finalizers"):
+                        item["metadata"]["finalizers"] = []
+                        objects.replace(plural, item)
+                    objects.delete(plural, item["metadata"]["name"])
+            api.kubectl("delete", "node", "--all", "--wait=false", check=False)
+
+
+def eventually(what: str, probe: Callable[[], T | None], timeout: float = 60) -> T:
+    """``probe``'s first answer that is not None or False, read until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = probe()
+        if found is not None and found is not False:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def spec(name: str, size: int = 8 * MiB, preferred: str = "", **extra: Any) -> VolumeSpec:
+    where = ({TOPOLOGY_NODE_KEY: preferred},) if preferred else ()
+    return VolumeSpec(name, size, 0, (RWO,), preferred=where, **extra)
+
+
+def reported(nodes: Nodes) -> RoutedVolumes:
+    """A controller that has seen both nodes' reports."""
+    controller = nodes.controller()
+    eventually("both nodes report", lambda: len(controller.reports()) == 2)
+    return controller
+
+
+def test_a_volume_is_made_once_on_the_preferred_node_and_capacity_is_per_node(nodes: Nodes) -> None:
+    controller = reported(nodes)
+    assert controller.free_bytes({TOPOLOGY_NODE_KEY: "node-a"}) == nodes.a.free()
+    assert controller.free_bytes({TOPOLOGY_NODE_KEY: "node-b"}) == nodes.b.free()
+    assert controller.free_bytes({TOPOLOGY_NODE_KEY: "node-c"}) == 0, "a node without the backend has no room"
+    assert nodes.a.free() != nodes.b.free(), "the two groups differ, so the answers cannot be one figure"
+
+    volume = controller.create_volume(spec("first", preferred="node-a"))
+    assert volume.topology == ({TOPOLOGY_NODE_KEY: "node-a"},)
+    assert volume.local_id.startswith("node-a@")
+    lv = f"cairn-{REST('volume', 'first')}"
+    assert nodes.a.lvs() == [lv] and nodes.b.lvs() == []
+
+    again = nodes.controller().create_volume(spec("first", preferred="node-b"))
+    assert again == volume, "a retry finds the volume where it is, whatever it prefers now"
+    assert nodes.a.lvs() == [lv] and nodes.b.lvs() == []
+    assert controller.get_volume(volume.local_id) == volume
+    assert controller.lookup_volume("first") == volume
+    assert [v.local_id for v in controller.list_volumes()] == [volume.local_id]
+
+    # The node's report follows what was made.
+    eventually(
+        "node-a reports the space the volume took",
+        lambda: nodes.controller().free_bytes({TOPOLOGY_NODE_KEY: "node-a"}) == nodes.a.free(),
+    )
+    assert nodes.a.free() == 64 * MiB - 4 * MiB - 8 * MiB  # one extent of metadata, the volume
+
+    other = controller.create_volume(spec("second", 16 * MiB))
+    assert other.topology == ({TOPOLOGY_NODE_KEY: "node-b"},), "without a preference: the node with most room"
+    assert nodes.b.lvs() == [f"cairn-{REST('volume', 'second')}"]
+
+
+def test_a_node_without_room_passes_the_create_to_the_next_node(nodes: Nodes) -> None:
+    controller = reported(nodes)
+    nodes.a.stop()
+    nodes.a.start(resync=3600)  # its report stays as it is now: room it no longer has
+    # Something else takes node-a's space behind the report's back.
+    filler = nodes.a.group.lvm()
+    filler.create(nodes.a.group.name, "other-tenant", nodes.a.free(), [], activate=False)
+    assert nodes.a.free() == 0
+    assert controller.free_bytes({TOPOLOGY_NODE_KEY: "node-a"}) > 0, "the report is behind"
+
+    volume = controller.create_volume(spec("moved", 8 * MiB, preferred="node-a"))
+    assert volume.topology == ({TOPOLOGY_NODE_KEY: "node-b"},), "node-a refused for want of room; node-b took it"
+    assert nodes.a.lvs() == ["other-tenant"], "nothing of the refused create stays on node-a"
+    assert nodes.b.lvs() == [f"cairn-{REST('volume', 'moved')}"]
+    found = nodes.object(REST("volume", "moved"))
+    assert found is not None and found["spec"]["tried"] == ["node-a"]
+
+
+def test_publish_expand_and_delete_go_to_the_owning_node(nodes: Nodes) -> None:
+    controller = reported(nodes)
+    volume = controller.create_volume(spec("used", preferred="node-b"))
+    lv = f"cairn-{REST('volume', 'used')}"
+    with pytest.raises(NotFound, match="local to node 'node-b'"):
+        controller.publish_volume(volume.local_id, "node-a", RWO, False)
+    assert controller.publish_volume(volume.local_id, "node-b", RWO, False) == {}
+    assert nodes.controller().publish_volume(volume.local_id, "node-b", RWO, False) == {}
+    assert controller.get_volume(volume.local_id).published_nodes == ("node-b",)
+    with pytest.raises(FailedPrecondition, match="still published to node\\(s\\) node-b"):
+        controller.delete_volume(volume.local_id)
+
+    assert controller.expand_volume(volume.local_id, 20 * MiB, 0) == 20 * MiB
+    sizes = {row["lv_name"]: int(row["lv_size"]) for row in nodes.b.group.report("lvs", "lv_name,lv_size")}
+    assert sizes == {lv: 20 * MiB}
+    assert controller.get_volume(volume.local_id).capacity_bytes == 20 * MiB
+
+    controller.unpublish_volume(volume.local_id, "node-b")
+    controller.unpublish_volume(volume.local_id, "node-b")
+    controller.delete_volume(volume.local_id)
+    assert nodes.b.lvs() == []
+    assert nodes.object(REST("volume", "used")) is None
+    controller.delete_volume(volume.local_id)  # gone is fine
+    with pytest.raises(NotFound):
+        controller.get_volume(volume.local_id)
+
+
+def test_a_create_cut_short_on_either_side_leaves_exactly_one_lv(nodes: Nodes) -> None:
+    controller = reported(nodes)
+    nodes.b.stop()  # the node plugin is down; its report is still fresh
+    with pytest.raises(Aborted, match="node 'node-b' has not finished"):
+        controller.create_volume(spec("cut", preferred="node-b"))
+    intent = nodes.object(REST("volume", "cut"))
+    assert intent is not None and intent["status"]["phase"] == PENDING
+    assert nodes.b.lvs() == []
+
+    # The node plugin made the LV, then died before it wrote the outcome.
+    made = nodes.b.executor().create_volume(spec_of(intent))
+    with pytest.raises(Aborted):
+        nodes.controller().create_volume(spec("cut", preferred="node-b"))  # a restarted controller retries
+
+    nodes.b.start()
+    volume = nodes.controller().create_volume(spec("cut", preferred="node-b"))
+    assert volume.local_id == made.local_id
+    assert nodes.b.lvs() == [f"cairn-{REST('volume', 'cut')}"], "one LV, the one made before the crash"
+    assert nodes.a.lvs() == []
+    done = nodes.object(REST("volume", "cut"))
+    assert done is not None and FINALIZER in done["metadata"]["finalizers"]
+
+
+def test_a_lost_node_releases_its_volumes_only_once_it_is_gone(nodes: Nodes) -> None:
+    controller = reported(nodes)
+    volume = controller.create_volume(spec("stranded", preferred="node-b"))
+    nodes.b.stop()
+    node_object = '{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-b"}}'
+    _kubectl_stdin(nodes.cluster, node_object)
+    later = nodes.controller(clock=lambda: time.time() + 3600, wait=1.0)  # every report is stale by then
+
+    with pytest.raises(Aborted, match="node 'node-b' has not finished"):
+        later.delete_volume(volume.local_id)  # the Node is there: it may come back
+    held = nodes.object(REST("volume", "stranded"))
+    assert held is not None and held["metadata"].get("deletionTimestamp")
+
+    nodes.cluster.kubectl("delete", "node", "node-b")
+    later.delete_volume(volume.local_id)
+    assert nodes.object(REST("volume", "stranded")) is None, "released: the claim and its PV can go"
+    with pytest.raises(NotFound):
+        later.get_volume(volume.local_id)
+
+
+def _kubectl_stdin(cluster: Cluster, manifest: str) -> None:
+    import subprocess
+
+    subprocess.run(
+        [str(cluster.binaries / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", "create", "-f", "-"],
+        input=manifest,
+        text=True,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
