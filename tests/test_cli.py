@@ -122,3 +122,44 @@ def test_a_node_plugin_never_loads_librados_or_librbd(tmp_path: Path, mode: str,
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(loaded), str(loaded), str(mode == "node"), str(mode == "controller")]
+
+
+@pytest.mark.unit
+def test_an_lvm_backend_without_a_node_is_routed_when_the_api_is_there(tmp_path: Path) -> None:
+    """Which backends go through NodeVolume objects, and which node plugins run an agent:
+    the wiring alone (the routing itself is tested against a real API server)."""
+    from csi import config
+    from csi.backends.routed import Objects, RoutedVolumes
+    from csi.cli import build_backends
+
+    driver_config = config.parse(
+        {
+            "backends": [
+                {"name": "many", "kind": "lvm", "volumeGroup": "vg"},
+                {"name": "some", "kind": "lvm", "volumeGroup": "vg", "nodes": ["worker-2"]},
+                {"name": "pinned", "kind": "lvm", "volumeGroup": "vg", "node": "worker-1"},
+                {"name": "files", "kind": "local", "path": str(tmp_path)},
+            ]
+        },
+        "test",
+    )
+    asked: list[bool] = []
+
+    def routing() -> Objects:
+        asked.append(True)
+        return Objects(api=None)
+
+    backends, agents = build_backends(driver_config, "worker-1", True, True, routing)
+    kinds = {b.name: type(b.controller).__name__ for b in backends}
+    assert kinds == {"many": "RoutedVolumes", "some": "RoutedVolumes", "pinned": "LvmVolumes", "files": "LocalVolumes"}
+    assert [a.backend for a in agents] == ["many"], "worker-1 is not among the nodes of 'some'"
+    assert asked == [True], "the API is asked for once"
+    some = next(b for b in backends if b.name == "some").controller
+    assert isinstance(some, RoutedVolumes) and some.nodes == {"worker-2"}
+
+    node_only, agents = build_backends(driver_config, "worker-2", False, True, routing)
+    assert [b.controller for b in node_only] == [None] * 4
+    assert [a.backend for a in agents] == ["many", "some"]
+
+    outside, agents = build_backends(driver_config, "worker-1", True, True, lambda: None)
+    assert agents == [] and type(outside[0].controller).__name__ == "LvmVolumes", "no API: this node"

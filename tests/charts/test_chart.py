@@ -379,7 +379,7 @@ def test_every_sidecar_flag_exists_in_the_pinned_release() -> None:
 @pytest.mark.parametrize("values", VALUES)
 def test_the_driver_accepts_the_rendered_config(values: str | None) -> None:
     from csi import config
-    from csi.backends import local, nfs
+    from csi.backends import local, lvm, nfs
 
     rendered = next(d for d in render(values) if d["kind"] == "ConfigMap")["data"]["config.yaml"]
     for entry in config.parse(yaml.safe_load(rendered), "rendered config").backends:
@@ -389,6 +389,8 @@ def test_the_driver_accepts_the_rendered_config(values: str | None) -> None:
             settings_from(entry)
         elif entry.kind == "nfs":
             nfs.settings_from(entry)
+        elif entry.kind == "lvm":
+            lvm.build(entry, "worker-1", True, True)  # builds both halves; runs no LVM command
         else:
             assert entry.kind == "local", entry.kind
             assert set(entry.settings) <= local.SETTINGS
@@ -506,9 +508,39 @@ def test_the_snapshot_controller_may_serve_volume_group_snapshots() -> None:
     assert granted(rules, group, "volumegroupsnapshots") == {"get", "list", "watch", "update", "patch"}
     assert granted(rules, group, "volumegroupsnapshots/status") == {"update", "patch"}
     assert "create" in granted(rules, "snapshot.storage.k8s.io", "volumesnapshots"), "group members are snapshots"
-    for path in CRDS.glob("*.yaml"):  # every kind the chart installs is one it may read
+    for path in CRDS.glob("*snapshot*.yaml"):  # every snapshot kind the chart installs is one it may read
         crd = yaml.safe_load(path.read_text())
         assert {"get", "list", "watch"} <= granted(rules, crd["spec"]["group"], crd["spec"]["names"]["plural"])
+
+
+def test_lvm_on_many_nodes_gives_each_side_only_what_it_uses() -> None:
+    """An lvm backend that pins no node is routed through NodeVolume objects: the node
+    plugins then get a token and a role for their objects alone; without one, the node
+    plugin has no token at all."""
+    docs = render("lvm-values.yaml")
+    controller = cluster_rules(docs, "cairn-csi-controller")
+    assert granted(controller, "cairn.csi.io", "nodevolumes") == {"get", "list", "create", "update", "delete"}
+    assert granted(controller, "cairn.csi.io", "nodestorages") == {"list"}
+    assert "get" in granted(controller, "", "nodes"), "a lost node is told by its Node object"
+    node = cluster_rules(docs, "cairn-csi-node")
+    assert {(g, r) for rule in node for g in rule["apiGroups"] for r in rule["resources"]} == {
+        ("cairn.csi.io", "nodevolumes"),
+        ("cairn.csi.io", "nodestorages"),
+    }
+    assert granted(node, "cairn.csi.io", "nodevolumes") == {"get", "list", "watch", "update"}
+    assert granted(node, "cairn.csi.io", "nodestorages") == {"get", "create", "update"}
+    pod = workloads(docs)["cairn-csi-node"]
+    assert pod["automountServiceAccountToken"] is True
+    mounts = {m["mountPath"] for c in pod["containers"] for m in c["volumeMounts"]}
+    assert {"/etc/lvm", "/run/lvm", "/run/lock/lvm"} <= mounts
+    classes = [d for d in docs if d["kind"] == "StorageClass"]
+    assert classes and all(d["volumeBindingMode"] == "WaitForFirstConsumer" for d in classes)
+    assert next(d for d in docs if d["kind"] == "CSIDriver")["spec"]["storageCapacity"] is True
+
+    plain = render(None)
+    assert not [d for d in plain if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "cairn-csi-node"]
+    assert workloads(plain)["cairn-csi-node"]["automountServiceAccountToken"] is False
+    assert granted(cluster_rules(plain, "cairn-csi-controller"), "cairn.csi.io", "nodevolumes") == set()
 
 
 def test_the_crds_come_from_helms_crds_directory() -> None:
@@ -526,6 +558,8 @@ def test_the_crds_come_from_helms_crds_directory() -> None:
         "volumegroupsnapshotclasses.groupsnapshot.storage.k8s.io",
         "volumegroupsnapshotcontents.groupsnapshot.storage.k8s.io",
         "volumegroupsnapshots.groupsnapshot.storage.k8s.io",
+        "nodevolumes.cairn.csi.io",
+        "nodestorages.cairn.csi.io",
     }
     shown = helm("show", "crds", str(CHART))
     assert shown.returncode == 0 and shown.stdout.count("kind: CustomResourceDefinition") == len(crds)

@@ -31,6 +31,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- join "" $nodes -}}
 {{- end }}
 
+{{/* Whether a backend is served on many nodes through NodeVolume objects: an lvm
+backend that pins no node. Its node plugins then talk to the API server. */}}
+{{- define "cairn.routed" -}}
+{{- range .Values.backends }}{{ if and (eq .kind "lvm") (not .node) }}true{{ end }}{{ end -}}
+{{- end }}
+
+{{- define "cairn.hasLvm" -}}
+{{- range .Values.backends }}{{ if eq .kind "lvm" }}true{{ end }}{{ end -}}
+{{- end }}
+
 {{- define "cairn.hasLocal" -}}
 {{- range .Values.backends }}{{ if eq .kind "local" }}true{{ end }}{{ end -}}
 {{- end }}
