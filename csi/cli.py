@@ -33,6 +33,7 @@ from csi.metrics import Metrics
 from csi.node import NodeService
 from csi.nodes import KubernetesNodes, NodeDirectory
 from csi.nodestate import NodeState
+from csi.orphans import OrphanWatch, References
 from csi.registration import RegistrationServer
 from csi.registry import Registry
 from csi.scheduler import Scheduler
@@ -186,6 +187,13 @@ def parser() -> argparse.ArgumentParser:
         "kubeconfig), off (they serve --node-id)",
     )
     p.add_argument(
+        "--orphan-interval",
+        type=float,
+        default=300.0,
+        help="seconds between two checks for volumes and snapshots no Kubernetes object names, logged and "
+        "exported as cairn_orphans (in a cluster; 0: off)",
+    )
+    p.add_argument(
         "--health-port", type=int, default=0, help="TCP port serving only grpc.health.v1, for gRPC probes (0: off)"
     )
     p.add_argument(
@@ -254,6 +262,18 @@ def node_directory(mode: str) -> NodeDirectory | None:
     return nodes
 
 
+def orphan_watch(registry: Registry, interval: float) -> OrphanWatch | None:
+    """The controller's periodic orphan check, in a Kubernetes cluster (off with 0)."""
+    if interval <= 0 or not kube.in_cluster():
+        return None
+    try:
+        references = References.connect(kube.configuration(purpose="the orphan check"))
+    except ConfigError as exc:
+        log.warning("orphan check off: %s", exc)
+        return None
+    return OrphanWatch(registry, references, interval=interval)
+
+
 def build_server(args: argparse.Namespace) -> Server:
     driver_config = config.load(args.config) if args.config else config.embedded_default(args.data_dir)
     serves_controller = args.mode in ("all", "controller")
@@ -275,8 +295,11 @@ def build_server(args: argparse.Namespace) -> Server:
     # Backend health and free space only where the controller runs: a node plugin has no
     # business asking a storage cluster.
     watched = list(registry) if serves_controller else []
-    metrics = Metrics(args.metrics_port, watched) if args.metrics_port else None
     companions: list[Companion] = list(agents)
+    watch = orphan_watch(registry, args.orphan_interval) if serves_controller else None
+    if watch is not None:
+        companions.append(watch)
+    metrics = Metrics(args.metrics_port, watched, collectors=[watch] if watch else []) if args.metrics_port else None
     if serves_node and args.registration_dir:
         companions.append(RegistrationServer(args.registration_dir, args.kubelet_registration_path))
     return Server(

@@ -5,6 +5,7 @@ answers. Operators use it to look at a running driver; the demo drives it.
     cairn-csi client create pvc-1 --size 1Gi [--param backend=local] [--from-snapshot ID]
     cairn-csi client stage VOLUME_ID /staging/path [--fs xfs] [--block]
     cairn-csi client publish-node VOLUME_ID /target/path --staging /staging/path [--ro]
+    cairn-csi client orphans [--kubeconfig FILE]
 """
 
 from __future__ import annotations
@@ -240,6 +241,52 @@ def cmd_stats(client: Client, args: argparse.Namespace) -> None:
     print(f"health: {'ABNORMAL' if condition.abnormal else 'ok'} ({condition.message})")
 
 
+def _all(call: Callable[[str], Any], field: str) -> list[Any]:
+    """Every entry of a paginated listing."""
+    entries: list[Any] = []
+    token = ""
+    while True:
+        response = call(token)
+        entries += list(getattr(response, field))
+        token = response.next_token
+        if not token:
+            return entries
+
+
+def cmd_orphans(client: Client, args: argparse.Namespace) -> None:
+    from csi import kube, orphans
+
+    configuration = kube.configuration(kubeconfig=True, config_file=args.kubeconfig, purpose="finding orphans")
+    references = orphans.References.connect(configuration)
+
+    def listed() -> tuple[list[str], list[str]]:
+        volumes = _all(
+            lambda token: client.call(client.controller.ListVolumes, pb.ListVolumesRequest(starting_token=token)),
+            "entries",
+        )
+        try:
+            snapshots = _all(
+                lambda token: client.call(
+                    client.controller.ListSnapshots, pb.ListSnapshotsRequest(starting_token=token)
+                ),
+                "entries",
+            )
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            snapshots = []
+        return [e.volume.volume_id for e in volumes], [e.snapshot.snapshot_id for e in snapshots]
+
+    found = sorted(orphans.unreferenced(listed, references, settle=args.settle), key=lambda o: (o.kind, o.id))
+    names = {"volume": "PersistentVolume", "snapshot": "VolumeSnapshotContent"}
+    for orphan in found:
+        print(f"{orphan.kind:<8}  {orphan.id}  (no {names[orphan.kind]} names it)")
+    on_nodes = references.node_orphans()
+    for backend, node, local_id in on_nodes:
+        print(f"{'on node':<8}  {node}: {local_id} of backend {backend} (no NodeVolume names it)")
+    print(f"{len(found) + len(on_nodes)} orphan(s); nothing was deleted", file=sys.stderr)
+
+
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace], None]] = {
     "info": cmd_info,
     "create": cmd_create,
@@ -256,6 +303,7 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], None]] = {
     "mount": cmd_mount,
     "umount": cmd_umount,
     "stats": cmd_stats,
+    "orphans": cmd_orphans,
 }
 
 
@@ -300,6 +348,11 @@ def parser() -> argparse.ArgumentParser:
     mount_cmd.add_argument("--ro", action="store_true")
     command("umount", "NodeUnpublish from a target path", "volume_id", "target_path")
     command("stats", "NodeGetVolumeStats", "volume_id", "path")
+    orphans_cmd = command("orphans", "volumes and snapshots no Kubernetes object names (reports; deletes nothing)")
+    orphans_cmd.add_argument("--kubeconfig", help="the cluster's kubeconfig (default: in-cluster, else ~/.kube/config)")
+    orphans_cmd.add_argument(
+        "--settle", type=float, default=5.0, help="seconds between the two reads that must both find an orphan"
+    )
     return p
 
 

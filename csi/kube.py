@@ -18,10 +18,13 @@ def in_cluster() -> bool:
     return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
 
 
-def configuration(*, kubeconfig: bool = False, purpose: str = "the Kubernetes API") -> Any:
+def configuration(
+    *, kubeconfig: bool = False, config_file: str | None = None, purpose: str = "the Kubernetes API"
+) -> Any:
     """A ``kubernetes.client.Configuration`` for the cluster this process runs in, or,
-    with ``kubeconfig``, outside a cluster, the one the current kubeconfig context names.
-    ConfigError naming ``purpose`` when neither is available."""
+    with ``kubeconfig``, outside a cluster, the one the current kubeconfig context names
+    (``config_file``, or the default kubeconfig). ConfigError naming ``purpose`` when
+    neither is available."""
     try:
         from kubernetes import client
         from kubernetes import config as kubernetes_config
@@ -35,7 +38,7 @@ def configuration(*, kubeconfig: bool = False, purpose: str = "the Kubernetes AP
         if not kubeconfig:
             raise ConfigError(f"not running in a Kubernetes cluster: {in_cluster_error}") from in_cluster_error
         try:
-            config.load_kube_config(client_configuration=found, persist_config=False)
+            config.load_kube_config(config_file=config_file, client_configuration=found, persist_config=False)
         except Exception as exc:  # the loader raises several kinds for a missing or bad file
             raise ConfigError(
                 f"no Kubernetes configuration: not in a cluster ({in_cluster_error}), and no usable kubeconfig ({exc})"

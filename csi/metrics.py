@@ -5,7 +5,8 @@
   ``grpc_status_code``) plus the ``backend`` that served it ("" when none did);
 * ``csi_plugin_inflight_operations`` (gauge): calls running now, by ``method_name``;
 * ``cairn_backend_healthy`` and ``cairn_backend_free_bytes`` (gauges), in a process that
-  serves the controller only: a node plugin has no business asking a storage cluster.
+  serves the controller only: a node plugin has no business asking a storage cluster;
+* ``cairn_orphans`` (gauge, ``csi.orphans``) where the controller checks for orphans.
 
 The server's interceptor records the calls (``started``/``finished``). Nothing here may
 block a scrape: health is each backend's own non-blocking answer (rbd answers from its
@@ -36,6 +37,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from csi import DRIVER_NAME
 from csi.backends.base import Backend
@@ -53,7 +55,13 @@ class Metrics:
     GC collectors), served on ``port`` from ``start`` to ``stop``. ``backends`` are the
     ones whose health and free space are exported: pass none in a node plugin."""
 
-    def __init__(self, port: int, backends: Sequence[Backend] = (), refresh_interval: float = REFRESH_INTERVAL) -> None:
+    def __init__(
+        self,
+        port: int,
+        backends: Sequence[Backend] = (),
+        refresh_interval: float = REFRESH_INTERVAL,
+        collectors: Sequence[Collector] = (),
+    ) -> None:
         self.port = port
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
@@ -75,6 +83,8 @@ class Metrics:
         self.backends = BackendGauges(backends, refresh_interval)
         if backends:
             self.registry.register(self.backends)
+        for collector in collectors:
+            self.registry.register(collector)
         self._http: WSGIServer | None = None
 
     def started(self, method: str) -> None:

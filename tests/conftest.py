@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 from tests.ceph import POOL, RUNNING_CLUSTER, CephCluster
-from tests.cluster.kube import build_step
+from tests.cluster.kube import Cluster, build_step
 from tests.nfs import GANESHA, NfsServer
 from tests.nfs import RUNNING_SERVER as RUNNING_NFS_SERVER
 from tests.support import Driver, leftovers, require, require_root, require_tools, scrub
 
 CLUSTER_BUILD = Path(__file__).parent / "cluster" / "build"
+CHART_CRDS = Path(__file__).parents[1] / "charts" / "cairn-csi" / "crds"
 
 
 @contextmanager
@@ -103,6 +104,20 @@ def cluster_binaries() -> Path:
     require_root()
     require_tools("etcd", "containerd", "runc", "ctr", "openssl")
     return Path(build_step([str(CLUSTER_BUILD / "binaries.sh")]).strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def api_server(tmp_path_factory: pytest.TempPathFactory, cluster_binaries: Path) -> Iterator[Cluster]:
+    """etcd and kube-apiserver alone, with every kind of the chart's crds/ (Cairn's and
+    the snapshot ones): for clients of the API that need no node."""
+    cluster = Cluster(tmp_path_factory.mktemp("api"), cluster_binaries, pause="")
+    try:
+        cluster.start_api()
+        cluster.kubectl("apply", "-f", str(CHART_CRDS))
+        cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

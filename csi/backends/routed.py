@@ -84,6 +84,7 @@ WAIT = 8.0  # seconds a controller call waits for the node before answering ABOR
 RESYNC = 10.0  # seconds between two full reads of an agent's objects (and heartbeats)
 STALE = 60.0  # seconds after which a node's storage report no longer counts
 POLL = 0.1  # seconds between two reads of an object the controller waits for
+ORPHANS_REPORTED = 100  # at most this many orphans on a NodeStorage (all are logged)
 
 PENDING, READY, FAILED = "Pending", "Ready", "Failed"
 _LABEL_VALUE = 63
@@ -818,6 +819,7 @@ class NodeAgent:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._synced = False
+        self._known_orphans: set[str] = set()
 
     @property
     def health_name(self) -> str:
@@ -858,11 +860,31 @@ class NodeAgent:
         items, version = self.objects.list(VOLUMES, self.selector)
         for obj in items:
             self.handle(obj)
-        self.report()
+        self.report(self._orphans({obj["metadata"]["name"] for obj in items}))
         self._synced = True
         return version
 
-    def report(self) -> None:
+    def _orphans(self, names: set[str]) -> list[str]:
+        """The local IDs of what this backend holds on this node that no NodeVolume names
+        (a record released while its node was away, an object deleted by hand): logged
+        once, reported on the node's NodeStorage, never deleted."""
+        try:
+            held = [v.local_id for v in self.executor.list_volumes()]
+            held += [s.local_id for s in self.executor.list_snapshots()]
+        except CairnError:
+            return sorted(self._known_orphans)
+        found = {local_id for local_id in held if ids.split_node(local_id)[1] not in names}
+        for local_id in sorted(found - self._known_orphans):
+            log.warning(
+                "backend %s: %s on this node is an orphan: no NodeVolume names it (kept; delete it yourself if "
+                "nothing needs it)",
+                self.backend,
+                local_id,
+            )
+        self._known_orphans = found
+        return sorted(found)[:ORPHANS_REPORTED]
+
+    def report(self, orphans: Sequence[str] = ()) -> None:
         problem = self.executor.health()
         free = self.executor.free_bytes() if problem is None else 0
         largest = self.executor.max_volume_bytes() if problem is None else 0
@@ -873,6 +895,7 @@ class NodeAgent:
             "freeBytes": free,
             "maxVolumeBytes": largest,
             "problem": problem or "",
+            "orphans": list(orphans),
             "heartbeat": int(self.clock()),
         }
         current = self.objects.get(STORAGES, name)

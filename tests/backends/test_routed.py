@@ -29,6 +29,7 @@ from csi.backends.routed import (
     Objects,
     RoutedVolumes,
     spec_of,
+    storage_name,
 )
 from csi.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from csi.model import (
@@ -50,28 +51,17 @@ from tests.lvm import LoopVolumeGroup, loop_volume_group
 from tests.support import require_root, require_tools
 
 pytestmark = pytest.mark.integration
-CRDS = Path(__file__).resolve().parents[2] / "charts" / "cairn-csi" / "crds"
 BACKEND = "lvm"
 REST = functools.partial(rest_of, BACKEND)
 RWO = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER)
 T = TypeVar("T")
 
 
-@pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory, cluster_binaries: Path) -> Iterator[Cluster]:
-    """etcd and kube-apiserver, with the chart's NodeVolume and NodeStorage kinds."""
+@pytest.fixture
+def api(api_server: Cluster) -> Cluster:
     require_root()
     require_tools("lvm")
-    cluster = Cluster(tmp_path_factory.mktemp("api"), cluster_binaries, pause="")
-    try:
-        cluster.start_api()
-        for name in ("cairn.csi.io_nodevolumes.yaml", "cairn.csi.io_nodestorages.yaml"):
-            cluster.kubectl("apply", "-f", str(CRDS / name))
-        cluster.kubectl("wait", "--for=condition=Established", "crd/nodevolumes.cairn.csi.io", "--timeout=60s")
-        cluster.kubectl("wait", "--for=condition=Established", "crd/nodestorages.cairn.csi.io", "--timeout=60s")
-        yield cluster
-    finally:
-        cluster.stop()
+    return api_server
 
 
 def connect(cluster: Cluster) -> Objects:
@@ -283,8 +273,7 @@ def test_a_lost_node_releases_its_volumes_only_once_it_is_gone(nodes: Nodes) -> 
     controller = reported(nodes)
     volume = controller.create_volume(spec("stranded", preferred="node-b"))
     nodes.b.stop()
-    node_object = '{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-b"}}'
-    _kubectl_stdin(nodes.cluster, node_object)
+    nodes.cluster.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-b"}})
     later = nodes.controller(clock=lambda: time.time() + 3600, wait=1.0)  # every report is stale by then
 
     with pytest.raises(Aborted, match="node 'node-b' has not finished"):
@@ -298,18 +287,14 @@ def test_a_lost_node_releases_its_volumes_only_once_it_is_gone(nodes: Nodes) -> 
     with pytest.raises(NotFound):
         later.get_volume(volume.local_id)
 
-
-def _kubectl_stdin(cluster: Cluster, manifest: str) -> None:
-    import subprocess
-
-    subprocess.run(
-        [str(cluster.binaries / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", "create", "-f", "-"],
-        input=manifest,
-        text=True,
-        check=True,
-        capture_output=True,
-        timeout=60,
+    # The node comes back after all, with the LV: an orphan, reported and kept.
+    nodes.b.start()
+    storage = storage_name(BACKEND, "node-b")
+    eventually(
+        "node-b reports the orphan",
+        lambda: (nodes.objects.get(STORAGES, storage) or {}).get("spec", {}).get("orphans") == [volume.local_id],
     )
+    assert nodes.b.lvs() == [f"cairn-{REST('volume', 'stranded')}"], "never deleted by the driver"
 
 
 # -- snapshots and restores, over the local backend's files ------------------------------
@@ -364,6 +349,12 @@ class FilesOnNode:
 
     def delete_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
         self.inner.delete_snapshot(self._in(local_id))
+
+    def list_volumes(self, *, secrets: Secrets = NO_SECRETS) -> list[Volume]:
+        return [dataclasses.replace(v, local_id=self._out(v.local_id)) for v in self.inner.list_volumes()]
+
+    def list_snapshots(self, *, secrets: Secrets = NO_SECRETS) -> list[Snapshot]:
+        return [dataclasses.replace(s, local_id=self._out(s.local_id)) for s in self.inner.list_snapshots()]
 
 
 def test_snapshots_and_restores_stay_on_the_node_of_their_source(api: Cluster, tmp_path: Path) -> None:

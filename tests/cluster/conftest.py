@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -74,17 +73,7 @@ class Kube:
         return bool(self.kubectl(*args).strip())
 
     def apply(self, *objects: dict[str, Any]) -> None:
-        manifest = yaml.safe_dump_all(objects)
-        result = subprocess.run(
-            [str(self.cluster.binaries / "kubectl"), f"--kubeconfig={self.cluster.kubeconfig}", "apply", "-f", "-"],
-            input=manifest,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise ClusterError(f"kubectl apply: {result.stderr.strip()}\n{manifest}")
+        self.cluster.feed("apply", *objects)
 
     def delete(self, kind: str, *names: str, namespace: str = "default", wait: bool = True) -> None:
         self.kubectl(

@@ -26,6 +26,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -225,6 +226,23 @@ class Cluster:
         if check and result.returncode != 0:
             raise ClusterError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
         return result.stdout
+
+    def create(self, *objects: dict[str, Any]) -> None:
+        self.feed("create", *objects)
+
+    def feed(self, verb: str, *objects: dict[str, Any]) -> None:
+        """``kubectl VERB -f -`` with ``objects`` on standard input (create, apply)."""
+        manifest = yaml.safe_dump_all(objects)
+        result = subprocess.run(
+            [str(self.binaries / "kubectl"), f"--kubeconfig={self.kubeconfig}", verb, "-f", "-"],
+            input=manifest,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise ClusterError(f"kubectl {verb}: {result.stderr.strip()}\n{manifest}")
 
     def ctr(self, *args: str, timeout: float = 300) -> str:
         result = subprocess.run(
