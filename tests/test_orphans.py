@@ -26,12 +26,7 @@ pytestmark = pytest.mark.integration
 
 
 def references(cluster: Cluster) -> References:
-    from kubernetes import client, config
-
-    configuration = client.Configuration()
-    loader: Any = config
-    loader.load_kube_config(config_file=str(cluster.kubeconfig), client_configuration=configuration)
-    return References.connect(configuration)
+    return References.connect(cluster.client_configuration())
 
 
 def pv(name: str, handle: str, driver: str = DRIVER_NAME) -> dict[str, Any]:

@@ -820,6 +820,7 @@ class NodeAgent:
         self._thread: threading.Thread | None = None
         self._synced = False
         self._known_orphans: set[str] = set()
+        self._working = threading.RLock()  # held by every step; stop waits for it
 
     @property
     def health_name(self) -> str:
@@ -833,10 +834,13 @@ class NodeAgent:
         self._thread = threading.Thread(target=self._run, name=f"agent-{self.backend}", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop the agent: return once no step is running (waiting at most ``timeout``
+        for one in progress) and none will start. The thread itself ends when its watch
+        does (a few seconds), doing nothing more."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self._working.acquire(timeout=timeout):
+            self._working.release()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -858,9 +862,12 @@ class NodeAgent:
         """Handle every object of this node once and report the node's storage; the
         list's resourceVersion, to watch from."""
         items, version = self.objects.list(VOLUMES, self.selector)
-        for obj in items:
-            self.handle(obj)
-        self.report(self._orphans({obj["metadata"]["name"] for obj in items}))
+        with self._working:
+            if self._stop.is_set():
+                return version
+            for obj in items:
+                self.handle(obj)
+            self.report(self._orphans({obj["metadata"]["name"] for obj in items}))
         self._synced = True
         return version
 
@@ -913,6 +920,11 @@ class NodeAgent:
         spec = obj.get("spec") or {}
         if spec.get("backend") != self.backend or spec.get("node") != self.node:
             return
+        with self._working:
+            if not self._stop.is_set():
+                self._step(obj, spec)
+
+    def _step(self, obj: dict[str, Any], spec: Mapping[str, Any]) -> None:
         try:
             if obj["metadata"].get("deletionTimestamp"):
                 self._delete(obj)

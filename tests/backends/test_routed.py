@@ -65,14 +65,7 @@ def api(api_server: Cluster) -> Cluster:
 
 
 def connect(cluster: Cluster) -> Objects:
-    from kubernetes import client, config
-
-    configuration = client.Configuration()
-    loader: Any = config
-    loader.load_kube_config(
-        config_file=str(cluster.kubeconfig), client_configuration=configuration, persist_config=False
-    )
-    return Objects.connect(configuration)
+    return Objects.connect(cluster.client_configuration())
 
 
 @dataclass

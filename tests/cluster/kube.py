@@ -227,6 +227,17 @@ class Cluster:
             raise ClusterError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
         return result.stdout
 
+    def client_configuration(self) -> Any:
+        """A ``kubernetes`` client configuration for this cluster's admin."""
+        from kubernetes import client, config
+
+        configuration = client.Configuration()
+        loader: Any = config  # untyped
+        loader.load_kube_config(
+            config_file=str(self.kubeconfig), client_configuration=configuration, persist_config=False
+        )
+        return configuration
+
     def create(self, *objects: dict[str, Any]) -> None:
         self.feed("create", *objects)
 

@@ -8,6 +8,7 @@ A new backend joins the suite by adding a factory to ``SUBJECTS`` (and a paramet
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,6 +180,47 @@ def _lvm_subject(request: pytest.FixtureRequest, tmp_path: Path, thin: bool) -> 
     )
 
 
+def routed_lvm_subject(request: pytest.FixtureRequest, tmp_path: Path) -> Subject:
+    """The lvm backend on many nodes: the controller's half writes NodeVolume objects to a
+    real kube-apiserver, and node-a's agent makes them in its thick volume group."""
+    import functools
+
+    from csi.backends.lvm import capabilities
+    from csi.backends.lvm.volumes import LvmVolumes, rest_of
+    from csi.backends.routed import STORAGES, VOLUMES, NodeAgent, Objects, RoutedVolumes
+    from tests.lvm import loop_volume_group
+    from tests.support import require_root, require_tools
+
+    require_root()
+    require_tools("lvm")
+    cluster = request.getfixturevalue("api_server")
+    objects = Objects.connect(cluster.client_configuration())
+    context = contextlib.ExitStack()
+    group = context.enter_context(loop_volume_group(tmp_path, size=1024 * MiB))
+    rest = functools.partial(rest_of, "lvm")
+    agent = NodeAgent("lvm", "node-a", objects, LvmVolumes("lvm", group.lvm(), group.name, "", "node-a"), rest)
+    agent.start()
+    volumes = RoutedVolumes("lvm", objects, rest, volume_parameters=LvmVolumes.volume_parameters)
+
+    def close() -> None:
+        agent.stop()
+        for plural in (VOLUMES, STORAGES):
+            for item in objects.list(plural, "cairn.csi.io/backend=lvm")[0]:
+                if item["metadata"].get("finalizers"):
+                    item["metadata"]["finalizers"] = []
+                    objects.replace(plural, item)
+                objects.delete(plural, item["metadata"]["name"])
+        context.close()
+
+    deadline = time.monotonic() + 60
+    while not volumes.reports():
+        assert time.monotonic() < deadline, "node-a's agent did not report within 60 s"
+        time.sleep(0.1)
+    return Subject(
+        "lvm-routed", volumes, capabilities(False), nodes=("node-a", "node-a"), stranger="node-b", close=close
+    )
+
+
 SUBJECTS: dict[str, Callable[[pytest.FixtureRequest, Path], Subject]] = {
     "fake": fake_subject,
     "local": local_subject,
@@ -188,6 +230,7 @@ SUBJECTS: dict[str, Callable[[pytest.FixtureRequest, Path], Subject]] = {
     "nfs-exportroot": lambda request, tmp_path: _nfs_subject(request, "directory", "exportRoot"),
     "lvm-thick": lambda request, tmp_path: _lvm_subject(request, tmp_path, thin=False),
     "lvm-thin": lambda request, tmp_path: _lvm_subject(request, tmp_path, thin=True),
+    "lvm-routed": routed_lvm_subject,
 }
 
 
@@ -215,6 +258,7 @@ def pytest_runtest_makereport(
         pytest.param("nfs-exportroot", marks=pytest.mark.integration),
         pytest.param("lvm-thick", marks=pytest.mark.integration),
         pytest.param("lvm-thin", marks=pytest.mark.integration),
+        pytest.param("lvm-routed", marks=pytest.mark.integration),
     ]
 )
 def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Subject]:
