@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -20,6 +21,9 @@ from csi import loopdev, mount
 from csi.cli import STOP_DEADLINE
 from csi.generated import csi_pb2 as pb
 from csi.generated import csi_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from csi.backends.routed import Objects
 
 STRICT = os.environ.get("CAIRN_REQUIRE_ALL") == "1"
 """Set by `make test`, which installs every prerequisite: a missing one is then a
@@ -239,3 +243,16 @@ def _kill_fuse_daemons(prefix: str) -> None:
         if os.path.basename(argv[0]) == b"rbd-fuse" and any(arg.startswith(prefix.encode()) for arg in argv):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(entry), signal.SIGKILL)
+
+
+def forget_routed_objects(objects: Objects, selector: str) -> None:
+    """Remove every NodeVolume and NodeStorage ``selector`` picks, finalizers and all,
+    whatever any agent would make of them: a test's clean-up of the API server."""
+    from csi.backends.routed import STORAGES, VOLUMES
+
+    for plural in (VOLUMES, STORAGES):
+        for item in objects.list(plural, selector)[0]:
+            if item["metadata"].get("finalizers"):
+                item["metadata"]["finalizers"] = []
+                objects.replace(plural, item)
+            objects.delete(plural, item["metadata"]["name"])

@@ -48,7 +48,7 @@ from csi.model import (
 )
 from tests.cluster.kube import Cluster
 from tests.lvm import LoopVolumeGroup, loop_volume_group
-from tests.support import require_root, require_tools
+from tests.support import forget_routed_objects, require_root, require_tools
 
 pytestmark = pytest.mark.integration
 BACKEND = "lvm"
@@ -129,12 +129,7 @@ def nodes(api: Cluster, tmp_path: Path) -> Iterator[Nodes]:
         finally:
             a.stop()
             b.stop()
-            for plural in (VOLUMES, STORAGES):
-                for item in objects.list(plural, "")[0]:
-                    if item["metadata"].get("finalizers"):
-                        item["metadata"]["finalizers"] = []
-                        objects.replace(plural, item)
-                    objects.delete(plural, item["metadata"]["name"])
+            forget_routed_objects(objects, "")
             api.kubectl("delete", "node", "--all", "--wait=false", check=False)
 
 
@@ -406,9 +401,4 @@ def test_snapshots_and_restores_stay_on_the_node_of_their_source(api: Cluster, t
     finally:
         for agent in agents.values():
             agent.stop()
-        for plural in (VOLUMES, STORAGES):
-            for item in objects.list(plural, "cairn.csi.io/backend=files")[0]:
-                if item["metadata"].get("finalizers"):
-                    item["metadata"]["finalizers"] = []
-                    objects.replace(plural, item)
-                objects.delete(plural, item["metadata"]["name"])
+        forget_routed_objects(objects, "cairn.csi.io/backend=files")

@@ -187,9 +187,9 @@ def routed_lvm_subject(request: pytest.FixtureRequest, tmp_path: Path) -> Subjec
 
     from csi.backends.lvm import capabilities
     from csi.backends.lvm.volumes import LvmVolumes, rest_of
-    from csi.backends.routed import STORAGES, VOLUMES, NodeAgent, Objects, RoutedVolumes
+    from csi.backends.routed import NodeAgent, Objects, RoutedVolumes
     from tests.lvm import loop_volume_group
-    from tests.support import require_root, require_tools
+    from tests.support import forget_routed_objects, require_root, require_tools
 
     require_root()
     require_tools("lvm")
@@ -204,12 +204,7 @@ def routed_lvm_subject(request: pytest.FixtureRequest, tmp_path: Path) -> Subjec
 
     def close() -> None:
         agent.stop()
-        for plural in (VOLUMES, STORAGES):
-            for item in objects.list(plural, "cairn.csi.io/backend=lvm")[0]:
-                if item["metadata"].get("finalizers"):
-                    item["metadata"]["finalizers"] = []
-                    objects.replace(plural, item)
-                objects.delete(plural, item["metadata"]["name"])
+        forget_routed_objects(objects, "cairn.csi.io/backend=lvm")
         context.close()
 
     deadline = time.monotonic() + 60
