@@ -128,13 +128,15 @@ def _routed(
     return dataclasses.replace(backend, controller=routed), agent
 
 
-def node_routing(mode: str) -> Objects | None:
+def node_routing(mode: str, kubeconfig: str | None = None) -> Objects | None:
     """The Kubernetes API for routed backends: like ``node_directory``, ``auto`` uses it
     in a pod, ``kubernetes`` insists (the kubeconfig outside a cluster), ``off`` never."""
     if mode == "off" or (mode == "auto" and not kube.in_cluster()):
         log.info("node routing off: node-local backends serve the node they name, or this one")
         return None
-    return Objects.connect(kube.configuration(kubeconfig=mode == "kubernetes", purpose="node routing"))
+    return Objects.connect(
+        kube.configuration(kubeconfig=mode == "kubernetes", config_file=kubeconfig, purpose="node routing")
+    )
 
 
 def tcp_port(text: str) -> int:
@@ -185,6 +187,12 @@ def parser() -> argparse.ArgumentParser:
         help="serve node-local backends that name no node on every node, reaching each node through the "
         "Kubernetes API: auto (when running in a Kubernetes cluster), kubernetes (in-cluster, else the "
         "kubeconfig), off (they serve --node-id)",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        default=env("KUBECONFIG") or None,
+        help="outside a cluster, the kubeconfig that --node-routing kubernetes uses (env KUBECONFIG; "
+        "default ~/.kube/config)",
     )
     p.add_argument(
         "--orphan-interval",
@@ -279,7 +287,7 @@ def build_server(args: argparse.Namespace) -> Server:
     serves_controller = args.mode in ("all", "controller")
     serves_node = args.mode in ("all", "node")
     backends, agents = build_backends(
-        driver_config, args.node_id, serves_controller, serves_node, lambda: node_routing(args.node_routing)
+        driver_config, args.node_id, serves_controller, serves_node, lambda: node_routing(args.node_routing, args.kubeconfig)
     )
     registry = Registry(backends)
     controller = None

@@ -12,7 +12,7 @@ from tests.hardening.harness import PROFILES, Profile, local_profile, lvm_profil
 def profile(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Profile]:
     """Each hardening test runs once per backend; rbd brings the session's Ceph cluster
     and must leave its pool as it found it; nfs brings the session's NFS server, and
-    removes its folders from the export afterwards; lvm brings a volume group of its own. A test that a known defect of the
+    removes its folders from the export afterwards; lvm brings a volume group of its own, and lvm-routed the session's API server too. A test that a known defect of the
     backend fails every time is marked xfail(strict=True) with it as the reason."""
     if request.param == "rbd":
         ceph = request.getfixturevalue("ceph")
@@ -22,6 +22,8 @@ def profile(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Profile]
         made = nfs_profile(tmp_path, request.getfixturevalue("nfs_server"))
     elif request.param == "lvm":
         made = lvm_profile(tmp_path)
+    elif request.param == "lvm-routed":
+        made = lvm_profile(tmp_path, request.getfixturevalue("api_server"))
     else:
         made = local_profile(tmp_path)
     defect = made.known_defects.get(request.node.originalname)

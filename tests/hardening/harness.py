@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from csi.backends.nfs import tree_ops
 from csi.backends.nfs.fs import opened
 from csi.backends.nfs.libnfs import Client
 from tests.ceph import POOL, USER, CephCluster
+from tests.cluster.kube import Cluster
 from tests.conftest import running_driver
 from tests.nfs import EXPORT, NfsServer
 from tests.support import Driver, leftovers, require_root, require_tools
@@ -84,6 +86,9 @@ class Profile:
     """Whether the backend as configured here offers snapshots and clones."""
     no_snapshots: str = ""
     """Why it does not: the reason every test of snapshots and clones is skipped with."""
+    ready: Callable[[Driver], None] = lambda driver: None
+    """Return once a freshly started driver can place volumes (a routed backend: once
+    its node agent has reported)."""
     known_defects: Mapping[str, str] = field(default_factory=dict)
     """Test (function name) -> a defect of the backend that makes it fail every time:
     that test is marked ``xfail(strict=True)`` with it as the reason, so that it says
@@ -92,6 +97,7 @@ class Profile:
     @contextmanager
     def driver(self) -> Iterator[Driver]:
         with running_driver(self.root / "driver", self.driver_args) as instance:
+            self.ready(instance)
             yield instance
 
     def require_snapshots(self, what: str) -> None:
@@ -280,9 +286,12 @@ LVM_NO_SNAPSHOTS = (
 )
 
 
-def lvm_profile(root: Path) -> Profile:
+def lvm_profile(root: Path, api: Cluster | None = None) -> Profile:
     """The lvm backend, thick, on a volume group of loop devices under a private LVM
-    configuration: LVM metadata only, the node path and thin pools need device-mapper."""
+    configuration: LVM metadata only, the node path and thin pools need device-mapper.
+    With ``api``, the backend is served on many nodes: the driver's controller half goes
+    through NodeVolume objects on that API server, and its own node agent makes them (a
+    crash of the driver is a crash of both)."""
     from tests.lvm import loop_volume_group
 
     require_root()
@@ -297,25 +306,51 @@ def lvm_profile(root: Path) -> Profile:
     config = root / "cairn.yaml"
     backend = {"name": "lvm", "kind": "lvm", "volumeGroup": group.name, "lvmConfig": group.config}
     config.write_text(yaml.safe_dump({"backends": [backend]}))
+    args = ["--config", str(config)]
+    node_objects: Callable[[], set[str]] = lambda: set()  # noqa: E731
+    if api is not None:
+        from csi.backends.routed import VOLUMES, Objects
+        from tests.support import forget_routed_objects
 
-    def objects() -> set[str]:
-        return {f"lv {row['lv_name']}" for row in group.report("lvs", "lv_name")}
+        objects = Objects.connect(api.client_configuration())
+        args += ["--node-routing", "kubernetes", "--kubeconfig", str(api.kubeconfig)]
+        stack.callback(forget_routed_objects, objects, "cairn.csi.io/backend=lvm")
+
+        def node_objects() -> set[str]:
+            return {f"nodevolume {o['metadata']['name']}" for o in objects.list(VOLUMES, "cairn.csi.io/backend=lvm")[0]}
+
+    def held() -> set[str]:
+        return {f"lv {row['lv_name']}" for row in group.report("lvs", "lv_name")} | node_objects()
+
+    def ready(driver: Driver) -> None:
+        """Until the driver's health service says SERVING: a routed backend is healthy
+        once a node (here the driver's own agent) has reported."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        health = health_pb2_grpc.HealthStub(driver.channel)
+        deadline = time.monotonic() + 60
+        while health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status != (
+            health_pb2.HealthCheckResponse.SERVING
+        ):
+            assert time.monotonic() < deadline, "the driver's node agent did not report within 60 s"
+            time.sleep(0.1)
 
     return Profile(
-        "lvm",
+        "lvm-routed" if api is not None else "lvm",
         root,
-        ["--config", str(config)],
-        backend_objects=objects,
+        args,
+        backend_objects=held,
         node=False,
         node_missing=LVM_NO_NODE,
         snapshots=False,
         no_snapshots=LVM_NO_SNAPSHOTS,
         close=stack.close,
         random_kills=8,
+        ready=ready if api is not None else lambda driver: None,
     )
 
 
-PROFILES = ("local", "rbd", "nfs", "lvm")
+PROFILES = ("local", "rbd", "nfs", "lvm", "lvm-routed")
 
 
 @dataclass(frozen=True)
