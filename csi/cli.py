@@ -287,7 +287,11 @@ def build_server(args: argparse.Namespace) -> Server:
     serves_controller = args.mode in ("all", "controller")
     serves_node = args.mode in ("all", "node")
     backends, agents = build_backends(
-        driver_config, args.node_id, serves_controller, serves_node, lambda: node_routing(args.node_routing, args.kubeconfig)
+        driver_config,
+        args.node_id,
+        serves_controller,
+        serves_node,
+        lambda: node_routing(args.node_routing, args.kubeconfig),
     )
     registry = Registry(backends)
     controller = None

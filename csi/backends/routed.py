@@ -867,19 +867,47 @@ class NodeAgent:
                 return version
             for obj in items:
                 self.handle(obj)
-            self.report(self._orphans({obj["metadata"]["name"] for obj in items}))
+            held = self._held()
+            if held is not None:
+                for obj in items:
+                    self._check_presence(obj, held)
+            self.report(self._orphans({obj["metadata"]["name"] for obj in items}, held))
         self._synced = True
         return version
 
-    def _orphans(self, names: set[str]) -> list[str]:
+    def _held(self) -> set[str] | None:
+        """The local IDs of what this backend holds on this node now (None: unreadable)."""
+        try:
+            found = {v.local_id for v in self.executor.list_volumes()}
+            return found | {s.local_id for s in self.executor.list_snapshots()}
+        except CairnError as exc:
+            log.warning("backend %s: cannot list what this node holds: %s", self.backend, exc)
+            return None
+
+    def _check_presence(self, obj: dict[str, Any], held: set[str]) -> None:
+        """A Ready object whose volume is gone from this node (an LV removed by hand, a
+        disk replaced) is marked abnormal, and healthy again once it is back: the volume
+        condition ControllerGetVolume and ListVolumes report."""
+        status = obj.get("status") or {}
+        if (
+            status.get("phase") != READY
+            or obj["spec"].get("kind") != "volume"
+            or obj["metadata"].get("deletionTimestamp")
+        ):
+            return
+        missing = self._local_id(obj) not in held
+        problem = f"its data is missing on node {self.node!r}" if missing else ""
+        if str(status.get("abnormal") or "") != problem:
+            status["abnormal"] = problem
+            with contextlib.suppress(Conflict):
+                self.objects.replace(VOLUMES, obj)
+
+    def _orphans(self, names: set[str], held: set[str] | None) -> list[str]:
         """The local IDs of what this backend holds on this node that no NodeVolume names
         (a record released while its node was away, an object deleted by hand): logged
         once, reported on the node's NodeStorage, never deleted."""
-        try:
-            held = [v.local_id for v in self.executor.list_volumes()]
-            held += [s.local_id for s in self.executor.list_snapshots()]
-        except CairnError:
-            return sorted(self._known_orphans)
+        if held is None:
+            return sorted(self._known_orphans)[:ORPHANS_REPORTED]
         found = {local_id for local_id in held if ids.split_node(local_id)[1] not in names}
         for local_id in sorted(found - self._known_orphans):
             log.warning(

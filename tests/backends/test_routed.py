@@ -234,6 +234,26 @@ def test_publish_expand_and_delete_go_to_the_owning_node(nodes: Nodes) -> None:
         controller.get_volume(volume.local_id)
 
 
+def test_a_volume_whose_lv_vanished_is_abnormal_and_still_deletes(nodes: Nodes) -> None:
+    controller = reported(nodes)
+    volume = controller.create_volume(spec("vanishing", preferred="node-a"))
+    assert not controller.get_volume(volume.local_id).condition.abnormal
+    removed = nodes.a.group.run("lvremove", "--yes", f"{nodes.a.group.name}/cairn-{REST('volume', 'vanishing')}")
+    assert removed.returncode == 0, removed.stderr
+    condition = eventually(
+        "the agent notices",
+        lambda: (
+            controller.get_volume(volume.local_id).condition
+            if controller.get_volume(volume.local_id).condition.abnormal
+            else None
+        ),
+    )
+    assert condition.message == "its data is missing on node 'node-a'"
+    assert [v.condition.abnormal for v in controller.list_volumes()] == [True]
+    controller.delete_volume(volume.local_id)
+    assert nodes.object(REST("volume", "vanishing")) is None
+
+
 def test_a_create_cut_short_on_either_side_leaves_exactly_one_lv(nodes: Nodes) -> None:
     controller = reported(nodes)
     nodes.b.stop()  # the node plugin is down; its report is still fresh
