@@ -51,6 +51,7 @@ bench: setup-test
 	$(VENV)/bin/python bench/provision.py
 	$(VENV)/bin/python bench/rbd_backend.py
 	$(VENV)/bin/python bench/nfs_backend.py
+	$(VENV)/bin/python bench/lvm_backend.py
 
 ## deploy: re-render deploy/cairn-csi.yaml from the chart
 deploy: setup-test

@@ -7,6 +7,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from typing import Any
 
 MiB = 1 << 20
 
@@ -25,6 +26,20 @@ def median_seconds(action: Callable[[int], None], rounds: int) -> float:
         action(i)
         samples.append(time.perf_counter() - started)
     return statistics.median(samples)
+
+
+def grpc_create_delete(driver: Any, capability: Any, size: int) -> Callable[[int], None]:
+    """Round ``i``: CreateVolume ``b-<i>`` of ``size`` bytes, then DeleteVolume, over gRPC."""
+    from csi.generated import csi_pb2 as pb
+
+    def create_delete(i: int) -> None:
+        request = pb.CreateVolumeRequest(
+            name=f"b-{i}", volume_capabilities=[capability], capacity_range={"required_bytes": size}
+        )
+        volume = driver.controller.CreateVolume(request).volume
+        driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume.volume_id))
+
+    return create_delete
 
 
 def sh(*argv: str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import MiB, median_seconds, parse_rounds, report, sh
+from bench.common import MiB, grpc_create_delete, median_seconds, parse_rounds, report, sh
 from csi.generated import csi_pb2 as pb
 from tests.support import Driver, mount_capability
 
@@ -44,12 +44,7 @@ def run(driver: Driver, root: Path, rounds: int) -> dict[str, tuple[float, float
     raw_dir = root / "raw"
     raw_dir.mkdir()
 
-    def cairn_create_delete(i: int) -> None:
-        request = pb.CreateVolumeRequest(
-            name=f"b-{i}", volume_capabilities=[cap], capacity_range={"required_bytes": SIZE}
-        )
-        volume = driver.controller.CreateVolume(request).volume
-        driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume.volume_id))
+    cairn_create_delete = grpc_create_delete(driver, cap, SIZE)
 
     def raw_create_delete(i: int) -> None:
         path = raw_dir / f"v{i}.img"

@@ -24,7 +24,7 @@ from csi import DRIVER_NAME, __version__, config, kube
 from csi import log as logsetup
 from csi.backends import local, lvm, nfs
 from csi.backends.base import Backend
-from csi.backends.routed import NodeAgent, Objects, RoutedVolumes
+from csi.backends.routed import NodeAgent, NodeKeyed, NodeKeyedConnector, Objects, RoutedVolumes
 from csi.config import BackendConfig
 from csi.controller import ControllerService
 from csi.errors import ConfigError
@@ -79,9 +79,11 @@ def build_backends(
     routing: Callable[[], Objects | None] = lambda: None,
 ) -> tuple[list[Backend], list[NodeAgent]]:
     """The backends of the configuration, each with the halves this process's role
-    needs, and the node agents of the routed ones. A node-local backend that pins no
-    ``node`` is routed through the Kubernetes API when ``routing`` gives a connection
-    (asked once, only when such a backend is configured)."""
+    needs, and the node agents of the routed ones. A node-local backend is routed
+    through the Kubernetes API (``backends.routed``) when it pins no ``node``, and
+    ``routing`` gives a connection (asked once, only when such a backend is configured):
+    an lvm backend by default, a local backend only with a ``nodes`` list, as the
+    volumes of a local backend serving one node have IDs without their node."""
     backends, agents = [], []
     objects: Objects | None = None
     asked = False
@@ -89,13 +91,15 @@ def build_backends(
         builder = BUILDERS.get(entry.kind)
         if builder is None:
             raise ConfigError(f"backend {entry.name!r}: unknown kind {entry.kind!r} (known: {', '.join(BUILDERS)})")
-        backend = builder(entry, node_id, controller, node)
-        if backend.rest is not None and not entry.settings.get("node"):
-            if not asked:
-                objects, asked = routing(), True
-            if objects is not None:
-                backend, agent = _routed(backend, entry, node_id, controller, node, objects)
-                agents += [agent] if agent else []
+        candidate = not entry.settings.get("node") and (entry.kind == "lvm" or "nodes" in entry.settings)
+        if candidate and not asked:
+            objects, asked = routing(), True
+        if candidate and objects is not None:
+            # The controller half is the agent's, on each node; never built here.
+            backend, agent = _routed(builder(entry, node_id, False, node), entry, node_id, controller, node, objects)
+            agents += [agent] if agent else []
+        else:
+            backend = builder(entry, node_id, controller, node)
         backends.append(backend)
     return backends, agents
 
@@ -105,27 +109,35 @@ def _routed(
 ) -> tuple[Backend, NodeAgent | None]:
     """``backend`` served on many nodes: the controller half through NodeVolume objects,
     the node's own storage through an agent (on the nodes ``nodes`` lists, or every one)."""
-    assert backend.rest is not None
+    how = backend.routing
+    if how is None:
+        raise ConfigError(f"backend {entry.name!r}: a {entry.kind} backend cannot serve many nodes")
     nodes = entry.settings.get("nodes") or []
     if not isinstance(nodes, list) or not all(isinstance(n, str) and n for n in nodes):
         raise ConfigError(f"backend {entry.name!r}: 'nodes' must be a list of node names")
+    if entry.kind != "lvm" and not nodes:
+        raise ConfigError(f"backend {entry.name!r}: 'nodes' must name at least one node")
     routed = None
     if controller:
-        pinned = backend.volumes  # this node's half, read for what it understands
         routed = RoutedVolumes(
             backend.name,
             objects,
-            backend.rest,
-            volume_parameters=pinned.volume_parameters,
-            snapshot_parameters=pinned.snapshot_parameters,
+            how.rest,
+            volume_parameters=how.volume_parameters,
+            snapshot_parameters=how.snapshot_parameters,
             nodes=nodes,
         )
     agent = None
+    connector = backend.node
     if node and (not nodes or node_id in nodes):
         executor = BUILDERS[entry.kind](entry, node_id, True, False).volumes
-        agent = NodeAgent(backend.name, node_id, objects, executor, backend.rest)
+        if not how.node_in_ids:
+            executor = NodeKeyed(executor, backend.name, node_id)
+        agent = NodeAgent(backend.name, node_id, objects, executor, how.rest)
+    if connector is not None and not how.node_in_ids:
+        connector = NodeKeyedConnector(connector)
     log.info("backend %s: volumes on many nodes, reached through the Kubernetes API", backend.name)
-    return dataclasses.replace(backend, controller=routed), agent
+    return dataclasses.replace(backend, controller=routed, node=connector), agent
 
 
 def node_routing(mode: str, kubeconfig: str | None = None) -> Objects | None:

@@ -138,7 +138,8 @@ def test_an_lvm_backend_without_a_node_is_routed_when_the_api_is_there(tmp_path:
                 {"name": "many", "kind": "lvm", "volumeGroup": "vg"},
                 {"name": "some", "kind": "lvm", "volumeGroup": "vg", "nodes": ["worker-2"]},
                 {"name": "pinned", "kind": "lvm", "volumeGroup": "vg", "node": "worker-1"},
-                {"name": "files", "kind": "local", "path": str(tmp_path)},
+                {"name": "files", "kind": "local", "path": str(tmp_path / "files")},
+                {"name": "spread", "kind": "local", "path": str(tmp_path / "spread"), "nodes": ["worker-1", "w-2"]},
             ]
         },
         "test",
@@ -151,15 +152,25 @@ def test_an_lvm_backend_without_a_node_is_routed_when_the_api_is_there(tmp_path:
 
     backends, agents = build_backends(driver_config, "worker-1", True, True, routing)
     kinds = {b.name: type(b.controller).__name__ for b in backends}
-    assert kinds == {"many": "RoutedVolumes", "some": "RoutedVolumes", "pinned": "LvmVolumes", "files": "LocalVolumes"}
-    assert [a.backend for a in agents] == ["many"], "worker-1 is not among the nodes of 'some'"
+    assert kinds == {
+        "many": "RoutedVolumes",
+        "some": "RoutedVolumes",
+        "pinned": "LvmVolumes",
+        "files": "LocalVolumes",
+        "spread": "RoutedVolumes",
+    }
+    assert [a.backend for a in agents] == ["many", "spread"], "worker-1 is not among the nodes of 'some'"
+    spread = next(b for b in backends if b.name == "spread")
+    assert type(spread.node).__name__ == "NodeKeyedConnector", "a local backend's IDs carry the node when routed"
+    assert type(agents[1].executor).__name__ == "NodeKeyed"
     assert asked == [True], "the API is asked for once"
     some = next(b for b in backends if b.name == "some").controller
     assert isinstance(some, RoutedVolumes) and some.nodes == {"worker-2"}
 
     node_only, agents = build_backends(driver_config, "worker-2", False, True, routing)
-    assert [b.controller for b in node_only] == [None] * 4
+    assert [b.controller for b in node_only] == [None] * 5
     assert [a.backend for a in agents] == ["many", "some"]
 
     outside, agents = build_backends(driver_config, "worker-1", True, True, lambda: None)
     assert agents == [] and type(outside[0].controller).__name__ == "LvmVolumes", "no API: this node"
+    assert type(outside[4].controller).__name__ == "LocalVolumes"

@@ -246,6 +246,21 @@ class NodeConnector(Protocol):
 
 
 @dataclass(frozen=True)
+class Routing:
+    """What serving a node-local backend on many nodes needs to know of it, without
+    building its controller half (which may touch the node's storage)."""
+
+    rest: Callable[[str, str], str]
+    """(kind, request name) -> the node-free part of the local ID the controller half
+    gives that object on any node."""
+    volume_parameters: frozenset[str]
+    snapshot_parameters: frozenset[str]
+    node_in_ids: bool = True
+    """Whether the controller half's local IDs carry their node (``ids.with_node``);
+    when not, the routed backend adds it on the way out and strips it on the way in."""
+
+
+@dataclass(frozen=True)
 class Backend:
     """One configured backend: its name (part of every ID it issues), its group, what
     it offers, and the halves this process's role built."""
@@ -256,10 +271,9 @@ class Backend:
     capabilities: Capabilities
     controller: VolumeBackend | None
     node: NodeConnector | None
-    rest: Callable[[str, str], str] | None = None
-    """For a node-local backend that can serve many nodes: (kind, request name) -> the
-    node-free part of the local ID its controller half gives that object on any node
-    (see ``routed``); None for a backend that cannot."""
+    routing: Routing | None = None
+    """For a node-local backend that can serve many nodes (see ``routed``); None for a
+    backend that cannot."""
 
     @property
     def volumes(self) -> VolumeBackend:

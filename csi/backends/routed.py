@@ -32,6 +32,7 @@ touched by an attach decision); secrets are never written to objects.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import re
@@ -41,7 +42,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from csi import errors, ids
-from csi.backends.base import VolumeBackend, check_publication, matching
+from csi.backends.base import (
+    Attachment,
+    AttachRequest,
+    NodeConnector,
+    VolumeBackend,
+    check_publication,
+    matching,
+)
 from csi.errors import (
     Aborted,
     AlreadyExists,
@@ -1025,3 +1033,128 @@ class NodeAgent:
             return
         obj["metadata"]["finalizers"] = [f for f in finalizers if f != FINALIZER]
         self.objects.replace(VOLUMES, obj)
+
+
+# -- backends whose local IDs carry no node --------------------------------------------
+
+
+class NodeKeyed:
+    """A controller half pinned to ``node`` whose local IDs carry no node (the local
+    backend's ``vol-<uuid>``), seen with the node in them (``<node>@vol-<uuid>``), as
+    routed backends issue them: added on the way out, stripped on the way in."""
+
+    def __init__(self, inner: VolumeBackend, backend: str, node: str) -> None:
+        self.inner = inner
+        self.backend = backend
+        self.node = node
+        self.volume_parameters = inner.volume_parameters
+        self.snapshot_parameters = inner.snapshot_parameters
+
+    @property
+    def topology(self) -> tuple[Segment, ...]:
+        return self.inner.topology
+
+    def _out(self, local_id: str) -> str:
+        return ids.with_node(self.backend, self.node, local_id)
+
+    def _in(self, local_id: str) -> str:
+        """The inner ID of one of ours; an ID of another node names nothing here."""
+        if self._out(ids.split_node(local_id)[1]) != local_id:
+            return "not-on-this-node"  # refused by the inner backend as no ID it made
+        return ids.split_node(local_id)[1]
+
+    def _volume(self, volume: Volume) -> Volume:
+        source = volume.source
+        if source is not None:
+            source = SourceRef(source.kind, self._out(source.local_id))
+        return dataclasses.replace(volume, local_id=self._out(volume.local_id), source=source)
+
+    def _snapshot(self, snapshot: Snapshot) -> Snapshot:
+        return dataclasses.replace(
+            snapshot,
+            local_id=self._out(snapshot.local_id),
+            source_volume_local_id=self._out(snapshot.source_volume_local_id),
+        )
+
+    def health(self) -> str | None:
+        return self.inner.health()
+
+    def free_bytes(self, segment: Segment | None = None, *, secrets: Secrets = NO_SECRETS) -> int:
+        return self.inner.free_bytes(segment, secrets=secrets)
+
+    def max_volume_bytes(self, segment: Segment | None = None, *, secrets: Secrets = NO_SECRETS) -> int:
+        return self.inner.max_volume_bytes(segment, secrets=secrets)
+
+    def create_volume(self, spec: VolumeSpec) -> Volume:
+        source = SourceRef(spec.source.kind, self._in(spec.source.local_id)) if spec.source else None
+        return self._volume(self.inner.create_volume(dataclasses.replace(spec, source=source)))
+
+    def delete_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
+        self.inner.delete_volume(self._in(local_id), secrets=secrets)
+
+    def get_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Volume:
+        return self._volume(self.inner.get_volume(self._in(local_id), secrets=secrets))
+
+    def lookup_volume(self, name: str, *, secrets: Secrets = NO_SECRETS) -> Volume | None:
+        found = self.inner.lookup_volume(name, secrets=secrets)
+        return self._volume(found) if found else None
+
+    def list_volumes(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
+        return [self._volume(v) for v in self.inner.list_volumes(secrets=secrets)]
+
+    def expand_volume(
+        self, local_id: str, required_bytes: int, limit_bytes: int, *, secrets: Secrets = NO_SECRETS
+    ) -> int:
+        return self.inner.expand_volume(self._in(local_id), required_bytes, limit_bytes, secrets=secrets)
+
+    def create_snapshot(
+        self, name: str, source_local_id: str, parameters: Mapping[str, str], *, secrets: Secrets = NO_SECRETS
+    ) -> Snapshot:
+        return self._snapshot(self.inner.create_snapshot(name, self._in(source_local_id), parameters, secrets=secrets))
+
+    def delete_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
+        self.inner.delete_snapshot(self._in(local_id), secrets=secrets)
+
+    def get_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Snapshot:
+        return self._snapshot(self.inner.get_snapshot(self._in(local_id), secrets=secrets))
+
+    def list_snapshots(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
+        return [self._snapshot(s) for s in self.inner.list_snapshots(secrets=secrets)]
+
+    def publish_volume(
+        self, local_id: str, node_id: str, capability: Capability, readonly: bool, *, secrets: Secrets = NO_SECRETS
+    ) -> dict[str, str]:
+        return self.inner.publish_volume(self._in(local_id), node_id, capability, readonly, secrets=secrets)
+
+    def unpublish_volume(self, local_id: str, node_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
+        self.inner.unpublish_volume(self._in(local_id), node_id, secrets=secrets)
+
+
+class NodeKeyedConnector:
+    """The node half beside ``NodeKeyed``: the volume IDs the node service hands it carry
+    the node; the backend's own connector knows them without."""
+
+    def __init__(self, inner: NodeConnector) -> None:
+        self.inner = inner
+
+    @staticmethod
+    def _in(local_id: str) -> str:
+        return ids.split_node(local_id)[1]
+
+    def health(self) -> str | None:
+        return self.inner.health()
+
+    def attach(self, local_id: str, request: AttachRequest) -> Attachment:
+        return self.inner.attach(self._in(local_id), request)
+
+    def detach(self, local_id: str) -> None:
+        self.inner.detach(self._in(local_id))
+
+    def sources(self, local_id: str) -> list[str]:
+        return self.inner.sources(self._in(local_id))
+
+    def refresh_size(self, local_id: str, device: str) -> None:
+        self.inner.refresh_size(self._in(local_id), device)
+
+    def present(self, local_id: str) -> bool:
+        return self.inner.present(self._in(local_id))

@@ -6,15 +6,16 @@ them. Every object goes through the API server, every volume is an LV."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 import pytest
+import yaml
 
 from csi import ids
 from csi.backends.local.controller import LocalVolumes
@@ -26,29 +27,27 @@ from csi.backends.routed import (
     STORAGES,
     VOLUMES,
     NodeAgent,
+    NodeKeyed,
     Objects,
     RoutedVolumes,
     spec_of,
     storage_name,
 )
 from csi.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
+from csi.generated import csi_pb2 as pb
 from csi.model import (
-    NO_SECRETS,
     TOPOLOGY_NODE_KEY,
     AccessMode,
     AccessType,
     Capability,
     MiB,
-    Secrets,
-    Segment,
-    Snapshot,
     SourceRef,
-    Volume,
     VolumeSpec,
 )
 from tests.cluster.kube import Cluster
+from tests.conftest import running_driver
 from tests.lvm import LoopVolumeGroup, loop_volume_group
-from tests.support import forget_routed_objects, require_root, require_tools
+from tests.support import forget_routed_objects, mount_capability, require_root, require_tools
 
 pytestmark = pytest.mark.integration
 BACKEND = "lvm"
@@ -255,10 +254,11 @@ def test_a_volume_whose_lv_vanished_is_abnormal_and_still_deletes(nodes: Nodes) 
 
 
 def test_a_create_cut_short_on_either_side_leaves_exactly_one_lv(nodes: Nodes) -> None:
-    controller = reported(nodes)
+    reported(nodes)
     nodes.b.stop()  # the node plugin is down; its report is still fresh
+    impatient = nodes.controller(wait=1.0)  # the CO's deadline, short: the node is away
     with pytest.raises(Aborted, match="node 'node-b' has not finished"):
-        controller.create_volume(spec("cut", preferred="node-b"))
+        impatient.create_volume(spec("cut", preferred="node-b"))
     intent = nodes.object(REST("volume", "cut"))
     assert intent is not None and intent["status"]["phase"] == PENDING
     assert nodes.b.lvs() == []
@@ -266,7 +266,7 @@ def test_a_create_cut_short_on_either_side_leaves_exactly_one_lv(nodes: Nodes) -
     # The node plugin made the LV, then died before it wrote the outcome.
     made = nodes.b.executor().create_volume(spec_of(intent))
     with pytest.raises(Aborted):
-        nodes.controller().create_volume(spec("cut", preferred="node-b"))  # a restarted controller retries
+        nodes.controller(wait=1.0).create_volume(spec("cut", preferred="node-b"))  # a restarted controller retries
 
     nodes.b.start()
     volume = nodes.controller().create_volume(spec("cut", preferred="node-b"))
@@ -307,62 +307,8 @@ def test_a_lost_node_releases_its_volumes_only_once_it_is_gone(nodes: Nodes) -> 
 
 # -- snapshots and restores, over the local backend's files ------------------------------
 # Thin snapshots need device-mapper, which this host's kernel lacks (the vm tier tests
-# them on one node). The routing of snapshots is the same for every backend, so here the
-# nodes keep real volumes and snapshots as the local backend's files, behind the node-
-# carrying IDs a routed backend issues.
-
-
-class FilesOnNode:
-    """The local backend's controller half on one node, answering in routed IDs
-    (``<node>@vol-<uuid>``): the IDs are translated, the work is the backend's own."""
-
-    def __init__(self, root: Path, node: str) -> None:
-        self.inner = LocalVolumes(str(root), node)
-        self.node = node
-        self.topology = self.inner.topology
-        self.volume_parameters = self.inner.volume_parameters
-        self.snapshot_parameters = self.inner.snapshot_parameters
-
-    def _out(self, local_id: str) -> str:
-        return ids.with_node("files", self.node, local_id)
-
-    @staticmethod
-    def _in(local_id: str) -> str:
-        return ids.split_node(local_id)[1]
-
-    def health(self) -> str | None:
-        return self.inner.health()
-
-    def free_bytes(self, segment: Segment | None = None, *, secrets: Secrets = NO_SECRETS) -> int:
-        return self.inner.free_bytes(segment)
-
-    def max_volume_bytes(self, segment: Segment | None = None, *, secrets: Secrets = NO_SECRETS) -> int:
-        return self.inner.max_volume_bytes(segment)
-
-    def create_volume(self, spec: VolumeSpec) -> Volume:
-        source = dataclasses.replace(spec.source, local_id=self._in(spec.source.local_id)) if spec.source else None
-        volume = self.inner.create_volume(dataclasses.replace(spec, source=source))
-        return dataclasses.replace(volume, local_id=self._out(volume.local_id))
-
-    def delete_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
-        self.inner.delete_volume(self._in(local_id))
-
-    def expand_volume(self, local_id: str, required: int, limit: int, *, secrets: Secrets = NO_SECRETS) -> int:
-        return self.inner.expand_volume(self._in(local_id), required, limit)
-
-    def create_snapshot(
-        self, name: str, source: str, parameters: Mapping[str, str], *, secrets: Secrets = NO_SECRETS
-    ) -> Snapshot:
-        return self.inner.create_snapshot(name, self._in(source), parameters)
-
-    def delete_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
-        self.inner.delete_snapshot(self._in(local_id))
-
-    def list_volumes(self, *, secrets: Secrets = NO_SECRETS) -> list[Volume]:
-        return [dataclasses.replace(v, local_id=self._out(v.local_id)) for v in self.inner.list_volumes()]
-
-    def list_snapshots(self, *, secrets: Secrets = NO_SECRETS) -> list[Snapshot]:
-        return [dataclasses.replace(s, local_id=self._out(s.local_id)) for s in self.inner.list_snapshots()]
+# them on one node). The routing of snapshots is the same for every backend: here the
+# nodes keep real volumes and snapshots as the local backend's files.
 
 
 def test_snapshots_and_restores_stay_on_the_node_of_their_source(api: Cluster, tmp_path: Path) -> None:
@@ -372,7 +318,9 @@ def test_snapshots_and_restores_stay_on_the_node_of_their_source(api: Cluster, t
         return Layout.local_id("volume" if kind == "volume" else "snapshot", name)
 
     agents = {
-        node: NodeAgent("files", node, objects, FilesOnNode(tmp_path / node, node), rest, resync=2.0)  # type: ignore[arg-type]
+        node: NodeAgent(
+            "files", node, objects, NodeKeyed(LocalVolumes(str(tmp_path / node), node), "files", node), rest, resync=2.0
+        )
         for node in ("node-a", "node-b")
     }
     for agent in agents.values():
@@ -422,3 +370,94 @@ def test_snapshots_and_restores_stay_on_the_node_of_their_source(api: Cluster, t
         for agent in agents.values():
             agent.stop()
         forget_routed_objects(objects, "cairn.csi.io/backend=files")
+
+
+def test_a_local_backend_served_on_two_nodes_by_two_drivers(api: Cluster, tmp_path: Path) -> None:
+    """The whole path through two driver processes: one serving the controller and
+    node-a, one serving node-b alone, both with the same local backend listing both
+    nodes. A volume made for node-b is a file on node-b, staged and mounted only there."""
+    require_tools("losetup", "mkfs.ext4")
+    objects = connect(api)
+    base = ["--node-routing", "kubernetes", "--kubeconfig", str(api.kubeconfig)]
+
+    def config(node: str) -> str:
+        path = tmp_path / f"config-{node}.yaml"
+        backend = {
+            "name": "spread",
+            "kind": "local",
+            "path": str(tmp_path / node / "files"),
+            "nodes": ["node-a", "node-b"],
+        }
+        path.write_text(yaml.safe_dump({"backends": [backend]}))
+        return str(path)
+
+    cap = mount_capability()
+    try:
+        with (
+            running_driver(tmp_path / "a", [*base, "--config", config("node-a"), "--node-id", "node-a"]) as a,
+            running_driver(
+                tmp_path / "b", [*base, "--config", config("node-b"), "--node-id", "node-b", "--mode", "node"]
+            ) as b,
+        ):
+
+            def room(node: str) -> int:
+                where = pb.Topology(segments={TOPOLOGY_NODE_KEY: node})
+                answer = a.controller.GetCapacity(pb.GetCapacityRequest(accessible_topology=where))
+                return int(answer.available_capacity)
+
+            eventually("both nodes report", lambda: room("node-a") > 0 and room("node-b") > 0)
+            on_b = {"segments": {TOPOLOGY_NODE_KEY: "node-b"}}
+            volume = a.controller.CreateVolume(
+                pb.CreateVolumeRequest(
+                    name="spread-1",
+                    volume_capabilities=[cap],
+                    capacity_range={"required_bytes": 16 * MiB},
+                    accessibility_requirements={"requisite": [on_b], "preferred": [on_b]},
+                )
+            ).volume
+            assert [dict(t.segments) for t in volume.accessible_topology] == [{TOPOLOGY_NODE_KEY: "node-b"}]
+            local_id = volume.volume_id.split(":", 2)[2]
+            assert local_id.startswith("node-b@vol-")
+
+            def images(node: str) -> list[str]:
+                return sorted(p.name for p in (tmp_path / node / "files" / "volumes").glob("*.img"))
+
+            assert images("node-b") == [f"{local_id.split('@')[1]}.img"] and images("node-a") == []
+
+            with pytest.raises(grpc.RpcError) as refused:
+                a.controller.ControllerPublishVolume(
+                    pb.ControllerPublishVolumeRequest(
+                        volume_id=volume.volume_id, node_id="node-a", volume_capability=cap
+                    )
+                )
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+            a.controller.ControllerPublishVolume(
+                pb.ControllerPublishVolumeRequest(volume_id=volume.volume_id, node_id="node-b", volume_capability=cap)
+            )
+            staging = str(tmp_path / "staging")
+            stage = pb.NodeStageVolumeRequest(
+                volume_id=volume.volume_id, staging_target_path=staging, volume_capability=cap
+            )
+            with pytest.raises(grpc.RpcError) as elsewhere:
+                a.node.NodeStageVolume(stage)
+            assert elsewhere.value.code() == grpc.StatusCode.NOT_FOUND, "node-a has no such volume"
+            b.node.NodeStageVolume(stage)
+            target = str(tmp_path / "target")
+            b.node.NodePublishVolume(
+                pb.NodePublishVolumeRequest(
+                    volume_id=volume.volume_id, staging_target_path=staging, target_path=target, volume_capability=cap
+                )
+            )
+            Path(target, "hello").write_text("on node-b")
+            b.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=volume.volume_id, target_path=target))
+            b.node.NodeUnstageVolume(
+                pb.NodeUnstageVolumeRequest(volume_id=volume.volume_id, staging_target_path=staging)
+            )
+            a.controller.ControllerUnpublishVolume(
+                pb.ControllerUnpublishVolumeRequest(volume_id=volume.volume_id, node_id="node-b")
+            )
+            a.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume.volume_id))
+            assert images("node-b") == []
+            assert objects.list(VOLUMES, "cairn.csi.io/backend=spread")[0] == []
+    finally:
+        forget_routed_objects(objects, "cairn.csi.io/backend=spread")

@@ -394,6 +394,7 @@ def test_the_driver_accepts_the_rendered_config(values: str | None) -> None:
         else:
             assert entry.kind == "local", entry.kind
             assert set(entry.settings) <= local.SETTINGS
+            local.build(entry, "worker-1", False, False)
 
 
 # -- lean settings, CRDs, fstype, leases -----------------------------------------------------
@@ -541,6 +542,28 @@ def test_lvm_on_many_nodes_gives_each_side_only_what_it_uses() -> None:
     assert not [d for d in plain if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "cairn-csi-node"]
     assert workloads(plain)["cairn-csi-node"]["automountServiceAccountToken"] is False
     assert granted(cluster_rules(plain, "cairn-csi-controller"), "cairn.csi.io", "nodevolumes") == set()
+
+
+def test_a_local_backend_on_listed_nodes_is_served_by_the_node_plugins() -> None:
+    docs = render("local-nodes-values.yaml")
+    pods = workloads(docs)
+    controller, node = pods["cairn-csi-controller"], pods["cairn-csi-node"]
+    assert "kubernetes.io/hostname" not in (controller.get("nodeSelector") or {}), "the controller may run anywhere"
+    assert not [v for v in controller["volumes"] if v["name"].startswith("local-")], "the files are the nodes'"
+    assert [v["hostPath"]["path"] for v in node["volumes"] if v["name"].startswith("local-")] == [
+        "/var/lib/cairn-csi/local"
+    ]
+    assert node["automountServiceAccountToken"] is True
+    assert granted(cluster_rules(docs, "cairn-csi-node"), "cairn.csi.io", "nodevolumes") == {
+        "get",
+        "list",
+        "watch",
+        "update",
+    }
+
+    pinned = workloads(render("local-values.yaml"))
+    assert [v for v in pinned["cairn-csi-controller"]["volumes"] if v["name"].startswith("local-")]
+    assert pinned["cairn-csi-node"]["automountServiceAccountToken"] is False
 
 
 def test_the_crds_come_from_helms_crds_directory() -> None:

@@ -26,15 +26,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and (eq .kind "local") .node -}}{{- $nodes = append $nodes .node | uniq -}}{{- end -}}
 {{- end -}}
 {{- if gt (len $nodes) 1 -}}
-{{- fail (printf "local backends on several nodes (%s) need one controller per node, which this chart does not deploy yet; see docs/design.md" (join ", " $nodes)) -}}
+{{- fail (printf "local backends pinned to several nodes (%s): one controller cannot sit beside them all; list the nodes in a backend's 'nodes' instead (served through NodeVolume objects, see docs/design.md)" (join ", " $nodes)) -}}
 {{- end -}}
 {{- join "" $nodes -}}
 {{- end }}
 
 {{/* Whether a backend is served on many nodes through NodeVolume objects: an lvm
-backend that pins no node. Its node plugins then talk to the API server. */}}
+backend that pins no node, or a local backend that lists its nodes. Its node plugins
+then talk to the API server. */}}
 {{- define "cairn.routed" -}}
-{{- range .Values.backends }}{{ if and (eq .kind "lvm") (not .node) }}true{{ end }}{{ end -}}
+{{- range .Values.backends }}
+{{- if and (not .node) (or (eq .kind "lvm") (and (eq .kind "local") .nodes)) }}true{{ end }}
+{{- end -}}
 {{- end }}
 
 {{- define "cairn.hasLvm" -}}
@@ -87,6 +90,28 @@ path must then be on a shared mount, as the kubelet's directory is). */}}
   hostPath:
     path: {{ .path }}
     type: DirectoryOrCreate
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The same for the controller: only the local backends it serves itself (one node's
+directory); those on many nodes are served by the node plugins. */}}
+{{- define "cairn.controllerLocalVolumes" -}}
+{{- range .Values.backends }}
+{{- if and (eq .kind "local") (not .nodes) }}
+- name: local-{{ .name }}
+  hostPath:
+    path: {{ .path }}
+    type: DirectoryOrCreate
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "cairn.controllerLocalMounts" -}}
+{{- range .Values.backends }}
+{{- if and (eq .kind "local") (not .nodes) }}
+- name: local-{{ .name }}
+  mountPath: {{ .path }}
 {{- end }}
 {{- end }}
 {{- end }}

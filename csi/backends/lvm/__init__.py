@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 
-from csi.backends.base import Backend, Capabilities
+from csi.backends.base import Backend, Capabilities, Routing
 from csi.backends.lvm.lvm import Lvm, valid_name
 from csi.backends.lvm.node import LvmConnector
 from csi.backends.lvm.volumes import LvmVolumes, rest_of
@@ -71,5 +71,7 @@ def build(config: BackendConfig, node_id: str, controller: bool, node: bool) -> 
         capabilities(bool(pool)),
         volumes,
         connector,
-        rest=functools.partial(rest_of, config.name),
+        routing=Routing(
+            functools.partial(rest_of, config.name), LvmVolumes.volume_parameters, LvmVolumes.snapshot_parameters
+        ),
     )
