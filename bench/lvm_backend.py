@@ -63,7 +63,7 @@ def in_guest(rounds: int) -> None:
     if missing:
         print(f"thin pools: skipped (no device-mapper here, and no guest: {', '.join(missing)})")
         return
-    command = f"modprobe dm_mod dm_thin_pool && .venv/bin/python bench/lvm_backend.py --thin-only --rounds {rounds}"
+    command = f"modprobe -a loop dm_mod dm_thin_pool && .venv/bin/python bench/lvm_backend.py --thin-only --rounds {rounds}"
     result = guest.run(command, timeout=1800)
     print(result.stdout, end="")
     if result.status != 0:
@@ -71,6 +71,7 @@ def in_guest(rounds: int) -> None:
 
 
 def measure(root: Path, rounds: int, thin: bool) -> dict[str, tuple[float, float]]:
+    (root / "pvs").mkdir()
     with loop_volume_group(root / "pvs", size=4096 * MiB) as group:
         pool = ""
         if thin:

@@ -455,8 +455,9 @@ class NodeService(pb_grpc.NodeServicer):
         backend, local_id = self._route(request.volume_id)
         staged = self._staged_at(request.volume_id, path)
         problems = []
-        if not backend.connector.present(local_id):
-            problems.append("the volume's backing data is gone")
+        problem = backend.connector.problem(local_id)
+        if problem:
+            problems.append(problem)
         entry = mount.find_mount(path)
         if staged.access_type is AccessType.MOUNT and entry is None:
             problems.append(f"{path} is no longer mounted")

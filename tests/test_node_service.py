@@ -44,8 +44,8 @@ class RecordingConnector:
     def refresh_size(self, local_id: str, device: str) -> None:
         self.calls.append("refresh")
 
-    def present(self, local_id: str) -> bool:
-        return True
+    def problem(self, local_id: str) -> str | None:
+        return None
 
 
 def node(tmp_path: Path) -> tuple[NodeService, RecordingConnector]:

@@ -51,8 +51,8 @@ class TmpfsShare:
     def refresh_size(self, local_id: str, device: str) -> None:
         raise AssertionError("a share has no device to refresh")
 
-    def present(self, local_id: str) -> bool:
-        return True
+    def problem(self, local_id: str) -> str | None:
+        return None
 
 
 @pytest.fixture

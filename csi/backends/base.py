@@ -241,8 +241,9 @@ class NodeConnector(Protocol):
         """Make ``device`` show the volume's current size after a controller expand
         (called for device attachments only)."""
 
-    def present(self, local_id: str) -> bool:
-        """Whether the volume's backing data still exists, for volume health."""
+    def problem(self, local_id: str) -> str | None:
+        """What is wrong with the volume's backing storage as this node sees it (its data
+        gone; a thin pool nearly full), for volume health; None when nothing is."""
 
 
 @dataclass(frozen=True)

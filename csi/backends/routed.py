@@ -1156,5 +1156,5 @@ class NodeKeyedConnector:
     def refresh_size(self, local_id: str, device: str) -> None:
         self.inner.refresh_size(self._in(local_id), device)
 
-    def present(self, local_id: str) -> bool:
-        return self.inner.present(self._in(local_id))
+    def problem(self, local_id: str) -> str | None:
+        return self.inner.problem(self._in(local_id))

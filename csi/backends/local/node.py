@@ -36,5 +36,5 @@ class LocalConnector:
     def refresh_size(self, local_id: str, device: str) -> None:
         loopdev.refresh_size(device)
 
-    def present(self, local_id: str) -> bool:
-        return os.path.exists(self.layout.image("volume", local_id))
+    def problem(self, local_id: str) -> str | None:
+        return None if os.path.exists(self.layout.image("volume", local_id)) else "the volume's backing data is gone"

@@ -12,6 +12,8 @@ Settings:
     nodes: the node names that hold the volume group (default: every node plugin's node)
     lvmConfig: LVM configuration given to every LVM command (``--config``), such as a
         device filter
+    thinPoolAlert: percent of the thin pool's data or metadata in use from which its
+        volumes are reported abnormal by NodeGetVolumeStats (default 90)
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ import functools
 
 from csi.backends.base import Backend, Capabilities, Routing
 from csi.backends.lvm.lvm import Lvm, valid_name
-from csi.backends.lvm.node import LvmConnector
+from csi.backends.lvm.node import POOL_ALERT, LvmConnector
 from csi.backends.lvm.volumes import LvmVolumes, rest_of
 from csi.config import BackendConfig
 from csi.errors import ConfigError
 from csi.model import AccessMode, AccessType
 
-SETTINGS = frozenset({"volumeGroup", "thinPool", "node", "lvmConfig"})
+SETTINGS = frozenset({"volumeGroup", "thinPool", "node", "lvmConfig", "thinPoolAlert"})
 ROUTING = frozenset({"nodes"})  # read by the driver when it routes the backend
 _SINGLE_NODE = frozenset(m for m in AccessMode if not m.multi_node)
 _REFUSALS = {
@@ -63,7 +65,14 @@ def build(config: BackendConfig, node_id: str, controller: bool, node: bool) -> 
     lvm = Lvm(str(settings["lvmConfig"] or ""))
     owner = str(settings["node"] or node_id)
     volumes = LvmVolumes(config.name, lvm, vg, pool, owner) if controller else None
-    connector = LvmConnector(config.name, lvm, vg) if node else None
+    alert = str(settings["thinPoolAlert"] or POOL_ALERT)
+    try:
+        pool_alert = float(alert)
+    except ValueError:
+        pool_alert = -1.0
+    if not 0 < pool_alert <= 100:
+        raise ConfigError(f"backend {config.name!r}: 'thinPoolAlert' must be a percentage from 1 to 100, not {alert!r}")
+    connector = LvmConnector(config.name, lvm, vg, pool_alert) if node else None
     return Backend(
         config.name,
         "lvm",

@@ -15,9 +15,12 @@ from csi import ids, proc
 from csi.backends.base import Attachment, AttachRequest
 from csi.backends.lvm.lvm import LogicalVolume, Lvm
 from csi.backends.lvm.volumes import BACKEND_TAG, UNWIPED_TAG, encode, lv_name
-from csi.errors import NotFound
+from csi.errors import CairnError, NotFound
 
 WIPE_TIMEOUT = 60.0
+POOL_ALERT = 90.0
+"""Percent of a thin pool's data or metadata in use from which its volumes are reported
+abnormal (NodeGetVolumeStats): the kubelet then emits an event on the pods using them."""
 
 
 def mapper_path(vg: str, lv: str) -> str:
@@ -26,10 +29,11 @@ def mapper_path(vg: str, lv: str) -> str:
 
 
 class LvmConnector:
-    def __init__(self, backend: str, lvm: Lvm, volume_group: str) -> None:
+    def __init__(self, backend: str, lvm: Lvm, volume_group: str, pool_alert: float = POOL_ALERT) -> None:
         self.backend = backend
         self.lvm = lvm
         self.vg = volume_group
+        self.pool_alert = pool_alert
 
     def health(self) -> str | None:
         try:
@@ -74,5 +78,26 @@ class LvmConnector:
     def refresh_size(self, local_id: str, device: str) -> None:
         """Nothing to do: lvextend reloads an active LV's table on the host that runs it."""
 
-    def present(self, local_id: str) -> bool:
-        return self._find(local_id) is not None
+    def problem(self, local_id: str) -> str | None:
+        found = self._find(local_id)
+        if found is None:
+            return f"its logical volume is gone from volume group {self.vg}"
+        if not found.pool:
+            return None
+        try:
+            pool = self.lvm.volume(self.vg, found.pool)
+        except CairnError:
+            return None  # LVM cannot say now; the volume itself is there
+        if pool is None:
+            return None
+        full = [
+            f"{what} {percent:.0f}% full"
+            for what, percent in (("data", pool.data_percent), ("metadata", pool.metadata_percent))
+            if percent is not None and percent >= self.pool_alert
+        ]
+        if full:
+            return (
+                f"thin pool {self.vg}/{found.pool} is {' and '.join(full)}: writes fail once it is full "
+                f"(extend the pool, or delete volumes or snapshots in it)"
+            )
+        return None

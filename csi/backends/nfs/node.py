@@ -140,11 +140,11 @@ class NfsConnector:
     def refresh_size(self, local_id: str, device: str) -> None:
         loopdev.refresh_size(device)
 
-    def present(self, local_id: str) -> bool:
-        """Whether the image is still on the export; asked only while the export answers
-        (a dead server blocks whatever touches its files), else not known: True."""
+    def problem(self, local_id: str) -> str | None:
+        """Whether the image is gone from the export; asked only while the export answers
+        (a dead server blocks whatever touches its files), else not known: None."""
         if self.settings.layout != "image" or not mount.is_mounted(self.export_mount):
-            return True
+            return None
         if mount.probe(self.export_mount).condition is not mount.Condition.OK:
-            return True  # the staged mount's own probe reports the server's condition
-        return os.path.exists(self._image(local_id))
+            return None  # the staged mount's own probe reports the server's condition
+        return None if os.path.exists(self._image(local_id)) else "the volume's image is gone from the export"

@@ -210,13 +210,15 @@ class RbdConnector:
         if os.path.basename(device).startswith("loop"):
             loopdev.refresh_size(device)
 
-    def present(self, local_id: str) -> bool:
+    def problem(self, local_id: str) -> str | None:
         pool, image = self._spec(local_id)
-        return bool(
+        if (
             self._mapped("krbd", pool, image)
             or self._mapped("nbd", pool, image)
             or mount.is_mounted(self._fuse_mountpoint(pool, image))
-        )
+        ):
+            return None
+        return f"image {pool}/{image} is no longer mapped on this node"
 
 
 def _exposed(path: str) -> bool:

@@ -41,7 +41,9 @@ def group(tmp_path: Path) -> Iterator[LoopVolumeGroup]:
 def driver(tmp_path: Path, group: LoopVolumeGroup) -> Iterator[Driver]:
     config = tmp_path / "cairn.yaml"
     common = {"kind": "lvm", "volumeGroup": group.name, "lvmConfig": group.config}
-    backends = [{"name": "thick", **common}, {"name": "thin", **common, "thinPool": "pool"}]
+    # An alert at 20% of the pool (a new pool's metadata is about 11% full): one test
+    # fills that much of its data.
+    backends = [{"name": "thick", **common}, {"name": "thin", **common, "thinPool": "pool", "thinPoolAlert": "20"}]
     config.write_text(yaml.safe_dump({"backends": backends}))
     with running_driver(tmp_path / "driver", ["--config", str(config)]) as running:
         yield running
@@ -162,7 +164,7 @@ def test_a_staged_volume_grows_online_and_raw_block_works(driver: Driver, group:
     assert stat.f_blocks * stat.f_frsize > 128 * MiB, "ext4 grows while mounted"
     detach(driver, volume, staging, target)
     raw = block_capability()
-    block = create(driver, "raw", raw, "thin")
+    block = create(driver, "raw", raw, "thin", size=128 * MiB)
     device = str(driver.root / "dev")
     staging = attach(driver, block, raw, device)
     with open(device, "r+b") as handle:
@@ -173,6 +175,14 @@ def test_a_staged_volume_grows_online_and_raw_block_works(driver: Driver, group:
     with open(device, "rb") as handle:
         handle.seek(3 * MiB)
         assert handle.read(9) == b"raw bytes"
+    stats = pb.NodeGetVolumeStatsRequest(volume_id=block, volume_path=device)
+    assert not driver.node.NodeGetVolumeStats(stats, timeout=60).volume_condition.abnormal
+    with open(device, "r+b") as handle:  # 96 MiB of the 384 MiB pool: past the 20% alert
+        for _ in range(96):
+            handle.write(b"\xa5" * MiB)
+        os.fsync(handle.fileno())
+    condition = driver.node.NodeGetVolumeStats(stats, timeout=60).volume_condition
+    assert condition.abnormal and f"thin pool {group.name}/pool is data" in condition.message, condition.message
     detach(driver, block, staging, device)
     delete(driver, volume, block)
 
