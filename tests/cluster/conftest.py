@@ -159,12 +159,18 @@ def values(cluster: Cluster, ceph: CephCluster | None, nfs: NfsServer | None = N
     sidecars this cluster has (see the README: the registrar is the driver's own, the
     kubelet probes liveness natively, and there is no resizer image)."""
     data = cluster.root / "cairn"
-    backends: list[dict[str, Any]] = [{"name": "local", "kind": "local", "path": f"{data}/local", "node": NODE}]
+    backends: list[dict[str, Any]] = [
+        {"name": "local", "kind": "local", "path": f"{data}/local", "node": NODE},
+        # Served on its nodes (one here) through NodeVolume objects: the node plugin's
+        # token and role, the agent, and the controller's routing in a real cluster.
+        {"name": "spread", "kind": "local", "path": f"{data}/spread", "nodes": [NODE]},
+    ]
     classes: list[dict[str, Any]] = [
         {"name": "cairn-local", "backend": "local", "volumeBindingMode": "WaitForFirstConsumer", "fsType": "ext4"},
         {"name": "cairn-local-now", "backend": "local", "volumeBindingMode": "Immediate", "fsType": "xfs"},
+        {"name": "cairn-spread", "backend": "spread", "volumeBindingMode": "WaitForFirstConsumer", "fsType": "ext4"},
     ]
-    snapshot_classes: list[dict[str, Any]] = [{"name": "cairn-local", "isDefault": True}]
+    snapshot_classes: list[dict[str, Any]] = [{"name": "cairn-local", "isDefault": True}, {"name": "cairn-spread"}]
     if ceph is not None:
         backends.append(
             {
@@ -259,8 +265,12 @@ def nothing_left(kube: Kube, ceph: CephCluster, nfs: NfsServer, devices_before: 
         "volumes": kube.kubectl("get", "pv,volumeattachment,volumesnapshotcontent", "-o", "name"),
         "images": ceph.rbd("ls", POOL),
         "files": "\n".join(
-            str(path) for path in (kube.cluster.root / "cairn" / "local").rglob("*") if path.is_file()
+            str(path)
+            for backend in ("local", "spread")
+            for path in (kube.cluster.root / "cairn" / backend).rglob("*")
+            if path.is_file()
         ),
+        "node volumes": kube.kubectl("get", "nodevolumes", "-o", "name"),
         # Records and images are files; a volume's folder is <namespace>/<claim> (the
         # namespace folders the template made stay, as on any export).
         "export": "\n".join(

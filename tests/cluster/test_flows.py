@@ -207,6 +207,43 @@ def test_generic_ephemeral_volume_lives_and_dies_with_its_pod(kube: Kube, releas
     gone(kube)
 
 
+def test_a_local_backend_on_its_nodes_through_node_volumes(
+    kube: Kube, release: dict[str, Any], names: list[tuple[str, str]]
+) -> None:
+    """The local backend served by the node plugins (``nodes``): the claim waits for its
+    pod, the controller has the node's agent make the volume through a NodeVolume, the
+    pod writes, a snapshot and its restore (on the same node) read the data back, and
+    capacity is published per node from the node's NodeStorage report."""
+    token = uuid.uuid4().hex
+    kube.apply(claim("spread", "cairn-spread"), pod("fill-spread", f"echo {token} > /data/token && sync", "spread"))
+    names += [("pvc", "spread"), ("pod", "fill-spread")]
+    kube.pod_done("fill-spread")
+    handle = kube.get("pv", bound(kube, "spread"), namespace="")["spec"]["csi"]["volumeHandle"]
+    assert handle.startswith("1:spread:localhost@vol-"), handle
+    made = kube.get("nodevolumes", handle.rsplit("@", 1)[1], namespace="")
+    assert made["spec"]["node"] == "localhost" and made["status"]["phase"] == "Ready", made
+    kube.delete("pod", "fill-spread")
+    kube.apply(snapshot("spread-snap", "spread", "cairn-spread"))
+    names.append(("volumesnapshot", "spread-snap"))
+    kube.wait_for(
+        "snapshot readyToUse", lambda: kube.get("volumesnapshot", "spread-snap").get("status", {}).get("readyToUse")
+    )
+    restored = {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "spread-snap"}
+    kube.apply(
+        claim("spread-restored", "cairn-spread", source=restored),
+        pod("read-spread", "cat /data/token", "spread-restored"),
+    )
+    names += [("pvc", "spread-restored"), ("pod", "read-spread")]
+    assert kube.pod_done("read-spread").strip() == token
+
+    def published() -> list[dict[str, Any]]:
+        items = kube.get("csistoragecapacity", namespace=NAMESPACE)["items"]
+        return [c for c in items if c["storageClassName"] == "cairn-spread" and int(_bytes(c.get("capacity", "0"))) > 0]
+
+    terms = kube.wait_for("CSIStorageCapacity for cairn-spread", published)[0]["nodeTopology"]["matchLabels"]
+    assert any(value == "localhost" for value in terms.values()), f"not tied to the node: {terms}"
+
+
 def test_capacity_is_published_for_the_node_local_backend(kube: Kube, release: dict[str, Any]) -> None:
     def published() -> list[dict[str, Any]]:
         items = kube.get("csistoragecapacity", namespace=NAMESPACE)["items"]
