@@ -63,7 +63,9 @@ def in_guest(rounds: int) -> None:
     if missing:
         print(f"thin pools: skipped (no device-mapper here, and no guest: {', '.join(missing)})")
         return
-    command = f"modprobe -a loop dm_mod dm_thin_pool && .venv/bin/python bench/lvm_backend.py --thin-only --rounds {rounds}"
+    command = (
+        f"modprobe -a loop dm_mod dm_thin_pool && .venv/bin/python bench/lvm_backend.py --thin-only --rounds {rounds}"
+    )
     result = guest.run(command, timeout=1800)
     print(result.stdout, end="")
     if result.status != 0:
