@@ -27,7 +27,7 @@ from csi.backends.base import Backend
 from csi.backends.routed import NodeAgent, NodeKeyed, NodeKeyedConnector, Objects, RoutedVolumes
 from csi.config import BackendConfig
 from csi.controller import ControllerService
-from csi.errors import ConfigError
+from csi.errors import CairnError, ConfigError
 from csi.identity import IdentityService
 from csi.metrics import Metrics
 from csi.node import NodeService
@@ -117,6 +117,11 @@ def _routed(
         raise ConfigError(f"backend {entry.name!r}: 'nodes' must be a list of node names")
     if entry.kind != "lvm" and not nodes:
         raise ConfigError(f"backend {entry.name!r}: 'nodes' must name at least one node")
+    selector = entry.settings.get("nodeSelector") or {}
+    if not isinstance(selector, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in selector.items()
+    ):
+        raise ConfigError(f"backend {entry.name!r}: 'nodeSelector' must map label names to values")
     routed = None
     if controller:
         routed = RoutedVolumes(
@@ -129,7 +134,7 @@ def _routed(
         )
     agent = None
     connector = backend.node
-    if node and (not nodes or node_id in nodes):
+    if node and (not nodes or node_id in nodes) and _selected(objects, node_id, selector, entry.name):
         executor = BUILDERS[entry.kind](entry, node_id, True, False).volumes
         if not how.node_in_ids:
             executor = NodeKeyed(executor, backend.name, node_id)
@@ -138,6 +143,23 @@ def _routed(
         connector = NodeKeyedConnector(connector)
     log.info("backend %s: volumes on many nodes, reached through the Kubernetes API", backend.name)
     return dataclasses.replace(backend, controller=routed, node=connector), agent
+
+
+def _selected(objects: Objects, node_id: str, selector: dict[str, str], backend: str) -> bool:
+    """Whether this node's labels match a backend's ``nodeSelector`` (read once, at start:
+    a node relabelled later takes effect when its plugin restarts)."""
+    if not selector:
+        return True
+    try:
+        labels = objects.node_labels(node_id)
+    except CairnError as exc:
+        raise ConfigError(f"backend {backend!r}: cannot read node {node_id!r} for its nodeSelector: {exc}") from exc
+    if labels is None:
+        raise ConfigError(f"backend {backend!r}: there is no Node {node_id!r} to match its nodeSelector against")
+    chosen = all(labels.get(key) == value for key, value in selector.items())
+    if not chosen:
+        log.info("backend %s: this node's labels do not match its nodeSelector; not serving it here", backend)
+    return chosen
 
 
 def node_routing(mode: str, kubeconfig: str | None = None) -> Objects | None:

@@ -259,6 +259,16 @@ class Objects:
             if isinstance(obj, dict):
                 yield obj
 
+    def node_labels(self, node: str) -> dict[str, str] | None:
+        """The labels of Node ``node``; None when there is no such Node. Unavailable when
+        the API cannot tell."""
+        if self.core is None:
+            raise Unavailable(f"cannot read node {node}: no Kubernetes API")
+        found = self._call(f"reading node {node}", lambda: self.core.read_node(node, _request_timeout=self.timeout))
+        if found is None:
+            return None
+        return dict(found.metadata.labels or {})
+
     def node_exists(self, node: str) -> bool | None:
         """Whether the cluster has a Node object ``node`` (None: cannot tell)."""
         if self.core is None:

@@ -461,3 +461,31 @@ def test_a_local_backend_served_on_two_nodes_by_two_drivers(api: Cluster, tmp_pa
             assert objects.list(VOLUMES, "cairn.csi.io/backend=spread")[0] == []
     finally:
         forget_routed_objects(objects, "cairn.csi.io/backend=spread")
+
+
+def test_a_node_selector_picks_the_nodes_that_serve_a_backend(api: Cluster) -> None:
+    """The nodes whose labels match a backend's nodeSelector run its agent; the others do
+    not, and a node plugin whose Node the API does not know refuses to start."""
+    from csi import config
+    from csi.cli import build_backends
+    from csi.errors import ConfigError
+
+    api.create(
+        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "labels": {"disk": "nvme"}}},
+        {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-b", "labels": {"disk": "sata"}}},
+    )
+    try:
+        driver_config = config.parse(
+            {"backends": [{"name": "fast", "kind": "lvm", "volumeGroup": "vg", "nodeSelector": {"disk": "nvme"}}]},
+            "test",
+        )
+        agents = {
+            node: build_backends(driver_config, node, False, True, lambda: connect(api))[1]
+            for node in ("node-a", "node-b")
+        }
+        assert [a.node for a in agents["node-a"]] == ["node-a"]
+        assert agents["node-b"] == []
+        with pytest.raises(ConfigError, match="there is no Node 'node-c'"):
+            build_backends(driver_config, "node-c", False, True, lambda: connect(api))
+    finally:
+        api.kubectl("delete", "node", "node-a", "node-b", "--wait=false", check=False)

@@ -527,7 +527,9 @@ def test_lvm_on_many_nodes_gives_each_side_only_what_it_uses() -> None:
     assert {(g, r) for rule in node for g in rule["apiGroups"] for r in rule["resources"]} == {
         ("cairn.csi.io", "nodevolumes"),
         ("cairn.csi.io", "nodestorages"),
+        ("", "nodes"),  # lvm-fast's nodeSelector: each plugin reads its own Node's labels
     }
+    assert granted(node, "", "nodes") == {"get"}
     assert granted(node, "cairn.csi.io", "nodevolumes") == {"get", "list", "watch", "update"}
     assert granted(node, "cairn.csi.io", "nodestorages") == {"get", "create", "update"}
     pod = workloads(docs)["cairn-csi-node"]
@@ -554,6 +556,7 @@ def test_a_local_backend_on_listed_nodes_is_served_by_the_node_plugins() -> None
         "/var/lib/cairn-csi/local"
     ]
     assert node["automountServiceAccountToken"] is True
+    assert granted(cluster_rules(docs, "cairn-csi-node"), "", "nodes") == set(), "no nodeSelector, no Node reads"
     assert granted(cluster_rules(docs, "cairn-csi-node"), "cairn.csi.io", "nodevolumes") == {
         "get",
         "list",

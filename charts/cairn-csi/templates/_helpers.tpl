@@ -40,6 +40,11 @@ then talk to the API server. */}}
 {{- end -}}
 {{- end }}
 
+{{/* Whether a routed backend picks its nodes by label: its node plugins read their Node. */}}
+{{- define "cairn.nodeSelectors" -}}
+{{- range .Values.backends }}{{ if .nodeSelector }}true{{ end }}{{ end -}}
+{{- end }}
+
 {{- define "cairn.hasLvm" -}}
 {{- range .Values.backends }}{{ if eq .kind "lvm" }}true{{ end }}{{ end -}}
 {{- end }}

@@ -7,6 +7,7 @@ Settings:
     nodes: serve the directory on each of these nodes instead, the controller reaching
         each through the Kubernetes API (as lvm does; see ``backends.routed``). Opt-in:
         volumes made by a backend that served one node have IDs without their node.
+    nodeSelector: with ``nodes``, labels (name: value) a listed node must also carry
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from csi.config import BackendConfig
 from csi.errors import ConfigError
 from csi.model import AccessMode, AccessType
 
-SETTINGS = frozenset({"path", "node", "nodes"})
+SETTINGS = frozenset({"path", "node", "nodes", "nodeSelector"})
 _SINGLE_NODE = frozenset(m for m in AccessMode if not m.multi_node)
 CAPABILITIES = Capabilities(
     access={AccessType.MOUNT: _SINGLE_NODE, AccessType.BLOCK: _SINGLE_NODE},

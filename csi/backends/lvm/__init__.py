@@ -10,6 +10,7 @@ Settings:
         that name, and the controller reaches them through the API (``backends.routed``);
         outside a cluster, the driver's --node-id
     nodes: the node names that hold the volume group (default: every node plugin's node)
+    nodeSelector: labels (name: value) a node must carry to serve the backend
     lvmConfig: LVM configuration given to every LVM command (``--config``), such as a
         device filter
     thinPoolAlert: percent of the thin pool's data or metadata in use from which its
@@ -29,7 +30,7 @@ from csi.errors import ConfigError
 from csi.model import AccessMode, AccessType
 
 SETTINGS = frozenset({"volumeGroup", "thinPool", "node", "lvmConfig", "thinPoolAlert"})
-ROUTING = frozenset({"nodes"})  # read by the driver when it routes the backend
+ROUTING = frozenset({"nodes", "nodeSelector"})  # read by the driver when it routes the backend
 _SINGLE_NODE = frozenset(m for m in AccessMode if not m.multi_node)
 _REFUSALS = {
     (kind, mode): f"the lvm backend keeps volumes on one node and cannot offer {mode.value}"
