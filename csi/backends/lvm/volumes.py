@@ -267,6 +267,8 @@ class LvmVolumes:
                 f"backend {self.backend!r} keeps volumes in thin pool {self.vg}/{self.thin_pool}, whose layout its "
                 f"volumes take: {PARAM_STRIPES!r} and {PARAM_MIRRORS!r} apply to thick backends"
             )
+        if stripes * (mirrors + 1) == 1:
+            return stripes, mirrors  # a plain volume fits any volume group: no need to ask LVM
         devices = self.lvm.volume_group(self.vg).pv_count
         if stripes * (mirrors + 1) > devices:
             raise InvalidArgument(
