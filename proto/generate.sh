@@ -30,9 +30,13 @@ root=$(dirname "$here")
 out=${1:-$root}
 python=${PYTHON:-python3}
 
-# The directory of a Go module, downloaded (and verified) into the module cache.
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# The directory of a Go module, downloaded (and verified) into the module cache. Run
+# from the scratch directory: outside any Go module, and removed at the end.
 module_dir() {
-  (cd "$(mktemp -d)" && GOFLAGS=-mod=mod go mod download -json "$1" \
+  (cd "$work" && GOFLAGS=-mod=mod go mod download -json "$1" \
     | "$python" -c 'import json, sys; print(json.load(sys.stdin)["Dir"])')
 }
 
@@ -45,8 +49,6 @@ echo "$REGISTRATION_SHA256  $kubelet_dir/$REGISTRATION_PROTO" | sha256sum --chec
 # as `csi.generated.<name>_pb2`, inside this package. The registration proto is used as
 # released: it imports nothing, and its package (`pluginregistration`) is the wire name
 # the kubelet calls.
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/csi/generated" "$out/csi/generated"
 cp "$spec_dir/csi.proto" "$work/csi/generated/csi.proto"
 cp "$kubelet_dir/$REGISTRATION_PROTO" "$work/csi/generated/pluginregistration.proto"
