@@ -498,7 +498,7 @@ class NodeService(pb_grpc.NodeServicer):
                     raise Unavailable(f"volume {request.volume_id}: {health.message}")
                 capacity = health.stats.total_bytes
             else:
-                backend.connector.refresh_size(local_id, staged.device)
+                backend.connector.refresh_size(local_id, staged.device, request.capacity_range.required_bytes)
                 if staged.access_type is AccessType.MOUNT:
                     mount.grow_filesystem(staged.device, staged.staging_path, Filesystem(staged.filesystem))
                 capacity = mount.device_size(staged.device)

@@ -60,7 +60,7 @@ class FuseShare:
     def sources(self, local_id: str) -> list[str]:
         return [str(self.server)]
 
-    def refresh_size(self, local_id: str, device: str) -> None:
+    def refresh_size(self, local_id: str, device: str, size: int) -> None:
         raise AssertionError("a share has no device to refresh")
 
     def problem(self, local_id: str) -> str | None:

@@ -41,7 +41,7 @@ class RecordingConnector:
     def sources(self, local_id: str) -> list[str]:
         return []
 
-    def refresh_size(self, local_id: str, device: str) -> None:
+    def refresh_size(self, local_id: str, device: str, size: int) -> None:
         self.calls.append("refresh")
 
     def problem(self, local_id: str) -> str | None:

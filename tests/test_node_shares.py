@@ -48,7 +48,7 @@ class TmpfsShare:
     def sources(self, local_id: str) -> list[str]:
         return [f"share-{local_id}"]
 
-    def refresh_size(self, local_id: str, device: str) -> None:
+    def refresh_size(self, local_id: str, device: str, size: int) -> None:
         raise AssertionError("a share has no device to refresh")
 
     def problem(self, local_id: str) -> str | None:

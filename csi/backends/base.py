@@ -237,9 +237,10 @@ class NodeConnector(Protocol):
         devices, or its filesystem source), attaching nothing. The node service uses
         them to tell its own mounts from anyone else's when its records are lost."""
 
-    def refresh_size(self, local_id: str, device: str) -> None:
+    def refresh_size(self, local_id: str, device: str, size: int) -> None:
         """Make ``device`` show the volume's current size after a controller expand
-        (called for device attachments only)."""
+        (called for device attachments only); ``size`` is what the CO expects it to show
+        (0: not said), for a device that follows a resize on its own, in its own time."""
 
     def problem(self, local_id: str) -> str | None:
         """What is wrong with the volume's backing storage as this node sees it (its data

@@ -1163,8 +1163,8 @@ class NodeKeyedConnector:
     def sources(self, local_id: str) -> list[str]:
         return self.inner.sources(self._in(local_id))
 
-    def refresh_size(self, local_id: str, device: str) -> None:
-        self.inner.refresh_size(self._in(local_id), device)
+    def refresh_size(self, local_id: str, device: str, size: int) -> None:
+        self.inner.refresh_size(self._in(local_id), device, size)
 
     def problem(self, local_id: str) -> str | None:
         return self.inner.problem(self._in(local_id))

@@ -33,7 +33,7 @@ class LocalConnector:
     def sources(self, local_id: str) -> list[str]:
         return loopdev.find(self.layout.image("volume", local_id))
 
-    def refresh_size(self, local_id: str, device: str) -> None:
+    def refresh_size(self, local_id: str, device: str, size: int) -> None:
         loopdev.refresh_size(device)
 
     def problem(self, local_id: str) -> str | None:

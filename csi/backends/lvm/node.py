@@ -75,7 +75,7 @@ class LvmConnector:
         # A filesystem mount shows the mapper name; a bind of the device node the dm-N node.
         return [device, os.path.realpath(device)] if os.path.exists(device) else [device]
 
-    def refresh_size(self, local_id: str, device: str) -> None:
+    def refresh_size(self, local_id: str, device: str, size: int) -> None:
         """Nothing to do: lvextend reloads an active LV's table on the host that runs it."""
 
     def problem(self, local_id: str) -> str | None:

@@ -137,7 +137,7 @@ class NfsConnector:
         os.makedirs(self.sources_dir, exist_ok=True)
         write_atomically(self._source_file(local_id), source.encode())
 
-    def refresh_size(self, local_id: str, device: str) -> None:
+    def refresh_size(self, local_id: str, device: str, size: int) -> None:
         loopdev.refresh_size(device)
 
     def problem(self, local_id: str) -> str | None:

@@ -38,6 +38,7 @@ from csi.errors import (
 MAP_TIMEOUT = 120.0
 KEY_PREFIX = "cairn-key-"
 RELEASE_TIMEOUT = 30.0
+RESIZE_WAIT = 30.0  # seconds a krbd or rbd-nbd device may take to show a resize of its image
 
 
 @contextlib.contextmanager
@@ -204,11 +205,18 @@ class RbdConnector:
                 raise Unavailable(f"{device} still maps {pool}/{image} {RELEASE_TIMEOUT:g}s after unmapping")
             time.sleep(0.1)
 
-    def refresh_size(self, local_id: str, device: str) -> None:
-        # krbd and rbd-nbd follow a resize by themselves; a loop device over rbd-fuse must
-        # be told (rbd-fuse reads the new size when the file is opened again).
+    def refresh_size(self, local_id: str, device: str, size: int) -> None:
+        # A loop device over rbd-fuse must be told (rbd-fuse reads the new size when the
+        # file is opened again). krbd and rbd-nbd follow a resize by themselves, when the
+        # image's watch notifies them, a moment after ControllerExpandVolume answered: wait
+        # for the size the CO expects (bounded; growing a filesystem first would grow it to
+        # the old size).
         if os.path.basename(device).startswith("loop"):
             loopdev.refresh_size(device)
+            return
+        deadline = time.monotonic() + RESIZE_WAIT
+        while size and mount.device_size(device) < size and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def problem(self, local_id: str) -> str | None:
         pool, image = self._spec(local_id)
