@@ -8,7 +8,9 @@ set -euo pipefail
 version=v8.7.0
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$(dirname "$here")/crds}
-dir=$(cd "$(mktemp -d)" && GOFLAGS=-mod=mod go mod download -json "github.com/kubernetes-csi/external-snapshotter/client/v8@$version" \
+scratch=$(mktemp -d)  # outside any Go module, removed at the end
+trap 'rm -rf "$scratch"' EXIT
+dir=$(cd "$scratch" && GOFLAGS=-mod=mod go mod download -json "github.com/kubernetes-csi/external-snapshotter/client/v8@$version" \
   | python3 -c 'import json, sys; print(json.load(sys.stdin)["Dir"])')
 mkdir -p "$out"
 cp "$dir"/config/crd/snapshot.storage.k8s.io_*.yaml "$dir"/config/crd/groupsnapshot.storage.k8s.io_*.yaml "$out/"
