@@ -271,13 +271,8 @@ class Objects:
 
     def node_exists(self, node: str) -> bool | None:
         """Whether the cluster has a Node object ``node`` (None: cannot tell)."""
-        if self.core is None:
-            return None
         try:
-            return (
-                self._call(f"reading node {node}", lambda: self.core.read_node(node, _request_timeout=self.timeout))
-                is not None
-            )
+            return self.node_labels(node) is not None
         except (Unavailable, Conflict):
             return None
 
