@@ -27,7 +27,7 @@ from csi.generated import csi_pb2 as pb
 from csi.generated import csi_pb2_grpc as pb_grpc
 from csi.locks import InFlight
 from csi.log import set_backend
-from csi.model import AccessType, Capability, Secrets, Segment, Volume, VolumeSpec
+from csi.model import AccessType, Capability, Secrets, Segment, Snapshot, Volume, VolumeSpec
 from csi.nodes import NodeDirectory
 from csi.parameters import (
     PARAM_BACKEND,
@@ -112,21 +112,48 @@ def size_for_filesystem(
     return max(required, minimum)
 
 
-def paginate(items: Sequence[T], key: Callable[[T], str], max_entries: int, token: str) -> tuple[list[T], str]:
-    """One page of ``items`` (sorted by ``key``) after the cursor in ``token``. The
-    cursor is the last key of the previous page, so deletions between pages neither
-    skip nor repeat entries."""
+def cursor(token: str) -> str:
+    """The ID a page starts after: the last ID of the previous page, so deletions between
+    pages neither skip nor repeat entries. "" for the first page."""
+    if not token:
+        return ""
+    if not token.startswith(TOKEN_PREFIX):
+        raise Aborted(f"starting_token {token!r} is not a token this driver issued")
+    return token.removeprefix(TOKEN_PREFIX)
+
+
+def paginate(
+    backends: Iterable[Backend],
+    listing: Callable[[Backend, str, int], Sequence[T]],
+    local_id: Callable[[T], str],
+    max_entries: int,
+    token: str,
+) -> tuple[list[tuple[Backend, T]], str]:
+    """One page of a listing that spans backends, in ID order, after the cursor in
+    ``token``. Each backend is asked only for the entries the page still needs after its
+    part of the cursor (``listing(backend, after, limit)``; limit 0 is all), so a page
+    costs what its entries cost wherever the backend keeps an ordered index. One entry
+    more than the page is read to know whether another page follows."""
     if max_entries < 0:
         raise InvalidArgument("max_entries must not be negative")
-    if token:
-        if not token.startswith(TOKEN_PREFIX):
-            raise Aborted(f"starting_token {token!r} is not a token this driver issued")
-        after = token.removeprefix(TOKEN_PREFIX)
-        items = [item for item in items if key(item) > after]
-    if max_entries and len(items) > max_entries:
-        page = list(items[:max_entries])
-        return page, TOKEN_PREFIX + key(page[-1])
-    return list(items), ""
+    after = cursor(token)
+    found: list[tuple[Backend, T]] = []
+    # IDs are "1:<backend>:<local ID>": backends in the order of that prefix, each one's
+    # entries in local-ID order, give the IDs in order.
+    for backend in sorted(backends, key=lambda b: ids.encode(b.name, "-")):
+        prefix = ids.encode(backend.name, "-")[:-1]
+        if after.startswith(prefix):
+            start = after.removeprefix(prefix)
+        elif after > prefix:
+            continue  # every ID of this backend sorts before the cursor
+        else:
+            start = ""
+        wanted = max_entries + 1 - len(found) if max_entries else 0
+        found += [(backend, item) for item in listing(backend, start, wanted)]
+        if max_entries and len(found) > max_entries:
+            page = found[:max_entries]
+            return page, TOKEN_PREFIX + ids.encode(page[-1][0].name, local_id(page[-1][1]))
+    return found, ""
 
 
 class ControllerService(pb_grpc.ControllerServicer):
@@ -282,11 +309,13 @@ class ControllerService(pb_grpc.ControllerServicer):
         return pb.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
 
     def ListVolumes(self, request: pb.ListVolumesRequest, context: grpc.ServicerContext) -> pb.ListVolumesResponse:
-        volumes = sorted(
-            ((ids.encode(b.name, v.local_id), b, v) for b in self.registry for v in b.volumes.list_volumes()),
-            key=lambda entry: entry[0],
+        page, next_token = paginate(
+            self.registry,
+            lambda backend, after, limit: backend.volumes.list_volumes(after=after, limit=limit),
+            lambda volume: volume.local_id,
+            request.max_entries,
+            request.starting_token,
         )
-        page, next_token = paginate(volumes, lambda entry: entry[0], request.max_entries, request.starting_token)
         entries = [
             pb.ListVolumesResponse.Entry(
                 volume=convert.volume(backend.name, volume, {}),
@@ -294,7 +323,7 @@ class ControllerService(pb_grpc.ControllerServicer):
                     published_node_ids=volume.published_nodes, volume_condition=convert.volume_condition(volume)
                 ),
             )
-            for _, backend, volume in page
+            for backend, volume in page
         ]
         return pb.ListVolumesResponse(entries=entries, next_token=next_token)
 
@@ -436,26 +465,39 @@ class ControllerService(pb_grpc.ControllerServicer):
     def ListSnapshots(
         self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext
     ) -> pb.ListSnapshotsResponse:
+        secrets, source = request.secrets, request.source_volume_id
+        backends: list[Backend] = list(self.registry)
+        wanted: Snapshot | None = None
         try:
-            snapshots = self._snapshots(request.snapshot_id, request.source_volume_id, request.secrets)
+            if request.snapshot_id:
+                backend, local_id = self._route(request.snapshot_id, "snapshot")
+                backends, wanted = [backend], backend.volumes.get_snapshot(local_id, secrets=secrets)
+            elif source:
+                backends = [self._route(source)[0]]
         except NotFound:
-            snapshots = []
+            backends = []
+
+        def of_source(backend: Backend, snapshots: Sequence[Snapshot]) -> list[Snapshot]:
+            return [s for s in snapshots if not source or ids.encode(backend.name, s.source_volume_local_id) == source]
+
+        def listing(backend: Backend, after: str, limit: int) -> Sequence[Snapshot]:
+            if wanted is not None:
+                return of_source(backend, [wanted] if wanted.local_id > after else [])
+            if not source:
+                return backend.volumes.list_snapshots(after=after, limit=limit, secrets=secrets)
+            # Only the source's snapshots: read on until the page is full.
+            found: list[Snapshot] = []
+            while True:
+                chunk = backend.volumes.list_snapshots(after=after, limit=max(limit, 100), secrets=secrets)
+                found += of_source(backend, chunk)
+                if not chunk or (limit and len(found) >= limit):
+                    return found[:limit] if limit else found
+                after = chunk[-1].local_id
+
         page, next_token = paginate(
-            snapshots, lambda entry: entry.snapshot_id, request.max_entries, request.starting_token
+            backends, listing, lambda s: s.local_id, request.max_entries, request.starting_token
         )
         return pb.ListSnapshotsResponse(
-            entries=[pb.ListSnapshotsResponse.Entry(snapshot=s) for s in page], next_token=next_token
+            entries=[pb.ListSnapshotsResponse.Entry(snapshot=convert.snapshot(b.name, s)) for b, s in page],
+            next_token=next_token,
         )
-
-    def _snapshots(self, snapshot_id: str, source_volume_id: str, secrets: Secrets) -> list[pb.Snapshot]:
-        if snapshot_id:
-            backend, local_id = self._route(snapshot_id, "snapshot")
-            found = [convert.snapshot(backend.name, backend.volumes.get_snapshot(local_id, secrets=secrets))]
-        else:
-            backends = list(self.registry)
-            if source_volume_id:
-                backends = [self._route(source_volume_id)[0]]
-            found = [convert.snapshot(b.name, s) for b in backends for s in b.volumes.list_snapshots(secrets=secrets)]
-        if source_volume_id:
-            found = [s for s in found if s.source_volume_id == source_volume_id]
-        return sorted(found, key=lambda s: s.snapshot_id)

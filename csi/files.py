@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 
 from csi.errors import ConfigError
 
@@ -36,6 +37,46 @@ def fsync_dir(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class DirectorySync:
+    """Makes the entries of one directory durable for concurrent callers with as few
+    fsyncs as will do (group commit): a caller is covered by any fsync of the directory
+    that *starts* after its change, so while one fsync runs the callers that arrive
+    wait, and the next fsync covers them all. Sixteen calls in flight cost about two
+    fsyncs, not sixteen; a lone call costs one, as before."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.syncs = 0
+        """fsyncs made (the tests count them)."""
+        self._cond = threading.Condition()
+        self._requested = 0  # tickets handed out, one per call
+        self._covered = 0  # the highest ticket a finished fsync covers
+        self._running = False
+
+    def sync(self) -> None:
+        """Return once an fsync of the directory that began after this call did."""
+        with self._cond:
+            self._requested += 1
+            ticket = self._requested
+            while self._covered < ticket:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                covers = self._requested  # every caller so far made its change before now
+                self._cond.release()
+                done = False
+                try:
+                    fsync_dir(self.directory)
+                    done = True
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    if done:  # a failed fsync covers nothing: each waiter tries for itself
+                        self._covered, self.syncs = covers, self.syncs + 1
+                    self._cond.notify_all()
 
 
 def remove_stale_socket(path: str) -> None:

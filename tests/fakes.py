@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from csi.backends.base import Backend, Capabilities, Expansion, check_publication, matching
+from csi.backends.base import Backend, Capabilities, Expansion, check_publication, matching, page_of
 from csi.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -189,9 +189,9 @@ class FakeVolumes:
         with self._lock:
             return self._by_name(name)
 
-    def list_volumes(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
+    def list_volumes(self, *, after: str = "", limit: int = 0, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
         with self._lock:
-            return [self._volumes[k].volume for k in sorted(self._volumes)]
+            return page_of((record.volume for record in self._volumes.values()), after, limit)
 
     def expand_volume(
         self, local_id: str, required_bytes: int, limit_bytes: int, *, secrets: Secrets = NO_SECRETS
@@ -256,9 +256,9 @@ class FakeVolumes:
             raise NotFound(f"snapshot {local_id!r} does not exist")
         return snapshot
 
-    def list_snapshots(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
+    def list_snapshots(self, *, after: str = "", limit: int = 0, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
         with self._lock:
-            return [self._snapshots[k] for k in sorted(self._snapshots)]
+            return page_of(self._snapshots.values(), after, limit)
 
     # -- publication ----------------------------------------------------------------
 

@@ -391,6 +391,71 @@ def test_list_volumes_spans_every_backend_in_id_order() -> None:
     assert [e.volume.volume_id for e in [*first.entries, *rest.entries]] == made and not rest.next_token
 
 
+def test_pages_follow_id_order_across_backends_whose_names_share_a_prefix() -> None:
+    """IDs of backend "a" sort after those of "a-b" ("-" before ":"): the pages follow
+    the IDs, whatever the page size."""
+    svc = service(fake_backend("a"), fake_backend("a-b"), fake_backend("b"))
+    made = sorted(
+        svc.CreateVolume(create_request(f"pvc-{i}", backend=name), CONTEXT).volume.volume_id
+        for i, name in enumerate(["a", "a-b", "b", "a", "a-b", "a", "b"])
+    )
+    for size in (1, 2, 3, 7, 8, 0):
+        seen, token = [], ""
+        while True:
+            answer = svc.ListVolumes(pb.ListVolumesRequest(max_entries=size, starting_token=token), CONTEXT)
+            assert not size or len(answer.entries) <= size
+            seen += [e.volume.volume_id for e in answer.entries]
+            token = answer.next_token
+            if not token:
+                break
+        assert seen == made, f"pages of {size}"
+    assert not svc.ListVolumes(pb.ListVolumesRequest(max_entries=7), CONTEXT).next_token, "no page after the last"
+
+
+def test_a_token_survives_the_deletion_of_its_entry_and_those_before_it() -> None:
+    svc = service(fake_backend("a"), fake_backend("b"))
+    made = sorted(
+        svc.CreateVolume(create_request(f"pvc-{i}", backend="ab"[i % 2]), CONTEXT).volume.volume_id for i in range(6)
+    )
+    first = svc.ListVolumes(pb.ListVolumesRequest(max_entries=3), CONTEXT)
+    for volume_id in made[:3]:
+        svc.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id), CONTEXT)
+    rest = svc.ListVolumes(pb.ListVolumesRequest(starting_token=first.next_token), CONTEXT)
+    assert [e.volume.volume_id for e in rest.entries] == made[3:]
+    forged = pb.ListVolumesRequest(starting_token="made-up")
+    assert status_of(partial(svc.ListVolumes, forged, CONTEXT))[0] is grpc.StatusCode.ABORTED
+
+
+def test_snapshot_listings_page_by_source_and_by_id() -> None:
+    svc = service(fake_backend("a"), fake_backend("b"))
+    sources = [svc.CreateVolume(create_request(f"pvc-{n}", backend=n), CONTEXT).volume.volume_id for n in "ab"]
+    taken: dict[str, list[str]] = {source: [] for source in sources}
+    for i in range(5):
+        source = sources[i % 2]
+        request = pb.CreateSnapshotRequest(name=f"snap-{i}", source_volume_id=source)
+        taken[source].append(svc.CreateSnapshot(request, CONTEXT).snapshot.snapshot_id)
+
+    def walk(snapshot_id: str = "", source_volume_id: str = "") -> list[str]:
+        seen: list[str] = []
+        token = ""
+        while True:
+            request = pb.ListSnapshotsRequest(
+                max_entries=2, starting_token=token, snapshot_id=snapshot_id, source_volume_id=source_volume_id
+            )
+            answer = svc.ListSnapshots(request, CONTEXT)
+            seen += [e.snapshot.snapshot_id for e in answer.entries]
+            if not (token := answer.next_token):
+                return seen
+
+    assert walk() == sorted(taken[sources[0]] + taken[sources[1]])
+    for source in sources:
+        assert walk(source_volume_id=source) == sorted(taken[source])
+    one = taken[sources[1]][0]
+    assert walk(snapshot_id=one) == [one]
+    assert walk(snapshot_id=one, source_volume_id=sources[0]) == []
+    assert walk(snapshot_id="1:a:snap-never-made") == [] and walk(source_volume_id="1:a:gone") == []
+
+
 def test_get_capacity_of_a_group_leaves_out_an_unwell_member() -> None:
     sick = fake_backend("sick", "g", problem="monitors do not answer", reports_free=64 * GiB)
     svc = service(sick, fake_backend("well", "g"))

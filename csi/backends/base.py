@@ -24,9 +24,9 @@ of ``csi.errors`` and never anything from grpc.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unimplemented
 from csi.model import (
@@ -149,8 +149,11 @@ class VolumeBackend(Protocol):
     def lookup_volume(self, name: str, *, secrets: Secrets = NO_SECRETS) -> Volume | None:
         """The volume created for request name ``name``, or None."""
 
-    def list_volumes(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
-        """Every volume, sorted by local ID."""
+    def list_volumes(self, *, after: str = "", limit: int = 0, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
+        """The volumes whose local ID sorts after ``after``, sorted by local ID, at most
+        ``limit`` of them (0: all). A page costs what its entries cost where the backend
+        keeps an ordered index (see ``page_of`` for the rest): the controller lists a
+        page at a time, and the CO lists everything on every resync."""
 
     def expand_volume(
         self, local_id: str, required_bytes: int, limit_bytes: int, *, secrets: Secrets = NO_SECRETS
@@ -170,8 +173,9 @@ class VolumeBackend(Protocol):
     def get_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Snapshot:
         """The snapshot, or NotFound."""
 
-    def list_snapshots(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
-        """Every snapshot, sorted by local ID."""
+    def list_snapshots(self, *, after: str = "", limit: int = 0, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
+        """The snapshots whose local ID sorts after ``after``, sorted by local ID, at
+        most ``limit`` of them (0: all)."""
 
     def publish_volume(
         self, local_id: str, node_id: str, capability: Capability, readonly: bool, *, secrets: Secrets = NO_SECRETS
@@ -293,6 +297,18 @@ class Backend:
         """What is wrong with the halves this process runs, or None."""
         problems = [p for p in (h.health() for h in (self.controller, self.node) if h is not None) if p]
         return "; ".join(problems) or None
+
+
+_Listed = TypeVar("_Listed", Volume, Snapshot)
+
+
+def page_of(items: Iterable[_Listed], after: str = "", limit: int = 0) -> list[_Listed]:
+    """One page of a listing, for a backend whose store answers only with everything
+    (LVM's report of a volume group, a Kubernetes list): the items after ``after`` in
+    local-ID order, at most ``limit`` (0: all). Costs the whole listing per page; a
+    backend with an ordered index pages in the index instead."""
+    found = sorted((item for item in items if item.local_id > after), key=lambda item: item.local_id)
+    return found[:limit] if limit else found
 
 
 def matching(volume: Volume, spec: VolumeSpec) -> Volume:

@@ -49,6 +49,7 @@ from csi.backends.base import (
     VolumeBackend,
     check_publication,
     matching,
+    page_of,
 )
 from csi.errors import (
     Aborted,
@@ -637,8 +638,9 @@ class RoutedVolumes:
         items, _ = self.objects.list(VOLUMES, f"{BACKEND_LABEL}={self.backend},{KIND_LABEL}={kind}")
         return [o for o in items if self._ours(o, kind) and (o.get("status") or {}).get("phase") == READY]
 
-    def list_volumes(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
-        return sorted((self._volume(o) for o in self._ready("volume")), key=lambda v: v.local_id)
+    def list_volumes(self, *, after: str = "", limit: int = 0, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
+        # One list of the API's objects: their names are not local IDs, so no cursor.
+        return page_of((self._volume(o) for o in self._ready("volume")), after, limit)
 
     def _volume(self, obj: Mapping[str, Any]) -> Volume:
         spec, status = obj["spec"], obj.get("status") or {}
@@ -751,8 +753,8 @@ class RoutedVolumes:
             raise NotFound(f"snapshot {local_id!r} does not exist")
         return self._snapshot(obj)
 
-    def list_snapshots(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
-        return sorted((self._snapshot(o) for o in self._ready("snapshot")), key=lambda s: s.local_id)
+    def list_snapshots(self, *, after: str = "", limit: int = 0, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
+        return page_of((self._snapshot(o) for o in self._ready("snapshot")), after, limit)
 
     def _snapshot(self, obj: Mapping[str, Any]) -> Snapshot:
         spec, status = obj["spec"], obj.get("status") or {}
@@ -1104,8 +1106,8 @@ class NodeKeyed:
         found = self.inner.lookup_volume(name, secrets=secrets)
         return self._volume(found) if found else None
 
-    def list_volumes(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
-        return [self._volume(v) for v in self.inner.list_volumes(secrets=secrets)]
+    def list_volumes(self, *, after: str = "", limit: int = 0, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
+        return page_of((self._volume(v) for v in self.inner.list_volumes(secrets=secrets)), after, limit)
 
     def expand_volume(
         self, local_id: str, required_bytes: int, limit_bytes: int, *, secrets: Secrets = NO_SECRETS
@@ -1123,8 +1125,8 @@ class NodeKeyed:
     def get_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Snapshot:
         return self._snapshot(self.inner.get_snapshot(self._in(local_id), secrets=secrets))
 
-    def list_snapshots(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
-        return [self._snapshot(s) for s in self.inner.list_snapshots(secrets=secrets)]
+    def list_snapshots(self, *, after: str = "", limit: int = 0, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
+        return page_of((self._snapshot(s) for s in self.inner.list_snapshots(secrets=secrets)), after, limit)
 
     def publish_volume(
         self, local_id: str, node_id: str, capability: Capability, readonly: bool, *, secrets: Secrets = NO_SECRETS

@@ -12,7 +12,6 @@ from typing import TypeVar
 import pytest
 
 from csi.backends.base import FEATURES, Expansion
-from csi.controller import paginate
 from csi.errors import AlreadyExists, CairnError, FailedPrecondition, NotFound, OutOfRange
 from csi.model import AccessMode, AccessType, Capability, MiB, Snapshot, SourceRef, Volume
 from csi.parameters import KUBERNETES_PREFIX, SERVICE_PARAMETERS
@@ -101,18 +100,22 @@ def check_volume(subject: Subject, volume: Volume, name: str) -> None:
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in volume.context.items())
 
 
-def walk(items: Sequence[T], key: Callable[[T], str], between: Callable[[], Sequence[T]] | None = None) -> list[str]:
-    """Page through a listing two entries at a time, as ListVolumes does, re-reading the
-    listing for every page (``between`` gives the fresh listing)."""
+def walk(
+    listing: Callable[[str, int], Sequence[T]], key: Callable[[T], str], between: Callable[[], object] | None = None
+) -> list[str]:
+    """Page through a backend's listing two entries at a time, as ListVolumes does, each
+    page after the last ID of the one before (``between`` runs between pages)."""
     seen: list[str] = []
-    token = ""
+    after = ""
     while True:
-        page, token = paginate(items, key, 2, token)
+        page = listing(after, 2)
+        assert len(page) <= 2, "a page holds at most the limit"
         seen += [key(item) for item in page]
-        if not token:
+        if len(page) < 2:
             return seen
+        after = key(page[-1])
         if between is not None:
-            items = between()
+            between()
 
 
 # -- declarations -------------------------------------------------------------------------
@@ -369,21 +372,28 @@ def test_listings_are_sorted_complete_and_stable(subject: Subject) -> None:
     assert ids == sorted(ids) and sorted(ids) == sorted(v.local_id for v in made), "each volume once, sorted"
     assert list(listed) == [subject.volumes.get_volume(i, secrets=subject.secrets) for i in ids]
     assert subject.volumes.list_volumes(secrets=subject.secrets) == listed, "the order is stable"
-    assert walk(listed, lambda v: v.local_id) == ids
 
-    # A volume deleted between two pages: the walk neither skips nor repeats another.
-    doomed = next(v for v in made if v.local_id == ids[3])
+    def pages(after: str, limit: int) -> Sequence[Volume]:
+        return subject.volumes.list_volumes(after=after, limit=limit, secrets=subject.secrets)
 
-    def fresh() -> Sequence[Volume]:
-        delete(subject, doomed)  # before the second page; deleting again later is fine
-        return subject.volumes.list_volumes(secrets=subject.secrets)
+    assert walk(pages, lambda v: v.local_id) == ids
+    assert pages(ids[1], 0) == listed[2:], "limit 0 is everything after the cursor"
 
-    assert walk(listed, lambda v: v.local_id, fresh) == [i for i in ids if i != doomed.local_id]
+    # A volume deleted between two pages, and the last one of the page before: the walk
+    # neither skips nor repeats another.
+    doomed = [v for v in made if v.local_id in (ids[1], ids[3])]
+
+    def churn() -> None:
+        for volume in doomed:
+            delete(subject, volume)  # before the second page; deleting again later is fine
+
+    # The first page (ids 0, 1) is read before the deletions, the second starts after 1.
+    assert walk(pages, lambda v: v.local_id, churn) == [ids[0], ids[1], ids[2], ids[4]]
 
     snapshots: list[Snapshot] = []
     if subject.capabilities.snapshots:
         for i, volume in enumerate(made[:3]):
-            if volume is not doomed:
+            if volume not in doomed:
                 snapshots.append(snap(subject, f"snap-{i}", volume.local_id))
                 assert snapshots[-1].local_id in snapshot_ids(subject), "a snapshot is listed once it is taken"
         listed_snapshots = subject.volumes.list_snapshots(secrets=subject.secrets)
@@ -391,6 +401,13 @@ def test_listings_are_sorted_complete_and_stable(subject: Subject) -> None:
         assert snap_ids == sorted(s.local_id for s in snapshots)
         assert list(listed_snapshots) == [subject.volumes.get_snapshot(i, secrets=subject.secrets) for i in snap_ids]
         assert subject.volumes.list_snapshots(secrets=subject.secrets) == listed_snapshots
+        assert (
+            walk(
+                lambda after, limit: subject.volumes.list_snapshots(after=after, limit=limit, secrets=subject.secrets),
+                lambda s: s.local_id,
+            )
+            == snap_ids
+        )
         for snapshot in snapshots:
             delete(subject, snapshot)
             assert snapshot.local_id not in snapshot_ids(subject), "a deleted snapshot is no longer listed"

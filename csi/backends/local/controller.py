@@ -26,7 +26,7 @@ from csi.errors import (
     OutOfRange,
     ResourceExhausted,
 )
-from csi.files import TEMP_SUFFIX, fsync_dir, fsync_file
+from csi.files import TEMP_SUFFIX, fsync_file
 from csi.model import (
     HEALTHY,
     NO_SECRETS,
@@ -109,13 +109,11 @@ class LocalVolumes:
                 "created": time.time(),
                 "published": {},
             }
-            self.layout.write_record("volume", local_id, record)
-            os.rename(temp, image)
-            fsync_dir(os.path.dirname(image))
+            self.layout.commit("volume", local_id, record, temp)
         except BaseException:
             self.layout.remove("volume", local_id)
             raise
-        return self.get_volume(local_id)
+        return self._volume(local_id, record)
 
     def _source(self, source: SourceRef | None) -> tuple[str | None, int]:
         if source is None:
@@ -150,8 +148,8 @@ class LocalVolumes:
         record = self.layout.read_record("volume", local_id)
         return self._volume(local_id, record) if record else None
 
-    def list_volumes(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
-        return _present(self.get_volume, self.layout.ids("volume"))
+    def list_volumes(self, *, after: str = "", limit: int = 0, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
+        return _present(self.get_volume, self.layout.ids("volume", after), limit)
 
     def _volume(self, local_id: str, record: dict[str, Any]) -> Volume:
         source = record.get("source")
@@ -210,15 +208,12 @@ class LocalVolumes:
         try:
             self._copy_source(source, source_image, temp)
             fsync_file(temp)
-            self.layout.write_record(
-                "snapshot", local_id, {"name": name, "source": source_local_id, "created": time.time()}
-            )
-            os.rename(temp, image)
-            fsync_dir(os.path.dirname(image))
+            record = {"name": name, "source": source_local_id, "created": time.time()}
+            self.layout.commit("snapshot", local_id, record, temp)
         except BaseException:
             self.layout.remove("snapshot", local_id)
             raise
-        return self.get_snapshot(local_id)
+        return self._snapshot(local_id, record)
 
     def delete_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
         self.layout.remove("snapshot", local_id)
@@ -227,8 +222,8 @@ class LocalVolumes:
         record = self.layout.require_record("snapshot", local_id)
         return self._snapshot(local_id, record)
 
-    def list_snapshots(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
-        return _present(self.get_snapshot, self.layout.ids("snapshot"))
+    def list_snapshots(self, *, after: str = "", limit: int = 0, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
+        return _present(self.get_snapshot, self.layout.ids("snapshot", after), limit)
 
     def _snapshot(self, local_id: str, record: dict[str, Any]) -> Snapshot:
         return Snapshot(
@@ -280,15 +275,17 @@ def copy_image(source: str, target: str) -> None:
         proc.run(["cp", "--reflink=auto", "--sparse=always", source, target], timeout=COPY_TIMEOUT)
 
 
-def _present(get: Callable[[str], T], local_ids: Iterable[str]) -> list[T]:
-    """Each object that still exists when it is read: one deleted between the directory
-    scan and its read is left out of a listing, not an error."""
+def _present(get: Callable[[str], T], local_ids: Iterable[str], limit: int = 0) -> list[T]:
+    """The first ``limit`` (0: all) objects that exist when they are read: one still
+    being made, or deleted between the index and its read, is left out, not an error."""
     found = []
     for local_id in local_ids:
         try:
             found.append(get(local_id))
         except NotFound:
             continue
+        if limit and len(found) == limit:
+            break
     return found
 
 

@@ -11,24 +11,34 @@
 The UUID is derived from the request name (UUIDv5), so the ID of a volume is known
 before anything is written; that is what makes CreateVolume idempotent without a
 journal. An object exists when its record *and* its image exist. Creation writes the
-image under a temporary name, then the record, then renames the image into place; so a
-crash leaves either a temporary file or a record without an image, and ``recover`` (run
-at start-up, when nothing is in flight) removes both.
+image and the record under temporary names and flushes both, then renames the record
+and the image into place and flushes the folder once (``commit``); deletion removes
+the image, then the record, and flushes the folder. So a crash leaves temporary files,
+a record without an image, or an image without a record (the folder's renames need not
+reach the disk in order), and ``recover`` (run at start-up, when nothing is in flight)
+removes all three; an object is only ever acknowledged once the folder's flush made it
+whole. Folder flushes are shared by concurrent calls (``files.DirectorySync``).
+
+Listings page through an ordered index of each folder's record names (``Index``), kept
+in memory: the files stay the only store, so crash safety is the files' own.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import logging
 import os
 import re
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any, Literal
 
 from csi.errors import NotFound
-from csi.files import TEMP_SUFFIX, fsync_dir, write_atomically
+from csi.files import TEMP_SUFFIX, DirectorySync, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +53,93 @@ _LOCAL_ID = {
 }
 
 
+SETTLED_NS = 2_000_000_000
+"""How long after a folder's last known change its index is read again once: timestamps
+are coarse (a kernel tick; a second on some filesystems), so a change made elsewhere in
+the same tick as one this process knows leaves the folder's time as it was."""
+
+
+def _now() -> int:
+    return time.time_ns()
+
+
+class Index:
+    """The sorted local IDs that have a record in one folder, so a listing's page costs
+    a bisection and its own records rather than a scan of the folder.
+
+    The folder is scanned at the first use, and again whenever its modification time
+    differs from the one the index last knew. This process's own changes update the index
+    in place and adopt the folder's new time, so a controller (the only writer of its
+    directory) does not rescan for its own work. A change made by anyone else (a record
+    removed by hand, another process) shows in the folder's time and brings a rescan,
+    unless it fell in the same timestamp tick as a change the index knows, or between
+    this process's change and its reading of the time: so the index is read again once
+    ``SETTLED_NS`` after the last time it adopted. A change made elsewhere is listed
+    within that delay at worst; the files stay the only store, and every listed entry is
+    read from its record.
+    """
+
+    def __init__(self, folder: str, pattern: re.Pattern[str]) -> None:
+        self.folder = folder
+        self.pattern = pattern
+        self.scans = 0
+        """How many times the folder was read whole (the tests count them)."""
+        self._lock = threading.Lock()
+        self._ids: list[str] = []
+        self._stamp: tuple[int, int, int] | None = None
+        self._recheck_at: int | None = None
+
+    def after(self, cursor: str) -> Iterator[str]:
+        """IDs with a record that sort after ``cursor``, in order (the index as it is
+        now: entries made or removed meanwhile may or may not show)."""
+        stamp = self._stat()
+        with self._lock:
+            due = self._recheck_at is not None and _now() >= self._recheck_at
+            if stamp != self._stamp or due:
+                self._scan()
+            ids = self._ids
+        # The list is replaced, never changed in place, so it stays whole while iterated.
+        yield from ids[bisect.bisect_right(ids, cursor) :]
+
+    def changed(self, local_id: str, present: bool) -> None:
+        """Record this process's own change to ``local_id``'s record."""
+        with self._lock:
+            if self._stamp is None:
+                return  # not built yet: the first use scans
+            position = bisect.bisect_left(self._ids, local_id)
+            there = position < len(self._ids) and self._ids[position] == local_id
+            if present and not there:
+                self._ids = [*self._ids[:position], local_id, *self._ids[position:]]
+            elif there and not present:
+                self._ids = [*self._ids[:position], *self._ids[position + 1 :]]
+            self._adopt(self._stat())
+
+    def _stat(self) -> tuple[int, int, int]:
+        st = os.stat(self.folder)
+        return st.st_ino, st.st_mtime_ns, st.st_ctime_ns
+
+    def _adopt(self, stamp: tuple[int, int, int]) -> None:
+        self._stamp = stamp
+        self._recheck_at = stamp[1] + SETTLED_NS
+
+    def _scan(self) -> None:
+        stamp = self._stat()
+        self._ids = sorted(
+            local_id
+            for entry in os.listdir(self.folder)
+            if entry.endswith(".json") and self.pattern.match(local_id := entry.removesuffix(".json"))
+        )
+        self._adopt(stamp)
+        if stamp[1] + SETTLED_NS <= _now():
+            self._recheck_at = None  # changed long before this scan: its time tells every later change
+        self.scans += 1
+
+
 class Layout:
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
+        self.index = {kind: Index(os.path.join(self.root, _FOLDER[kind]), _LOCAL_ID[kind]) for kind in _FOLDER}
+        self.durable = {kind: DirectorySync(os.path.join(self.root, _FOLDER[kind])) for kind in _FOLDER}
 
     @classmethod
     def containing(cls, image: str) -> Layout:
@@ -103,32 +197,48 @@ class Layout:
     def write_record(self, kind: Kind, local_id: str, record: dict[str, Any]) -> None:
         path = self.record_path(kind, local_id)
         write_atomically(path, json.dumps(record, sort_keys=True).encode())
+        self.index[kind].changed(local_id, present=True)
 
-    def ids(self, kind: Kind) -> Iterator[str]:
-        """Local IDs of complete objects, sorted."""
-        folder = os.path.join(self.root, _FOLDER[kind])
-        for entry in sorted(os.listdir(folder)):
-            local_id = entry.removesuffix(".json")
-            if entry.endswith(".json") and _LOCAL_ID[kind].match(local_id) and self.exists(kind, local_id):
-                yield local_id
+    def commit(self, kind: Kind, local_id: str, record: dict[str, Any], temp_image: str) -> None:
+        """Make a new object whole: its record, then its image (written and flushed under
+        ``temp_image``), renamed into place, and the folder flushed once."""
+        path = self.record_path(kind, local_id)
+        with open(path + TEMP_SUFFIX, "wb") as handle:
+            handle.write(json.dumps(record, sort_keys=True).encode())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(path + TEMP_SUFFIX, path)
+        os.rename(temp_image, self.image(kind, local_id))
+        self.index[kind].changed(local_id, present=True)
+        self.durable[kind].sync()
+
+    def ids(self, kind: Kind, after: str = "") -> Iterator[str]:
+        """Local IDs that have a record and sort after ``after``, in order: candidates
+        for a listing, which reads each one's record and skips what is incomplete."""
+        return self.index[kind].after(after)
 
     def remove(self, kind: Kind, local_id: str) -> None:
         """Remove image, temporary image and record; what is missing is fine. The record
         goes last so an interrupted removal is finished by the next call or recovery."""
-        image = self.image(kind, local_id)
-        for path in (image, image + TEMP_SUFFIX, self.record_path(kind, local_id)):
+        image, record = self.image(kind, local_id), self.record_path(kind, local_id)
+        for path in (image, image + TEMP_SUFFIX, record + TEMP_SUFFIX, record):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        fsync_dir(os.path.dirname(image))
+        self.index[kind].changed(local_id, present=False)
+        self.durable[kind].sync()
 
     def recover(self) -> None:
-        """Remove what crashed creations left: temporary images and records whose image
-        never landed. Only safe when no operation is in flight (start-up)."""
+        """Remove what crashed creations and deletions left: temporary files, records
+        without an image and images without a record. Only safe when no operation is in
+        flight (start-up)."""
         for kind, folder in _FOLDER.items():
             directory = os.path.join(self.root, folder)
-            for entry in sorted(os.listdir(directory)):
+            entries = set(os.listdir(directory))
+            for entry in sorted(entries):
                 path = os.path.join(directory, entry)
-                orphan_record = entry.endswith(".json") and not os.path.exists(path.removesuffix(".json") + ".img")
-                if entry.endswith(TEMP_SUFFIX) or orphan_record:
+                stem, suffix = os.path.splitext(entry)
+                orphan_record = suffix == ".json" and f"{stem}.img" not in entries
+                orphan_image = suffix == ".img" and f"{stem}.json" not in entries
+                if entry.endswith(TEMP_SUFFIX) or orphan_record or orphan_image:
                     log.warning("removing what an interrupted %s creation left", kind, extra={"path": path})
                     os.unlink(path)

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 
 from csi import ids
-from csi.backends.base import check_publication, matching
+from csi.backends.base import check_publication, matching, page_of
 from csi.backends.lvm import failures
 from csi.backends.lvm.lvm import LogicalVolume, Lvm, round_up
 from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Unavailable
@@ -304,8 +304,9 @@ class LvmVolumes:
         found = self._find("volume", local_id)
         return self._volume(local_id, found) if found else None
 
-    def list_volumes(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
-        return sorted((self._volume(local_id, lv) for local_id, lv in self._listed("volume")), key=lambda v: v.local_id)
+    def list_volumes(self, *, after: str = "", limit: int = 0, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
+        # One report of the volume group answers for every volume: LVM has no cursor.
+        return page_of((self._volume(local_id, lv) for local_id, lv in self._listed("volume")), after, limit)
 
     def _listed(self, kind: str) -> list[tuple[str, LogicalVolume]]:
         prefix = f"cairn-{_PREFIX[kind]}-"
@@ -387,10 +388,8 @@ class LvmVolumes:
     def get_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Snapshot:
         return self._snapshot(local_id, self._require("snapshot", local_id))
 
-    def list_snapshots(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
-        return sorted(
-            (self._snapshot(local_id, lv) for local_id, lv in self._listed("snapshot")), key=lambda s: s.local_id
-        )
+    def list_snapshots(self, *, after: str = "", limit: int = 0, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
+        return page_of((self._snapshot(local_id, lv) for local_id, lv in self._listed("snapshot")), after, limit)
 
     def _snapshot(self, local_id: str, lv: LogicalVolume) -> Snapshot:
         source = decode((tag_value(lv.tags, SOURCE_TAG) or "").removeprefix("volume:")) or ""

@@ -466,23 +466,27 @@ class NfsVolumes:
         record = self._read("volume", local_id)
         return self._volume(local_id, record) if record else None
 
-    def list_volumes(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
-        return [self._volume(i, r) for i, r in self._records("volume")]
+    def list_volumes(self, *, after: str = "", limit: int = 0, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
+        return [self._volume(i, r) for i, r in self._records("volume", after, limit)]
 
-    def _records(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
+    def _records(self, kind: str, after: str = "", limit: int = 0) -> list[tuple[str, dict[str, Any]]]:
+        """The records of ``kind`` after local ID ``after``, at most ``limit`` (0: all):
+        one listing of the control folder's names, then only the page's records read."""
         self._ensure()
         folder = tree_ops.join(self.control, _FOLDER[kind])
+        names = self._call(lambda: self.tree.listdir(folder))
         found = []
-        for name in sorted(self._call(lambda: self.tree.listdir(folder))):
-            if not name.endswith(".json"):
+        for local_id in sorted(n.removesuffix(".json") for n in names if n.endswith(".json")):
+            if local_id <= after:
                 continue
-            local_id = name.removesuffix(".json")
             try:
                 record = self._read(kind, local_id)
             except NotFound:
                 continue
             if record is not None:
                 found.append((local_id, record))
+                if limit and len(found) == limit:
+                    break
         return found
 
     def _volume(self, local_id: str, record: Mapping[str, Any]) -> Volume:
@@ -586,8 +590,8 @@ class NfsVolumes:
     def get_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Snapshot:
         return self._snapshot(local_id, self._require("snapshot", local_id))
 
-    def list_snapshots(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
-        return [self._snapshot(i, r) for i, r in self._records("snapshot")]
+    def list_snapshots(self, *, after: str = "", limit: int = 0, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
+        return [self._snapshot(i, r) for i, r in self._records("snapshot", after, limit)]
 
     @staticmethod
     def _snapshot(local_id: str, record: Mapping[str, Any]) -> Snapshot:

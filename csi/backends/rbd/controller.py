@@ -28,7 +28,7 @@ import rbd
 from csi.backends.base import check_publication
 from csi.backends.rbd.cluster import Clusters, ceph_call, classify
 from csi.backends.rbd.common import MAPPERS, Credentials, Kind, RbdSettings, image_name, parse_features, split_id
-from csi.backends.rbd.journal import Journal, Sweeper, forget_pool, remember_pool, remembered_pools
+from csi.backends.rbd.journal import OMAP_PAGE, Journal, Sweeper, forget_pool, remember_pool, remembered_pools
 from csi.checks import BackgroundCheck
 from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from csi.model import (
@@ -382,8 +382,8 @@ class RbdVolumes:
             image_uuid = journal.lookup("volume", name)
             return self._complete_volume(io, f"{self.settings.pool}/{image_uuid}") if image_uuid else None
 
-    def list_volumes(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
-        return self._list("volume", self._complete_volume, secrets)
+    def list_volumes(self, *, after: str = "", limit: int = 0, secrets: Secrets = NO_SECRETS) -> Sequence[Volume]:
+        return self._list("volume", self._complete_volume, after, limit, secrets)
 
     def expand_volume(
         self, local_id: str, required_bytes: int, limit_bytes: int, *, secrets: Secrets = NO_SECRETS
@@ -479,28 +479,39 @@ class RbdVolumes:
             raise NotFound(f"snapshot {local_id!r} does not exist")
         return snapshot
 
-    def list_snapshots(self, *, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
-        return self._list("snapshot", self._complete_snapshot, secrets)
+    def list_snapshots(self, *, after: str = "", limit: int = 0, secrets: Secrets = NO_SECRETS) -> Sequence[Snapshot]:
+        return self._list("snapshot", self._complete_snapshot, after, limit, secrets)
 
-    def _list(self, kind: Kind, complete: Callable[[Any, str], T | None], secrets: Secrets) -> list[T]:
-        """The complete objects of ``kind`` in the backend's pool and in every pool a
-        StorageClass put volumes in, sorted by local ID. A recorded pool that was deleted
-        since holds nothing."""
-        prefix = image_name(kind, "")
+    def _list(
+        self, kind: Kind, complete: Callable[[Any, str], T | None], after: str, limit: int, secrets: Secrets
+    ) -> list[T]:
+        """The complete objects of ``kind`` after local ID ``after``, at most ``limit``
+        (0: all), in local-ID order, from the backend's pool and every pool a StorageClass
+        put volumes in (local IDs are ``<pool>/<uuid>``, so pools are read in that order).
+        Each pool's journal is read in UUID order from the cursor, and only the images of
+        the page are opened. A recorded pool that was deleted since holds nothing."""
         with self._pool(self.settings.pool, secrets) as (io, _journal):
-            pools = [self.settings.pool, *remembered_pools(io)]
-        found: list[T | None] = []
+            pools = sorted({self.settings.pool, *remembered_pools(io)}, key=lambda pool: pool + "/")
+        found: list[T] = []
         for pool in pools:
+            start = f"{pool}/"
+            if after >= start and not after.startswith(start):
+                continue  # every ID of this pool sorts before the cursor
+            cursor = after.removeprefix(start) if after.startswith(start) else ""
             try:
-                with self._pool(pool, secrets) as (io, _journal):
-                    listed = ceph_call(f"pool {pool!r}", lambda: self.rbd.list(io))
-                    names = sorted(n for n in listed if n.startswith(prefix))
-                    found += [complete(io, f"{pool}/{n.removeprefix(prefix)}") for n in names]
+                with self._pool(pool, secrets) as (io, journal):
+                    # A few more keys than the page needs: reservations of unfinished work are skipped.
+                    for image_uuid in journal.reserved(kind, cursor, min(limit + 16, OMAP_PAGE) if limit else 0):
+                        item = complete(io, f"{pool}/{image_uuid}")
+                        if item is not None:
+                            found.append(item)
+                            if limit and len(found) == limit:
+                                return found
             except NotFound:
                 log.warning("pool %s, recorded as holding volumes, no longer exists; forgetting it", pool)
                 with self._pool(self.settings.pool, secrets) as (io, _journal):
                     forget_pool(io, pool)
-        return sorted((item for item in found if item is not None), key=lambda item: item.local_id)  # type: ignore[attr-defined]
+        return found
 
     # -- publication ----------------------------------------------------------------
 

@@ -104,6 +104,15 @@ class Journal:
             keys.append(f"{kind}.name.{record['name']}")
         self._remove(*keys)
 
+    def reserved(self, kind: Kind, after: str = "", page_size: int = 0) -> Iterator[str]:
+        """The UUIDs reserved for ``kind`` that sort after ``after``, in order, read from
+        the journal ``page_size`` keys at a time: a listing's page reads about its own
+        entries, not the whole journal."""
+        prefix = f"{kind}.uuid."
+        start = prefix + after if after else ""
+        for key in omap_keys(self.io, JOURNAL, after=start, prefix=prefix, page_size=page_size or OMAP_PAGE):
+            yield key.removeprefix(prefix)
+
     def sweep(self, image_gone: Callable[[str], bool]) -> int:
         """Remove reservations whose image is gone (``image_gone`` removes the remains of
         one a killed call left half made); returns how many. The journal is read a page at
@@ -124,24 +133,24 @@ POOLS = "cairn.pools"
 StorageClass's ``pool`` parameter put volumes in, so listings find them."""
 
 
-def omap_keys(io: Any, obj: str) -> Iterator[str]:
-    """Every omap key of ``obj`` in order, read OMAP_PAGE at a time; none when the object
-    does not exist."""
+def omap_keys(io: Any, obj: str, *, after: str = "", prefix: str = "", page_size: int = OMAP_PAGE) -> Iterator[str]:
+    """The omap keys of ``obj`` that start with ``prefix`` and sort after ``after``, in
+    order, read ``page_size`` at a time (a reader that stops early reads no more); none
+    when the object does not exist."""
 
     def page(after: str) -> list[str]:
         with rados.ReadOpCtx() as op:
-            values, _ = io.get_omap_vals(op, after, "", OMAP_PAGE)
+            values, _ = io.get_omap_vals(op, after, prefix, page_size)
             try:
                 io.operate_read_op(op, obj)
             except rados.ObjectNotFound:
                 return []
             return [key for key, _value in values]
 
-    after = ""
     while True:
         keys = ceph_call(f"object {obj}", lambda: page(after))  # noqa: B023 (called at once)
         yield from keys
-        if len(keys) < OMAP_PAGE:
+        if len(keys) < page_size:
             return
         after = keys[-1]
 

@@ -129,6 +129,15 @@ def test_crash_leftovers_are_cleaned_at_start_and_retry_finishes(tmp_path: Path)
     backend.layout.write_record("volume", other, {"name": "pvc-abandoned"})
     LocalVolumes(root, "node-a")
     assert files(backend) == [f"volumes/{local_id}.img", f"volumes/{local_id}.json"]
+    # A creation whose image rename reached the disk and whose record rename did not (a
+    # folder's renames need not land in order), with the record's temporary file: never
+    # acknowledged, so removed at the next start.
+    torn = Layout.local_id("volume", "pvc-torn")
+    Path(backend.layout.image("volume", torn)).write_bytes(b"")
+    Path(backend.layout.record_path("volume", torn) + ".tmp").write_bytes(b"{}")
+    assert backend.lookup_volume("pvc-torn") is None
+    LocalVolumes(root, "node-a")
+    assert files(backend) == [f"volumes/{local_id}.img", f"volumes/{local_id}.json"]
 
 
 def test_failed_copy_leaves_nothing(volumes: LocalVolumes, monkeypatch: pytest.MonkeyPatch) -> None:
