@@ -9,10 +9,17 @@ nothing here looks at a mount point in this process: the mount table is read fro
 /proc, paths are resolved without a stat of their last name, and the statistics of a
 network filesystem are read by a child process with a timeout (``probe``), which tells
 a healthy mount from a stale one (ESTALE: its server restarted) or one that does not
-answer. Unmounting such a mount falls back to a forced, then a lazy unmount."""
+answer. Unmounting such a mount falls back to a forced, then a lazy unmount.
+
+Bind mounts, and unmounts of local filesystems, are made with the mount(2) and umount2(2)
+system calls rather than mount(8) and umount(8): a process start each costs more than
+the call itself. Mounts that need a helper (a filesystem type, network filesystems)
+and option strings the table below does not know still go through the tools."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import enum
 import errno
 import hashlib
@@ -30,7 +37,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from csi import proc
-from csi.errors import Aborted, CommandBusy, CommandFailed, CommandTimeout, DeadlineExceeded, FailedPrecondition
+from csi.errors import (
+    Aborted,
+    CommandBusy,
+    CommandFailed,
+    CommandTimeout,
+    DeadlineExceeded,
+    FailedPrecondition,
+    command_failed,
+)
 from csi.files import TEMP_SUFFIX, fsync_dir, write_atomically
 from csi.model import Filesystem, FilesystemStats
 
@@ -193,18 +208,67 @@ def check(device: str) -> None:
         proc.run(["e2fsck", "-f", "-y", device], timeout=MKFS_TIMEOUT, ok_codes=(0, 1, 2))
 
 
+# Per-mount flags a bind remount can set (linux/mount.h), and those mountinfo shows.
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND = 0x20, 0x400, 0x800, 0x1000
+MS_RELATIME, MS_STRICTATIME, MS_NOSYMFOLLOW = 0x200000, 0x1000000, 0x100
+_MOUNT_FLAGS = {
+    "ro": MS_RDONLY,
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "noatime": MS_NOATIME,
+    "nodiratime": MS_NODIRATIME,
+    "relatime": MS_RELATIME,
+    "strictatime": MS_STRICTATIME,
+    "nosymfollow": MS_NOSYMFOLLOW,
+}
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _mount_call(argv: Sequence[str], source: str, target: str, flags: int) -> None:
+    """mount(2) for a bind or a bind remount; a failure is the CommandFailed its
+    mount(8) equivalent ``argv`` would raise."""
+    if _libc.mount(source.encode(), target.encode(), None, ctypes.c_ulong(flags), None) != 0:
+        code = ctypes.get_errno()
+        raise errors_for(argv, code)
+
+
+def _umount_call(target: str) -> None:
+    if _libc.umount2(target.encode(), 0) != 0:
+        code = ctypes.get_errno()
+        raise errors_for(["umount", target], code)
+
+
+def errors_for(argv: Sequence[str], code: int) -> CommandFailed:
+    """The error a failed system call raises, classified as the tool doing the same
+    would be (busy, refused, missing)."""
+    return command_failed(argv, code, f"{' '.join(argv)}: {os.strerror(code)}")
+
+
 def bind(source: str, target: str, readonly: bool = False, options: Sequence[str] = ()) -> None:
-    """Bind-mount ``source`` (directory or device node) on ``target``; read-only takes a
-    second remount, which is undone if it fails so no writable bind is left behind."""
-    proc.run(["mount", "--bind", source, target])
+    """Bind-mount ``source`` (directory or device node) on ``target``; read-only (or
+    options) take a second remount, which is undone if it fails so no writable bind is
+    left behind. The remount keeps the flags the bind has (a bind copies its source's
+    nosuid, nodev, ...) and adds those asked for."""
+    _mount_call(["mount", "--bind", source, target], source, target, MS_BIND)
     extra = [o for o in options if o not in ("bind", "rw", "ro")]
-    if readonly or extra:
-        remount = ["remount", "bind", "ro" if readonly else "rw", *extra]
-        try:
+    if not (readonly or extra):
+        return
+    remount = ["remount", "bind", "ro" if readonly else "rw", *extra]
+    try:
+        if all(o in _MOUNT_FLAGS for o in extra):
+            entry = find_mount(target)
+            shown = entry.options if entry else ()
+            flags = MS_REMOUNT | MS_BIND | (MS_RDONLY if readonly else 0)
+            for option in [*(o for o in shown if o != "ro"), *extra]:
+                flags |= _MOUNT_FLAGS.get(option, 0)
+            _mount_call(["mount", "-o", ",".join(remount), target], "none", target, flags)
+        else:
             proc.run(["mount", "-o", ",".join(remount), target])
-        except CommandFailed:
-            unmount(target)
-            raise
+    except CommandFailed:
+        unmount(target)
+        raise
 
 
 def unmount(target: str) -> None:
@@ -220,7 +284,7 @@ def unmount(target: str) -> None:
             _unmount_network(entry)
             continue
         try:
-            proc.run(["umount", target])
+            _umount_call(entry.target)
         except CommandBusy as exc:
             raise _busy(target, exc) from exc
     raise FailedPrecondition(f"{target} is still mounted after 8 unmounts")
