@@ -4,6 +4,7 @@ code lives here; every error is a domain error that ``status.py`` maps to a code
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
@@ -198,8 +199,8 @@ class ControllerService(pb_grpc.ControllerServicer):
             metadata=claim_metadata(parameters),
         )
         # The source's lock too: a delete of the source waits (ABORTED) until the copy is made.
-        source_lock = (str(source[0]), source[1].kind) if source else ("", "no source")
-        with self.inflight.hold(request.name, "volume name"), self.inflight.hold(*source_lock):
+        source_lock = self.inflight.hold(str(source[0]), source[1].kind) if source else contextlib.nullcontext()
+        with self.inflight.hold(request.name, "volume name"), source_lock:
             for backend in self.scheduler.select(parameters):
                 if backend.volumes.lookup_volume(request.name, secrets=spec.secrets) is not None:
                     # A retry: the backend compares the request with what it made.

@@ -7,6 +7,7 @@ they raise is a domain error, which the server's interceptor maps with
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
@@ -20,7 +21,7 @@ from csi.backends.base import Backend, Capabilities, Expansion
 from csi.controller import ControllerService
 from csi.errors import CairnError
 from csi.generated import csi_pb2 as pb
-from csi.model import TOPOLOGY_NODE_KEY, AccessMode, AccessType, GiB, MiB
+from csi.model import TOPOLOGY_NODE_KEY, AccessMode, AccessType, GiB, MiB, Volume, VolumeSpec
 from csi.registry import Registry
 from csi.scheduler import Scheduler
 from csi.status import to_status
@@ -389,6 +390,34 @@ def test_list_volumes_spans_every_backend_in_id_order() -> None:
     first = svc.ListVolumes(pb.ListVolumesRequest(max_entries=3), CONTEXT)
     rest = svc.ListVolumes(pb.ListVolumesRequest(starting_token=first.next_token), CONTEXT)
     assert [e.volume.volume_id for e in [*first.entries, *rest.entries]] == made and not rest.next_token
+
+
+def test_creates_of_different_names_without_a_source_run_side_by_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the name (and a content source) is locked: blank volumes of other names are
+    created while one is in flight, a second call for the same name is ABORTED."""
+    backend = fake_backend("a")
+    volumes = fake_volumes(backend)
+    entered, release = threading.Event(), threading.Event()
+    real = volumes.create_volume
+
+    def slow(spec: VolumeSpec) -> Volume:
+        if spec.name == "pvc-slow":
+            entered.set()
+            release.wait(30)
+        return real(spec)
+
+    monkeypatch.setattr(volumes, "create_volume", slow)
+    svc = service(backend)
+    first = threading.Thread(target=lambda: svc.CreateVolume(create_request("pvc-slow"), CONTEXT))
+    first.start()
+    try:
+        assert entered.wait(30)
+        assert svc.CreateVolume(create_request("pvc-other"), CONTEXT).volume.volume_id
+        again = partial(svc.CreateVolume, create_request("pvc-slow"), CONTEXT)
+        assert status_of(again)[0] is grpc.StatusCode.ABORTED
+    finally:
+        release.set()
+        first.join()
 
 
 def test_pages_follow_id_order_across_backends_whose_names_share_a_prefix() -> None:
