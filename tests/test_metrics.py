@@ -21,7 +21,7 @@ from csi.backends.local import CAPABILITIES
 from csi.generated import csi_pb2 as pb
 from csi.metrics import BackendGauges, Metrics
 from tests.conftest import running_driver
-from tests.support import NODE_ID, Driver, block_capability, require_root, require_tools
+from tests.support import NODE_ID, Driver, block_capability, mount_capability, require_root, require_tools
 
 MiB = 1 << 20
 CREATE = "/csi.v1.Controller/CreateVolume"
@@ -107,10 +107,11 @@ def test_a_driver_serves_call_and_backend_metrics(metered: tuple[Driver, int]) -
 @pytest.mark.integration
 def test_the_commands_a_call_runs_carry_its_request_id(metered: tuple[Driver, int]) -> None:
     require_root()
-    require_tools("losetup")
+    require_tools("mkfs.ext4", "blkid")
     driver, _ = metered
-    cap = block_capability()
-    request = pb.CreateVolumeRequest(name="pvc-ids", volume_capabilities=[cap], capacity_range={"required_bytes": MiB})
+    cap = mount_capability()
+    size = 16 * MiB
+    request = pb.CreateVolumeRequest(name="pvc-ids", volume_capabilities=[cap], capacity_range={"required_bytes": size})
     volume = driver.controller.CreateVolume(request, timeout=30).volume
     publish = pb.ControllerPublishVolumeRequest(volume_id=volume.volume_id, node_id=NODE_ID, volume_capability=cap)
     context = driver.controller.ControllerPublishVolume(publish, timeout=30).publish_context
@@ -123,7 +124,7 @@ def test_the_commands_a_call_runs_carry_its_request_id(metered: tuple[Driver, in
         lines = log_lines(driver, "stage-1")
         commands = [line for line in lines if "ran command" in line]
         assert commands and all(" DEBUG csi.proc: " in line for line in commands)
-        assert any('"losetup"' in line for line in commands)
+        assert any('"mkfs.ext4"' in line for line in commands) and any('"blkid"' in line for line in commands)
         assert " csi.server: done " in lines[-1] and 'backend="local"' in lines[-1]
     finally:
         driver.node.NodeUnstageVolume(

@@ -574,7 +574,8 @@ class Snapshot(Copy):
 
 
 class Stage(Scenario):
-    milestones = {"local": ("losetup", "mkfs.ext4", "mount"), "rbd": ("rbd-fuse", "losetup", "mkfs.ext4", "mount")}
+    # blkid: the first process after the loop device is attached (through its ioctls).
+    milestones = {"local": ("blkid", "mkfs.ext4", "mount"), "rbd": ("rbd-fuse", "blkid", "mkfs.ext4", "mount")}
     node_path = True
 
     def setup(self, round_: int) -> list[Step]:
@@ -604,9 +605,9 @@ class Expand(Scenario):
     SIZE = 96 * MiB
     online = has_capability(CAP_SYS_RESOURCE)
     milestones = (
-        {"local": ("losetup", "resize2fs"), "rbd": ("losetup", "resize2fs")}
+        {"local": ("resize2fs",), "rbd": ("resize2fs",)}
         if online
-        else {"local": ("losetup", "e2fsck", "resize2fs"), "rbd": ("rbd-fuse", "e2fsck", "resize2fs")}
+        else {"local": ("blkid", "e2fsck", "resize2fs"), "rbd": ("rbd-fuse", "e2fsck", "resize2fs")}
     )
 
     def setup(self, round_: int) -> list[Step]:

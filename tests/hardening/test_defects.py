@@ -139,8 +139,8 @@ def test_3_a_volume_deleted_between_scan_and_read_is_left_out(tmp_path: Path, mo
     kept, doomed = (volumes.create_volume(VolumeSpec(n, MiB, 0, (rwo,))) for n in ("kept", "doomed"))
     scan = Layout.ids
 
-    def scan_then_delete(layout: Layout, kind: Any) -> Iterator[str]:
-        for local_id in scan(layout, kind):
+    def scan_then_delete(layout: Layout, kind: Any, after: str = "") -> Iterator[str]:
+        for local_id in scan(layout, kind, after):
             if local_id == doomed.local_id:
                 volumes.delete_volume(local_id)  # by another call, after the scan saw it
             yield local_id

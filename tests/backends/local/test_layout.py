@@ -59,7 +59,7 @@ def test_a_page_of_ten_thousand_volumes_reads_only_its_own_records(
         # Durability is not what this test is about: made without flushing, 10,000 take seconds.
         quick.setattr("csi.files.fsync_dir", lambda _path: None)
         quick.setattr(local_controller, "fsync_file", lambda _path: None)
-        quick.setattr(layout.os, "fsync", lambda _fd: None)
+        quick.setattr(os, "fsync", lambda _fd: None)
         made = sorted(volumes.create_volume(spec(f"pvc-{i}")).local_id for i in range(10_000))
     reads = Reads(monkeypatch)
     seen: list[str] = []
