@@ -46,9 +46,10 @@ e2e: setup-test
 integration conformance: setup-test
 	CAIRN_REQUIRE_ALL=1 PATH="$(TOOLS)/bin:$$PATH" $(VENV)/bin/pytest -m $@
 
-## bench: provisioning and staging figures as ratios to the raw operations (root)
+## bench: the local backend against a do-nothing gRPC server and the raw operations, with
+## throughput, the listing curve and a py-spy profile; the other backends against theirs (root)
 bench: setup-test
-	$(VENV)/bin/python bench/provision.py
+	$(VENV)/bin/python bench/provision.py --profile
 	$(VENV)/bin/python bench/rbd_backend.py
 	$(VENV)/bin/python bench/nfs_backend.py
 	$(VENV)/bin/python bench/lvm_backend.py
