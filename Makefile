@@ -26,7 +26,7 @@ demo: setup-run
 
 ## test: install everything, then lint, type-check and run every test tier
 test: setup-test lint
-	CAIRN_REQUIRE_ALL=1 PATH="$(TOOLS)/bin:$$PATH" $(VENV)/bin/pytest
+	CAIRN_REQUIRE_ALL=1 PATH="$(TOOLS)/bin:$$PATH" $(VENV)/bin/pytest --durations=30
 
 lint:
 	$(VENV)/bin/ruff check csi tests bench
