@@ -1,11 +1,20 @@
 """Controller half of the rbd backend, through librbd (python3-rbd).
 
 Volumes are images ``cairn-vol-<uuid>``; a snapshot is an image ``cairn-snap-<uuid>``
-cloned from a short-lived RBD snapshot of its source, carrying one RBD snapshot named
-``cairn`` that restores clone from. Because a snapshot is an image of its own, it
-survives the deletion of its source volume; because it is a clone, taking it copies no
-data. Clone chains are bounded: a new clone deeper than ``maxCloneDepth`` is flattened
-at once (a full copy, so the call takes as long as the data takes to copy).
+cloned from a short-lived RBD snapshot of its source. Restores clone from an RBD snapshot
+named ``cairn`` of that image, taken at its first restore: the image is never written, so
+a snapshot taken later holds the same data, and a snapshot never restored costs no RBD
+snapshot (each one is a round of the monitors' consensus to take and another to drop).
+Because a snapshot is an image of its own, it survives the deletion of its source volume;
+because it is a clone, taking it copies no data. Clone chains are bounded: a new clone
+deeper than ``maxCloneDepth`` is flattened at once (a full copy, so the call takes as
+long as the data takes to copy).
+
+An image's metadata says what it is: ``cairn.made`` (its own name: librbd finished making
+it), ``cairn.source``, ``mapper`` and ``mapOptions`` (volumes), ``cairn.created``
+(snapshots), and ``cairn.name``, written last, which marks it complete. Images made by
+earlier versions may also carry ``cairn.image`` (the same mark as ``cairn.made``) and
+``cairn.created`` on volumes; both are still read.
 
 Images that still have clones when deleted go to the RBD trash; they are purged as soon
 as their last clone is gone (every delete tries). Which nodes use a volume is image
@@ -20,7 +29,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import rbd
@@ -49,8 +58,8 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT = "cairn"
 NAME_KEY, SOURCE_KEY, CREATED_KEY, PUBLISHED_PREFIX = "cairn.name", "cairn.source", "cairn.created", "cairn.published."
-IMAGE_KEY = "cairn.image"  # the image's own name: marks it complete (see _completed)
-MADE_KEY = "cairn.made"  # the image's own name: librbd finished making it (see _made)
+MADE_KEY = "cairn.made"  # the image's own name: librbd finished making it (see _made, _completed)
+IMAGE_KEY = "cairn.image"  # the image's own name, written by earlier versions: read as MADE_KEY
 PARAM_POOL, PARAM_DATA_POOL, PARAM_FEATURES, PARAM_MAPPER = "pool", "dataPool", "imageFeatures", "mapper"
 PARAM_MAP_OPTIONS = "mapOptions"
 HEALTH_INTERVAL = 30.0  # seconds between two checks of the cluster
@@ -124,18 +133,30 @@ class RbdVolumes:
                 return
 
     def _remove_image(self, io: Any, name: str) -> None:
-        _drop_temporary_snapshots(io, name)
+        """Remove image ``name``, or move it to the trash while clones still read from it.
+        librbd refuses to remove an image that has snapshots before it changes anything,
+        so the snapshots Cairn took of it are looked for only then: most images have none."""
         try:
-            self.rbd.remove(io, name)
+            if not self._removed(io, name) and not (_drop_own_snapshots(io, name) and self._removed(io, name)):
+                # Clones (snapshots or restored volumes) still read from it: keep the data in
+                # the trash until the last clone is gone.
+                ceph_call(f"image {name}", lambda: self.rbd.trash_move(io, name, 0))
         except rbd.ImageNotFound:
             return
+        self._purge_trash(io)
+
+    def _removed(self, io: Any, name: str) -> bool:
+        """Remove image ``name``: False when it still has snapshots (raises ImageNotFound
+        when there is no such image)."""
+        try:
+            self.rbd.remove(io, name)
         except rbd.ImageHasSnapshots:
-            # Clones (snapshots or restored volumes) still read from it: keep the data in
-            # the trash until the last clone is gone.
-            ceph_call(f"image {name}", lambda: self.rbd.trash_move(io, name, 0))
+            return False
+        except rbd.ImageNotFound:
+            raise
         except rbd.Error as exc:
             raise classify(exc, f"image {name}") from exc
-        self._purge_trash(io)
+        return True
 
     # -- capacity and capabilities -------------------------------------------------
 
@@ -193,34 +214,44 @@ class RbdVolumes:
         if mapper not in MAPPERS:
             raise InvalidArgument(f"mapper {mapper!r} is not one of {', '.join(MAPPERS)}")
         source = _source_text(spec.source)
+        # What the image's metadata will say besides its name (an empty value: no key).
+        keys = {
+            SOURCE_KEY: source,
+            PARAM_MAPPER: mapper,
+            PARAM_MAP_OPTIONS: spec.parameters.get(PARAM_MAP_OPTIONS, self.settings.map_options),
+        }
         if pool != self.settings.pool:
             # Recorded before anything is made there, so listings find whatever follows.
             with self._pool(self.settings.pool, spec.secrets) as (io, _journal):
                 remember_pool(io, pool)
         with self._pool(pool, spec.secrets) as (io, journal):
-            image_uuid, _record = journal.reserve("volume", spec.name)
-            local_id, name = f"{pool}/{image_uuid}", image_name("volume", image_uuid)
-            existing = self._complete_volume(io, local_id)
-            if existing is not None:
-                return self._matching(existing, spec, source)
+            reservation = journal.reserve("volume", spec.name)
+            local_id, name = f"{pool}/{reservation.uuid}", image_name("volume", reservation.uuid)
+            if not reservation.new:  # a retry: a call before it may have made it, or part of it
+                existing = self._complete_volume(io, local_id)
+                if existing is not None:
+                    return self._matching(existing, spec, source)
             try:
                 parent_size = self._source_size(spec.source, spec.secrets)
                 size = choose_size(spec.required_bytes, spec.limit_bytes, parent_size)
-                if not self._made(io, name):
-                    self._remove_image(io, name)  # what a killed call left half made, if anything
+                made = not reservation.new and self._made(io, name)
+                if not made:
+                    if not reservation.new:
+                        self._remove_image(io, name)  # what a killed call left half made, if anything
                     self._make(io, name, size, features, data_pool, spec.source, spec.secrets)
                 with self._image(io, name, f"volume {spec.name!r}") as image:
-                    if image.size() < size:
+                    # Read before the first write: each write makes librbd read the header again.
+                    capacity, depth = int(image.size()), self._clone_depth(image, spec.secrets)
+                    _forget_inherited(image, keys, also=(PARAM_MAP_OPTIONS,))
+                    if not made:
+                        image.metadata_set(MADE_KEY, name)
+                    if capacity < size:
                         image.resize(size)
-                    if self._clone_depth(image, spec.secrets) > self.settings.max_clone_depth:
+                        capacity = size
+                    if depth > self.settings.max_clone_depth:
                         image.flatten()
-                    _set_metadata(image, SOURCE_KEY, source)
-                    _set_metadata(image, CREATED_KEY, str(time.time()))
-                    _set_metadata(image, PARAM_MAPPER, mapper)
-                    _set_metadata(
-                        image, PARAM_MAP_OPTIONS, spec.parameters.get(PARAM_MAP_OPTIONS, self.settings.map_options)
-                    )
-                    _set_metadata(image, IMAGE_KEY, name)
+                    for key, value in keys.items():
+                        _set_metadata(image, key, value)
                     _set_metadata(image, NAME_KEY, spec.name)  # last: marks the volume complete
             except BaseException:
                 # Nothing complete exists under this reservation: remove what this call,
@@ -229,9 +260,10 @@ class RbdVolumes:
                 # reservation, so that the retry finds it and removes it then.
                 with contextlib.suppress(Exception):
                     self._remove_image(io, name)
-                    journal.release("volume", image_uuid)
+                    journal.release("volume", reservation.uuid)
                 raise
-        return self.get_volume(local_id, secrets=spec.secrets)
+        # What get_volume would read back, without reading it: the image is this call's.
+        return _volume(local_id, capacity, {**keys, NAME_KEY: spec.name})
 
     def _made(self, io: Any, name: str) -> bool:
         """Whether ``name`` was made whole. librbd makes an image, and a clone above all,
@@ -269,55 +301,79 @@ class RbdVolumes:
         source: SourceRef | None,
         secrets: Secrets,
     ) -> None:
-        """Make image ``name``, empty or cloned from ``source``, and mark it made."""
+        """Make image ``name``, empty or cloned from ``source``; the caller marks it made."""
         if source is None:
             ceph_call(
                 f"image {name}",
                 lambda: self.rbd.create(io, name, size, old_format=False, features=features, data_pool=data_pool),
             )
-        else:
-            source_pool, source_uuid = split_id(source.local_id, source.kind)
-            with self.clusters.ioctx(source_pool, Credentials.from_secrets(secrets)) as source_io:
-                if source.kind == "snapshot":
-                    parent = image_name("snapshot", source_uuid)
-                    ceph_call(
-                        f"snapshot {source.local_id}",
-                        lambda: self.rbd.clone(
-                            source_io, parent, SNAPSHOT, io, name, features=features, data_pool=data_pool
-                        ),
-                    )
-                else:
-                    self._clone_through_temporary_snapshot(
-                        source_io, image_name("volume", source_uuid), io, name, features, data_pool
-                    )
-        self._mark_made(io, name)
+            return
+        source_pool, source_uuid = split_id(source.local_id, source.kind)
+        with self.clusters.ioctx(source_pool, Credentials.from_secrets(secrets)) as source_io:
+            if source.kind == "snapshot":
+                self._clone_snapshot(source_io, source.local_id, io, name, features, data_pool)
+            else:
+                self._clone_through_temporary_snapshot(
+                    source_io, image_name("volume", source_uuid), io, name, features, data_pool
+                )
 
-    def _mark_made(self, io: Any, name: str) -> None:
-        """Drop the keys a clone copied from its parent, then mark ``name`` made (see _made)."""
-        with self._image(io, name, f"image {name}") as image:
-            _forget_inherited(image)
-            _set_metadata(image, MADE_KEY, name)
+    def _clone_snapshot(
+        self, source_io: Any, snapshot_id: str, io: Any, name: str, features: int, data_pool: str | None
+    ) -> None:
+        """Clone snapshot ``snapshot_id`` through its image's RBD snapshot, which the first
+        restore takes (the in-flight lock on the snapshot keeps restores and its deletion
+        apart; a restore killed after taking it leaves it for the next one, and deleting
+        the snapshot removes it)."""
+        parent = image_name("snapshot", split_id(snapshot_id, "snapshot")[1])
+
+        def clone() -> None:
+            self.rbd.clone(source_io, parent, SNAPSHOT, io, name, features=features, data_pool=data_pool)
+
+        try:
+            clone()
+            return
+        except rbd.ImageNotFound:
+            pass  # no RBD snapshot yet (or no image: opening it says so)
+        except rbd.Error as exc:
+            raise classify(exc, f"snapshot {snapshot_id}") from exc
+        with self._image(source_io, parent, f"snapshot {snapshot_id}") as image:
+            if SNAPSHOT not in {s["name"] for s in image.list_snaps()}:
+                try:
+                    image.create_snap(SNAPSHOT)
+                except rbd.ImageExists:
+                    pass
+                except rbd.Error as exc:
+                    raise classify(exc, f"snapshot {snapshot_id}") from exc
+        ceph_call(f"snapshot {snapshot_id}", clone)
 
     def _clone_through_temporary_snapshot(
-        self, source_io: Any, parent: str, io: Any, name: str, features: int, data_pool: str | None
+        self,
+        source_io: Any,
+        parent: str,
+        io: Any,
+        name: str,
+        features: int,
+        data_pool: str | None,
+        check: Callable[[rbd.Image], None] | None = None,
+        what: str = "",
     ) -> None:
-        """Clone ``parent`` as it is now. The temporary snapshot is removed at once; with
-        clone v2 its data stays (in the snapshot trash) for as long as the clone needs it."""
+        """Clone ``parent`` as it is now (``check``, if given, vets it first, open). The
+        temporary snapshot is removed at once; with clone v2 its data stays (in the
+        snapshot trash) for as long as the clone needs it."""
         snap = f"cairn-for-{name}"
-        with self._image(source_io, parent, f"source image {parent}") as source:
+        with self._image(source_io, parent, what or f"source image {parent}") as source:
+            if check is not None:
+                check(source)
             if snap not in {s["name"] for s in source.list_snaps()}:
-                source.create_snap(snap)
-        try:
-            ceph_call(
-                f"clone of {parent}",
-                lambda: self.rbd.clone(source_io, parent, snap, io, name, features=features, data_pool=data_pool),
-            )
-        finally:
-            with (
-                self._image(source_io, parent, f"source image {parent}") as source,
-                contextlib.suppress(rbd.ImageNotFound),
-            ):
-                source.remove_snap(snap)
+                ceph_call(f"source image {parent}", lambda: source.create_snap(snap))
+            try:
+                ceph_call(
+                    f"clone of {parent}",
+                    lambda: self.rbd.clone(source_io, parent, snap, io, name, features=features, data_pool=data_pool),
+                )
+            finally:
+                with contextlib.suppress(rbd.ImageNotFound):
+                    source.remove_snap(snap)
 
     def _source_size(self, source: SourceRef | None, secrets: Secrets) -> int:
         if source is None:
@@ -406,46 +462,58 @@ class RbdVolumes:
         self, name: str, source_local_id: str, parameters: Mapping[str, str], *, secrets: Secrets = NO_SECRETS
     ) -> Snapshot:
         pool, source_uuid = split_id(source_local_id, "volume")
+        source_name = image_name("volume", source_uuid)
         with self._pool(pool, secrets) as (io, journal):
-            image_uuid, record = journal.reserve("snapshot", name, source=source_local_id)
-            if record.get("source") != source_local_id:
+            reservation = journal.reserve("snapshot", name, source=source_local_id)
+            if reservation.record.get("source") != source_local_id:
                 raise AlreadyExists(f"snapshot {name!r} exists for another source volume")
-            local_id, image = f"{pool}/{image_uuid}", image_name("snapshot", image_uuid)
-            done = self._complete_snapshot(io, local_id)
-            if done is not None:
-                return done
-            try:
-                if self._complete_volume(io, source_local_id) is None:
+            local_id, image = f"{pool}/{reservation.uuid}", image_name("snapshot", reservation.uuid)
+            if not reservation.new:  # a retry: a call before it may have made it, or part of it
+                done = self._complete_snapshot(io, local_id)
+                if done is not None:
+                    return done
+
+            def complete_source(source: rbd.Image) -> None:
+                if not _completed(io, "volume", source_uuid, source_name, dict(source.metadata_list())):
                     raise NotFound(f"source volume {source_local_id!r} does not exist")
-                if not self._made(io, image):
-                    self._remove_snapshot_image(io, image)  # what a killed call left half made, if anything
+
+            keys = {SOURCE_KEY: source_local_id, CREATED_KEY: str(time.time())}
+            try:
+                made = not reservation.new and self._made(io, image)
+                if made:
+                    if self._complete_volume(io, source_local_id) is None:
+                        raise NotFound(f"source volume {source_local_id!r} does not exist")
+                else:
+                    if not reservation.new:
+                        self._remove_image(io, image)  # what a killed call left half made, if anything
                     features = parse_features(parameters.get(PARAM_FEATURES, self.settings.image_features))
+                    what = f"source volume {source_local_id!r}"
                     self._clone_through_temporary_snapshot(
-                        io, image_name("volume", source_uuid), io, image, features, None
+                        io, source_name, io, image, features, None, check=complete_source, what=what
                     )
-                    self._mark_made(io, image)
                 with self._image(io, image, f"snapshot {name!r}") as snap_image:
-                    if self._clone_depth(snap_image, secrets) > self.settings.max_clone_depth:
+                    size, depth = int(snap_image.size()), self._clone_depth(snap_image, secrets)
+                    _forget_inherited(snap_image, keys)
+                    if not made:
+                        snap_image.metadata_set(MADE_KEY, image)
+                    if depth > self.settings.max_clone_depth:
                         snap_image.flatten()
-                    if SNAPSHOT not in {s["name"] for s in snap_image.list_snaps()}:
-                        snap_image.create_snap(SNAPSHOT)
-                    _set_metadata(snap_image, SOURCE_KEY, source_local_id)
-                    _set_metadata(snap_image, CREATED_KEY, str(time.time()))
-                    _set_metadata(snap_image, IMAGE_KEY, image)
+                    for key, value in keys.items():
+                        _set_metadata(snap_image, key, value)
                     _set_metadata(snap_image, NAME_KEY, name)  # last: marks the snapshot complete
             except BaseException:
                 with contextlib.suppress(Exception):
-                    self._remove_snapshot_image(io, image)
-                    journal.release("snapshot", image_uuid)
+                    self._remove_image(io, image)
+                    journal.release("snapshot", reservation.uuid)
                 raise
-        return self.get_snapshot(local_id, secrets=secrets)
-
-    def _remove_snapshot_image(self, io: Any, name: str) -> None:
-        with contextlib.suppress(rbd.ImageNotFound), rbd.Image(io, name) as image:
-            if SNAPSHOT in {s["name"] for s in image.list_snaps()}:
-                # Volumes restored from it keep reading through the snapshot trash.
-                ceph_call(f"snapshot image {name}", lambda: image.remove_snap(SNAPSHOT))
-        self._remove_image(io, name)
+        # What get_snapshot would read back, without reading it: the image is this call's.
+        return Snapshot(
+            local_id=local_id,
+            name=name,
+            source_volume_local_id=source_local_id,
+            size_bytes=size,
+            created_at=float(keys[CREATED_KEY]),
+        )
 
     def _complete_snapshot(self, io: Any, local_id: str) -> Snapshot | None:
         _, image_uuid = split_id(local_id, "snapshot")
@@ -468,7 +536,7 @@ class RbdVolumes:
     def delete_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
         pool, image_uuid = split_id(local_id, "snapshot")
         with self._pool(pool, secrets) as (io, journal):
-            self._remove_snapshot_image(io, image_name("snapshot", image_uuid))
+            self._remove_image(io, image_name("snapshot", image_uuid))
             journal.release("snapshot", image_uuid)
 
     def get_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Snapshot:
@@ -556,34 +624,55 @@ class RbdVolumes:
 
 
 def _completed(io: Any, kind: Kind, image_uuid: str, name: str, metadata: Mapping[str, str]) -> bool:
-    """Whether the image's metadata marks it complete. A clone starts with a copy of its
-    parent's metadata, so the mark names the image itself (``cairn.image``); an image made
-    before that key existed is complete when its name key is the one its reservation holds."""
+    """Whether the image's metadata marks it complete: the name key is written last. A
+    clone starts with a copy of its parent's metadata, so the mark that it was made names
+    the image itself (``cairn.made``, or ``cairn.image`` on images of earlier versions);
+    an image made before either key existed is complete when its name key is the one its
+    reservation holds."""
     if NAME_KEY not in metadata:
         return False
-    if IMAGE_KEY in metadata:
-        return metadata[IMAGE_KEY] == name
+    own = metadata.get(MADE_KEY, metadata.get(IMAGE_KEY))
+    if own is not None:
+        return own == name
     record = Journal(io).record(kind, image_uuid)
     return record is not None and record.get("name") == metadata[NAME_KEY]
 
 
-def _forget_inherited(image: rbd.Image) -> None:
-    """Remove the cairn keys a clone copied from its parent (its name, its publications),
-    before the image gets its own: an incomplete image has none of its own yet."""
+def _forget_inherited(image: rbd.Image, keys: Mapping[str, str], also: Collection[str] = ()) -> None:
+    """Remove the cairn keys, and those in ``also``, that the incomplete ``image`` holds and
+    ``keys`` will not give values of their own: a clone starts with a copy of its parent's
+    metadata (its name, its publications, the marks that name the parent), and an image a
+    killed call made may hold what that call asked for. Before the image is marked made,
+    so that nothing of its parent's passes for its own; then the metadata says exactly
+    what the call answers."""
     for key, _value in list(image.metadata_list()):
-        if key.startswith("cairn."):
+        if (key.startswith("cairn.") or key in also) and key != MADE_KEY and not keys.get(key):
             image.metadata_remove(key)
 
 
-def _drop_temporary_snapshots(io: Any, name: str) -> None:
-    """Remove the temporary snapshots a crashed clone of ``name`` left behind: with clone
-    v2 a clone keeps their data by itself, and an image with snapshots cannot leave the
+def _drop_own_snapshots(io: Any, name: str) -> bool:
+    """Remove the RBD snapshots Cairn took of image ``name``, and whether there were any: a
+    snapshot image's ``cairn`` (restored volumes keep reading through the snapshot trash),
+    and the temporary ones a crashed clone of it left (with clone v2 a clone keeps their
+    data by itself). An image with snapshots can be neither removed nor purged from the
     trash."""
-    with contextlib.suppress(rbd.ImageNotFound), rbd.Image(io, name) as image:
+    try:
+        image = rbd.Image(io, name)
+    except rbd.ImageNotFound:
+        return False
+    except rbd.Error as exc:
+        raise classify(exc, f"image {name}") from exc
+    dropped = False
+    with image:
         for snap in list(image.list_snaps()):
-            if snap["name"].startswith("cairn-for-"):
+            if snap["name"] == SNAPSHOT and name.startswith(image_name("snapshot", "")):
+                ceph_call(f"snapshot image {name}", lambda: image.remove_snap(SNAPSHOT))
+                dropped = True
+            elif snap["name"].startswith("cairn-for-"):
                 with contextlib.suppress(rbd.Error):
                     image.remove_snap(snap["name"])
+                    dropped = True
+    return dropped
 
 
 def _set_metadata(image: rbd.Image, key: str, value: str) -> None:

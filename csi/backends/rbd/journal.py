@@ -11,37 +11,60 @@ between, leaving an image nobody will ever delete. So, as in ceph-csi, the name 
         snapshot.name.<name>        -> <uuid>
         snapshot.uuid.<uuid>        -> {"name": <name>, "source": <source volume local ID>}
 
-    1. reserve: look the name up; if absent, draw a UUID and write both keys in one
-       atomic omap update. The image will be cairn-vol-<uuid> (or cairn-snap-<uuid>).
+    1. reserve: draw a UUID and write both keys in one compound RADOS operation that
+       first asserts the name key is absent (omap_cmp), so the check and the write are
+       atomic: of two callers reserving one name, exactly one wins, and the other reads
+       the winner's UUID. The image will be cairn-vol-<uuid> (or cairn-snap-<uuid>).
     2. create the image, clone it, resize it.
     3. mark it complete: the image metadata key cairn.name is written last.
 
 A retry after a crash at any step finds the reservation, so it reuses the same UUID: it
-adopts an image that step 2 left (finishing steps 2 and 3) or creates it. Deleting a
-volume removes the image first and the reservation last. A reservation whose image never
-appeared is abandoned work: the controller removes such reservations the first time it
-opens a pool after starting, before it serves any request on that pool (with leader
-election only one controller is active, so no other creation can be in flight).
+adopts an image that step 2 left (finishing steps 2 and 3) or creates it. A reservation
+the call has just made is new (``Reservation.new``): nothing can exist under a UUID drawn
+a moment ago, so that call looks for no earlier work. Deleting a volume removes the image
+first and the reservation last: one read of the record, then one compound operation that
+removes the record and, only if it still maps to this UUID (omap_cmp), the name key. A
+reservation whose image never appeared is abandoned work: the controller removes such
+reservations the first time it opens a pool after starting, before it serves any request
+on that pool (with leader election only one controller is active, so no other creation
+can be in flight).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import rados
 
 from csi.backends.rbd.cluster import ceph_call
 from csi.backends.rbd.common import Kind, image_name
+from csi.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
 JOURNAL = "cairn.journal"
+RESERVE_ATTEMPTS = 5
+"""How often reserve tries again when the name it lost to is released before it reads it."""
+
+
+class Reservation(NamedTuple):
+    uuid: str
+    record: dict[str, str]
+    new: bool
+    """Made by this call: nothing exists under the UUID yet."""
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a compound write failed because one of its omap_cmp assertions did not hold
+    (the whole operation then changed nothing)."""
+    return isinstance(exc, rados.Error) and getattr(exc, "errno", None) == errno.ECANCELED
 
 
 class Journal:
@@ -60,22 +83,24 @@ class Journal:
 
         return ceph_call("the journal", read)
 
-    def _set(self, values: dict[str, bytes]) -> None:
-        def write() -> None:
-            with rados.WriteOpCtx() as op:
-                self.io.set_omap(op, tuple(values), tuple(values.values()))
-                self.io.operate_write_op(op, JOURNAL)
+    def _write(self, build: Callable[[Any], None]) -> bool:
+        """Run one compound write on the journal; False when an omap_cmp assertion in it
+        did not hold (nothing was written), or when the journal does not exist."""
 
-        ceph_call("the journal", write)
-
-    def _remove(self, *keys: str) -> None:
-        def write() -> None:
+        def write() -> bool:
             with rados.WriteOpCtx() as op:
-                self.io.remove_omap_keys(op, keys)
-                with contextlib.suppress(rados.ObjectNotFound):
+                build(op)
+                try:
                     self.io.operate_write_op(op, JOURNAL)
+                except rados.ObjectNotFound:
+                    return False
+                except rados.Error as exc:
+                    if _refused(exc):
+                        return False
+                    raise
+                return True
 
-        ceph_call("the journal", write)
+        return ceph_call("the journal", write)
 
     def lookup(self, kind: Kind, name: str) -> str | None:
         found = self._get(f"{kind}.name.{name}").get(f"{kind}.name.{name}")
@@ -85,24 +110,42 @@ class Journal:
         found = self._get(f"{kind}.uuid.{image_uuid}").get(f"{kind}.uuid.{image_uuid}")
         return json.loads(found) if found else None
 
-    def reserve(self, kind: Kind, name: str, **details: str) -> tuple[str, dict[str, str]]:
+    def reserve(self, kind: Kind, name: str, **details: str) -> Reservation:
         """The UUID reserved for ``name`` and its record, reserving one if needed."""
-        existing = self.lookup(kind, name)
-        if existing:
-            return existing, self.record(kind, existing) or {"name": name}
-        image_uuid = str(uuid.uuid4())
-        record = {"name": name, **details}
-        self._set(
-            {f"{kind}.name.{name}": image_uuid.encode(), f"{kind}.uuid.{image_uuid}": json.dumps(record).encode()}
-        )
-        return image_uuid, record
+        name_key = f"{kind}.name.{name}"
+        for _attempt in range(RESERVE_ATTEMPTS):
+            image_uuid = str(uuid.uuid4())
+            record = {"name": name, **details}
+            keys = (name_key, f"{kind}.uuid.{image_uuid}")
+            values = (image_uuid.encode(), json.dumps(record).encode())
+
+            def build(op: Any, keys: tuple[str, str] = keys, values: tuple[bytes, bytes] = values) -> None:
+                op.new(rados.LIBRADOS_CREATE_IDEMPOTENT)  # the first reservation makes the journal
+                op.omap_cmp(name_key, "", rados.LIBRADOS_CMPXATTR_OP_EQ)  # an absent key compares as empty
+                self.io.set_omap(op, keys, values)
+
+            if self._write(build):
+                return Reservation(image_uuid, record, True)
+            existing = self.lookup(kind, name)
+            if existing:
+                return Reservation(existing, self.record(kind, existing) or {"name": name}, False)
+            # Released between the refused write and the read: reserve it afresh.
+        raise Unavailable(f"the journal's reservation of {kind} name {name!r} keeps changing; try again")
 
     def release(self, kind: Kind, image_uuid: str) -> None:
+        """Remove the reservation of ``image_uuid``: its record, and its name key if that
+        still maps to this UUID (checked by the same compound operation that removes it)."""
         record = self.record(kind, image_uuid)
-        keys = [f"{kind}.uuid.{image_uuid}"]
-        if record and self.lookup(kind, record["name"]) == image_uuid:
-            keys.append(f"{kind}.name.{record['name']}")
-        self._remove(*keys)
+        if record is None:
+            return  # nothing is reserved under this UUID
+        uuid_key, name_key = f"{kind}.uuid.{image_uuid}", f"{kind}.name.{record['name']}"
+
+        def both(op: Any) -> None:
+            op.omap_cmp(name_key, image_uuid, rados.LIBRADOS_CMPXATTR_OP_EQ)
+            self.io.remove_omap_keys(op, (uuid_key, name_key))
+
+        if not self._write(both):
+            self._write(lambda op: self.io.remove_omap_keys(op, (uuid_key,)))
 
     def reserved(self, kind: Kind, after: str = "", page_size: int = 0) -> Iterator[str]:
         """The UUIDs reserved for ``kind`` that sort after ``after``, in order, read from

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
-from collections.abc import Iterator
-from typing import Any, cast
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar, cast
 
 import pytest
 import rados
 import rbd
 
-from csi.backends.rbd import CAPABILITIES, build
+from csi.backends.rbd import CAPABILITIES, build, controller
 from csi.backends.rbd.cluster import Clusters
 from csi.backends.rbd.common import FEATURES, Kind, RbdSettings, image_name
 from csi.backends.rbd.controller import RbdVolumes
@@ -26,6 +27,7 @@ from tests.ceph import POOL, USER, CephCluster, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("clean_pool")]
 RWO = Capability(AccessType.MOUNT, AccessMode.SINGLE_NODE_WRITER)
+T = TypeVar("T")
 
 
 def make_backend(ceph: CephCluster) -> RbdVolumes:
@@ -44,16 +46,6 @@ def spec(
     name: str, secrets: dict[str, str], size: int = 8 * MiB, source: SourceRef | None = None, **params: str
 ) -> VolumeSpec:
     return VolumeSpec(name, size, 0, (RWO,), params, source, secrets)
-
-
-@pytest.fixture
-def pool_io(ceph: CephCluster) -> Iterator[Any]:
-    cluster = rados.Rados(conffile=str(ceph.conf), rados_id="admin")
-    cluster.connect()
-    io = cluster.open_ioctx(POOL)
-    yield io
-    io.close()
-    cluster.shutdown()
 
 
 def write(io: Any, image: str, offset: int, data: bytes) -> None:
@@ -162,7 +154,7 @@ def test_a_clone_a_killed_call_left_half_made_is_made_again(
     source = volumes.create_volume(spec("half-source", secrets))
     write(pool_io, image_of(source.local_id), 0, b"the source's data")
     details = {"source": source.local_id} if kind == "snapshot" else {}
-    image_uuid, _ = Journal(pool_io).reserve(kind, "half", **details)
+    image_uuid = Journal(pool_io).reserve(kind, "half", **details).uuid
     leave_remains(pool_io, image_name(kind, image_uuid), remains)
     if kind == "volume":
         made: Any = volumes.create_volume(spec("half", secrets, source=SourceRef("volume", source.local_id)))
@@ -339,20 +331,21 @@ def test_a_call_without_secrets_runs_as_the_backends_own_user(
 # -- crash and retry ---------------------------------------------------------------
 
 
-def crash_during_create(ceph: CephCluster, secrets: dict[str, str], name: str, crash_point: str) -> None:
-    """Create ``name`` in a child process that dies (os._exit) at ``crash_point``."""
+def die(*args: Any, **kwargs: Any) -> None:
+    os._exit(17)
+
+
+def killed_in_a_child(work: Callable[[], object]) -> None:
+    """Run ``work`` in a child process that is meant to die in it (by ``die``)."""
 
     def child() -> None:
-        def die(*args: Any, **kwargs: Any) -> None:
-            os._exit(17)
-
-        # The backend's own steps: after the reservation, before the image exists; and
-        # after the image exists, before it is marked complete.
-        if crash_point == "before-image":
-            RbdVolumes._make = die  # type: ignore[method-assign]
-        elif crash_point == "before-complete":
-            RbdVolumes._clone_depth = die  # type: ignore[method-assign,assignment]
-        make_backend(ceph).create_volume(spec(name, secrets))
+        # In a thread of its own: Ceph draws a client's address nonce from a per-thread
+        # random engine, which a forked child's main thread shares with the parent's, so
+        # the parent's next client would get the killed one's address, and be blocklisted
+        # with it when the retry breaks an image lock the killed client held.
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
         os._exit(0)
 
     process = multiprocessing.get_context("fork").Process(target=child)
@@ -361,35 +354,64 @@ def crash_during_create(ceph: CephCluster, secrets: dict[str, str], name: str, c
     assert process.exitcode == 17, "the child was meant to die mid-creation"
 
 
-@pytest.mark.parametrize("crash_point", ["before-image", "before-complete"])
+def crash_during_create(ceph: CephCluster, secrets: dict[str, str], name: str, crash_point: str) -> None:
+    """Create ``name`` in a child process that dies (os._exit) at ``crash_point``."""
+
+    def create() -> None:
+        # The backend's own steps: after the reservation, before the image exists; after
+        # the image exists, before it is marked made; and after it is marked made, before
+        # it is marked complete.
+        if crash_point == "before-image":
+            RbdVolumes._make = die  # type: ignore[method-assign]
+        elif crash_point == "before-complete":
+            RbdVolumes._clone_depth = die  # type: ignore[method-assign,assignment]
+        elif crash_point == "after-made":
+            controller._set_metadata = die
+        make_backend(ceph).create_volume(spec(name, secrets))
+
+    killed_in_a_child(create)
+
+
+@pytest.mark.parametrize("crash_point", ["before-image", "before-complete", "after-made"])
 def test_a_retry_after_a_crash_finds_or_finishes_the_work(
-    ceph: CephCluster, secrets: dict[str, str], crash_point: str
+    ceph: CephCluster, secrets: dict[str, str], pool_io: Any, crash_point: str
 ) -> None:
     crash_during_create(ceph, secrets, "crashy", crash_point)
     journal = ceph._run("rados", "-c", str(ceph.conf), "-p", POOL, "listomapkeys", "cairn.journal").split()
     assert "volume.name.crashy" in journal, "the reservation is written before the image"
+    left = ceph.rbd("ls", POOL).split()
+    left_id = image_id(pool_io, left[0]) if left else ""
     backend = make_backend(ceph)
-    # A retry in the same process lifetime (no restart) reuses the reservation.
+    # A retry in the same process lifetime (no restart) reuses the reservation. An image
+    # not marked made is removed and made again, which Ceph refuses (busy) until the
+    # killed client's watch expires: the CO retries, and so does this test.
     backend.sweeper._done.add(POOL)
-    volume = backend.create_volume(spec("crashy", secrets))
+    volume = once_the_dead_clients_watch_expires(lambda: backend.create_volume(spec("crashy", secrets)))
     assert ceph.rbd("ls", POOL).split() == [image_of(volume.local_id)], "exactly one image"
+    if crash_point == "after-made":
+        assert image_id(pool_io, image_of(volume.local_id)) == left_id, "an image marked made is adopted"
+    assert volume == backend.get_volume(volume.local_id, secrets=secrets)
     journal = ceph._run("rados", "-c", str(ceph.conf), "-p", POOL, "listomapkeys", "cairn.journal").split()
     assert sorted(journal) == sorted(["volume.name.crashy", f"volume.uuid.{volume.local_id.split('/')[1]}"])
-    delete_once_the_dead_clients_watch_expires(backend, volume.local_id, secrets)
+    once_the_dead_clients_watch_expires(lambda: backend.delete_volume(volume.local_id, secrets=secrets))
     backend.clusters.shutdown()
 
 
-def delete_once_the_dead_clients_watch_expires(backend: RbdVolumes, local_id: str, secrets: dict[str, str]) -> None:
+def image_id(io: Any, name: str) -> str:
+    with rbd.Image(io, name, read_only=True) as image:
+        return str(image.id())
+
+
+def once_the_dead_clients_watch_expires(call: Callable[[], T]) -> T:
     """The killed process had the image open; Ceph refuses to remove it (busy) until that
     client's watch expires, and the CO retries. So does this test, a bounded number of times."""
     for _ in range(60):
         try:
-            backend.delete_volume(local_id, secrets=secrets)
-            return
+            return call()
         except FailedPrecondition as exc:
             assert "in use" in str(exc)
             time.sleep(0.5)
-    backend.delete_volume(local_id, secrets=secrets)
+    return call()
 
 
 def test_an_abandoned_reservation_is_removed_when_a_controller_starts(
@@ -406,7 +428,7 @@ def test_an_abandoned_reservation_is_removed_when_a_controller_starts(
 def test_a_sweep_removes_the_remains_of_an_abandoned_image(ceph: CephCluster, pool_io: Any) -> None:
     """A reservation whose image a killed call left unopenable (listed, no header) is
     abandoned: the sweep removes the remains with it, or the image would leak."""
-    image_uuid, _ = Journal(pool_io).reserve("volume", "abandoned-half")
+    image_uuid = Journal(pool_io).reserve("volume", "abandoned-half").uuid
     leave_remains(pool_io, image_name("volume", image_uuid), "headless")
     restarted = make_backend(ceph)  # a new process: its first use of the pool sweeps
     assert restarted.lookup_volume("abandoned-half", secrets={"userID": "admin", "userKey": ceph.admin_key}) is None
@@ -543,3 +565,188 @@ def test_volume_condition_reports_a_lost_reservation(
     condition = volumes.get_volume(vol.local_id, secrets=secrets).condition
     assert condition.abnormal and "reservation of name 'watched' is missing" in condition.message
     volumes.delete_volume(vol.local_id, secrets=secrets)
+
+
+# -- what creation answers, and what it skips -------------------------------------------
+
+
+def user_snapshots(io: Any, name: str) -> list[str]:
+    with rbd.Image(io, name, read_only=True) as image:
+        return [s["name"] for s in image.list_snaps() if s["namespace"] == rbd.RBD_SNAP_NAMESPACE_TYPE_USER]
+
+
+def test_creation_answers_what_a_read_finds(volumes: RbdVolumes, secrets: dict[str, str]) -> None:
+    """CreateVolume and CreateSnapshot answer from what they wrote instead of reading the
+    image back: the answer must be what a read, a retry and a listing find."""
+    specs = [
+        spec("plain", secrets),
+        spec("tuned", secrets, size=12 * MiB, mapper="rbd-nbd", mapOptions="io_timeout=30"),
+    ]
+    made = {s.name: volumes.create_volume(s) for s in specs}
+    # A clone starts with its parent's metadata: map options it does not ask for must not stay.
+    specs.append(spec("clone", secrets, size=16 * MiB, source=SourceRef("volume", made["tuned"].local_id)))
+    made["clone"] = volumes.create_volume(specs[-1])
+    snap = volumes.create_snapshot("snap", made["tuned"].local_id, {}, secrets=secrets)
+    restore = spec("restored", secrets, size=20 * MiB, source=SourceRef("snapshot", snap.local_id), mapOptions="a=1")
+    specs.append(restore)
+    made["restored"] = volumes.create_volume(restore)
+    assert made["clone"].context == {"mapper": "krbd"} and made["clone"].capacity_bytes == 16 * MiB
+    assert made["restored"].source == SourceRef("snapshot", snap.local_id)
+    listed = {v.local_id: v for v in volumes.list_volumes(secrets=secrets)}
+    for request in specs:
+        volume = made[request.name]
+        assert volume == volumes.get_volume(volume.local_id, secrets=secrets) == listed[volume.local_id]
+        assert volumes.create_volume(request) == volume, "a retry answers the same"
+    assert snap == volumes.get_snapshot(snap.local_id, secrets=secrets) == volumes.list_snapshots(secrets=secrets)[0]
+    assert volumes.create_snapshot("snap", made["tuned"].local_id, {}, secrets=secrets) == snap
+    context = volumes.publish_volume(made["clone"].local_id, "node-a", RWO, False, secrets=secrets)
+    assert "mapOptions" not in context, "the clone's own StorageClass asked for none"
+    volumes.unpublish_volume(made["clone"].local_id, "node-a", secrets=secrets)
+    volumes.delete_volume(made["restored"].local_id, secrets=secrets)
+    volumes.delete_snapshot(snap.local_id, secrets=secrets)
+    for name in ("clone", "tuned", "plain"):
+        volumes.delete_volume(made[name].local_id, secrets=secrets)
+
+
+def test_a_fresh_reservation_looks_for_no_earlier_work(
+    volumes: RbdVolumes, secrets: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing can exist under a UUID the call has just drawn: a first creation neither
+    looks for a finished object nor for the remains of a killed call (each look opens an
+    image or asks librbd to remove one); a retry does."""
+    looked: list[str] = []
+
+    def spy(name: str) -> Any:
+        original = getattr(RbdVolumes, name)
+
+        def looking(self: RbdVolumes, *args: Any) -> Any:
+            looked.append(name)
+            return original(self, *args)
+
+        return looking
+
+    for method in ("_complete_volume", "_complete_snapshot", "_made", "_remove_image"):
+        monkeypatch.setattr(RbdVolumes, method, spy(method))
+    origin = volumes.create_volume(spec("fresh", secrets))
+    snap = volumes.create_snapshot("fresh-snap", origin.local_id, {}, secrets=secrets)
+    restored = volumes.create_volume(spec("fresh-restored", secrets, source=SourceRef("snapshot", snap.local_id)))
+    clone = volumes.create_volume(spec("fresh-clone", secrets, source=SourceRef("volume", origin.local_id)))
+    assert looked == []
+    assert volumes.create_volume(spec("fresh", secrets)) == origin
+    assert looked == ["_complete_volume"], "a retry looks"
+    monkeypatch.undo()
+    for volume in (restored, clone):
+        volumes.delete_volume(volume.local_id, secrets=secrets)
+    volumes.delete_snapshot(snap.local_id, secrets=secrets)
+    volumes.delete_volume(origin.local_id, secrets=secrets)
+
+
+def test_a_snapshot_takes_its_rbd_snapshot_at_its_first_restore(
+    volumes: RbdVolumes, secrets: dict[str, str], pool_io: Any, ceph: CephCluster
+) -> None:
+    """Taking an RBD snapshot is a round of the monitors' consensus, and so is dropping
+    it: a snapshot never restored has none; the first restore takes it, later restores
+    find it, and deleting the snapshot drops it."""
+    origin = volumes.create_volume(spec("lazy-origin", secrets))
+    write(pool_io, image_of(origin.local_id), 0, b"lazy")
+    snap = volumes.create_snapshot("lazy", origin.local_id, {}, secrets=secrets)
+    write(pool_io, image_of(origin.local_id), 0, b"busy")  # the snapshot is not the volume as it is now
+    snap_image = image_of(snap.local_id, "snap")
+    assert user_snapshots(pool_io, snap_image) == []
+    first = volumes.create_volume(spec("lazy-1", secrets, source=SourceRef("snapshot", snap.local_id)))
+    assert user_snapshots(pool_io, snap_image) == ["cairn"]
+    second = volumes.create_volume(spec("lazy-2", secrets, source=SourceRef("snapshot", snap.local_id)))
+    assert user_snapshots(pool_io, snap_image) == ["cairn"]
+    for volume in (first, second):
+        assert read(pool_io, image_of(volume.local_id), 0, 4) == b"lazy"
+        volumes.delete_volume(volume.local_id, secrets=secrets)
+    volumes.delete_snapshot(snap.local_id, secrets=secrets)
+    volumes.delete_volume(origin.local_id, secrets=secrets)
+    assert ceph.rbd("ls", POOL) == "" and ceph.rbd("trash", "ls", POOL) == ""
+
+
+def test_images_of_earlier_versions_are_read_restored_and_deleted(
+    volumes: RbdVolumes, secrets: dict[str, str], pool_io: Any, ceph: CephCluster
+) -> None:
+    """Earlier versions marked an image complete with cairn.image (no cairn.made, on the
+    oldest), wrote cairn.created on volumes, and took a snapshot's RBD snapshot when they
+    made it. Such images still read as complete, clones of them do not inherit those keys,
+    and deleting such a snapshot drops its RBD snapshot (into the trash while a restore
+    still reads through it)."""
+    origin = volumes.create_volume(spec("old-origin", secrets, mapOptions="a=1"))
+    snap = volumes.create_snapshot("old-snap", origin.local_id, {}, secrets=secrets)
+    for local_id, image_kind in ((origin.local_id, "vol"), (snap.local_id, "snap")):
+        name = image_of(local_id, image_kind)
+        with rbd.Image(pool_io, name) as image:
+            image.metadata_set("cairn.image", name)
+            image.metadata_set("cairn.created", "1700000000.5")
+            image.metadata_remove("cairn.made")
+            if image_kind == "snap":
+                image.create_snap("cairn")
+    assert volumes.get_volume(origin.local_id, secrets=secrets) == origin
+    assert volumes.get_snapshot(snap.local_id, secrets=secrets).created_at == 1700000000.5
+    clone = volumes.create_volume(spec("old-clone", secrets, source=SourceRef("volume", origin.local_id)))
+    restored = volumes.create_volume(spec("old-restored", secrets, source=SourceRef("snapshot", snap.local_id)))
+    for volume in (clone, restored):
+        with rbd.Image(pool_io, image_of(volume.local_id), read_only=True) as image:
+            metadata = dict(image.metadata_list())
+        assert metadata["cairn.made"] == image_of(volume.local_id)
+        assert not {"cairn.image", "cairn.created", "mapOptions"} & set(metadata), "nothing of the parent's stays"
+        assert volume == volumes.get_volume(volume.local_id, secrets=secrets)
+    volumes.delete_snapshot(snap.local_id, secrets=secrets)
+    assert ceph.rbd("trash", "ls", POOL) != "", "the restored volume still reads through it"
+    for volume in (restored, clone, origin):
+        volumes.delete_volume(volume.local_id, secrets=secrets)
+    assert ceph.rbd("ls", POOL) == "" and ceph.rbd("trash", "ls", POOL) == ""
+
+
+def test_delete_drops_the_temporary_snapshots_a_killed_clone_left(
+    volumes: RbdVolumes, secrets: dict[str, str], pool_io: Any, ceph: CephCluster
+) -> None:
+    volume = volumes.create_volume(spec("with-leftovers", secrets))
+    with rbd.Image(pool_io, image_of(volume.local_id)) as image:
+        image.create_snap(f"cairn-for-{image_name('volume', '00000000-0000-4000-8000-000000000000')}")
+    volumes.delete_volume(volume.local_id, secrets=secrets)
+    assert ceph.rbd("ls", POOL) == "" and ceph.rbd("trash", "ls", POOL) == ""
+
+
+def test_a_restore_killed_after_taking_the_rbd_snapshot_is_finished_by_its_retry(
+    ceph: CephCluster, secrets: dict[str, str], pool_io: Any
+) -> None:
+    backend = make_backend(ceph)
+    origin = backend.create_volume(spec("kill-origin", secrets))
+    write(pool_io, image_of(origin.local_id), 0, b"kept")
+    snap = backend.create_snapshot("kill-snap", origin.local_id, {}, secrets=secrets)
+    restore = spec("kill-restored", secrets, source=SourceRef("snapshot", snap.local_id))
+
+    def restore_dying_before_its_clone() -> None:
+        killed = make_backend(ceph)
+        clones: list[object] = []
+
+        class Dying:
+            """librbd, but the process dies at its second clone: the first finds no RBD
+            snapshot to clone from, the restore takes one, and clones again."""
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(rbd.RBD(), name)
+
+            def clone(self, *args: Any, **kwargs: Any) -> None:
+                clones.append(args)
+                if len(clones) > 1:
+                    die()
+                rbd.RBD().clone(*args, **kwargs)
+
+        killed.rbd = Dying()
+        killed.create_volume(restore)
+
+    killed_in_a_child(restore_dying_before_its_clone)
+    assert user_snapshots(pool_io, image_of(snap.local_id, "snap")) == ["cairn"]
+    restored = backend.create_volume(restore)
+    assert read(pool_io, image_of(restored.local_id), 0, 4) == b"kept"
+    images = {image_of(origin.local_id), image_of(snap.local_id, "snap"), image_of(restored.local_id)}
+    assert set(ceph.rbd("ls", POOL).split()) == images, "exactly one restored image"
+    assert user_snapshots(pool_io, image_of(snap.local_id, "snap")) == ["cairn"], "the retry took none of its own"
+    backend.delete_volume(restored.local_id, secrets=secrets)
+    backend.delete_snapshot(snap.local_id, secrets=secrets)
+    backend.delete_volume(origin.local_id, secrets=secrets)
+    backend.clusters.shutdown()
