@@ -400,6 +400,7 @@ def run_until_signalled(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    log.info("serving until SIGTERM or SIGINT")
     while not signalled.wait(SIGNAL_POLL):
         pass
     if server.stop(grace=grace, step=step):

@@ -59,6 +59,8 @@ def has_capability(bit: int) -> bool:
 
 
 CAP_SYS_RESOURCE = 24
+SERVING = "serving until SIGTERM or SIGINT"
+"""What a driver logs once it serves and its signal handlers are in place."""
 
 
 class Driver:
@@ -87,6 +89,7 @@ class Driver:
         ]  # fmt: skip
         # A test run inside a pod must not check nodes against that pod's cluster.
         env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+        served = self._served()
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 30
@@ -98,7 +101,16 @@ class Driver:
             time.sleep(0.05)
         self.channel = grpc.insecure_channel(f"unix://{self.socket}")
         grpc.channel_ready_future(self.channel).result(timeout=30)
+        # Ready for a stop too: the socket serves before the signal handlers are in place.
+        while self._served() == served:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"driver did not say it serves:\n{self.log.read_text()}")
+            time.sleep(0.05)
         return self
+
+    def _served(self) -> int:
+        """How many times the log says a driver started serving (it is kept across restarts)."""
+        return self.log.read_text(errors="replace").count(SERVING) if self.log.exists() else 0
 
     def stop(self) -> int:
         """SIGTERM the driver and return its exit code. The driver ends within

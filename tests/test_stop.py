@@ -129,7 +129,9 @@ def start_program(tmp_path: Path, mode: str) -> tuple[subprocess.Popen[str], Pat
             [sys.executable, str(script), f"unix://{socket}", mode], cwd=ROOT, stderr=out, text=True
         )
     deadline = time.monotonic() + 30
-    while not socket.exists():
+    # Not the socket: it appears before the signal handlers are in place, and a SIGTERM
+    # in between would end the program the default way.
+    while "serving until SIGTERM" not in stderr.read_text():
         assert process.poll() is None, stderr.read_text()
         assert time.monotonic() < deadline, "the program did not serve"
         time.sleep(0.05)
