@@ -8,6 +8,9 @@ the Ceph tools in the same run, against a throw-away single-node cluster:
                     source: snapshot, clone, metadata, and the reverse; the RBD snapshot
                     of that image that restores clone from is taken by the first restore,
                     which is not timed here)
+    throughput      CreateVolume, then DeleteVolume, of THROUGHPUT_COUNT volumes with
+                    THROUGHPUT_IN_FLIGHT calls in flight, in calls a second (printed
+                    apart)  vs  RBD.create, then RBD.remove, from as many threads
     stage+unstage   NodeStage + NodeUnstage (ext4, rbd-fuse)  vs  rbd-fuse + losetup +
                     mkfs.ext4 + mount, then the reverse, run directly
 
@@ -30,12 +33,14 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import MiB, median_seconds, parse_rounds, report, sh
+from bench.common import MiB, in_flight, median_seconds, parse_rounds, report, sh
 from csi.generated import csi_pb2 as pb
 from tests.ceph import POOL, USER, CephCluster
 from tests.support import Driver, mount_capability
 
 SIZE = 256 * MiB
+THROUGHPUT_COUNT = 200
+THROUGHPUT_IN_FLIGHT = 16
 
 
 def main() -> None:
@@ -65,11 +70,13 @@ def run(driver: Driver, cluster: CephCluster, root: Path, rounds: int) -> dict[s
     connection.connect()
     io = connection.open_ioctx(POOL)
     try:
-        return {
+        results = {
             "create+delete": create_delete(driver, io, cap, secrets, rounds),
             "snapshot": snapshot(driver, io, cap, secrets, rounds),
             "stage+unstage": stage(driver, cluster, io, root, cap, secrets, rounds),
         }
+        throughput(driver, io, cap, secrets)
+        return results
     finally:
         io.close()
         connection.shutdown()
@@ -98,6 +105,25 @@ def create_delete(
         rbd.RBD().remove(io, f"raw-{i}")
 
     return median_seconds(cairn, rounds), median_seconds(raw, rounds)
+
+
+def throughput(driver: Driver, io: Any, cap: pb.VolumeCapability, secrets: dict[str, str]) -> None:
+    count, calls = THROUGHPUT_COUNT, THROUGHPUT_IN_FLIGHT
+    made = [""] * count
+
+    def cairn_create(i: int) -> None:
+        made[i] = create(driver, f"t-{i}", cap, secrets)
+
+    def raw_create(i: int) -> None:
+        rbd.RBD().create(io, f"raw-t-{i}", SIZE, old_format=False, features=rbd.RBD_FEATURE_LAYERING)
+
+    cairn = in_flight(cairn_create, count, calls), in_flight(lambda i: delete(driver, made[i], secrets), count, calls)
+    raw = in_flight(raw_create, count, calls), in_flight(lambda i: rbd.RBD().remove(io, f"raw-t-{i}"), count, calls)
+    print(f"rbd backend, {count} volumes, {calls} calls in flight: calls a second (cairn vs librbd)")
+    for what, ours, theirs in (("create", cairn[0], raw[0]), ("delete", cairn[1], raw[1])):
+        print(
+            f"  {what:<8}{ours.per_second:>8.0f}/s vs {theirs.per_second:>6.0f}/s ({theirs.per_second / ours.per_second:.1f}x)"
+        )
 
 
 def snapshot(

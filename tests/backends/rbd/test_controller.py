@@ -542,6 +542,39 @@ def test_listings_include_volumes_a_storage_class_put_in_another_pool(ceph: Ceph
     backend.clusters.shutdown()
 
 
+def test_a_page_opens_only_its_own_images(
+    volumes: RbdVolumes, secrets: dict[str, str], pool_io: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listings walk the journal from the cursor: a page of two opens two images (and
+    those of reservations whose image never came, which it skips), however many exist."""
+    made = sorted(volumes.create_volume(spec(f"pvc-{i}", secrets)).local_id for i in range(9))
+    unfinished = Journal(pool_io).reserve("volume", "never-made")  # a creation cut short: listed by nobody
+    opened: list[str] = []
+    real = volumes._complete_volume
+
+    def counted(io: Any, local_id: str) -> Any:
+        opened.append(local_id)
+        return real(io, local_id)
+
+    monkeypatch.setattr(volumes, "_complete_volume", counted)
+    seen: list[str] = []
+    after = ""
+    while True:
+        if after == made[1]:
+            volumes.delete_volume(made[3], secrets=secrets)  # between pages: not listed, nothing skipped
+        opened.clear()
+        page = [v.local_id for v in volumes.list_volumes(after=after, limit=2, secrets=secrets)]
+        assert len(opened) <= 3, f"a page of 2 opened {len(opened)} images"
+        if not page:
+            break
+        seen += page
+        after = page[-1]
+    assert seen == [i for i in made if i != made[3]]
+    for local_id in seen:
+        volumes.delete_volume(local_id, secrets=secrets)
+    Journal(pool_io).release("volume", unfinished.uuid)
+
+
 def test_journal_keys_are_read_a_page_at_a_time(pool_io: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from csi.backends.rbd import journal
 
