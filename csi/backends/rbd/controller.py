@@ -12,7 +12,9 @@ long as the data takes to copy).
 
 An image's metadata says what it is: ``cairn.made`` (its own name: librbd finished making
 it), ``cairn.source``, ``mapper`` and ``mapOptions`` (volumes), ``cairn.created``
-(snapshots), and ``cairn.name``, written last, which marks it complete. Images made by
+(snapshots), and ``cairn.name``, written last, which marks it complete. A blank volume
+gets them all in one atomic write right after librbd makes it, without being opened
+(``_set_all_metadata``): it is made and complete at once. Images made by
 earlier versions may also carry ``cairn.image`` (the same mark as ``cairn.made``) and
 ``cairn.created`` on volumes; both are still read.
 
@@ -28,6 +30,7 @@ import errno
 import json
 import logging
 import os
+import struct
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -235,6 +238,12 @@ class RbdVolumes:
                 parent_size = self._source_size(spec.source, spec.secrets)
                 size = choose_size(spec.required_bytes, spec.limit_bytes, parent_size)
                 made = not reservation.new and self._made(io, name)
+                if spec.source is None and reservation.new:
+                    # A blank image nobody else has seen: made, then marked made and complete
+                    # with all its keys at once, without opening it.
+                    self._make(io, name, size, features, data_pool, None, spec.secrets)
+                    _set_all_metadata(io, name, {MADE_KEY: name, **keys, NAME_KEY: spec.name})
+                    return _volume(local_id, size, {**keys, NAME_KEY: spec.name})
                 if not made:
                     if not reservation.new:
                         self._remove_image(io, name)  # what a killed call left half made, if anything
@@ -673,6 +682,29 @@ def _drop_own_snapshots(io: Any, name: str) -> bool:
                     image.remove_snap(snap["name"])
                     dropped = True
     return dropped
+
+
+def _set_all_metadata(io: Any, name: str, values: Mapping[str, str]) -> None:
+    """Set several metadata keys of image ``name`` in one atomic write: the OSD class
+    method librbd's ``Image.metadata_set`` calls with one key (``metadata_set`` of class
+    ``rbd`` on the image's header object, taking an encoded map of keys to values), here
+    with them all. Only for an image no client has open (one just made): librbd would
+    otherwise tell its watchers to read the header again. Empty values are left out, as
+    ``_set_metadata`` does."""
+
+    def encoded(text: str) -> bytes:
+        data = text.encode()
+        return struct.pack("<I", len(data)) + data
+
+    def write() -> None:
+        raw = io.read(f"rbd_id.{name}")  # the image's ID, encoded as a string
+        (length,) = struct.unpack_from("<I", raw)
+        image_id = raw[4 : 4 + length].decode()
+        kept = {key: value for key, value in values.items() if value}
+        data = struct.pack("<I", len(kept)) + b"".join(encoded(k) + encoded(v) for k, v in kept.items())
+        io.execute(f"rbd_header.{image_id}", "rbd", "metadata_set", data)
+
+    ceph_call(f"image {name}", write)
 
 
 def _set_metadata(image: rbd.Image, key: str, value: str) -> None:
