@@ -885,7 +885,10 @@ class NodeAgent:
             held = self._held()
             if held is not None:
                 for obj in items:
-                    self._check_presence(obj, held)
+                    try:
+                        self._check_presence(obj, held)
+                    except CairnError as exc:  # this object's check waits for the next pass
+                        log.warning("backend %s: cannot mark %s: %s", self.backend, obj["metadata"]["name"], exc)
             self.report(self._orphans({obj["metadata"]["name"] for obj in items}, held))
         self._synced = True
         return version
@@ -968,6 +971,10 @@ class NodeAgent:
                 self._step(obj, spec)
 
     def _step(self, obj: dict[str, Any], spec: Mapping[str, Any]) -> None:
+        """One object's step. A step that fails is logged and tried again at the next pass:
+        one object must hold up neither the others nor the node's presence checks and its
+        report (a node that stops reporting looks lost to the controller)."""
+        name = obj.get("metadata", {}).get("name", "?")
         try:
             if obj["metadata"].get("deletionTimestamp"):
                 self._delete(obj)
@@ -977,6 +984,10 @@ class NodeAgent:
                 self._grow(obj)
         except Conflict:
             pass  # changed meanwhile: the watch brings the new version
+        except CairnError as exc:
+            log.warning("backend %s: %s: %s; tried again at the next pass", self.backend, name, exc)
+        except Exception:
+            log.exception("backend %s: the step on %s failed; tried again at the next pass", self.backend, name)
 
     def _local_id(self, obj: Mapping[str, Any]) -> str:
         return ids.with_node(self.backend, self.node, obj["metadata"]["name"])

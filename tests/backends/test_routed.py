@@ -253,6 +253,29 @@ def test_a_volume_whose_lv_vanished_is_abnormal_and_still_deletes(nodes: Nodes) 
     assert nodes.object(REST("volume", "vanishing")) is None
 
 
+def test_an_object_whose_step_keeps_failing_holds_up_no_other(nodes: Nodes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step that fails on every pass (here a bug in one volume's growth) is logged and
+    retried; the node's other objects, its presence checks and its report go on."""
+    controller = reported(nodes)
+    stuck = controller.create_volume(spec("stuck", preferred="node-a"))
+    vanishing = controller.create_volume(spec("vanishing", preferred="node-a"))
+    assert nodes.a.agent is not None
+
+    def broken(*args: Any, **kwargs: Any) -> int:
+        raise RuntimeError("a bug in one object's step")
+
+    monkeypatch.setattr(nodes.a.agent.executor, "expand_volume", broken)
+    with pytest.raises(Aborted):
+        nodes.controller(wait=1.0).expand_volume(stuck.local_id, 2 * stuck.capacity_bytes, 0)
+    removed = nodes.a.group.run("lvremove", "--yes", f"{nodes.a.group.name}/cairn-{REST('volume', 'vanishing')}")
+    assert removed.returncode == 0, removed.stderr
+    eventually("the agent notices", lambda: controller.get_volume(vanishing.local_id).condition.abnormal)
+    before = controller.reports()["node-a"]["heartbeat"]
+    eventually("node-a keeps reporting", lambda: controller.reports()["node-a"]["heartbeat"] != before)
+    for volume in (stuck, vanishing):
+        controller.delete_volume(volume.local_id)
+
+
 def test_a_create_cut_short_on_either_side_leaves_exactly_one_lv(nodes: Nodes) -> None:
     reported(nodes)
     nodes.b.stop()  # the node plugin is down; its report is still fresh
