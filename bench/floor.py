@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from csi.generated import csi_pb2 as pb
 from csi.generated import csi_pb2_grpc as pb_grpc
+from tests.support import Stubs
 
 WORKERS = 8  # the driver's default (--workers)
 NODE_ID = "floor-node"
@@ -170,25 +171,13 @@ def serve(endpoint: str, workers: int = WORKERS) -> grpc.Server:
     return server
 
 
-class Floor:
+class Floor(Stubs):
     """A client of the do-nothing server running in its own process: the same stubs as
     the driver's test handle offers."""
 
     def __init__(self, process: subprocess.Popen[bytes], channel: grpc.Channel) -> None:
         self.process = process
-        self.channel = channel
-
-    @property
-    def identity(self) -> pb_grpc.IdentityStub:
-        return pb_grpc.IdentityStub(self.channel)
-
-    @property
-    def controller(self) -> pb_grpc.ControllerStub:
-        return pb_grpc.ControllerStub(self.channel)
-
-    @property
-    def node(self) -> pb_grpc.NodeStub:
-        return pb_grpc.NodeStub(self.channel)
+        self.channel: grpc.Channel | None = channel
 
 
 @contextlib.contextmanager

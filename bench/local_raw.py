@@ -45,11 +45,12 @@ import contextlib
 import glob
 import json
 import os
-import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from bench.common import sh
 
 TEMP = ".tmp"
 FAST_MKFS_EXT4 = ["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"]
@@ -74,10 +75,6 @@ def write_record(path: Path, record: Mapping[str, Any], sync_directory: bool = T
     os.replace(temp, path)
     if sync_directory:
         fsync_path(path.parent, directory=True)
-
-
-def run(*argv: str) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def loop_devices_of(image: Path) -> list[str]:
@@ -145,7 +142,7 @@ class RawLocal:
         loop_devices_of(source)  # none attached here: nothing to freeze
         image = self.snapshots / f"{name}.img"
         temp = image.with_name(image.name + TEMP)
-        run("cp", "--reflink=auto", "--sparse=always", str(source), str(temp))
+        sh("cp", "--reflink=auto", "--sparse=always", str(source), str(temp))
         fsync_path(temp)
         record = {"name": name, "source": source.stem, "created": time.time()}
         write_record(self.snapshots / f"{name}.json", record, sync_directory=False)
@@ -157,18 +154,18 @@ class RawLocal:
 
     def stage(self, image: Path, staging: str) -> str:
         existing = loop_devices_of(image)
-        device = existing[0] if existing else run("losetup", "--find", "--show", str(image))
+        device = existing[0] if existing else sh("losetup", "--find", "--show", str(image))
         if is_blank(device):
-            run("mkfs.ext4", "-q", *FAST_MKFS_EXT4, device)
+            sh("mkfs.ext4", "-q", *FAST_MKFS_EXT4, device)
         os.makedirs(staging, exist_ok=True)
-        run("mount", "-t", "ext4", device, staging)
+        sh("mount", "-t", "ext4", device, staging)
         record = {"volume": image.stem, "staging_path": staging, "device": device, "filesystem": "ext4", "targets": {}}
         write_record(self.node / f"{image.stem}.json", record)
         return device
 
     def unstage(self, image: Path, staging: str, device: str) -> None:
-        run("umount", staging)
-        run("losetup", "--detach", device)
+        sh("umount", staging)
+        sh("losetup", "--detach", device)
         deadline = time.monotonic() + 10
         while loop_devices_of(image) and time.monotonic() < deadline:
             time.sleep(0.001)
@@ -178,12 +175,12 @@ class RawLocal:
         if mounted(target):
             return
         os.makedirs(target, exist_ok=True)
-        run("mount", "--bind", staging, target)
+        sh("mount", "--bind", staging, target)
         self._targets(image, {target: False})
 
     def unpublish(self, image: Path, target: str) -> None:
         if mounted(target):
-            run("umount", target)
+            sh("umount", target)
         os.rmdir(target)
         self._targets(image, {})
 

@@ -120,6 +120,18 @@ def command_failed(argv: Sequence[str], returncode: int, stderr: str) -> Command
     return CommandFailed(argv, returncode, stderr)
 
 
+def refused(what: str, error: OSError) -> CommandFailed:
+    """The error for a request the kernel refused with ``error`` where the driver asks the
+    kernel itself rather than run a tool (loop ioctls, mount(2)): classified as
+    ``command_failed`` classifies a tool's message, from the errno's text, so callers see
+    the classes the tool's failure had. ``what`` names the request and its objects; it
+    is the error's argv and the start of its message, and the errno its returncode."""
+    reason = error.strerror or str(error)
+    failure = command_failed([what], error.errno or 0, reason)
+    failure.args = (f"{what}: {reason}",)
+    return failure
+
+
 class CommandTimeout(DeadlineExceeded):
     def __init__(self, argv: Sequence[str], timeout: float) -> None:
         self.argv = tuple(argv)

@@ -8,7 +8,7 @@ while the device is attached), a device is picked with LOOP_CTL_GET_FREE and set
 LOOP_CONFIGURE (LOOP_SET_FD and LOOP_SET_STATUS64 on kernels before 5.8), detached with
 LOOP_CLR_FD and resized with LOOP_SET_CAPACITY, as losetup does by default (no direct
 I/O, no partition scan, no autoclear). A request the kernel refuses raises what
-``errors.command_failed`` makes of the errno's text, as losetup's failures did: no space
+``errors.refused`` makes of the errno's text, as losetup's failures did: no space
 is RESOURCE_EXHAUSTED, busy or refused FAILED_PRECONDITION, missing NOT_FOUND."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Collection
 
 from csi import mount
-from csi.errors import CommandFailed, FailedPrecondition, ResourceExhausted, command_failed
+from csi.errors import FailedPrecondition, ResourceExhausted, refused
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def attach(path: str, read_only: bool = False) -> str:
                 _bind(device, backing, flags, path)
             except OSError as exc:
                 if exc.errno != errno.EBUSY:
-                    raise _refused(f"cannot attach {path} to {device}", exc) from exc
+                    raise refused(f"cannot attach {path} to {device}", exc) from exc
                 taken.add(number)  # another process bound it first: ask for another
                 continue
             log.debug(
@@ -135,7 +135,7 @@ def detach(path: str, wait: float = DETACH_WAIT) -> None:
             _request(device, LOOP_CLR_FD)
         except OSError as exc:
             if _find(path, among=[device]):
-                raise _refused(f"cannot detach {device} from {path}", exc) from exc
+                raise refused(f"cannot detach {device} from {path}", exc) from exc
             # otherwise it detached meanwhile: at its last close, or by another call
         log.debug("asked loop device to detach", extra={"device": device, "file": path})
     deadline = time.monotonic() + wait
@@ -155,7 +155,7 @@ def refresh_size(device: str) -> None:
     except OSError as exc:
         back = _backing_file(os.path.basename(device))
         of = f" of {back}" if back else ""
-        raise _refused(f"cannot refresh the size of loop device {device}{of}", exc) from exc
+        raise refused(f"cannot refresh the size of loop device {device}{of}", exc) from exc
     log.debug("refreshed loop device size", extra={"device": device})
 
 
@@ -237,11 +237,11 @@ def _open_backing(path: str, read_only: bool) -> tuple[int, int]:
         return os.open(path, os.O_RDONLY if read_only else os.O_RDWR), LO_FLAGS_READ_ONLY if read_only else 0
     except OSError as exc:
         if read_only or exc.errno not in (errno.EROFS, errno.EACCES):
-            raise _refused(f"cannot attach {path}", exc) from exc
+            raise refused(f"cannot attach {path}", exc) from exc
     try:
         return os.open(path, os.O_RDONLY), LO_FLAGS_READ_ONLY
     except OSError as exc:
-        raise _refused(f"cannot attach {path}", exc) from exc
+        raise refused(f"cannot attach {path}", exc) from exc
 
 
 def _free_number(path: str) -> int:
@@ -331,17 +331,6 @@ def _open_device(device: str, flags: int) -> int:
             with contextlib.suppress(FileExistsError):
                 os.mknod(device, stat.S_IFBLK | 0o660, os.makedev(major, minor))
         return os.open(device, flags)
-
-
-def _refused(what: str, error: OSError) -> CommandFailed:
-    """The error for a loop request the kernel refused with ``error``, classified by
-    ``errors.command_failed`` from the errno's text as losetup's message was, so callers
-    see the classes they saw before. ``what`` names the request, the device and the file;
-    it is the error's argv and the start of its message, and the errno its returncode."""
-    reason = error.strerror or str(error)
-    failure = command_failed([what], error.errno or 0, reason)
-    failure.args = (f"{what}: {reason}",)
-    return failure
 
 
 def _holders(devices: list[str]) -> str:

@@ -44,7 +44,7 @@ from csi.errors import (
     CommandTimeout,
     DeadlineExceeded,
     FailedPrecondition,
-    command_failed,
+    refused,
 )
 from csi.files import TEMP_SUFFIX, fsync_dir, write_atomically
 from csi.model import Filesystem, FilesystemStats
@@ -227,23 +227,17 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 def _mount_call(argv: Sequence[str], source: str, target: str, flags: int) -> None:
-    """mount(2) for a bind or a bind remount; a failure is the CommandFailed its
-    mount(8) equivalent ``argv`` would raise."""
+    """mount(2) for a bind or a bind remount; a failure is classified as its mount(8)
+    equivalent ``argv`` would be."""
     if _libc.mount(source.encode(), target.encode(), None, ctypes.c_ulong(flags), None) != 0:
         code = ctypes.get_errno()
-        raise errors_for(argv, code)
+        raise refused(" ".join(argv), OSError(code, os.strerror(code)))
 
 
 def _umount_call(target: str) -> None:
     if _libc.umount2(target.encode(), 0) != 0:
         code = ctypes.get_errno()
-        raise errors_for(["umount", target], code)
-
-
-def errors_for(argv: Sequence[str], code: int) -> CommandFailed:
-    """The error a failed system call raises, classified as the tool doing the same
-    would be (busy, refused, missing)."""
-    return command_failed(argv, code, f"{' '.join(argv)}: {os.strerror(code)}")
+        raise refused(f"umount {target}", OSError(code, os.strerror(code)))
 
 
 def bind(source: str, target: str, readonly: bool = False, options: Sequence[str] = ()) -> None:

@@ -63,7 +63,25 @@ SERVING = "serving until SIGTERM or SIGINT"
 """What a driver logs once it serves and its signal handlers are in place."""
 
 
-class Driver:
+class Stubs:
+    """The CSI services' stubs on ``channel``."""
+
+    channel: grpc.Channel | None
+
+    @property
+    def identity(self) -> pb_grpc.IdentityStub:
+        return pb_grpc.IdentityStub(self.channel)
+
+    @property
+    def controller(self) -> pb_grpc.ControllerStub:
+        return pb_grpc.ControllerStub(self.channel)
+
+    @property
+    def node(self) -> pb_grpc.NodeStub:
+        return pb_grpc.NodeStub(self.channel)
+
+
+class Driver(Stubs):
     """A cairn-csi process serving every service on a unix socket under ``root``."""
 
     def __init__(self, root: Path, extra_args: Sequence[str] = ()) -> None:
@@ -148,18 +166,6 @@ class Driver:
     def restart(self) -> None:
         assert self.stop() == 0
         self.start()
-
-    @property
-    def identity(self) -> pb_grpc.IdentityStub:
-        return pb_grpc.IdentityStub(self.channel)
-
-    @property
-    def controller(self) -> pb_grpc.ControllerStub:
-        return pb_grpc.ControllerStub(self.channel)
-
-    @property
-    def node(self) -> pb_grpc.NodeStub:
-        return pb_grpc.NodeStub(self.channel)
 
 
 def descendants(pid: int) -> list[int]:

@@ -84,13 +84,13 @@ def test_failures_are_classified_and_a_busy_unmount_names_its_holder(tmpfs: Path
     target = tmp_path / "target"
     target.mkdir()
     mount.bind(str(tmpfs), str(target))
-    holder = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    holder, previous = os.open(target, os.O_RDONLY | os.O_DIRECTORY), os.getcwd()
     os.chdir(target)
     try:
         with pytest.raises(CommandBusy, match="a process has files open or works in it"):
             mount.unmount(str(target))
     finally:
-        os.chdir("/")
+        os.chdir(previous)
         os.close(holder)
     mount.unmount(str(target))
     assert not mount.is_mounted(str(target))
