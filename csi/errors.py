@@ -72,6 +72,10 @@ class Unimplemented(CairnError):
     pass
 
 
+class DataLoss(CairnError):
+    """Stored data is gone or damaged (a backup chunk missing or failing its hash)."""
+
+
 class CommandFailed(CairnError):
     """A host command exited non-zero; callers that understand the failure convert it."""
 

@@ -85,10 +85,24 @@ class Capability:
 
 @dataclass(frozen=True)
 class SourceRef:
-    """The content source of a new volume, by local ID within the same backend."""
+    """The content source of a new volume: a snapshot or volume by local ID within the
+    same backend, or a backup by its driver-wide snapshot ID (a backup lives in a
+    repository, not in a backend, and restores onto any backend that can fill volumes)."""
 
-    kind: Literal["snapshot", "volume"]
+    kind: Literal["snapshot", "volume", "backup"]
     local_id: str
+
+
+@dataclass(frozen=True, order=True)
+class Extent:
+    """A byte range of a volume or snapshot."""
+
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
 
 
 @dataclass(frozen=True)
@@ -130,6 +144,8 @@ class Volume:
     topology: tuple[Segment, ...] = ()
     published_nodes: tuple[str, ...] = ()
     condition: VolumeCondition = field(default_factory=lambda: HEALTHY)
+    filling: bool = False
+    """Made from a backup whose content is not all written yet (see ``SnapshotBlocks``)."""
 
 
 @dataclass(frozen=True)

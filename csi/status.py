@@ -24,6 +24,7 @@ CODES: dict[type[errors.CairnError], grpc.StatusCode] = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+    errors.DataLoss: grpc.StatusCode.DATA_LOSS,
     errors.CommandFailed: grpc.StatusCode.INTERNAL,
 }
 

@@ -9,6 +9,10 @@ declaration of what it offers:
   halves are checked against it by the contract suite.
 * ``VolumeBackend`` runs in the controller: it creates, deletes, grows, snapshots and
   clones volumes and tracks which nodes they are published to.
+* ``SnapshotBlocks`` (optional, declared by ``Capabilities.blocks``) lets the controller
+  read a snapshot's blocks and the ranges that hold data or changed between two
+  snapshots (changed-block tracking, backups), and fill a new volume restored from a
+  backup.
 * ``NodeConnector`` runs on the node: it makes a published volume appear on this host,
   as a block device (which the node formats and mounts) or as a filesystem to mount as
   it is (a share), and takes it away again.
@@ -24,9 +28,10 @@ of ``csi.errors`` and never anything from grpc.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unimplemented
 from csi.model import (
@@ -34,6 +39,7 @@ from csi.model import (
     AccessMode,
     AccessType,
     Capability,
+    Extent,
     Filesystem,
     Secrets,
     Segment,
@@ -71,6 +77,9 @@ class Capabilities:
     refresh a device): ControllerExpandVolume's node_expansion_required."""
     node_local: bool = False
     """Volumes live on one node and are usable only there."""
+    blocks: bool = False
+    """The controller half implements ``SnapshotBlocks``: changed-block tracking, backups
+    of its volumes and restores of backups onto it."""
     refusals: Mapping[tuple[AccessType, AccessMode], str] = field(default_factory=dict)
     """Why a combination is not offered, where the reason helps the user."""
 
@@ -138,7 +147,12 @@ class VolumeBackend(Protocol):
         matches the spec, return it; when it does not match, raise AlreadyExists. A
         source that does not exist is NotFound; a size the backend cannot give is
         OutOfRange. A failure at any step leaves nothing behind, and a retry after a
-        crash finishes or cleans up what the crashed call began."""
+        crash finishes or cleans up what the crashed call began.
+
+        A source of kind "backup" (only on a backend declaring ``Capabilities.blocks``)
+        names no object of this backend: make a blank volume, record the source as given
+        (a retry with another source is AlreadyExists) and report ``filling`` until
+        ``fill_volume`` has written the content."""
 
     def delete_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
         """Delete the volume; it is not an error when no such volume exists."""
@@ -188,6 +202,58 @@ class VolumeBackend(Protocol):
 
     def unpublish_volume(self, local_id: str, node_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
         """Forget that ``node_id`` uses the volume; not an error if it did not."""
+
+
+class BlockReader(Protocol):
+    """A snapshot's content, open for reading."""
+
+    @property
+    def size(self) -> int:
+        """The snapshot's size in bytes."""
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset``; fewer only where the snapshot ends."""
+
+
+class BlockWriter(Protocol):
+    """A new volume's content, open for writing."""
+
+    @property
+    def size(self) -> int:
+        """The volume's size in bytes."""
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` (within the volume's size)."""
+
+
+class SnapshotBlocks(Protocol):
+    """What backups and changed-block tracking need of a controller half that declares
+    ``Capabilities.blocks``. Ranges are sorted, do not overlap, are merged where they
+    touch, and lie within the snapshot's size; a range may hold zeros (a backend that
+    cannot tell says more than it must), but a byte outside every range is known: zero
+    for ``allocated``, unchanged for ``changed``."""
+
+    def allocated(self, local_id: str, start: int = 0, *, secrets: Secrets = NO_SECRETS) -> Iterator[Extent]:
+        """The ranges of snapshot ``local_id`` that may hold data, from ``start`` on (a
+        range that begins before it is cut to begin there). NotFound for no snapshot."""
+
+    def changed(
+        self, base_local_id: str, target_local_id: str, start: int = 0, *, secrets: Secrets = NO_SECRETS
+    ) -> Iterator[Extent]:
+        """The ranges, from ``start`` on, where snapshot ``target_local_id`` may differ
+        from the earlier snapshot ``base_local_id`` of the same volume (past the base's
+        end when the volume grew). NotFound for either snapshot missing; InvalidArgument
+        when they are not snapshots of one volume."""
+
+    def read_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> AbstractContextManager[BlockReader]:
+        """Snapshot ``local_id`` open for reading; NotFound when there is none."""
+
+    def fill_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> AbstractContextManager[BlockWriter]:
+        """Volume ``local_id``, made by ``create_volume`` from a source of kind "backup"
+        (a blank volume of the backup's size, reported with ``filling`` set), open for
+        writing its content. Leaving the block without an error makes the writes durable
+        and clears ``filling``; an error leaves ``filling`` set, for a retry to write the
+        content again. What is not written reads as zeros."""
 
 
 @dataclass(frozen=True)
@@ -286,6 +352,17 @@ class Backend:
         if self.controller is None:
             raise Unimplemented(f"backend {self.name!r}: this process does not serve the controller")
         return self.controller
+
+    @property
+    def blocks(self) -> SnapshotBlocks:
+        """The controller half's block access; FailedPrecondition naming the backend when
+        it offers none."""
+        if not self.capabilities.blocks:
+            raise FailedPrecondition(
+                f"backend {self.name!r} ({self.kind}) cannot read snapshot blocks: no backups, "
+                "restores from backups or changed-block tracking on it"
+            )
+        return cast(SnapshotBlocks, self.volumes)
 
     @property
     def connector(self) -> NodeConnector:
