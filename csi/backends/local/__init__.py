@@ -25,6 +25,7 @@ _SINGLE_NODE = frozenset(m for m in AccessMode if not m.multi_node)
 CAPABILITIES = Capabilities(
     access={AccessType.MOUNT: _SINGLE_NODE, AccessType.BLOCK: _SINGLE_NODE},
     node_local=True,
+    blocks=True,
     refusals={
         (kind, mode): f"the local backend keeps volumes on one node and cannot offer {mode.value}"
         for kind in AccessType

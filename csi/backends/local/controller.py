@@ -4,18 +4,27 @@ Snapshots and clones are full copies made with ``cp --reflink=auto --sparse=alwa
 reflink (shared extents, instant) where the filesystem offers it (XFS, btrfs), a sparse
 copy elsewhere. A snapshot is therefore independent of its source volume, and deleting
 either never affects the other.
+
+It also offers ``SnapshotBlocks`` (``blocks.py``): the ranges of a snapshot that hold
+data, those where two snapshots of one volume differ (successive reflink copies share
+what did not change, which is known without a read), reading a snapshot, and filling a
+volume restored from a backup. Such a volume is made blank, with its source and
+``"filling": true`` in its record, and the record loses the mark once its content is
+written and flushed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from csi import loopdev, mount, proc
-from csi.backends.base import check_publication, matching
+from csi.backends.base import BlockReader, BlockWriter, check_publication, matching
+from csi.backends.local import blocks
 from csi.backends.local.layout import Kind, Layout
 from csi.errors import (
     AlreadyExists,
@@ -32,6 +41,7 @@ from csi.model import (
     NO_SECRETS,
     TOPOLOGY_NODE_KEY,
     Capability,
+    Extent,
     Secrets,
     Segment,
     Snapshot,
@@ -63,6 +73,8 @@ class LocalVolumes:
             mount.thaw_recorded(self.layout.freeze_journal)
         self.node_id = node_id
         self.topology: tuple[Segment, ...] = ({TOPOLOGY_NODE_KEY: node_id},)
+        self.read_compared: blocks.Read = os.pread
+        """How ``changed`` reads the bytes it compares (the tests count them)."""
 
     # -- capacity and capabilities -------------------------------------------------
 
@@ -109,6 +121,8 @@ class LocalVolumes:
                 "created": time.time(),
                 "published": {},
             }
+            if spec.source is not None and spec.source.kind == "backup":
+                record["filling"] = True
             self.layout.commit("volume", local_id, record, temp)
         except BaseException:
             self.layout.remove("volume", local_id)
@@ -116,7 +130,10 @@ class LocalVolumes:
         return self._volume(local_id, record)
 
     def _source(self, source: SourceRef | None) -> tuple[str | None, int]:
-        if source is None:
+        """The image to copy for a content source and its size; none for a backup (an ID
+        of the driver's backups, not of this backend's objects: ``fill_volume`` writes
+        its content later)."""
+        if source is None or source.kind == "backup":
             return None, 0
         if not self.layout.exists(source.kind, source.local_id):
             raise NotFound(f"source {source.kind} {source.local_id!r} does not exist")
@@ -161,6 +178,7 @@ class LocalVolumes:
             topology=self.topology,
             published_nodes=tuple(sorted(record["published"])),
             condition=self._condition(local_id, record),
+            filling=bool(record.get("filling")),
         )
 
     def _condition(self, local_id: str, record: dict[str, Any]) -> VolumeCondition:
@@ -239,6 +257,82 @@ class LocalVolumes:
             return os.stat(self.layout.image(kind, local_id)).st_size
         except FileNotFoundError:
             raise NotFound(f"{kind} {local_id!r} does not exist") from None
+
+    # -- snapshot blocks (backups, changed-block tracking) --------------------------
+
+    def allocated(self, local_id: str, start: int = 0, *, secrets: Secrets = NO_SECRETS) -> Iterator[Extent]:
+        """The ranges of the snapshot's image that may hold data (its holes read as
+        zeros), from ``start`` on. Checked now; read as the caller iterates."""
+        blocks.check_start(start)
+        self.layout.require_record("snapshot", local_id)
+        return blocks.allocated(self.layout.image("snapshot", local_id), f"snapshot {local_id!r}", start)
+
+    def changed(
+        self, base_local_id: str, target_local_id: str, start: int = 0, *, secrets: Secrets = NO_SECRETS
+    ) -> Iterator[Extent]:
+        """The blocks, from ``start`` on, where snapshot ``target_local_id`` may differ
+        from ``base_local_id`` of the same volume: what they share on disk is not read,
+        the rest is compared (see ``blocks.changed``). Checked now; read as the caller
+        iterates."""
+        blocks.check_start(start)
+        base = self.layout.require_record("snapshot", base_local_id)
+        target = self.layout.require_record("snapshot", target_local_id)
+        if base["source"] != target["source"]:
+            raise InvalidArgument(
+                f"snapshots {base_local_id} (of volume {base['source']}) and {target_local_id} "
+                f"(of volume {target['source']}) are not snapshots of one volume"
+            )
+        if base_local_id == target_local_id:
+            return iter(())
+        return blocks.changed(
+            self.layout.image("snapshot", base_local_id),
+            self.layout.image("snapshot", target_local_id),
+            start,
+            (f"snapshot {base_local_id!r}", f"snapshot {target_local_id!r}"),
+            read=self.read_compared,
+        )
+
+    @contextlib.contextmanager
+    def read_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Iterator[BlockReader]:
+        """The snapshot's image open for reading; NotFound when there is none."""
+        self.layout.require_record("snapshot", local_id)
+        fd = blocks.open_image(self.layout.image("snapshot", local_id), f"snapshot {local_id!r}")
+        try:
+            yield blocks.ImageReader(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def fill_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Iterator[BlockWriter]:
+        """A volume made from a backup and not filled yet, open for writing its content.
+        What an earlier, failed fill wrote is discarded first, so what this one does not
+        write reads as zeros. A clean exit flushes the image, then records the volume as
+        filled; an error leaves it filling, for a retry."""
+        record = self.layout.require_record("volume", local_id)
+        if not record.get("filling"):
+            raise FailedPrecondition(
+                f"volume {local_id} is not waiting for content from a backup: it is filled already, "
+                "or was not made from one"
+            )
+        image = self.layout.image("volume", local_id)
+        what = f"volume {local_id!r}"
+        fd = blocks.open_image(image, what, os.O_WRONLY)
+        try:
+            size = os.fstat(fd).st_size
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, size)
+            if _parse_bool(record["parameters"].get(PARAM_PREALLOCATE, "false"), PARAM_PREALLOCATE):
+                _preallocate(image, size)
+            yield blocks.ImageWriter(fd, size, what)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        # Read again: a publication may have rewritten the record while the content was written.
+        current = self.layout.read_record("volume", local_id)
+        if current is None:
+            raise NotFound(f"volume {local_id!r} was deleted while it was filled")
+        current.pop("filling", None)
+        self.layout.write_record("volume", local_id, current)
 
     # -- publication ----------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """Where the local backend keeps things, and the crash-safe file operations it uses.
 
     <path>/volumes/vol-<uuid>.img     the volume: a sparse image file
-    <path>/volumes/vol-<uuid>.json    its record: request name, source, publications
+    <path>/volumes/vol-<uuid>.json    its record: request name, source, publications, and
+                                      "filling" while a volume made from a backup waits
+                                      for its content
     <path>/snapshots/snap-<uuid>.img  a point-in-time copy of a volume's image
     <path>/snapshots/snap-<uuid>.json its record: name, source volume, creation time
     <path>/frozen/<hash>.json         a filesystem frozen for a copy in progress (see
