@@ -20,8 +20,9 @@ if [ "$what" = test ]; then
   # The vm tier: a stock Debian kernel booted by QEMU with a busybox initramfs; nftables
   # lets a guest reach the host's test cluster on its loopback addresses.
   packages+=(qemu-system-x86 linux-image-amd64 busybox-static cpio kmod nftables)
-  # The rbd backend and its throw-away test cluster.
-  packages+=(ceph-mon ceph-mgr ceph-osd ceph-common python3-rbd python3-rados rbd-fuse rbd-nbd fuse3)
+  # The rbd backend and its throw-away test cluster; its RADOS gateway is the S3 server of
+  # the backup store's tests.
+  packages+=(ceph-mon ceph-mgr ceph-osd ceph-common python3-rbd python3-rados rbd-fuse rbd-nbd fuse3 radosgw)
   # The cluster tier's images, built without a container engine: the driver's from the
   # Dockerfile by buildah (with runc) on a base made by mmdebstrap; the pod sandbox compiled
   # with `gcc -static`; test pods run busybox-static (above).

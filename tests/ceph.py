@@ -256,3 +256,107 @@ class CephCluster:
         for log in sorted((self.root / "log").glob("*.log")):
             parts.append(f"== {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
         return "\n".join(parts)
+
+
+RGW_NAME = "client.rgw.cairn"
+RGW_THREADS = 8
+
+
+@dataclass
+class RadosGateway:
+    """A RADOS gateway (radosgw, the beast frontend) on a free loopback port in front of
+    ``cluster``: an S3-compatible server for the backup store's tests. Its key, log,
+    admin socket and data live under ``root``, apart from the cluster's, so it starts
+    only when a test asks for it and stops (by its PID) without touching the cluster.
+    The gateway makes its pools on first start; the cluster's defaults (8 PGs a pool,
+    size one) keep them small enough for the single memstore OSD."""
+
+    cluster: CephCluster
+    root: Path
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "radosgw.log"
+
+    def admin(self, *args: str) -> str:
+        """radosgw-admin as the cluster's admin (it works on the pools, not through the gateway)."""
+        return self.cluster._run(
+            "radosgw-admin", "-c", str(self.cluster.conf), "--log-file", str(self.root / "radosgw-admin.log"), *args
+        )
+
+    def start(self, timeout: float = 180) -> RadosGateway:
+        self.root.mkdir(parents=True, exist_ok=True)
+        keyring = self.root / "keyring"
+        self.cluster.ceph(
+            "auth", "get-or-create", RGW_NAME, "mon", "allow rw", "osd", "allow rwx", "mgr", "allow rw", "-o", str(keyring)
+        )  # fmt: skip
+        self.port = free_port()
+        argv = [
+            "radosgw", "-f", "-c", str(self.cluster.conf), "-n", RGW_NAME, "--keyring", str(keyring),
+            f"--rgw_frontends=beast endpoint=127.0.0.1:{self.port}",
+            f"--rgw_thread_pool_size={RGW_THREADS}",
+            "--rgw_enable_apis=s3",
+            "--rgw_dynamic_resharding=false",
+            "--rgw_run_sync_thread=false",
+            f"--rgw_data={self.root}",
+            f"--log_file={self.log}",
+            f"--admin_socket={self.root / 'radosgw.asok'}",
+            f"--pid_file={self.root / 'radosgw.pid'}",
+        ]  # fmt: skip
+        output = (self.root / "radosgw.out").open("wb")
+        with output:
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self._wait_until_serving(timeout)
+        return self
+
+    def _wait_until_serving(self, timeout: float) -> None:
+        """Until the gateway answers HTTP (after it has made its pools and zone)."""
+        import urllib.error
+        import urllib.request
+
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"radosgw exited with {self.process.returncode}\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.endpoint, timeout=5):
+                    return
+            except urllib.error.HTTPError:
+                return  # it answered, if only to refuse
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"radosgw did not serve on {self.endpoint} within {timeout:g}s\n{self.log_tail()}")
+
+    def create_user(self, uid: str) -> tuple[str, str]:
+        """An S3 user with a fresh key pair: (access key, secret key)."""
+        access_key, secret_key = uuid.uuid4().hex[:20].upper(), uuid.uuid4().hex + uuid.uuid4().hex[:8]
+        self.admin(
+            "user", "create", f"--uid={uid}", f"--display-name={uid}", f"--access-key={access_key}", f"--secret={secret_key}"
+        )  # fmt: skip
+        return access_key, secret_key
+
+    def stop(self) -> None:
+        """Kill the gateway this object started, by its PID (as the cluster's daemons are:
+        a graceful stop waits seconds for its background threads, and nothing it holds
+        outlives the test)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def log_tail(self, lines: int = 30) -> str:
+        parts = []
+        for log in (self.root / "radosgw.out", self.log):
+            if log.exists():
+                parts.append(f"== {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(parts)

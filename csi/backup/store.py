@@ -1,5 +1,5 @@
 """Where a repository keeps its objects: a flat namespace of keys ("chunks/ab/abcd...",
-"manifests/NAME") holding bytes, in a directory or an S3-compatible bucket.
+"backups/ID") holding bytes, in a directory or an S3-compatible bucket.
 
 A store promises little, so that an object store can keep it: a ``put`` is atomic (a
 reader sees the whole object or none of it, never part), a key once listed can be read
@@ -42,3 +42,7 @@ class Store(Protocol):
 
     def list(self, prefix: str = "") -> Iterator[Stored]:
         """The objects whose key starts with ``prefix``, in key order."""
+
+    def sweep(self, before: float) -> int:
+        """Remove what puts interrupted by a crash left (never an object), if last
+        touched before ``before`` (seconds since the epoch); return how many."""
