@@ -25,6 +25,8 @@ from csi import log as logsetup
 from csi.backends import local, lvm, nfs
 from csi.backends.base import Backend
 from csi.backends.routed import NodeAgent, NodeKeyed, NodeKeyedConnector, Objects, RoutedVolumes
+from csi.backup.configured import build_repositories
+from csi.backup.engine import Backups
 from csi.config import BackendConfig
 from csi.controller import ControllerService
 from csi.errors import CairnError, ConfigError
@@ -38,6 +40,7 @@ from csi.registration import RegistrationServer
 from csi.registry import Registry
 from csi.scheduler import Scheduler
 from csi.server import STOP_GRACE, STOP_STEP, Companion, Server, Services, parse_endpoint
+from csi.snapshot_metadata import SnapshotMetadataService, offered
 
 log = logging.getLogger("csi")
 
@@ -328,16 +331,21 @@ def build_server(args: argparse.Namespace) -> Server:
         lambda: node_routing(args.node_routing, args.kubeconfig),
     )
     registry = Registry(backends)
-    controller = None
+    controller = snapshot_metadata = None
     if serves_controller:
-        controller = ControllerService(registry, Scheduler(registry), node_directory(args.check_nodes))
+        backups = Backups(registry, build_repositories(driver_config.repositories))
+        controller = ControllerService(registry, Scheduler(registry), node_directory(args.check_nodes), backups)
+        if offered(registry):
+            snapshot_metadata = SnapshotMetadataService(registry)
     node = None
     if serves_node:
         node = NodeService(
             registry, args.node_id, NodeState(args.state_dir), args.max_volumes_per_node, args.volume_mount_group
         )
-    identity = IdentityService(registry, controller=controller is not None)
-    services = Services(identity, controller, node)
+    identity = IdentityService(
+        registry, controller=controller is not None, snapshot_metadata=snapshot_metadata is not None
+    )
+    services = Services(identity, controller, node, snapshot_metadata)
     # Backend health and free space only where the controller runs: a node plugin has no
     # business asking a storage cluster.
     watched = list(registry) if serves_controller else []

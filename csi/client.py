@@ -6,6 +6,10 @@ answers. Operators use it to look at a running driver; the demo drives it.
     cairn-csi client stage VOLUME_ID /staging/path [--fs xfs] [--block]
     cairn-csi client publish-node VOLUME_ID /target/path --staging /staging/path [--ro]
     cairn-csi client orphans [--kubeconfig FILE]
+    cairn-csi client backups --config FILE REPOSITORY [list|verify|gc [--grace SECONDS]]
+
+``backups`` reads the repository itself (with the driver's config file and the files its
+credentials name), not through the driver: CSI has no calls for it.
 """
 
 from __future__ import annotations
@@ -287,6 +291,46 @@ def cmd_orphans(client: Client, args: argparse.Namespace) -> None:
     print(f"{len(found) + len(on_nodes)} orphan(s); nothing was deleted", file=sys.stderr)
 
 
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def cmd_backups(client: Client, args: argparse.Namespace) -> None:
+    import time
+
+    from csi import config
+    from csi.backup.configured import build_repositories
+
+    driver_config = config.load(args.config)
+    entries = [r for r in driver_config.repositories if r.name == args.repository]
+    if not entries:
+        known = ", ".join(r.name for r in driver_config.repositories) or "none"
+        raise SystemExit(f"error: no backup repository {args.repository!r} in {args.config} (configured: {known})")
+    repository = build_repositories(entries)[args.repository]
+    if args.action == "list":
+        print(f"{'BACKUP':<42}  {'CREATED':<20}  {'SIZE':>10}  {'READ':>10}  {'NEW':>10}  VOLUME (NAME)")
+        for m in repository.manifests():
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(m.created_at))
+            print(
+                f"{m.backup_id:<42}  {created:<20}  {_size(m.size):>10}  {_size(m.read_bytes):>10}  "
+                f"{_size(m.new_bytes):>10}  {m.volume_id} ({m.name})"
+            )
+    elif args.action == "verify":
+        verified = repository.verify()
+        print(verified)
+        if verified.problems:
+            for problem in verified.problems:
+                print(f"problem: {problem}", file=sys.stderr)
+            raise SystemExit(1)
+    else:
+        print(repository.collect(grace=args.grace))
+
+
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace], None]] = {
     "info": cmd_info,
     "create": cmd_create,
@@ -304,6 +348,7 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], None]] = {
     "umount": cmd_umount,
     "stats": cmd_stats,
     "orphans": cmd_orphans,
+    "backups": cmd_backups,
 }
 
 
@@ -352,6 +397,12 @@ def parser() -> argparse.ArgumentParser:
     orphans_cmd.add_argument("--kubeconfig", help="the cluster's kubeconfig (default: in-cluster, else ~/.kube/config)")
     orphans_cmd.add_argument(
         "--settle", type=float, default=5.0, help="seconds between the two reads that must both find an orphan"
+    )
+    backups = command("backups", "list, verify or collect a backup repository (reads it directly)", "repository")
+    backups.add_argument("action", nargs="?", default="list", choices=("list", "verify", "gc"))
+    backups.add_argument("--config", required=True, help="the driver's config file, which names the repository")
+    backups.add_argument(
+        "--grace", type=float, default=3600.0, help="gc: keep unreferenced chunks younger than this many seconds"
     )
     return p
 

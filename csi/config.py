@@ -6,6 +6,12 @@
         group: fast            # optional; a StorageClass may name a group instead
         path: /var/lib/cairn   # settings of the kind, checked by the backend itself
 
+    backupRepositories:        # optional: where VolumeSnapshotClasses of type backup put them
+      - name: offsite          # like a backend name: it appears in every backup's ID
+        kind: directory        # directory (a local path or a mounted export) or s3
+        path: /backups
+        credentials: /etc/cairn/backup/offsite   # optional: a mounted Secret (see backup.config)
+
 Without a file the driver serves the embedded default: one local backend named ``local``.
 """
 
@@ -34,8 +40,16 @@ class BackendConfig:
 
 
 @dataclass(frozen=True)
+class RepositoryConfig:
+    name: str
+    kind: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class DriverConfig:
     backends: tuple[BackendConfig, ...]
+    repositories: tuple[RepositoryConfig, ...] = ()
 
     @property
     def groups(self) -> frozenset[str]:
@@ -58,7 +72,7 @@ def load(path: str) -> DriverConfig:
 def parse(data: Any, source: str = "config") -> DriverConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with a 'backends' list")
-    unknown = set(data) - {"backends"}
+    unknown = set(data) - {"backends", "backupRepositories"}
     if unknown:
         raise ConfigError(f"{source}: unknown top-level keys {sorted(unknown)}")
     entries = data.get("backends")
@@ -72,7 +86,34 @@ def parse(data: Any, source: str = "config") -> DriverConfig:
     clashes = sorted({b.group for b in backends if b.group} & set(names))
     if clashes:
         raise ConfigError(f"{source}: group names must differ from backend names: {clashes}")
-    return DriverConfig(backends)
+    entries = data.get("backupRepositories") or []
+    if not isinstance(entries, list):
+        raise ConfigError(f"{source}: 'backupRepositories' must be a list")
+    repositories = tuple(
+        _parse_repository(entry, f"{source}: backupRepositories[{i}]") for i, entry in enumerate(entries)
+    )
+    taken = set(names) | {b.group for b in backends if b.group}
+    for repository in repositories:
+        # Backup IDs are "1:<repository>:<backup>": a repository and a backend of one name
+        # would make an ID that routes to both.
+        if repository.name in taken:
+            raise ConfigError(
+                f"{source}: backup repository {repository.name!r}: names of repositories, backends and groups "
+                "must all differ"
+            )
+        taken.add(repository.name)
+    return DriverConfig(backends, repositories)
+
+
+def _parse_repository(entry: Any, where: str) -> RepositoryConfig:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    name, kind = entry.get("name"), entry.get("kind")
+    if not isinstance(name, str) or not BACKEND_NAME.match(name):
+        raise ConfigError(f"{where}: 'name' must match {BACKEND_NAME.pattern}, got {name!r}")
+    if kind not in ("directory", "s3"):
+        raise ConfigError(f"{where} ({name}): 'kind' must be directory or s3, got {kind!r}")
+    return RepositoryConfig(name, kind, {k: v for k, v in entry.items() if k not in ("name", "kind")})
 
 
 def _parse_backend(entry: Any, where: str) -> BackendConfig:

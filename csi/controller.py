@@ -14,6 +14,7 @@ from google.protobuf.wrappers_pb2 import Int64Value
 
 from csi import convert, ids
 from csi.backends.base import Backend, Expansion
+from csi.backup.engine import Backups
 from csi.errors import (
     Aborted,
     FailedPrecondition,
@@ -28,13 +29,16 @@ from csi.generated import csi_pb2 as pb
 from csi.generated import csi_pb2_grpc as pb_grpc
 from csi.locks import InFlight
 from csi.log import set_backend
-from csi.model import AccessType, Capability, Secrets, Segment, Snapshot, Volume, VolumeSpec
+from csi.model import AccessType, Capability, Secrets, Segment, Snapshot, SourceRef, Volume, VolumeSpec
 from csi.nodes import NodeDirectory
 from csi.parameters import (
     PARAM_BACKEND,
     PARAM_FS_TYPE,
     PARAM_GROUP,
     PARAM_MKFS_OPTIONS,
+    PARAM_REPOSITORY,
+    PARAM_TYPE,
+    SNAPSHOT_TYPES,
     backend_parameters,
     check_keys,
     check_mkfs_options,
@@ -124,46 +128,54 @@ def cursor(token: str) -> str:
 
 
 def paginate(
-    backends: Iterable[Backend],
-    listing: Callable[[Backend, str, int], Sequence[T]],
+    names: Iterable[str],
+    listing: Callable[[str, str, int], Sequence[T]],
     local_id: Callable[[T], str],
     max_entries: int,
     token: str,
-) -> tuple[list[tuple[Backend, T]], str]:
-    """One page of a listing that spans backends, in ID order, after the cursor in
-    ``token``. Each backend is asked only for the entries the page still needs after its
-    part of the cursor (``listing(backend, after, limit)``; limit 0 is all), so a page
-    costs what its entries cost wherever the backend keeps an ordered index. One entry
-    more than the page is read to know whether another page follows."""
+) -> tuple[list[tuple[str, T]], str]:
+    """One page of a listing that spans backends (and backup repositories), in ID order,
+    after the cursor in ``token``. Each is asked only for the entries the page still
+    needs after its part of the cursor (``listing(name, after, limit)``; limit 0 is all),
+    so a page costs what its entries cost wherever the backend keeps an ordered index.
+    One entry more than the page is read to know whether another page follows."""
     if max_entries < 0:
         raise InvalidArgument("max_entries must not be negative")
     after = cursor(token)
-    found: list[tuple[Backend, T]] = []
-    # IDs are "1:<backend>:<local ID>": backends in the order of that prefix, each one's
+    found: list[tuple[str, T]] = []
+    # IDs are "1:<name>:<local ID>": names in the order of that prefix, each one's
     # entries in local-ID order, give the IDs in order.
-    for backend in sorted(backends, key=lambda b: ids.encode(b.name, "-")):
-        prefix = ids.encode(backend.name, "-")[:-1]
+    for name in sorted(names, key=lambda n: ids.encode(n, "-")):
+        prefix = ids.encode(name, "-")[:-1]
         if after.startswith(prefix):
             start = after.removeprefix(prefix)
         elif after > prefix:
-            continue  # every ID of this backend sorts before the cursor
+            continue  # every ID of this one sorts before the cursor
         else:
             start = ""
         wanted = max_entries + 1 - len(found) if max_entries else 0
-        found += [(backend, item) for item in listing(backend, start, wanted)]
+        found += [(name, item) for item in listing(name, start, wanted)]
         if max_entries and len(found) > max_entries:
             page = found[:max_entries]
-            return page, TOKEN_PREFIX + ids.encode(page[-1][0].name, local_id(page[-1][1]))
+            return page, TOKEN_PREFIX + ids.encode(page[-1][0], local_id(page[-1][1]))
     return found, ""
 
 
 class ControllerService(pb_grpc.ControllerServicer):
-    def __init__(self, registry: Registry, scheduler: Scheduler, nodes: NodeDirectory | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        scheduler: Scheduler,
+        nodes: NodeDirectory | None = None,
+        backups: Backups | None = None,
+    ) -> None:
         """``nodes`` tells which node IDs exist (in Kubernetes: the CSINode objects);
-        without it ControllerPublishVolume accepts any node ID."""
+        without it ControllerPublishVolume accepts any node ID. ``backups`` serves the
+        configured backup repositories (none without it)."""
         self.registry = registry
         self.scheduler = scheduler
         self.nodes = nodes
+        self.backups = backups or Backups(registry, {})
         self.inflight = InFlight()
         self.capabilities = controller_capabilities(registry)
 
@@ -185,6 +197,16 @@ class ControllerService(pb_grpc.ControllerServicer):
         parameters = dict(request.parameters)
         vol_context = volume_context(parameters)
         source = convert.content_source(request.volume_content_source)
+        restoring = source is not None and source[0].backend in self.backups
+        if source is not None and restoring:
+            # A backup lives in a repository: any backend that fills volumes restores it.
+            backup = self.backups.manifest(str(source[0]))
+            if limit and limit < backup.size:
+                raise OutOfRange(
+                    f"volume {request.name!r}: backup {str(source[0])!r} holds {backup.size} bytes, above limit_bytes {limit}"
+                )
+            required = max(required, backup.size)
+            source = (source[0], SourceRef("backup", str(source[0])))
         required = size_for_filesystem(request.name, required, limit, caps, vol_context)
         spec = VolumeSpec(
             name=request.name,
@@ -199,13 +221,20 @@ class ControllerService(pb_grpc.ControllerServicer):
             metadata=claim_metadata(parameters),
         )
         # The source's lock too: a delete of the source waits (ABORTED) until the copy is made.
-        source_lock = self.inflight.hold(str(source[0]), source[1].kind) if source else contextlib.nullcontext()
+        # (A backup is a snapshot to DeleteSnapshot, which holds it as one.)
+        source_lock = (
+            self.inflight.hold(str(source[0]), "snapshot" if restoring else source[1].kind)
+            if source
+            else contextlib.nullcontext()
+        )
         with self.inflight.hold(request.name, "volume name"), source_lock:
             for backend in self.scheduler.select(parameters):
                 if backend.volumes.lookup_volume(request.name, secrets=spec.secrets) is not None:
                     # A retry: the backend compares the request with what it made.
-                    return self._created(backend, backend.volumes.create_volume(spec), vol_context)
-            if source:
+                    return self._created(
+                        backend, self._filled(backend, backend.volumes.create_volume(spec), spec), vol_context
+                    )
+            if source and not restoring:
                 self.registry.route(source[0].backend, source[1].kind, str(source[0]))
             placement = PlacementRequest(
                 parameters=parameters,
@@ -213,19 +242,29 @@ class ControllerService(pb_grpc.ControllerServicer):
                 required_bytes=required,
                 requisite=spec.requisite,
                 preferred=spec.preferred,
-                source_backend=source[0].backend if source else None,
+                source_backend=source[0].backend if source and not restoring else None,
                 source_kind=source[1].kind if source else None,
                 secrets=spec.secrets,
             )
             full: ResourceExhausted | None = None
             for backend in self.scheduler.place(placement):
                 try:
-                    return self._created(backend, backend.volumes.create_volume(spec), vol_context)
+                    volume = backend.volumes.create_volume(spec)
                 except ResourceExhausted as exc:
                     log.warning("backend full, trying the next", extra={"backend": backend.name, "error": str(exc)})
                     full = exc
+                    continue
+                return self._created(backend, self._filled(backend, volume, spec), vol_context)
             assert full is not None
             raise full
+
+    def _filled(self, backend: Backend, volume: Volume, spec: VolumeSpec) -> Volume:
+        """A volume restored from a backup, with its content written: by this call, or
+        again after a call that did not finish (a crash, a damaged chunk)."""
+        if volume.filling and spec.source is not None and spec.source.kind == "backup":
+            self.backups.restore(spec.source.local_id, backend, volume, secrets=spec.secrets)
+            volume = backend.volumes.get_volume(volume.local_id, secrets=spec.secrets)
+        return volume
 
     @staticmethod
     def _created(backend: Backend, volume: Volume, vol_context: Mapping[str, str]) -> pb.CreateVolumeResponse:
@@ -311,20 +350,22 @@ class ControllerService(pb_grpc.ControllerServicer):
 
     def ListVolumes(self, request: pb.ListVolumesRequest, context: grpc.ServicerContext) -> pb.ListVolumesResponse:
         page, next_token = paginate(
-            self.registry,
-            lambda backend, after, limit: backend.volumes.list_volumes(after=after, limit=limit),
+            self.registry.names(),
+            lambda name, after, limit: self.registry.route(name, "volume", name).volumes.list_volumes(
+                after=after, limit=limit
+            ),
             lambda volume: volume.local_id,
             request.max_entries,
             request.starting_token,
         )
         entries = [
             pb.ListVolumesResponse.Entry(
-                volume=convert.volume(backend.name, volume, {}),
+                volume=convert.volume(name, volume, {}),
                 status=pb.ListVolumesResponse.VolumeStatus(
                     published_node_ids=volume.published_nodes, volume_condition=convert.volume_condition(volume)
                 ),
             )
-            for backend, volume in page
+            for name, volume in page
         ]
         return pb.ListVolumesResponse(entries=entries, next_token=next_token)
 
@@ -436,7 +477,25 @@ class ControllerService(pb_grpc.ControllerServicer):
     ) -> pb.CreateSnapshotResponse:
         convert.name(request.name, "name")
         convert.require(request.source_volume_id, "source_volume_id")
+        kind = request.parameters.get(PARAM_TYPE, "snapshot")
+        if kind not in SNAPSHOT_TYPES:
+            raise InvalidArgument(
+                f"snapshot parameter {PARAM_TYPE!r} must be one of {', '.join(SNAPSHOT_TYPES)}, got {kind!r}"
+            )
+        repository = request.parameters.get(PARAM_REPOSITORY, "")
+        if kind == "snapshot" and repository:
+            raise InvalidArgument(f"snapshot parameter {PARAM_REPOSITORY!r} is for snapshots of type backup")
         backend, local_id = self._route(request.source_volume_id)
+        if kind == "backup":
+            if not repository:
+                raise InvalidArgument(f"a snapshot of type backup needs the parameter {PARAM_REPOSITORY!r}")
+            self.backups.repository(repository)
+            check_keys(backend_parameters(request.parameters), (), [backend], "snapshot")
+            with self.inflight.hold(request.name, "snapshot name"):
+                snapshot = self.backups.backup(
+                    repository, request.name, request.source_volume_id, secrets=request.secrets
+                )
+            return pb.CreateSnapshotResponse(snapshot=convert.backup(repository, snapshot))
         if not backend.capabilities.snapshots:
             raise InvalidArgument(f"volume {request.source_volume_id}: backend {backend.name!r} takes no snapshots")
         parameters = backend_parameters(request.parameters)
@@ -450,6 +509,11 @@ class ControllerService(pb_grpc.ControllerServicer):
     ) -> pb.DeleteSnapshotResponse:
         convert.require(request.snapshot_id, "snapshot_id")
         try:
+            ref = ids.decode(request.snapshot_id, "snapshot")
+            if ref.backend in self.backups:
+                with self.inflight.hold(request.snapshot_id, "snapshot"):
+                    self.backups.delete(ref.backend, ref.local_id, secrets=request.secrets)
+                return pb.DeleteSnapshotResponse()
             backend, local_id = self._route(request.snapshot_id, "snapshot")
             with self.inflight.hold(request.snapshot_id, "snapshot"):
                 backend.volumes.delete_snapshot(local_id, secrets=request.secrets)
@@ -459,6 +523,11 @@ class ControllerService(pb_grpc.ControllerServicer):
 
     def GetSnapshot(self, request: pb.GetSnapshotRequest, context: grpc.ServicerContext) -> pb.GetSnapshotResponse:
         convert.require(request.snapshot_id, "snapshot_id")
+        ref = ids.decode(request.snapshot_id, "snapshot")
+        if ref.backend in self.backups:
+            return pb.GetSnapshotResponse(
+                snapshot=convert.backup(ref.backend, self.backups.get(ref.backend, ref.local_id))
+            )
         backend, local_id = self._route(request.snapshot_id, "snapshot")
         snapshot = backend.volumes.get_snapshot(local_id, secrets=request.secrets)
         return pb.GetSnapshotResponse(snapshot=convert.snapshot(backend.name, snapshot))
@@ -467,38 +536,59 @@ class ControllerService(pb_grpc.ControllerServicer):
         self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext
     ) -> pb.ListSnapshotsResponse:
         secrets, source = request.secrets, request.source_volume_id
-        backends: list[Backend] = list(self.registry)
+        names: list[str] = [*self.registry.names(), *self.backups.repositories]
         wanted: Snapshot | None = None
         try:
             if request.snapshot_id:
-                backend, local_id = self._route(request.snapshot_id, "snapshot")
-                backends, wanted = [backend], backend.volumes.get_snapshot(local_id, secrets=secrets)
+                ref = ids.decode(request.snapshot_id, "snapshot")
+                if ref.backend in self.backups:
+                    wanted = self.backups.get(ref.backend, ref.local_id)
+                else:
+                    backend, local_id = self._route(request.snapshot_id, "snapshot")
+                    wanted = backend.volumes.get_snapshot(local_id, secrets=secrets)
+                names = [ref.backend]
             elif source:
-                backends = [self._route(source)[0]]
+                # A volume's snapshots live on its backend; its backups in any repository.
+                names = [self._route(source)[0].name, *self.backups.repositories]
         except NotFound:
-            backends = []
+            names = []
 
-        def of_source(backend: Backend, snapshots: Sequence[Snapshot]) -> list[Snapshot]:
-            return [s for s in snapshots if not source or ids.encode(backend.name, s.source_volume_local_id) == source]
+        def source_of(name: str, snapshot: Snapshot) -> str:
+            if name in self.backups:
+                return snapshot.source_volume_local_id  # a backup's source is a driver-wide ID
+            return ids.encode(name, snapshot.source_volume_local_id)
 
-        def listing(backend: Backend, after: str, limit: int) -> Sequence[Snapshot]:
+        def of_source(name: str, snapshots: Sequence[Snapshot]) -> list[Snapshot]:
+            return [s for s in snapshots if not source or source_of(name, s) == source]
+
+        def list_some(name: str, after: str, limit: int) -> Sequence[Snapshot]:
+            if name in self.backups:
+                return self.backups.list(name, after=after, limit=limit)
+            return self.registry.route(name, "snapshot", name).volumes.list_snapshots(
+                after=after, limit=limit, secrets=secrets
+            )
+
+        def listing(name: str, after: str, limit: int) -> Sequence[Snapshot]:
             if wanted is not None:
-                return of_source(backend, [wanted] if wanted.local_id > after else [])
+                return of_source(name, [wanted] if wanted.local_id > after else [])
             if not source:
-                return backend.volumes.list_snapshots(after=after, limit=limit, secrets=secrets)
+                return list_some(name, after, limit)
             # Only the source's snapshots: read on until the page is full.
             found: list[Snapshot] = []
             while True:
-                chunk = backend.volumes.list_snapshots(after=after, limit=max(limit, 100), secrets=secrets)
-                found += of_source(backend, chunk)
+                chunk = list_some(name, after, max(limit, 100))
+                found += of_source(name, chunk)
                 if not chunk or (limit and len(found) >= limit):
                     return found[:limit] if limit else found
                 after = chunk[-1].local_id
 
-        page, next_token = paginate(
-            backends, listing, lambda s: s.local_id, request.max_entries, request.starting_token
-        )
+        page, next_token = paginate(names, listing, lambda s: s.local_id, request.max_entries, request.starting_token)
         return pb.ListSnapshotsResponse(
-            entries=[pb.ListSnapshotsResponse.Entry(snapshot=convert.snapshot(b.name, s)) for b, s in page],
+            entries=[
+                pb.ListSnapshotsResponse.Entry(
+                    snapshot=convert.backup(n, s) if n in self.backups else convert.snapshot(n, s)
+                )
+                for n, s in page
+            ],
             next_token=next_token,
         )

@@ -131,8 +131,10 @@ def volume(backend: str, vol: Volume, context: Mapping[str, str]) -> pb.Volume:
         accessible_topology=[topology(s) for s in vol.topology],
     )
     if vol.source is not None:
-        source_id = ids.encode(backend, vol.source.local_id)
-        if vol.source.kind == "snapshot":
+        # A backup source is named by its driver-wide ID already (it is no object of
+        # the volume's backend).
+        source_id = vol.source.local_id if vol.source.kind == "backup" else ids.encode(backend, vol.source.local_id)
+        if vol.source.kind in ("snapshot", "backup"):
             message.content_source.snapshot.snapshot_id = source_id
         else:
             message.content_source.volume.volume_id = source_id
@@ -153,6 +155,18 @@ def snapshot(backend: str, snap: Snapshot) -> pb.Snapshot:
     return pb.Snapshot(
         snapshot_id=ids.encode(backend, snap.local_id),
         source_volume_id=ids.encode(backend, snap.source_volume_local_id),
+        size_bytes=snap.size_bytes,
+        creation_time=timestamp(snap.created_at),
+        ready_to_use=snap.ready,
+    )
+
+
+def backup(repository: str, snap: Snapshot) -> pb.Snapshot:
+    """A backup as a snapshot: its source volume is named by a driver-wide ID, as it
+    lives in a backend, not in the repository."""
+    return pb.Snapshot(
+        snapshot_id=ids.encode(repository, snap.local_id),
+        source_volume_id=snap.source_volume_local_id,
         size_bytes=snap.size_bytes,
         creation_time=timestamp(snap.created_at),
         ready_to_use=snap.ready,

@@ -20,9 +20,10 @@ Expansion = pb.PluginCapability.VolumeExpansion
 
 
 class IdentityService(pb_grpc.IdentityServicer):
-    def __init__(self, registry: Registry, controller: bool) -> None:
+    def __init__(self, registry: Registry, controller: bool, snapshot_metadata: bool = False) -> None:
         self.registry = registry
         self.controller = controller
+        self.snapshot_metadata = snapshot_metadata
 
     def GetPluginInfo(
         self, request: pb.GetPluginInfoRequest, context: grpc.ServicerContext
@@ -35,6 +36,8 @@ class IdentityService(pb_grpc.IdentityServicer):
         services = [Service.VOLUME_ACCESSIBILITY_CONSTRAINTS]
         if self.controller:
             services.insert(0, Service.CONTROLLER_SERVICE)
+        if self.snapshot_metadata:
+            services.append(Service.SNAPSHOT_METADATA_SERVICE)
         capabilities = [pb.PluginCapability(service=Service(type=s)) for s in services]
         growth = {b.capabilities.expansion for b in self.registry}
         if VolumeGrowth.ONLINE in growth:

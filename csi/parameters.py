@@ -25,7 +25,15 @@ would hold a call for seconds."""
 PARAM_REQUIRES = "requires"
 """Features the StorageClass's backends must offer, comma-separated (snapshots, clones,
 expansion, online-expansion, block, shared): a group places only on members that do."""
-SERVICE_PARAMETERS = frozenset({PARAM_BACKEND, PARAM_GROUP, PARAM_FS_TYPE, PARAM_MKFS_OPTIONS, PARAM_REQUIRES})
+PARAM_TYPE = "type"
+"""VolumeSnapshotClass: ``backup`` copies the snapshot into a repository (``snapshot``,
+the default, keeps it in the backend)."""
+PARAM_REPOSITORY = "repository"
+"""VolumeSnapshotClass of type backup: the configured repository to copy into."""
+SNAPSHOT_TYPES = ("snapshot", "backup")
+SERVICE_PARAMETERS = frozenset(
+    {PARAM_BACKEND, PARAM_GROUP, PARAM_FS_TYPE, PARAM_MKFS_OPTIONS, PARAM_REQUIRES, PARAM_TYPE, PARAM_REPOSITORY}
+)
 KUBERNETES_PREFIX = "csi.storage.k8s.io/"
 
 

@@ -6,7 +6,8 @@ the driver serves a single backend). Candidates then pass filters, like Cinder's
 1. parameters: a candidate must understand every backend parameter in the class, and
    offer every feature its ``requires`` parameter lists (snapshots, clones, ...);
 2. capabilities: it must offer every requested access mode and type;
-3. content source: a clone or restore stays on the source's backend;
+3. content source: a clone or restore of a snapshot stays on the source's backend; a
+   restore of a backup goes to any backend that fills volumes (``Capabilities.blocks``);
 4. topology: its volumes must be reachable from a requisite segment;
 5. health: its last health check found nothing wrong, and it can tell its free space
    (Cinder leaves out a volume service that stopped reporting); UNAVAILABLE when none is;
@@ -93,7 +94,10 @@ class Scheduler:
         capable = []
         for backend in candidates:
             reasons = [r for r in (backend.capabilities.unsupported(c) for c in request.capabilities) if r]
-            if request.source_kind and not backend.capabilities.offers(
+            if request.source_kind == "backup":
+                if not backend.capabilities.blocks:
+                    reasons.append("it cannot restore a backup (no block access)")
+            elif request.source_kind and not backend.capabilities.offers(
                 "snapshots" if request.source_kind == "snapshot" else "clones"
             ):
                 reasons.append(f"it cannot make a volume from a {request.source_kind}")

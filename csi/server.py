@@ -13,7 +13,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -199,39 +199,62 @@ class CallInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None or (handler.unary_unary is None and handler.unary_stream is None):
             return handler
         method: str = details.method
         rpc = method.rsplit("/", 1)[-1]
+        if handler.unary_unary is None:
+            # A call answered with a stream (SnapshotMetadata): served the same way, its
+            # summary once the stream ends or the caller leaves it.
+            inner_stream = handler.unary_stream
+
+            def stream(request: Message, context: grpc.ServicerContext) -> Iterator[Message]:
+                with self._serving(rpc, method, request, context):
+                    for response in inner_stream(request, context):
+                        _body(rpc, "answer", "response", response)
+                        yield response
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         inner = handler.unary_unary
 
         def call(request: Message, context: grpc.ServicerContext) -> Message:
-            started = time.monotonic()
-            with calls.call_context(request_id(context)):
-                number = self._enter(rpc, request, started)
-                self._record(lambda m: m.started(method))
-                code, message = grpc.StatusCode.OK, ""
-                failure: Exception | None = None
-                try:
-                    _body(rpc, "call", "request", request)
-                    response: Message = inner(request, context)
-                    _body(rpc, "answer", "response", response)
-                    return response
-                except Exception as exc:
-                    code, message = status.to_status(exc)
-                    failure = exc
-                    context.abort(code, message)
-                    raise  # abort() always raises; this line is never reached
-                finally:
-                    seconds = time.monotonic() - started
-                    backend = calls.backend()
-                    self._summary(rpc, request, code, message, failure, seconds, backend)
-                    self._record(lambda m: m.finished(method, code.name, backend, seconds))
-                    self._leave(number)
+            with self._serving(rpc, method, request, context):
+                response: Message = inner(request, context)
+                _body(rpc, "answer", "response", response)
+                return response
 
         return grpc.unary_unary_rpc_method_handler(
             call, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
         )
+
+    @contextlib.contextmanager
+    def _serving(self, rpc: str, method: str, request: Message, context: grpc.ServicerContext) -> Iterator[None]:
+        """One call in its log context, logged, recorded, and ended with the mapped code
+        of whatever it raises."""
+        started = time.monotonic()
+        with calls.call_context(request_id(context)):
+            number = self._enter(rpc, request, started)
+            self._record(lambda m: m.started(method))
+            code, message = grpc.StatusCode.OK, ""
+            failure: Exception | None = None
+            try:
+                _body(rpc, "call", "request", request)
+                yield
+            except Exception as exc:
+                code, message = status.to_status(exc)
+                failure = exc
+                context.abort(code, message)
+                raise  # abort() always raises; this line is never reached
+            finally:
+                seconds = time.monotonic() - started
+                backend = calls.backend()
+                self._summary(rpc, request, code, message, failure, seconds, backend)
+                self._record(lambda m: m.finished(method, code.name, backend, seconds))
+                self._leave(number)
 
     @staticmethod
     def _summary(
@@ -288,6 +311,7 @@ class Services:
     identity: pb_grpc.IdentityServicer
     controller: pb_grpc.ControllerServicer | None
     node: pb_grpc.NodeServicer | None
+    snapshot_metadata: pb_grpc.SnapshotMetadataServicer | None = None
 
 
 HEALTH_INTERVAL = 10.0
@@ -349,6 +373,8 @@ class Server:
             pb_grpc.add_ControllerServicer_to_server(services.controller, self._server)
         if services.node is not None:
             pb_grpc.add_NodeServicer_to_server(services.node, self._server)
+        if services.snapshot_metadata is not None:
+            pb_grpc.add_SnapshotMetadataServicer_to_server(services.snapshot_metadata, self._server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         self._health_server: grpc.Server | None = None

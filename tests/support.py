@@ -80,6 +80,10 @@ class Stubs:
     def node(self) -> pb_grpc.NodeStub:
         return pb_grpc.NodeStub(self.channel)
 
+    @property
+    def snapshot_metadata(self) -> pb_grpc.SnapshotMetadataStub:
+        return pb_grpc.SnapshotMetadataStub(self.channel)
+
 
 class Driver(Stubs):
     """A cairn-csi process serving every service on a unix socket under ``root``."""

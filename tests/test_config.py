@@ -49,3 +49,43 @@ def test_unreadable_file(tmp_path: Path) -> None:
 def test_embedded_default() -> None:
     default = config.embedded_default("/data")
     assert default.backends == (config.BackendConfig("local", "local", None, {"path": "/data"}),)
+
+
+def test_backup_repositories_are_parsed_beside_the_backends() -> None:
+    loaded = config.parse(
+        {
+            "backends": [{"name": "fast", "kind": "local", "group": "ssd", "path": "/srv/fast"}],
+            "backupRepositories": [
+                {"name": "vault", "kind": "directory", "path": "/backups"},
+                {"name": "offsite", "kind": "s3", "bucket": "b", "credentials": "/etc/keys"},
+            ],
+        }
+    )
+    assert [(r.name, r.kind) for r in loaded.repositories] == [("vault", "directory"), ("offsite", "s3")]
+    assert loaded.repositories[1].settings == {"bucket": "b", "credentials": "/etc/keys"}
+
+
+@pytest.mark.parametrize(
+    ("repository", "message"),
+    [
+        ({"name": "fast", "kind": "directory", "path": "/b"}, "must all differ"),
+        ({"name": "ssd", "kind": "directory", "path": "/b"}, "must all differ"),
+        ({"name": "Vault", "kind": "directory"}, "'name' must match"),
+        ({"name": "vault", "kind": "tape"}, "directory or s3"),
+        ("vault", "expected a mapping"),
+    ],
+)
+def test_bad_backup_repositories_are_refused_by_name(repository: object, message: str) -> None:
+    data = {
+        "backends": [{"name": "fast", "kind": "local", "group": "ssd", "path": "/srv/fast"}],
+        "backupRepositories": [repository],
+    }
+    with pytest.raises(ConfigError, match=message):
+        config.parse(data)
+
+
+def test_two_repositories_of_one_name_are_refused() -> None:
+    entry = {"name": "vault", "kind": "directory", "path": "/b"}
+    data = {"backends": [{"name": "fast", "kind": "local", "path": "/f"}], "backupRepositories": [entry, entry]}
+    with pytest.raises(ConfigError, match="must all differ"):
+        config.parse(data)

@@ -1,0 +1,433 @@
+"""Backups of the volumes of any backend that reads its snapshots' blocks, into the
+configured repositories, and restores of them onto any backend that fills volumes.
+
+A backup (CreateSnapshot through a VolumeSnapshotClass of type backup) runs in the
+background: the backend takes a snapshot, the engine copies its chunks into the
+repository and writes the manifest last, and until then the snapshot is reported not
+ready to use. The CO asks again until it is (the external-snapshotter does); a controller
+that crashed meanwhile starts the copy again at the next ask, and the chunks already
+stored are not stored twice.
+
+The first backup of a volume reads what the snapshot holds (its allocated ranges); each
+later one reads only the ranges that changed since the snapshot of the previous backup,
+which is kept for that purpose (one backend snapshot per volume, the newest backup's) and
+removed once a newer backup has its own. Without that snapshot (deleted, or a backend
+that lost it), a backup reads everything allocated again and still stores only the chunks
+the repository lacks."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from csi import ids
+from csi.backends.base import Backend
+from csi.backup.repository import Manifest, Repository
+from csi.errors import Aborted, AlreadyExists, CairnError, FailedPrecondition, InvalidArgument, NotFound
+from csi.model import NO_SECRETS, Extent, Secrets, Snapshot, Volume
+from csi.registry import Registry
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_PREFIX = "cairn-backup-"
+"""Names of the backend snapshots backups take (visible in the backend's listings)."""
+PROGRESS_STEP = 0.1
+"""Log a running backup's progress at every tenth of the volume."""
+
+
+def backup_id(name: str) -> str:
+    """The repository-local ID of the backup made for request ``name``: fixed length,
+    so any name fits an ID, and the same for every retry."""
+    return "b-" + hashlib.sha256(name.encode()).hexdigest()[:40]
+
+
+def chunk_indexes(extents: Iterable[Extent], chunk_size: int, count: int) -> Iterator[int]:
+    """The indexes of the chunks that ``extents`` (sorted) touch, each once, in order."""
+    last = -1
+    for extent in extents:
+        if extent.length <= 0:
+            continue
+        first = max(extent.offset // chunk_size, last + 1)
+        end = min((extent.end - 1) // chunk_size, count - 1)
+        yield from range(first, end + 1)
+        last = max(last, end)
+
+
+def _merged(extents: Iterable[Extent]) -> list[Extent]:
+    """``extents`` sorted, overlapping and touching ones joined."""
+    merged: list[Extent] = []
+    for extent in sorted(extents):
+        if merged and extent.offset <= merged[-1].end:
+            last = merged[-1]
+            merged[-1] = Extent(last.offset, max(last.end, extent.end) - last.offset)
+        else:
+            merged.append(extent)
+    return merged
+
+
+def is_zero(data: bytes) -> bool:
+    return not data.strip(b"\0")
+
+
+@dataclass
+class Progress:
+    """A backup running in this process."""
+
+    name: str
+    volume_id: str
+    size: int
+    started: float
+    thread: threading.Thread | None = None
+    done_bytes: int = 0
+    error: BaseException | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a restore wrote."""
+
+    chunks: int
+    bytes_written: int
+
+
+class Backups:
+    """The repositories this controller serves and the backups running in it."""
+
+    def __init__(self, registry: Registry, repositories: Mapping[str, Repository]) -> None:
+        self.registry = registry
+        self.repositories = dict(repositories)
+        self._jobs: dict[tuple[str, str], Progress] = {}
+        self._lock = threading.Lock()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.repositories
+
+    def repository(self, name: str) -> Repository:
+        repository = self.repositories.get(name)
+        if repository is None:
+            configured = ", ".join(sorted(self.repositories)) or "none"
+            raise InvalidArgument(f"backup repository {name!r} is not configured (configured: {configured})")
+        return repository
+
+    # -- backups --------------------------------------------------------------------
+
+    def backup(self, repository_name: str, name: str, volume_id: str, *, secrets: Secrets = NO_SECRETS) -> Snapshot:
+        """The backup named ``name`` of volume ``volume_id`` (a driver-wide ID): ready
+        when its manifest is saved; otherwise started (or still running) in the
+        background and reported not ready. A backup that failed reports its error once,
+        and the next ask starts it again."""
+        repository = self.repository(repository_name)
+        local_id = backup_id(name)
+        done = self._saved(repository, local_id)
+        if done is not None:
+            if done.volume_id != volume_id:
+                raise AlreadyExists(f"snapshot {name!r} is a backup of another volume ({done.volume_id})")
+            return _snapshot(done)
+        backend, volume_local_id = self._route_volume(volume_id)
+        blocks = backend.blocks
+        del blocks  # only to refuse a backend without block access before anything starts
+        key = (repository.name, local_id)
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is not None and job.volume_id != volume_id:
+                raise AlreadyExists(f"snapshot {name!r} is a backup of another volume ({job.volume_id})")
+            if job is not None and not job.running:
+                del self._jobs[key]
+                if job.error is not None:
+                    # Reported once; the CO's next ask starts the backup again.
+                    raise job.error
+                done = self._saved(repository, local_id)
+                if done is not None:
+                    return _snapshot(done)
+                job = None
+            if job is None:
+                volume = backend.volumes.get_volume(volume_local_id, secrets=secrets)
+                job = Progress(name, volume_id, volume.capacity_bytes, time.time())
+                job.thread = threading.Thread(
+                    target=self._run,
+                    args=(job, repository, local_id, backend, volume_local_id, dict(secrets)),
+                    name=f"backup {name}",
+                    daemon=True,
+                )
+                self._jobs[key] = job
+                job.thread.start()
+        return Snapshot(local_id, name, volume_id, job.size, job.started, ready=False)
+
+    def _saved(self, repository: Repository, local_id: str) -> Manifest | None:
+        try:
+            return repository.manifest(local_id)
+        except NotFound:
+            return None
+
+    def _route_volume(self, volume_id: str) -> tuple[Backend, str]:
+        ref = ids.decode(volume_id, "volume")
+        return self.registry.route(ref.backend, "volume", volume_id), ref.local_id
+
+    def _run(
+        self,
+        job: Progress,
+        repository: Repository,
+        local_id: str,
+        backend: Backend,
+        volume_local_id: str,
+        secrets: Secrets,
+    ) -> None:
+        try:
+            with repository.writing(local_id):
+                manifest = self._copy(job, repository, local_id, backend, volume_local_id, secrets)
+            log.info(
+                "backup saved",
+                extra={
+                    "backup": job.name,
+                    "repository": repository.name,
+                    "volume": job.volume_id,
+                    "read_bytes": manifest.read_bytes,
+                    "new_bytes": manifest.new_bytes,
+                    "seconds": round(time.time() - job.started, 3),
+                },
+            )
+        except BaseException as exc:
+            job.error = exc
+            level = logging.INFO if isinstance(exc, Aborted) else logging.ERROR
+            log.log(level, "backup failed: %s", exc, extra={"backup": job.name, "repository": repository.name})
+
+    def _copy(
+        self,
+        job: Progress,
+        repository: Repository,
+        local_id: str,
+        backend: Backend,
+        volume_local_id: str,
+        secrets: Secrets,
+    ) -> Manifest:
+        blocks = backend.blocks
+        earlier = self._of_volume(repository, job.volume_id)
+        previous = max(earlier, key=lambda m: m.created_at, default=None)
+        # The snapshots of backups older than the newest are no base of anything.
+        for old in earlier:
+            if old is not previous:
+                self._drop_base(old.base_snapshot, secrets)
+        snapshot = backend.volumes.create_snapshot(SNAPSHOT_PREFIX + local_id, volume_local_id, {}, secrets=secrets)
+        snapshot_id = ids.encode(backend.name, snapshot.local_id)
+        chunk_size = repository.chunk_size
+        with blocks.read_snapshot(snapshot.local_id, secrets=secrets) as reader:
+            size = reader.size
+            count = -(-size // chunk_size)
+            job.size = size
+            chunks: list[str | None]
+            base = self._usable_base(previous, backend, chunk_size, size)
+            if previous is not None and base is not None:
+                chunks = list(previous.chunks[:count]) + [None] * max(0, count - len(previous.chunks))
+                ranges = list(blocks.changed(base, snapshot.local_id, secrets=secrets))
+                if size > previous.size:
+                    # The chunk that was the last, and partial, is read again whole.
+                    start = previous.size - previous.size % chunk_size
+                    ranges = _merged([*ranges, Extent(start, min(size, start + chunk_size) - start)])
+                parent = previous.backup_id
+            else:
+                chunks = [None] * count
+                ranges = list(blocks.allocated(snapshot.local_id, secrets=secrets))
+                parent = ""
+            read_bytes = new_bytes = 0
+            reported = 0.0
+            for index in chunk_indexes(ranges, chunk_size, count):
+                if job.cancelled.is_set():
+                    raise Aborted(f"backup {job.name!r} was cancelled: its snapshot is being deleted")
+                offset = index * chunk_size
+                data = reader.read(offset, min(chunk_size, size - offset))
+                read_bytes += len(data)
+                if is_zero(data):
+                    chunks[index] = None
+                else:
+                    digest, stored = repository.put_chunk(data)
+                    chunks[index] = digest
+                    new_bytes += stored
+                job.done_bytes = offset + len(data)
+                if size and job.done_bytes / size >= reported + PROGRESS_STEP:
+                    reported = job.done_bytes / size
+                    log.info(
+                        "backup progress",
+                        extra={"backup": job.name, "percent": int(100 * reported), "read_bytes": read_bytes},
+                    )
+        manifest = Manifest(
+            backup_id=local_id,
+            name=job.name,
+            volume_id=job.volume_id,
+            base_snapshot=snapshot_id,
+            parent=parent,
+            size=size,
+            chunk_size=chunk_size,
+            chunks=tuple(chunks),
+            created_at=job.started,
+            read_bytes=read_bytes,
+            new_bytes=new_bytes,
+        )
+        repository.save(manifest)
+        if previous is not None:
+            self._drop_base(previous.base_snapshot, secrets)
+        return manifest
+
+    def _of_volume(self, repository: Repository, volume_id: str) -> list[Manifest]:
+        """The saved backups of a volume. Reads every manifest: a backup happens far less
+        often than the listings that must not cost that much."""
+        return [m for m in repository.manifests() if m.volume_id == volume_id]
+
+    def _usable_base(self, previous: Manifest | None, backend: Backend, chunk_size: int, job_size: int) -> str | None:
+        """The local ID of the previous backup's snapshot, when a diff against it can
+        stand for reading the whole volume: it still exists on this backend and the
+        chunking is the same."""
+        if previous is None or not previous.base_snapshot or previous.chunk_size != chunk_size:
+            return None
+        if previous.size > job_size:
+            return None  # volumes do not shrink; a snapshot that did is no base
+        try:
+            ref = ids.decode(previous.base_snapshot, "snapshot")
+        except NotFound:
+            return None
+        if ref.backend != backend.name:
+            return None
+        try:
+            backend.volumes.get_snapshot(ref.local_id)
+        except NotFound:
+            return None
+        return ref.local_id
+
+    def _drop_base(self, snapshot_id: str, secrets: Secrets) -> None:
+        if not snapshot_id:
+            return
+        try:
+            ref = ids.decode(snapshot_id, "snapshot")
+            backend = self.registry.route(ref.backend, "snapshot", snapshot_id)
+            backend.volumes.delete_snapshot(ref.local_id, secrets=secrets)
+        except NotFound:
+            pass
+        except CairnError as exc:
+            # Left for the next backup of the volume, which tries again.
+            log.warning("could not remove a backup's base snapshot: %s", exc, extra={"snapshot": snapshot_id})
+
+    def delete(self, repository_name: str, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
+        """Delete a backup: a running one is cancelled first (its snapshot goes with it),
+        a saved one's manifest and the chunks no other backup uses. Missing is fine."""
+        repository = self.repository(repository_name)
+        with self._lock:
+            job = self._jobs.get((repository.name, local_id))
+        if job is not None:
+            job.cancelled.set()
+            if job.thread is not None:
+                job.thread.join()
+            with self._lock:
+                self._jobs.pop((repository.name, local_id), None)
+        manifest = self._saved(repository, local_id)
+        if manifest is not None:
+            # When it was the volume's newest backup, its snapshot was the base of the
+            # next one: that one reads everything allocated again (and stores only what
+            # the repository lacks).
+            repository.delete(local_id)
+            self._drop_base(manifest.base_snapshot, secrets)
+            return
+        self._drop_unfinished(job.volume_id if job is not None else "", local_id, secrets)
+        if job is None:
+            # Started by a process that is gone: its marker would hold collections off
+            # until it went stale. (A job of this process removed its own.)
+            repository.abandon(local_id)
+
+    def _drop_unfinished(self, volume_id: str, local_id: str, secrets: Secrets) -> None:
+        """Remove the snapshot of a backup that never finished (a crash, or a cancel):
+        its backend is the volume's when known, else any backend that serves blocks."""
+        name = SNAPSHOT_PREFIX + local_id
+        if volume_id:
+            candidates = [self._route_volume(volume_id)[0]]
+        else:
+            candidates = [b for b in self.registry if b.capabilities.blocks and b.controller is not None]
+        for backend in candidates:
+            after = ""
+            while True:
+                page = backend.volumes.list_snapshots(after=after, limit=500, secrets=secrets)
+                for snapshot in page:
+                    if snapshot.name == name:
+                        backend.volumes.delete_snapshot(snapshot.local_id, secrets=secrets)
+                        return
+                if not page:
+                    break
+                after = page[-1].local_id
+
+    def get(self, repository_name: str, local_id: str) -> Snapshot:
+        """The backup as a snapshot; one running in this process is not ready yet."""
+        repository = self.repository(repository_name)
+        done = self._saved(repository, local_id)
+        if done is not None:
+            return _snapshot(done)
+        with self._lock:
+            job = self._jobs.get((repository.name, local_id))
+        if job is not None and job.running:
+            return Snapshot(local_id, job.name, job.volume_id, job.size, job.started, ready=False)
+        raise NotFound(f"backup {local_id!r} does not exist in repository {repository.name!r}")
+
+    def list(self, repository_name: str, after: str = "", limit: int = 0) -> list[Snapshot]:
+        """Saved backups in ID order, a page at a time."""
+        repository = self.repository(repository_name)
+        return [_snapshot(m) for m in repository.manifests(after=after, limit=limit)]
+
+    # -- restores -------------------------------------------------------------------
+
+    def manifest(self, backup_snapshot_id: str) -> Manifest:
+        """The saved backup a driver-wide snapshot ID names; NotFound otherwise (a
+        backup still running is no content source yet)."""
+        ref = ids.decode(backup_snapshot_id, "snapshot")
+        repository = self.repository(ref.backend)
+        try:
+            return repository.manifest(ref.local_id)
+        except NotFound:
+            raise NotFound(f"snapshot {backup_snapshot_id!r} does not exist (no saved backup)") from None
+
+    def restore(self, backup_snapshot_id: str, backend: Backend, volume: Volume, *, secrets: Secrets) -> Restored:
+        """Write the backup's content into ``volume`` (made from it, still filling) on
+        ``backend``; every chunk is checked against its address (DataLoss otherwise).
+        Zero chunks are not written: the new volume reads zeros there."""
+        manifest = self.manifest(backup_snapshot_id)
+        repository = self.repository(ids.decode(backup_snapshot_id, "snapshot").backend)
+        if volume.capacity_bytes < manifest.size:
+            raise FailedPrecondition(
+                f"volume {volume.local_id} has {volume.capacity_bytes} bytes, less than backup {manifest.name!r} "
+                f"({manifest.size})"
+            )
+        chunks = written = 0
+        with backend.blocks.fill_volume(volume.local_id, secrets=secrets) as writer:
+            for index, digest in enumerate(manifest.chunks):
+                if digest is None:
+                    continue
+                data = repository.get_chunk(digest, backup=manifest.name)
+                writer.write(index * manifest.chunk_size, data)
+                chunks += 1
+                written += len(data)
+        log.info(
+            "backup restored",
+            extra={"backup": manifest.name, "volume": volume.local_id, "chunks": chunks, "bytes": written},
+        )
+        return Restored(chunks, written)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for the backups running now (tests, and a stop that lets them finish)."""
+        with self._lock:
+            threads = [j.thread for j in self._jobs.values() if j.thread is not None]
+        for thread in threads:
+            thread.join(timeout)
+
+
+def _snapshot(manifest: Manifest) -> Snapshot:
+    return Snapshot(
+        local_id=manifest.backup_id,
+        name=manifest.name,
+        source_volume_local_id=manifest.volume_id,
+        size_bytes=manifest.size,
+        created_at=manifest.created_at,
+    )
