@@ -155,3 +155,63 @@ periodSeconds: 20
 timeoutSeconds: 5
 failureThreshold: 5
 {{- end }}
+
+{{/* Where the controller mounts the Secret of a backup repository (argument: the entry):
+the folder the driver config names as the repository's credentials. */}}
+{{- define "cairn.backupCredentials" -}}
+{{- printf "/etc/cairn/backup/%s" .name -}}
+{{- end }}
+
+{{/* Refuse backup repositories the driver or the pod would refuse, with the reason:
+settings the schema cannot require per kind, names the driver config forbids (a
+repository's name routes backup IDs, so it must differ from every backend and group),
+mounts that would collide in the controller. Renders nothing. */}}
+{{- define "cairn.checkBackupRepositories" -}}
+{{- $taken := list -}}
+{{- range .Values.backends -}}
+{{- $taken = append $taken .name -}}
+{{- if .group }}{{ $taken = append $taken .group }}{{ end -}}
+{{- end -}}
+{{- $names := list -}}
+{{- /* Mount paths of the controller's driver container a repository may not take again. */ -}}
+{{- $paths := list (trimSuffix "/" .Values.node.kubeletDir) -}}
+{{- range .Values.backends -}}
+{{- if and (eq .kind "local") .path }}{{ $paths = append $paths (trimSuffix "/" .path) }}{{ end -}}
+{{- if .exportRoot }}{{ $paths = append $paths (trimSuffix "/" .exportRoot) }}{{ end -}}
+{{- end -}}
+{{- range .Values.backupRepositories -}}
+{{- $where := printf "backupRepositories: %s (%s)" .name .kind -}}
+{{- if has .name $names -}}
+{{- fail (printf "backupRepositories: the name %s is used twice; each repository needs its own" .name) -}}
+{{- end -}}
+{{- if has .name $taken -}}
+{{- fail (printf "%s: a backend or group has this name too; repository, backend and group names must all differ (a backup's ID names its repository where a volume's names its backend)" $where) -}}
+{{- end -}}
+{{- $names = append $names .name -}}
+{{- if eq .kind "directory" -}}
+{{- if not .path -}}
+{{- fail (printf "%s: set path, the absolute path the repository is mounted at in the controller" $where) -}}
+{{- end -}}
+{{- if not .volume -}}
+{{- fail (printf "%s: set volume, the pod volume source mounted at %s (such as {nfs: {server: ..., path: ...}} or {persistentVolumeClaim: {claimName: ...}}); without one the backups would land in the container and vanish with it" $where .path) -}}
+{{- end -}}
+{{- $path := trimSuffix "/" .path -}}
+{{- range list "/csi" "/etc/cairn" "/dev" -}}
+{{- if or (eq $path .) (hasPrefix (printf "%s/" .) $path) -}}
+{{- fail (printf "%s: path %s is in %s, which the chart mounts for the driver itself; choose another path" $where $path .) -}}
+{{- end -}}
+{{- end -}}
+{{- if has $path $paths -}}
+{{- fail (printf "%s: path %s is mounted in the controller already (another repository's path, a backend's or the kubelet directory); each repository needs its own" $where $path) -}}
+{{- end -}}
+{{- $paths = append $paths $path -}}
+{{- else if eq .kind "s3" -}}
+{{- if not .bucket -}}
+{{- fail (printf "%s: set bucket, an existing bucket (it is not created)" $where) -}}
+{{- end -}}
+{{- if not .secretName -}}
+{{- fail (printf "%s: set secretName, a Secret in namespace %s with keys accessKeyID and secretAccessKey (and, optionally, encryptionKey)" $where $.Release.Namespace) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
