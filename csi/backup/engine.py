@@ -224,7 +224,7 @@ class Backups:
             count = -(-size // chunk_size)
             job.size = size
             chunks: list[str | None]
-            base = self._usable_base(previous, backend, chunk_size, size)
+            base = self._usable_base(previous, backend, chunk_size, size, secrets)
             if previous is not None and base is not None:
                 chunks = list(previous.chunks[:count]) + [None] * max(0, count - len(previous.chunks))
                 ranges = list(blocks.changed(base, snapshot.local_id, secrets=secrets))
@@ -281,7 +281,9 @@ class Backups:
         often than the listings that must not cost that much."""
         return [m for m in repository.manifests() if m.volume_id == volume_id]
 
-    def _usable_base(self, previous: Manifest | None, backend: Backend, chunk_size: int, job_size: int) -> str | None:
+    def _usable_base(
+        self, previous: Manifest | None, backend: Backend, chunk_size: int, job_size: int, secrets: Secrets
+    ) -> str | None:
         """The local ID of the previous backup's snapshot, when a diff against it can
         stand for reading the whole volume: it still exists on this backend and the
         chunking is the same."""
@@ -296,7 +298,7 @@ class Backups:
         if ref.backend != backend.name:
             return None
         try:
-            backend.volumes.get_snapshot(ref.local_id)
+            backend.volumes.get_snapshot(ref.local_id, secrets=secrets)
         except NotFound:
             return None
         return ref.local_id

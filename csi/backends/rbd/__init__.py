@@ -45,6 +45,7 @@ CAPABILITIES = Capabilities(
         for mode in AccessMode
         if mode.multi_node and not mode.read_only
     },
+    blocks=True,
 )
 
 SETTINGS = frozenset(

@@ -1,8 +1,12 @@
 """Controller half of the rbd backend, through librbd (python3-rbd).
 
 Volumes are images ``cairn-vol-<uuid>``; a snapshot is an image ``cairn-snap-<uuid>``
-cloned from a short-lived RBD snapshot of its source. Restores clone from an RBD snapshot
-named ``cairn`` of that image, taken at its first restore: the image is never written, so
+cloned from an RBD snapshot of its source volume, ``cairn-for-cairn-snap-<uuid>``, which
+stays as long as the snapshot image reads through it: librbd tells what changed between
+two snapshots of a volume from these (``changed``). A clone of a volume is made through
+a short-lived RBD snapshot, removed at once (with clone v2 its data waits in the
+snapshot trash while the clone needs it). Restores clone from an RBD snapshot named
+``cairn`` of the snapshot image, taken at its first restore: the image is never written, so
 a snapshot taken later holds the same data, and a snapshot never restored costs no RBD
 snapshot (each one is a round of the monitors' consensus to take and another to drop).
 Because a snapshot is an image of its own, it survives the deletion of its source volume;
@@ -14,9 +18,11 @@ An image's metadata says what it is: ``cairn.made`` (its own name: librbd finish
 it), ``cairn.source``, ``mapper`` and ``mapOptions`` (volumes), ``cairn.created``
 (snapshots), and ``cairn.name``, written last, which marks it complete. A blank volume
 gets them all in one atomic write right after librbd makes it, without being opened
-(``_set_all_metadata``): it is made and complete at once. Images made by
-earlier versions may also carry ``cairn.image`` (the same mark as ``cairn.made``) and
-``cairn.created`` on volumes; both are still read.
+(``_set_all_metadata``): it is made and complete at once. A volume restored from a
+backup is made blank, with ``cairn.filling`` among those keys until its content is
+written (``fill_volume``). Images made by earlier versions may also carry
+``cairn.image`` (the same mark as ``cairn.made``) and ``cairn.created`` on volumes; both
+are still read, and their snapshot images read through RBD snapshots in the trash.
 
 Images that still have clones when deleted go to the RBD trash; they are purged as soon
 as their last clone is gone (every delete tries). Which nodes use a volume is image
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import os
@@ -37,16 +44,18 @@ from typing import Any, TypeVar
 
 import rbd
 
-from csi.backends.base import check_publication
+from csi.backends.base import BlockReader, BlockWriter, check_publication
+from csi.backends.rbd import blocks
 from csi.backends.rbd.cluster import Clusters, ceph_call, classify
 from csi.backends.rbd.common import MAPPERS, Credentials, Kind, RbdSettings, image_name, parse_features, split_id
 from csi.backends.rbd.journal import OMAP_PAGE, Journal, Sweeper, forget_pool, remember_pool, remembered_pools
 from csi.checks import BackgroundCheck
-from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from csi.errors import AlreadyExists, CairnError, FailedPrecondition, InvalidArgument, NotFound
 from csi.model import (
     HEALTHY,
     NO_SECRETS,
     Capability,
+    Extent,
     Secrets,
     Segment,
     Snapshot,
@@ -62,6 +71,8 @@ log = logging.getLogger(__name__)
 SNAPSHOT = "cairn"
 NAME_KEY, SOURCE_KEY, CREATED_KEY, PUBLISHED_PREFIX = "cairn.name", "cairn.source", "cairn.created", "cairn.published."
 MADE_KEY = "cairn.made"  # the image's own name: librbd finished making it (see _made, _completed)
+FILLING_KEY = "cairn.filling"  # a volume made from a backup whose content is not all written yet
+FILL_NEW, FILL_BEGUN = "new", "begun"  # FILLING_KEY's values: nothing written yet; a fill began
 IMAGE_KEY = "cairn.image"  # the image's own name, written by earlier versions: read as MADE_KEY
 PARAM_POOL, PARAM_DATA_POOL, PARAM_FEATURES, PARAM_MAPPER = "pool", "dataPool", "imageFeatures", "mapper"
 PARAM_MAP_OPTIONS = "mapOptions"
@@ -217,11 +228,14 @@ class RbdVolumes:
         if mapper not in MAPPERS:
             raise InvalidArgument(f"mapper {mapper!r} is not one of {', '.join(MAPPERS)}")
         source = _source_text(spec.source)
+        # A backup names nothing of this backend: the volume is made blank, and filled later.
+        blank = spec.source is None or spec.source.kind == "backup"
         # What the image's metadata will say besides its name (an empty value: no key).
         keys = {
             SOURCE_KEY: source,
             PARAM_MAPPER: mapper,
             PARAM_MAP_OPTIONS: spec.parameters.get(PARAM_MAP_OPTIONS, self.settings.map_options),
+            FILLING_KEY: FILL_NEW if blank and spec.source is not None else "",
         }
         if pool != self.settings.pool:
             # Recorded before anything is made there, so listings find whatever follows.
@@ -238,7 +252,7 @@ class RbdVolumes:
                 parent_size = self._source_size(spec.source, spec.secrets)
                 size = choose_size(spec.required_bytes, spec.limit_bytes, parent_size)
                 made = not reservation.new and self._made(io, name)
-                if spec.source is None and reservation.new:
+                if blank and reservation.new:
                     # A blank image nobody else has seen: made, then marked made and complete
                     # with all its keys at once, without opening it.
                     self._make(io, name, size, features, data_pool, None, spec.secrets)
@@ -310,16 +324,18 @@ class RbdVolumes:
         source: SourceRef | None,
         secrets: Secrets,
     ) -> None:
-        """Make image ``name``, empty or cloned from ``source``; the caller marks it made."""
-        if source is None:
+        """Make image ``name``, empty (no source, or a backup to fill it from later) or
+        cloned from ``source``; the caller marks it made."""
+        if source is None or source.kind == "backup":
             ceph_call(
                 f"image {name}",
                 lambda: self.rbd.create(io, name, size, old_format=False, features=features, data_pool=data_pool),
             )
             return
-        source_pool, source_uuid = split_id(source.local_id, source.kind)
+        kind: Kind = source.kind
+        source_pool, source_uuid = split_id(source.local_id, kind)
         with self.clusters.ioctx(source_pool, Credentials.from_secrets(secrets)) as source_io:
-            if source.kind == "snapshot":
+            if kind == "snapshot":
                 self._clone_snapshot(source_io, source.local_id, io, name, features, data_pool)
             else:
                 self._clone_through_temporary_snapshot(
@@ -365,38 +381,48 @@ class RbdVolumes:
         data_pool: str | None,
         check: Callable[[rbd.Image], None] | None = None,
         what: str = "",
+        keep: bool = False,
     ) -> None:
-        """Clone ``parent`` as it is now (``check``, if given, vets it first, open). The
-        temporary snapshot is removed at once; with clone v2 its data stays (in the
+        """Clone ``parent`` as it is now (``check``, if given, vets it first, open) through
+        an RBD snapshot of it named for the clone. Unless the clone succeeds and ``keep``
+        asks for it, the snapshot is removed at once; with clone v2 its data stays (in the
         snapshot trash) for as long as the clone needs it."""
-        snap = f"cairn-for-{name}"
+        snap = _snapshot_for(name)
         with self._image(source_io, parent, what or f"source image {parent}") as source:
             if check is not None:
                 check(source)
             if snap not in {s["name"] for s in source.list_snaps()}:
                 ceph_call(f"source image {parent}", lambda: source.create_snap(snap))
+            cloned = False
             try:
                 ceph_call(
                     f"clone of {parent}",
                     lambda: self.rbd.clone(source_io, parent, snap, io, name, features=features, data_pool=data_pool),
                 )
+                cloned = True
             finally:
-                with contextlib.suppress(rbd.ImageNotFound):
-                    source.remove_snap(snap)
+                if not (cloned and keep):
+                    with contextlib.suppress(rbd.ImageNotFound):
+                        source.remove_snap(snap)
 
     def _source_size(self, source: SourceRef | None, secrets: Secrets) -> int:
-        if source is None:
+        """The size of the image a clone is made from; 0 for none (a backup's size is the
+        request's). A volume still being filled from a backup is no source yet."""
+        if source is None or source.kind == "backup":
             return 0
-        pool, source_uuid = split_id(source.local_id, source.kind)
+        kind: Kind = source.kind
+        pool, source_uuid = split_id(source.local_id, kind)
         with self.clusters.ioctx(pool, Credentials.from_secrets(secrets)) as io:
-            name = image_name(source.kind, source_uuid)
+            name = image_name(kind, source_uuid)
             try:
                 with rbd.Image(io, name, read_only=True) as image:
-                    if not _completed(io, source.kind, source_uuid, name, dict(image.metadata_list())):
-                        raise NotFound(f"source {source.kind} {source.local_id!r} does not exist")
+                    metadata = dict(image.metadata_list())
+                    if not _completed(io, kind, source_uuid, name, metadata):
+                        raise NotFound(f"source {kind} {source.local_id!r} does not exist")
+                    _not_filling(metadata, f"source {kind} {source.local_id!r}")
                     return int(image.size())
             except rbd.ImageNotFound:
-                raise NotFound(f"source {source.kind} {source.local_id!r} does not exist") from None
+                raise NotFound(f"source {kind} {source.local_id!r} does not exist") from None
 
     def _matching(self, volume: Volume, spec: VolumeSpec, source: str) -> Volume:
         if volume.name != spec.name or _source_text(volume.source) != source:
@@ -483,8 +509,10 @@ class RbdVolumes:
                     return done
 
             def complete_source(source: rbd.Image) -> None:
-                if not _completed(io, "volume", source_uuid, source_name, dict(source.metadata_list())):
+                metadata = dict(source.metadata_list())
+                if not _completed(io, "volume", source_uuid, source_name, metadata):
                     raise NotFound(f"source volume {source_local_id!r} does not exist")
+                _not_filling(metadata, f"source volume {source_local_id!r}")
 
             keys = {SOURCE_KEY: source_local_id, CREATED_KEY: str(time.time())}
             try:
@@ -497,8 +525,11 @@ class RbdVolumes:
                         self._remove_image(io, image)  # what a killed call left half made, if anything
                     features = parse_features(parameters.get(PARAM_FEATURES, self.settings.image_features))
                     what = f"source volume {source_local_id!r}"
+                    # The RBD snapshot stays for as long as the snapshot image: librbd can tell
+                    # what changed between two snapshots of an image only by their names, and
+                    # it names no snapshot in its trash (see ``changed``).
                     self._clone_through_temporary_snapshot(
-                        io, source_name, io, image, features, None, check=complete_source, what=what
+                        io, source_name, io, image, features, None, check=complete_source, what=what, keep=True
                     )
                 with self._image(io, image, f"snapshot {name!r}") as snap_image:
                     size, depth = int(snap_image.size()), self._clone_depth(snap_image, secrets)
@@ -507,12 +538,19 @@ class RbdVolumes:
                         snap_image.metadata_set(MADE_KEY, image)
                     if depth > self.settings.max_clone_depth:
                         snap_image.flatten()
+                        # A full copy now: the volume need not keep that data for it (when
+                        # this fails, deleting the snapshot tries again).
+                        try:
+                            _drop_snapshot(io, source_name, _snapshot_for(image))
+                        except CairnError as exc:
+                            log.warning("cannot drop an RBD snapshot", extra={"image": source_name, "error": str(exc)})
                     for key, value in keys.items():
                         _set_metadata(snap_image, key, value)
                     _set_metadata(snap_image, NAME_KEY, name)  # last: marks the snapshot complete
             except BaseException:
                 with contextlib.suppress(Exception):
                     self._remove_image(io, image)
+                    _drop_snapshot(io, source_name, _snapshot_for(image))
                     journal.release("snapshot", reservation.uuid)
                 raise
         # What get_snapshot would read back, without reading it: the image is this call's.
@@ -543,10 +581,44 @@ class RbdVolumes:
             return None
 
     def delete_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
+        """Drop the volume's RBD snapshot kept for the snapshot image, then the image. In
+        this order a retry after a crash still finds the volume through the image; the RBD
+        snapshot, which the image may still read, waits in the snapshot trash, and librbd
+        removes it with its last clone."""
         pool, image_uuid = split_id(local_id, "snapshot")
         with self._pool(pool, secrets) as (io, journal):
-            self._remove_image(io, image_name("snapshot", image_uuid))
+            name = image_name("snapshot", image_uuid)
+            kept = self._kept_for(io, name)
+            if kept is not None:
+                volume_pool, volume_name, volume_id = kept
+                with self.clusters.ioctx(volume_pool, Credentials.from_secrets(secrets)) as volume_io:
+                    _drop_snapshot(volume_io, volume_name, _snapshot_for(name), image_id=volume_id)
+            self._remove_image(io, name)
             journal.release("snapshot", image_uuid)
+
+    def _kept_for(self, io: Any, name: str) -> tuple[str, str | None, str] | None:
+        """The pool, and the image name or ID, of the volume that may keep an RBD snapshot
+        for snapshot image ``name``: the parent it reads through (by ID: it may be in the
+        trash), or the volume its metadata names when it reads through none (flattened);
+        None when there is no such image, or it reads through a snapshot in the trash
+        (made by an earlier version: nothing is kept for it)."""
+        try:
+            with rbd.Image(io, name, read_only=True) as image:
+                parent = _kept_parent_of(image, name)
+                if parent is not None:
+                    return parent[0], None, parent[1]
+                if _parent(image) is not None:
+                    return None
+                source = dict(image.metadata_list()).get(SOURCE_KEY, "")
+        except rbd.ImageNotFound:
+            return None
+        except rbd.Error as exc:
+            raise classify(exc, f"snapshot image {name}") from exc
+        try:
+            volume_pool, volume_uuid = split_id(source, "volume")
+        except NotFound:
+            return None  # not a volume's ID: what a clone inherited, before it got its own
+        return volume_pool, image_name("volume", volume_uuid), ""
 
     def get_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Snapshot:
         pool, _ = split_id(local_id, "snapshot")
@@ -589,6 +661,175 @@ class RbdVolumes:
                 with self._pool(self.settings.pool, secrets) as (io, _journal):
                     forget_pool(io, pool)
         return found
+
+    # -- snapshot blocks (backups, changed-block tracking) --------------------------
+
+    def _open_snapshot(self, io: Any, local_id: str) -> tuple[rbd.Image, dict[str, str]]:
+        """Snapshot ``local_id``'s image, open read-only (the caller closes it), and its
+        metadata; NotFound when there is none or it is not complete, as for get_snapshot."""
+        _, image_uuid = split_id(local_id, "snapshot")
+        name, what = image_name("snapshot", image_uuid), f"snapshot {local_id!r}"
+        image = ceph_call(what, lambda: rbd.Image(io, name, read_only=True))
+        try:
+            metadata = dict(ceph_call(what, image.metadata_list))
+            if not _completed(io, "snapshot", image_uuid, name, metadata):
+                raise NotFound(f"{what} does not exist")
+        except BaseException:
+            image.close()
+            raise
+        return image, metadata
+
+    def allocated(self, local_id: str, start: int = 0, *, secrets: Secrets = NO_SECRETS) -> Iterator[Extent]:
+        """The ranges of the snapshot image that may hold data, its parents' included, from
+        ``start`` on: librbd's diff of the image since its creation. Found by the call."""
+        blocks.check_start(start)
+        pool, _ = split_id(local_id, "snapshot")
+        with self._pool(pool, secrets) as (io, _journal):
+            image, _metadata = self._open_snapshot(io, local_id)
+            with image:
+                found = blocks.diff(image, start, int(image.size()), None, zeros=False, what=f"snapshot {local_id!r}")
+        return iter(found)
+
+    def changed(
+        self, base_local_id: str, target_local_id: str, start: int = 0, *, secrets: Secrets = NO_SECRETS
+    ) -> Iterator[Extent]:
+        """The ranges, from ``start`` on, where snapshot ``target_local_id`` may differ
+        from ``base_local_id`` of the same volume.
+
+        The cheap route is librbd's own diff between the volume's two RBD snapshots the
+        snapshot images are clones of (``cairn-for-<image>``, kept for this): it reads no
+        data, the object maps (fast-diff) name the objects that changed, and a listing of
+        each one's snapshots the exact ranges. It serves when both images are unflattened
+        clones of snapshots of one volume image that still carry their names. A snapshot
+        image reads exactly its parent snapshot (it is never written), so their diff is
+        theirs. librbd names no snapshot in its trash (python-rbd of Ceph 16 takes the
+        base of a diff by name, in the user namespace only), which is why the snapshots
+        are kept rather than left to the trash; and the clones' own data says nothing,
+        as they hold none until flattened.
+
+        Otherwise (an image flattened past ``maxCloneDepth``, snapshots made by earlier
+        versions, whose RBD snapshots are in the trash, or of a volume since deleted,
+        whose snapshots went to the trash with it) both images are read where either may
+        hold data, and compared in aligned blocks: a hole and zeros are equal, and past
+        the base's end (the volume grew) whatever the target holds is changed. The
+        checks are made by the call; the comparison runs as the caller iterates."""
+        blocks.check_start(start)
+        pools = {split_id(base_local_id, "snapshot")[0], split_id(target_local_id, "snapshot")[0]}
+        with contextlib.ExitStack() as stack:
+            ios = {pool: stack.enter_context(self._pool(pool, secrets))[0] for pool in sorted(pools)}
+            opened = []
+            for local_id in (base_local_id, target_local_id):
+                image, metadata = self._open_snapshot(ios[split_id(local_id, "snapshot")[0]], local_id)
+                stack.enter_context(image)
+                opened.append((image, metadata.get(SOURCE_KEY, "")))
+            (base, base_source), (target, target_source) = opened
+            if base_source != target_source:
+                raise InvalidArgument(
+                    f"snapshots {base_local_id} (of volume {base_source}) and {target_local_id} "
+                    f"(of volume {target_source}) are not snapshots of one volume"
+                )
+            if base_local_id == target_local_id:
+                return iter(())
+            base_size, target_size = int(base.size()), int(target.size())
+            found = self._changed_in_volume(base, target, start, target_size, secrets)
+            if found is not None:
+                return iter(found)
+            common = min(base_size, target_size)
+            in_base = blocks.diff(base, start, common, None, zeros=False, what=f"snapshot {base_local_id!r}")
+            in_target = blocks.diff(target, start, target_size, None, zeros=False, what=f"snapshot {target_local_id!r}")
+        ranges = list(blocks.aligned(sorted(in_base + [e for e in in_target if e.offset < common]), start, common))
+        grown = [Extent(max(e.offset, common), e.end - max(e.offset, common)) for e in in_target if e.end > common]
+        return self._compared(base_local_id, target_local_id, ranges, grown, secrets)
+
+    def _changed_in_volume(
+        self, base: rbd.Image, target: rbd.Image, start: int, target_size: int, secrets: Secrets
+    ) -> list[Extent] | None:
+        """What changed between two snapshot images, from the RBD snapshots of their
+        volume they are clones of (see ``changed``); None when they are not both such."""
+        base_name, target_name = base.get_name(), target.get_name()
+        parent = _kept_parent_of(base, base_name)
+        if parent is None or parent != _kept_parent_of(target, target_name):
+            return None
+        pool, image_id = parent
+        snaps = (_snapshot_for(base_name), _snapshot_for(target_name))
+        what = f"the RBD snapshots {', '.join(snaps)}"
+        with self.clusters.ioctx(pool, Credentials.from_secrets(secrets)) as io:
+            try:
+                volume = rbd.Image(io, image_id=image_id, read_only=True)
+            except rbd.ImageNotFound:
+                return None
+            except rbd.Error as exc:
+                raise classify(exc, what) from exc
+            with volume:
+                ids = {
+                    s["name"]: int(s["id"])
+                    for s in ceph_call(what, lambda: list(volume.list_snaps()))
+                    if s["namespace"] == rbd.RBD_SNAP_NAMESPACE_TYPE_USER
+                }
+                if not set(snaps) <= set(ids):
+                    return None
+                # librbd diffs from an earlier snapshot; which bytes differ does not depend
+                # on the order, and only those within the target's size are asked for.
+                earlier, later = sorted(snaps, key=ids.__getitem__)
+                ceph_call(what, lambda: volume.set_snap(later))
+                return blocks.diff(volume, start, target_size, earlier, zeros=True, what=what)
+
+    def _compared(
+        self,
+        base_local_id: str,
+        target_local_id: str,
+        ranges: list[blocks.Range],
+        grown: list[Extent],
+        secrets: Secrets,
+    ) -> Iterator[Extent]:
+        """The blocks of ``ranges`` where the two snapshots' bytes differ, then ``grown``
+        (what the target holds past the base's end), merged where they touch."""
+        pools = {split_id(base_local_id, "snapshot")[0], split_id(target_local_id, "snapshot")[0]}
+        with contextlib.ExitStack() as stack:
+            ios = {pool: stack.enter_context(self._pool(pool, secrets))[0] for pool in sorted(pools)}
+            readers = []
+            for local_id in (base_local_id, target_local_id):
+                image, _metadata = self._open_snapshot(ios[split_id(local_id, "snapshot")[0]], local_id)
+                stack.enter_context(image)
+                readers.append(blocks.ImageReader(image, int(image.size()), f"snapshot {local_id!r}"))
+            base, target = readers
+            yield from blocks.merged(itertools.chain(blocks.differing(ranges, base.read, target.read), grown))
+
+    @contextlib.contextmanager
+    def read_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Iterator[BlockReader]:
+        """The snapshot image open read-only, once for the whole block."""
+        pool, _ = split_id(local_id, "snapshot")
+        with self._pool(pool, secrets) as (io, _journal):
+            image, _metadata = self._open_snapshot(io, local_id)
+            with image:
+                yield blocks.ImageReader(image, int(image.size()), f"snapshot {local_id!r}")
+
+    @contextlib.contextmanager
+    def fill_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Iterator[BlockWriter]:
+        """A volume made from a backup and not filled yet, open for writing its content.
+        The first fill finds it blank; a later one zeroes what a failed one wrote, so that
+        what it does not write reads as zeros. A clean exit flushes the image, then clears
+        ``cairn.filling``; an error leaves it, for a retry."""
+        pool, image_uuid = split_id(local_id, "volume")
+        name, what = image_name("volume", image_uuid), f"volume {local_id!r}"
+        with self._pool(pool, secrets) as (io, _journal), self._image(io, name, what) as image:
+            metadata = dict(ceph_call(what, image.metadata_list))
+            if not _completed(io, "volume", image_uuid, name, metadata):
+                raise NotFound(f"{what} does not exist")
+            state = metadata.get(FILLING_KEY, "")
+            if not state:
+                raise FailedPrecondition(
+                    f"volume {local_id} is not waiting for content from a backup: it is filled already, "
+                    "or was not made from one"
+                )
+            size = int(image.size())
+            if state == FILL_NEW:
+                ceph_call(what, lambda: image.metadata_set(FILLING_KEY, FILL_BEGUN))
+            else:
+                ceph_call(what, lambda: image.write_zeroes(0, size))
+            yield blocks.ImageWriter(image, size, what)
+            ceph_call(what, image.flush)
+            ceph_call(what, lambda: image.metadata_remove(FILLING_KEY))
 
     # -- publication ----------------------------------------------------------------
 
@@ -662,8 +903,9 @@ def _forget_inherited(image: rbd.Image, keys: Mapping[str, str], also: Collectio
 def _drop_own_snapshots(io: Any, name: str) -> bool:
     """Remove the RBD snapshots Cairn took of image ``name``, and whether there were any: a
     snapshot image's ``cairn`` (restored volumes keep reading through the snapshot trash),
-    and the temporary ones a crashed clone of it left (with clone v2 a clone keeps their
-    data by itself). An image with snapshots can be neither removed nor purged from the
+    a volume's snapshots kept for its snapshot images, and the temporary ones a crashed
+    clone of it left (with clone v2 a clone keeps their data by itself: they wait in the
+    snapshot trash). An image with snapshots can be neither removed nor purged from the
     trash."""
     try:
         image = rbd.Image(io, name)
@@ -682,6 +924,34 @@ def _drop_own_snapshots(io: Any, name: str) -> bool:
                     image.remove_snap(snap["name"])
                     dropped = True
     return dropped
+
+
+def _snapshot_for(name: str) -> str:
+    """The RBD snapshot of a source image that clone ``name`` is made through."""
+    return f"cairn-for-{name}"
+
+
+def _kept_parent_of(image: rbd.Image, name: str) -> tuple[str, str] | None:
+    """The pool and image ID of the image whose RBD snapshot ``_snapshot_for(name)``,
+    kept, the open snapshot image ``name`` is a clone of; None when it reads through no
+    such snapshot (flattened, or its snapshot in the trash, whose name librbd replaces)."""
+    parent = _parent(image)
+    if parent is None or image.get_parent_image_spec()["snap_name"] != _snapshot_for(name):
+        return None
+    return parent
+
+
+def _drop_snapshot(io: Any, name: str | None, snap: str, *, image_id: str = "") -> None:
+    """Remove RBD snapshot ``snap`` of image ``name`` (or of the image ``image_id``, which
+    may be in the trash) when it is there; with clones still reading it, librbd moves it
+    to the snapshot trash and removes it with the last one."""
+    try:
+        with rbd.Image(io, name, image_id=image_id or None) as image:
+            image.remove_snap(snap)
+    except rbd.ImageNotFound:
+        return
+    except rbd.Error as exc:
+        raise classify(exc, f"RBD snapshot {snap}") from exc
 
 
 def _set_all_metadata(io: Any, name: str, values: Mapping[str, str]) -> None:
@@ -741,15 +1011,33 @@ def _condition(io: Any, image_uuid: str, metadata: Mapping[str, str]) -> VolumeC
     return HEALTHY
 
 
+def _source_ref(text: str) -> SourceRef | None:
+    """The content source ``_source_text`` wrote (a backup's ID may hold colons)."""
+    kind, _, local_id = text.partition(":")
+    if kind == "snapshot":
+        return SourceRef("snapshot", local_id)
+    if kind == "volume":
+        return SourceRef("volume", local_id)
+    if kind == "backup":
+        return SourceRef("backup", local_id)
+    return None
+
+
+def _not_filling(metadata: Mapping[str, str], what: str) -> None:
+    """Refuse to copy a volume whose content a restore from a backup has not all written:
+    a snapshot or clone of it would keep a part of the backup, and never the rest."""
+    if metadata.get(FILLING_KEY):
+        raise FailedPrecondition(f"{what} is still being restored from a backup")
+
+
 def _volume(local_id: str, size: int, metadata: Mapping[str, str], condition: VolumeCondition = HEALTHY) -> Volume:
-    kind, _, source_id = metadata.get(SOURCE_KEY, "").partition(":")
-    source = SourceRef(kind, source_id) if kind in ("snapshot", "volume") else None  # type: ignore[arg-type]
     return Volume(
         local_id=local_id,
         name=metadata[NAME_KEY],
         capacity_bytes=size,
-        source=source,
+        source=_source_ref(metadata.get(SOURCE_KEY, "")),
         context={PARAM_MAPPER: metadata.get(PARAM_MAPPER, "")} if metadata.get(PARAM_MAPPER) else {},
         published_nodes=tuple(sorted(_published(metadata))),
         condition=condition,
+        filling=bool(metadata.get(FILLING_KEY)),
     )
