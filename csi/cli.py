@@ -20,6 +20,8 @@ import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
 
+from prometheus_client.registry import Collector
+
 from csi import DRIVER_NAME, __version__, config, kube
 from csi import log as logsetup
 from csi.backends import local, lvm, nfs
@@ -332,6 +334,7 @@ def build_server(args: argparse.Namespace) -> Server:
     )
     registry = Registry(backends)
     controller = snapshot_metadata = None
+    backups: Backups | None = None
     if serves_controller:
         backups = Backups(registry, build_repositories(driver_config.repositories))
         controller = ControllerService(registry, Scheduler(registry), node_directory(args.check_nodes), backups)
@@ -353,7 +356,8 @@ def build_server(args: argparse.Namespace) -> Server:
     watch = orphan_watch(registry, args.orphan_interval) if serves_controller else None
     if watch is not None:
         companions.append(watch)
-    metrics = Metrics(args.metrics_port, watched, collectors=[watch] if watch else []) if args.metrics_port else None
+    collectors: list[Collector] = [c for c in (watch, backups) if c is not None]
+    metrics = Metrics(args.metrics_port, watched, collectors=collectors) if args.metrics_port else None
     if serves_node and args.registration_dir:
         companions.append(RegistrationServer(args.registration_dir, args.kubelet_registration_path))
     return Server(

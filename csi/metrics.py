@@ -6,7 +6,10 @@
 * ``csi_plugin_inflight_operations`` (gauge): calls running now, by ``method_name``;
 * ``cairn_backend_healthy`` and ``cairn_backend_free_bytes`` (gauges), in a process that
   serves the controller only: a node plugin has no business asking a storage cluster;
-* ``cairn_orphans`` (gauge, ``csi.orphans``) where the controller checks for orphans.
+* ``cairn_orphans`` (gauge, ``csi.orphans``) where the controller checks for orphans;
+* ``cairn_backups_running``, ``cairn_backup_progress_ratio`` (gauges) and
+  ``cairn_backup_read_bytes``, ``cairn_backup_stored_bytes``, ``cairn_backups_ended``
+  (counters) from the backup engine (``csi.backup.engine``), in a controller.
 
 The server's interceptor records the calls (``started``/``finished``). Nothing here may
 block a scrape: health is each backend's own non-blocking answer (rbd answers from its

@@ -304,8 +304,8 @@ def test_outside_a_cluster_the_kubernetes_client_is_never_loaded(tmp_path: Path,
         f" '--state-dir', {str(tmp_path / 's')!r}, '--endpoint', 'unix://{tmp_path}/csi.sock'])\n"
         "built = []\n"
         "service = cli.ControllerService\n"
-        "cli.ControllerService = lambda registry, scheduler, nodes=None: built.append(nodes) or service(\n"
-        "    registry, scheduler, nodes)\n"
+        "cli.ControllerService = lambda registry, scheduler, nodes=None, backups=None: built.append(nodes) or (\n"
+        "    service(registry, scheduler, nodes, backups))\n"
         "cli.build_server(args)\n"
         "print(built, 'kubernetes' in sys.modules)\n"
     )

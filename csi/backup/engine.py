@@ -21,8 +21,11 @@ import hashlib
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from csi import ids
 from csi.backends.base import Backend
@@ -107,6 +110,10 @@ class Backups:
         self.repositories = dict(repositories)
         self._jobs: dict[tuple[str, str], Progress] = {}
         self._lock = threading.Lock()
+        # For the metrics: what this process's backups read and stored, and how they ended.
+        self._read: Counter[str] = Counter()
+        self._stored: Counter[str] = Counter()
+        self._ended: Counter[tuple[str, str]] = Counter()
 
     def __contains__(self, name: object) -> bool:
         return name in self.repositories
@@ -195,8 +202,12 @@ class Backups:
                     "seconds": round(time.time() - job.started, 3),
                 },
             )
+            with self._lock:
+                self._ended[(repository.name, "saved")] += 1
         except BaseException as exc:
             job.error = exc
+            with self._lock:
+                self._ended[(repository.name, "cancelled" if job.cancelled.is_set() else "failed")] += 1
             level = logging.INFO if isinstance(exc, Aborted) else logging.ERROR
             log.log(level, "backup failed: %s", exc, extra={"backup": job.name, "repository": repository.name})
 
@@ -245,12 +256,16 @@ class Backups:
                 offset = index * chunk_size
                 data = reader.read(offset, min(chunk_size, size - offset))
                 read_bytes += len(data)
+                stored = 0
                 if is_zero(data):
                     chunks[index] = None
                 else:
                     digest, stored = repository.put_chunk(data)
                     chunks[index] = digest
                     new_bytes += stored
+                with self._lock:
+                    self._read[repository.name] += len(data)
+                    self._stored[repository.name] += stored
                 job.done_bytes = offset + len(data)
                 if size and job.done_bytes / size >= reported + PROGRESS_STEP:
                     reported = job.done_bytes / size
@@ -416,6 +431,51 @@ class Backups:
             extra={"backup": manifest.name, "volume": volume.local_id, "chunks": chunks, "bytes": written},
         )
         return Restored(chunks, written)
+
+    # -- metrics (a prometheus_client collector) -----------------------------------
+
+    @staticmethod
+    def _families() -> tuple[
+        GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily, CounterMetricFamily
+    ]:
+        return (
+            GaugeMetricFamily("cairn_backups_running", "Backups running in this controller.", labels=("repository",)),
+            GaugeMetricFamily(
+                "cairn_backup_progress_ratio",
+                "How far each running backup is through its volume (0 to 1).",
+                labels=("repository", "backup"),
+            ),
+            CounterMetricFamily(
+                "cairn_backup_read_bytes", "Bytes backups read from their backends.", labels=("repository",)
+            ),
+            CounterMetricFamily(
+                "cairn_backup_stored_bytes",
+                "Bytes backups stored in their repository (new chunks, compressed).",
+                labels=("repository",),
+            ),
+            CounterMetricFamily(
+                "cairn_backups_ended",
+                "Backups ended, by outcome (saved, failed, cancelled).",
+                labels=("repository", "outcome"),
+            ),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families())
+
+    def collect(self) -> Iterable[Metric]:
+        running, progress, read, stored, ended = self._families()
+        with self._lock:
+            jobs = [(repo, j) for (repo, _), j in self._jobs.items() if j.running]
+            for name in sorted(self.repositories):
+                running.add_metric((name,), float(sum(1 for repo, _ in jobs if repo == name)))
+                read.add_metric((name,), float(self._read[name]))
+                stored.add_metric((name,), float(self._stored[name]))
+                for outcome in ("saved", "failed", "cancelled"):
+                    ended.add_metric((name, outcome), float(self._ended[(name, outcome)]))
+            for repo, job in jobs:
+                progress.add_metric((repo, job.name), job.done_bytes / job.size if job.size else 0.0)
+        return [running, progress, read, stored, ended]
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for the backups running now (tests, and a stop that lets them finish)."""

@@ -300,3 +300,31 @@ def test_a_restore_onto_a_volume_too_small_is_refused(world: World) -> None:
     made = target.volumes.create_volume(VolumeSpec("small", MiB, 0, (RWO,), source=SourceRef("backup", backup)))
     with pytest.raises(FailedPrecondition, match="less than backup"):
         world.backups.restore(backup, target, made, secrets={})
+
+
+def samples(world: World) -> dict[tuple[str, tuple[str, ...]], float]:
+    return {
+        (sample.name, tuple(sample.labels.values())): sample.value
+        for family in world.backups.collect()
+        for sample in family.samples
+    }
+
+
+def test_metrics_show_running_backups_their_progress_and_what_they_moved(world: World) -> None:
+    volume = world.volume("data")
+    world.write(volume, 0, random.Random(8).randbytes(2 * CHUNK))
+    world.store.hold = threading.Event()
+    world.backups.backup("vault", "watched", volume)
+    assert world.store.holding.wait(30)
+    during = samples(world)
+    assert during[("cairn_backups_running", ("vault",))] == 1
+    assert during[("cairn_backup_progress_ratio", ("vault", "watched"))] < 1
+    world.store.hold.set()
+    world.backups.wait()
+    after = samples(world)
+    assert after[("cairn_backups_running", ("vault",))] == 0
+    assert ("cairn_backup_progress_ratio", ("vault", "watched")) not in after
+    assert after[("cairn_backup_read_bytes_total", ("vault",))] == 2 * CHUNK
+    assert after[("cairn_backup_stored_bytes_total", ("vault",))] > 0
+    assert after[("cairn_backups_ended_total", ("vault", "saved"))] == 1
+    assert after[("cairn_backups_ended_total", ("vault", "failed"))] == 0
