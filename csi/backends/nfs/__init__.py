@@ -7,7 +7,8 @@ Settings:
     share:            the exported path, for example /export (required)
     port:             the server's NFS port (default 2049)
     layout:           directory (default) or image; a backend makes one kind of volume,
-                      so what it advertises holds for every volume it makes
+                      so what it advertises holds for every volume it makes (only images
+                      have blocks to read: backups, restores from them, changed blocks)
     mountOptions:     list of mount options (default nfsvers=4.1, hard)
     subDir:           directory volumes' path under the share, a template with
                       ${pvc.metadata.name}, ${pvc.metadata.namespace}, ${pv.metadata.name}
@@ -77,6 +78,7 @@ IMAGE_CAPABILITIES = Capabilities(
         AccessType.MOUNT: _SINGLE_NODE | {AccessMode.MULTI_NODE_READER_ONLY},
         AccessType.BLOCK: frozenset(AccessMode),
     },
+    blocks=True,  # an image's blocks can be read: backups, restores, changed-block tracking
     refusals={
         (AccessType.MOUNT, mode): _CORRUPTS.format(mode=mode.value)
         for mode in AccessMode

@@ -20,10 +20,18 @@ An object exists when its record and its data exist, so a crash leaves a tempora
 object or a record without data, which a retry remakes and the start-up sweep removes.
 A delete renames the data out of sight before it removes the record, so it is never
 half visible.
+
+A backend of images also offers ``SnapshotBlocks`` (``blocks.py``): the ranges of a
+snapshot image that may hold data, those where two snapshots of one volume differ,
+reading a snapshot, and filling a volume restored from a backup. Such a volume is made
+blank, with its source and ``"filling": true`` in its record, and the record loses the
+mark once its content is written and flushed; until then it is no source of a snapshot
+or a clone. A backend of folders has no blocks to read, and says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -31,14 +39,14 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from csi import quota
-from csi.backends.base import check_publication, matching
-from csi.backends.nfs import paths, tree_ops
+from csi.backends.base import BlockReader, BlockWriter, check_publication, matching
+from csi.backends.nfs import blocks, paths, tree_ops
 from csi.backends.nfs.common import ON_DELETE, NfsSettings
-from csi.backends.nfs.fs import Stat, Tree, opened
+from csi.backends.nfs.fs import File, Stat, Tree, opened
 from csi.errors import (
     Aborted,
     AlreadyExists,
@@ -53,6 +61,7 @@ from csi.model import (
     HEALTHY,
     NO_SECRETS,
     Capability,
+    Extent,
     Secrets,
     Segment,
     Snapshot,
@@ -321,6 +330,8 @@ class NfsVolumes:
             "created": time.time(),
             "published": {},
         }
+        if spec.source is not None and spec.source.kind == "backup":
+            record["filling"] = True  # blank until fill_volume writes the backup's content
 
         def make() -> None:
             tree_ops.check_no_links(self.tree, parts)
@@ -367,11 +378,18 @@ class NfsVolumes:
             log.warning("could not clean up a failed creation of %s (the start-up sweep will): %s", local_id, exc)
 
     def _source(self, source: SourceRef | None) -> tuple[str, int]:
+        """The data to copy for a content source and its size; none for a backup (an ID
+        of the driver's backups, not of this backend's objects: ``fill_volume`` writes
+        its content later)."""
         if source is None:
+            return "", 0
+        if source.kind == "backup":
+            self._check_images()
             return "", 0
         record = self._read(source.kind, source.local_id)
         if record is None:
             raise NotFound(f"source {source.kind} {source.local_id!r} does not exist")
+        _not_filling(record, f"source {source.kind} {source.local_id!r}")
         return self._data_path(source.kind, source.local_id, record), int(record["size"])
 
     def delete_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
@@ -499,6 +517,7 @@ class NfsVolumes:
             context={"subDir": str(record["path"])} if record["layout"] == "directory" else {},
             published_nodes=tuple(sorted(record["published"])),
             condition=HEALTHY,
+            filling=bool(record.get("filling")),
         )
 
     def _size(self, kind: str, local_id: str, record: Mapping[str, Any]) -> int:
@@ -543,6 +562,7 @@ class NfsVolumes:
         source = self._read("volume", source_local_id) if valid else None
         if source is None:
             raise NotFound(f"source volume {source_local_id!r} does not exist")
+        _not_filling(source, f"source volume {source_local_id!r}")
         temp = tree_ops.join(self.control, "tmp", local_id)
         data = self._data_path("snapshot", local_id, {})
         record = {
@@ -602,6 +622,166 @@ class NfsVolumes:
             size_bytes=int(record["size"]),
             created_at=float(record["created"]),
         )
+
+    # -- snapshot blocks (backups, changed-block tracking; images only) ------------------
+
+    def _check_images(self) -> None:
+        """Refuse block access on a backend of folders, naming it."""
+        if self.settings.layout != "image":
+            raise FailedPrecondition(
+                f"backend {self.settings.backend!r} makes directory volumes (layout: {self.settings.layout}): "
+                "they have no blocks to read, so no backups, restores from backups or changed-block tracking on it"
+            )
+
+    def _image_snapshot(self, local_id: str) -> tuple[str, dict[str, Any]]:
+        """Where snapshot ``local_id``'s image is, and its record; NotFound when there is
+        none."""
+        self._check_images()
+        record = self._require("snapshot", local_id)
+        if record.get("layout") != "image":
+            raise FailedPrecondition(f"snapshot {local_id} is a copy of a folder: it has no blocks to read")
+        return self._data_path("snapshot", local_id, record), record
+
+    @contextlib.contextmanager
+    def _io(self, what: str) -> Iterator[None]:
+        """The export's errors as domain errors; a file gone is ``what`` gone."""
+        try:
+            yield
+        except FileNotFoundError as exc:
+            raise NotFound(f"{what} does not exist (it was deleted during the call)") from exc
+        except OSError as exc:
+            raise _domain_error(exc, self.tree.describe()) from exc
+
+    def _size_of(self, path: str, what: str) -> int:
+        with self._io(what):
+            return self.tree.lstat(path).size
+
+    def _data_ranges(self, path: str, start: int, end: int, what: str) -> Iterator[blocks.Range]:
+        with self._io(what):
+            yield from self.tree.data_ranges(path, start, end)
+
+    def _reader(self, path: str, what: str) -> blocks.Read:
+        """Reads of a file, each opening it and closing it again (see ``blocks``): one
+        that finds the client connected anew meanwhile (ESTALE) is made again."""
+
+        def read(offset: int, length: int) -> bytes:
+            with self._io(what):
+                for attempt in range(tree_ops.STALE_ATTEMPTS):
+                    try:
+                        return _read_file(self.tree, path, offset, length)
+                    except OSError as exc:
+                        if exc.errno != errno.ESTALE or attempt == tree_ops.STALE_ATTEMPTS - 1:
+                            raise
+            raise AssertionError("unreachable")
+
+        return read
+
+    def _writer(self, handle: File, what: str) -> blocks.Write:
+        def write(offset: int, data: bytes) -> None:
+            with self._io(what):
+                handle.pwrite(data, offset)
+
+        return write
+
+    def allocated(self, local_id: str, start: int = 0, *, secrets: Secrets = NO_SECRETS) -> Iterator[Extent]:
+        """The ranges of the snapshot's image that may hold data, from ``start`` on: its
+        data between its holes where the tree can tell them (``exportRoot``), the whole
+        image through the user-space client. Checked now; read as the caller iterates."""
+        blocks.check_start(start)
+        path, _ = self._image_snapshot(local_id)
+        return self._allocated(path, start, f"snapshot {local_id!r}")
+
+    def _allocated(self, path: str, start: int, what: str) -> Iterator[Extent]:
+        size = self._size_of(path, what)
+        yield from blocks.extents(self._data_ranges(path, start, size, what))
+
+    def changed(
+        self, base_local_id: str, target_local_id: str, start: int = 0, *, secrets: Secrets = NO_SECRETS
+    ) -> Iterator[Extent]:
+        """The blocks, from ``start`` on, where snapshot ``target_local_id`` may differ
+        from ``base_local_id`` of the same volume: both images are read where either may
+        hold data and compared in aligned blocks (a hole and zeros are equal), and past
+        the base's end whatever the target may hold is changed. Checked now; read as the
+        caller iterates."""
+        blocks.check_start(start)
+        base_path, base = self._image_snapshot(base_local_id)
+        target_path, target = self._image_snapshot(target_local_id)
+        if base["source"] != target["source"]:
+            raise InvalidArgument(
+                f"snapshots {base_local_id} (of volume {base['source']}) and {target_local_id} "
+                f"(of volume {target['source']}) are not snapshots of one volume"
+            )
+        if base_local_id == target_local_id:
+            return iter(())
+        return self._changed(
+            (base_path, f"snapshot {base_local_id!r}"), (target_path, f"snapshot {target_local_id!r}"), start
+        )
+
+    def _changed(self, base: tuple[str, str], target: tuple[str, str], start: int) -> Iterator[Extent]:
+        (base_path, base_what), (target_path, target_what) = base, target
+        base_size, target_size = self._size_of(base_path, base_what), self._size_of(target_path, target_what)
+        common = min(base_size, target_size)
+        # What neither image may hold is zeros in both: only the rest is read.
+        candidates = blocks.union(
+            self._data_ranges(base_path, start, common, base_what),
+            self._data_ranges(target_path, start, common, target_what),
+        )
+        grown = self._data_ranges(target_path, max(start, base_size), target_size, target_what)
+        yield from blocks.changed(
+            self._reader(base_path, base_what),
+            self._reader(target_path, target_what),
+            candidates,
+            grown,
+            start,
+            common,
+            target_size,
+        )
+
+    @contextlib.contextmanager
+    def read_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Iterator[BlockReader]:
+        """The snapshot's image for reading; NotFound when there is none. It is opened by
+        each read, not held open: the ranges of the same snapshot may be asked for while
+        it is read (which the user-space client could not open again meanwhile)."""
+        path, _ = self._image_snapshot(local_id)
+        what = f"snapshot {local_id!r}"
+        yield blocks.ImageReader(self._reader(path, what), self._size_of(path, what), what)
+
+    @contextlib.contextmanager
+    def fill_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Iterator[BlockWriter]:
+        """A volume made from a backup and not filled yet, open for writing its content.
+        What an earlier, failed fill wrote is discarded first (the image is cut to nothing
+        and grown back: all holes), so what this one does not write reads as zeros. A
+        clean exit flushes the image, then records the volume as filled; an error leaves
+        it filling, for a retry."""
+        self._check_images()
+        record = self._require("volume", local_id)
+        if not record.get("filling"):
+            raise FailedPrecondition(
+                f"volume {local_id} is not waiting for content from a backup: it is filled already, "
+                "or was not made from one"
+            )
+        what = f"volume {local_id!r}"
+        with self._io(what):
+            handle = self.tree.open(str(record["path"]), os.O_WRONLY)
+        try:
+            with self._io(what):
+                size = handle.fstat().size
+                handle.truncate(0)
+                handle.truncate(size)
+            yield blocks.ImageWriter(self._writer(handle, what), size, what)
+            with self._io(what):
+                handle.fsync()
+        finally:
+            try:
+                handle.close()
+            except OSError as exc:  # what matters was flushed, or the fill failed anyway
+                log.warning("could not close %s after filling it: %s", what, exc)
+        # Read again: a publication may have rewritten the record while the content was written.
+        current = self._read("volume", local_id)
+        if current is None:
+            raise NotFound(f"{what} was deleted while it was filled")
+        current.pop("filling", None)
+        self._write("volume", local_id, current)
 
     # -- publication --------------------------------------------------------------------
 
@@ -665,6 +845,26 @@ def _lstat_or_none(tree: Tree, path: str) -> Stat | None:
 
 def paths_of(path: str) -> list[str]:
     return [p for p in path.split("/") if p]
+
+
+def _read_file(tree: Tree, path: str, offset: int, length: int) -> bytes:
+    """``length`` bytes of a file from ``offset``; fewer only where it ends."""
+    parts: list[bytes] = []
+    with opened(tree, path, os.O_RDONLY) as handle:
+        while length > 0:
+            part = handle.pread(length, offset)
+            if not part:
+                break
+            parts.append(part)
+            offset, length = offset + len(part), length - len(part)
+    return b"".join(parts)
+
+
+def _not_filling(record: Mapping[str, Any], what: str) -> None:
+    """Refuse to copy a volume whose content a restore from a backup has not all written:
+    a snapshot or clone of it would keep a part of the backup, and never the rest."""
+    if record.get("filling"):
+        raise FailedPrecondition(f"{what} is still being restored from a backup")
 
 
 def _valid(kind: str, local_id: str) -> bool:

@@ -86,6 +86,12 @@ class Tree(Protocol):
     def lutimes(self, path: str, atime_ns: int, mtime_ns: int) -> None: ...
     def truncate(self, path: str, size: int) -> None: ...
     def clone_file(self, source: str, target: str) -> bool: ...  # True: cloned (shared extents)
+    def data_ranges(self, path: str, start: int, end: int) -> Iterator[tuple[int, int]]:
+        """The ranges [low, high) of file ``path`` within [start, end) that may hold data,
+        in order and apart; what lies outside them reads as zeros. The whole span where
+        holes cannot be told. Lazy: the file is looked at as the ranges are taken."""
+        ...
+
     def xattrs(self, path: str) -> dict[str, bytes]: ...
     def set_xattr(self, path: str, name: str, value: bytes) -> None: ...
     def open(self, path: str, flags: int, mode: int = 0o600) -> File: ...
@@ -216,6 +222,30 @@ class LocalTree:
             return True
         finally:
             os.close(src)
+
+    def data_ranges(self, path: str, start: int, end: int) -> Iterator[tuple[int, int]]:
+        """From ``lseek`` (SEEK_DATA, SEEK_HOLE); the whole span on a filesystem without
+        them. The file is open while the ranges are taken."""
+        fd = os.open(self._path(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            position = max(start, 0)
+            while position < end:
+                try:
+                    data = os.lseek(fd, position, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:
+                        return  # only holes from here to the end of the file
+                    if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                        yield position, end  # no SEEK_DATA here: all of it may hold data
+                        return
+                    raise
+                if data >= end:
+                    return
+                stop = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+                yield data, stop
+                position = stop
+        finally:
+            os.close(fd)
 
     def xattrs(self, path: str) -> dict[str, bytes]:
         """Extended attributes, POSIX ACLs included (``system.posix_acl_*``)."""
