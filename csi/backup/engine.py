@@ -22,7 +22,8 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent import futures
 from dataclasses import dataclass, field
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -40,6 +41,8 @@ SNAPSHOT_PREFIX = "cairn-backup-"
 """Names of the backend snapshots backups take (visible in the backend's listings)."""
 PROGRESS_STEP = 0.1
 """Log a running backup's progress at every tenth of the volume."""
+WORKERS = 4
+"""Chunks read, hashed, compressed and stored (or fetched, checked and written) at once."""
 
 
 def backup_id(name: str) -> str:
@@ -70,6 +73,39 @@ def _merged(extents: Iterable[Extent]) -> list[Extent]:
         else:
             merged.append(extent)
     return merged
+
+
+def in_parallel(indexes: Iterable[int], work: Callable[[int], None], workers: int = WORKERS) -> None:
+    """``work(i)`` for each index, ``workers`` at a time (hashing, compression, encryption
+    and the I/O release the interpreter's lock), with at most twice that many chunks
+    queued, so memory stays bounded. The first error is raised once the chunks in flight
+    are done, and no chunk is started after it."""
+    failed = threading.Event()
+
+    def guarded(index: int) -> None:
+        if failed.is_set():
+            return
+        try:
+            work(index)
+        except BaseException:
+            failed.set()
+            raise
+
+    with futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chunks") as pool:
+        pending: set[futures.Future[None]] = set()
+        try:
+            for index in indexes:
+                if failed.is_set():
+                    break
+                if len(pending) >= 2 * workers:
+                    done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+                    for future in done:
+                        future.result()
+                pending.add(pool.submit(guarded, index))
+        finally:
+            done, _ = futures.wait(pending)
+        for future in done:
+            future.result()
 
 
 def is_zero(data: bytes) -> bool:
@@ -248,31 +284,37 @@ class Backups:
                 chunks = [None] * count
                 ranges = list(blocks.allocated(snapshot.local_id, secrets=secrets))
                 parent = ""
-            read_bytes = new_bytes = 0
-            reported = 0.0
-            for index in chunk_indexes(ranges, chunk_size, count):
+            totals = {"read": 0, "new": 0}
+            progress = {"reported": 0.0}
+
+            def copy_chunk(index: int) -> None:
                 if job.cancelled.is_set():
                     raise Aborted(f"backup {job.name!r} was cancelled: its snapshot is being deleted")
                 offset = index * chunk_size
                 data = reader.read(offset, min(chunk_size, size - offset))
-                read_bytes += len(data)
-                stored = 0
-                if is_zero(data):
-                    chunks[index] = None
-                else:
-                    digest, stored = repository.put_chunk(data)
-                    chunks[index] = digest
-                    new_bytes += stored
+                digest, stored = (None, 0) if is_zero(data) else repository.put_chunk(data)
+                chunks[index] = digest
                 with self._lock:
+                    totals["read"] += len(data)
+                    totals["new"] += stored
                     self._read[repository.name] += len(data)
                     self._stored[repository.name] += stored
-                job.done_bytes = offset + len(data)
-                if size and job.done_bytes / size >= reported + PROGRESS_STEP:
-                    reported = job.done_bytes / size
+                    job.done_bytes = max(job.done_bytes, offset + len(data))
+                    due = size and job.done_bytes / size >= progress["reported"] + PROGRESS_STEP
+                    if due:
+                        progress["reported"] = job.done_bytes / size
+                if due:
                     log.info(
                         "backup progress",
-                        extra={"backup": job.name, "percent": int(100 * reported), "read_bytes": read_bytes},
+                        extra={
+                            "backup": job.name,
+                            "percent": int(100 * progress["reported"]),
+                            "read_bytes": totals["read"],
+                        },
                     )
+
+            in_parallel(chunk_indexes(ranges, chunk_size, count), copy_chunk)
+            read_bytes, new_bytes = totals["read"], totals["new"]
         manifest = Manifest(
             backup_id=local_id,
             name=job.name,
@@ -417,15 +459,21 @@ class Backups:
                 f"volume {volume.local_id} has {volume.capacity_bytes} bytes, less than backup {manifest.name!r} "
                 f"({manifest.size})"
             )
-        chunks = written = 0
+        totals = {"chunks": 0, "bytes": 0}
+        lock = threading.Lock()
         with backend.blocks.fill_volume(volume.local_id, secrets=secrets) as writer:
-            for index, digest in enumerate(manifest.chunks):
-                if digest is None:
-                    continue
+
+            def write_chunk(index: int) -> None:
+                digest = manifest.chunks[index]
+                assert digest is not None
                 data = repository.get_chunk(digest, backup=manifest.name)
                 writer.write(index * manifest.chunk_size, data)
-                chunks += 1
-                written += len(data)
+                with lock:
+                    totals["chunks"] += 1
+                    totals["bytes"] += len(data)
+
+            in_parallel((i for i, d in enumerate(manifest.chunks) if d is not None), write_chunk)
+        chunks, written = totals["chunks"], totals["bytes"]
         log.info(
             "backup restored",
             extra={"backup": manifest.name, "volume": volume.local_id, "chunks": chunks, "bytes": written},

@@ -20,7 +20,7 @@ from csi.backends import local
 from csi.backends.base import Backend
 from csi.backends.local.controller import LocalVolumes
 from csi.backup.directory import DirectoryStore
-from csi.backup.engine import SNAPSHOT_PREFIX, Backups, backup_id, chunk_indexes
+from csi.backup.engine import SNAPSHOT_PREFIX, Backups, backup_id, chunk_indexes, in_parallel
 from csi.backup.repository import Repository
 from csi.backup.store import Store, Stored
 from csi.config import BackendConfig
@@ -328,3 +328,28 @@ def test_metrics_show_running_backups_their_progress_and_what_they_moved(world: 
     assert after[("cairn_backup_stored_bytes_total", ("vault",))] > 0
     assert after[("cairn_backups_ended_total", ("vault", "saved"))] == 1
     assert after[("cairn_backups_ended_total", ("vault", "failed"))] == 0
+
+
+def test_in_parallel_does_every_chunk_and_stops_starting_chunks_after_an_error() -> None:
+    done: list[int] = []
+    lock = threading.Lock()
+
+    def record(index: int) -> None:
+        with lock:
+            done.append(index)
+
+    in_parallel(range(100), record)
+    assert sorted(done) == list(range(100))
+
+    started: list[int] = []
+
+    def failing(index: int) -> None:
+        with lock:
+            started.append(index)
+        if index == 3:
+            raise OSError(5, "Input/output error")
+
+    with pytest.raises(OSError, match="Input/output"):
+        in_parallel(range(10_000), failing, workers=2)
+    # What was queued when it failed may still run; nothing is queued after it.
+    assert len(started) < 20
