@@ -176,8 +176,11 @@ class Backups:
                 raise AlreadyExists(f"snapshot {name!r} is a backup of another volume ({done.volume_id})")
             return _snapshot(done)
         backend, volume_local_id = self._route_volume(volume_id)
-        blocks = backend.blocks
-        del blocks  # only to refuse a backend without block access before anything starts
+        if not backend.capabilities.blocks:
+            raise InvalidArgument(
+                f"volume {volume_id} cannot be backed up: backend {backend.name!r} ({backend.kind}) "
+                "does not read its snapshots' blocks"
+            )
         key = (repository.name, local_id)
         with self._lock:
             job = self._jobs.get(key)

@@ -24,7 +24,7 @@ from csi.backup.engine import SNAPSHOT_PREFIX, Backups, backup_id, chunk_indexes
 from csi.backup.repository import Repository
 from csi.backup.store import Store, Stored
 from csi.config import BackendConfig
-from csi.errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound
+from csi.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from csi.model import AccessMode, AccessType, Capability, Extent, MiB, SourceRef, VolumeSpec
 from csi.registry import Registry
 
@@ -353,3 +353,16 @@ def test_in_parallel_does_every_chunk_and_stops_starting_chunks_after_an_error()
         in_parallel(range(10_000), failing, workers=2)
     # What was queued when it failed may still run; nothing is queued after it.
     assert len(started) < 20
+
+
+def test_a_volume_of_a_backend_without_block_access_is_refused_by_name(tmp_path: Path) -> None:
+    from tests.fakes import FAKE_CAPABILITIES, FakeVolumes
+
+    fake = Backend("plain", "fake", None, FAKE_CAPABILITIES, FakeVolumes(), None)
+    volume = fake.volumes.create_volume(VolumeSpec("data", MiB, 0, (RWO,)))
+    repository = Repository("vault", DirectoryStore(str(tmp_path / "repository")), chunk_size=CHUNK)
+    backups = Backups(Registry([fake]), {"vault": repository})
+    with pytest.raises(InvalidArgument, match=r"backend 'plain' .* does not read"):
+        backups.backup("vault", "nightly", ids.encode("plain", volume.local_id))
+    with pytest.raises(InvalidArgument, match="'attic' is not configured"):
+        backups.backup("attic", "nightly", ids.encode("plain", volume.local_id))
