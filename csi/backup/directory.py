@@ -74,7 +74,8 @@ class DirectoryStore:
         missing: list[str] = []
         current = folder
         while not os.path.isdir(current):
-            if os.path.lexists(current):
+            # (A folder another put made since the check above is no conflict.)
+            if os.path.lexists(current) and not os.path.isdir(current):
                 raise InvalidArgument(f"store key {key!r} lies under another key's object in {self.root}")
             missing.append(current)
             parent = os.path.dirname(current)

@@ -4,6 +4,8 @@ key order across folders, and keys that cannot leave the root."""
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,18 @@ def test_sweep_removes_only_old_leftovers_of_interrupted_puts(tmp_path: Path) ->
     assert store.sweep(before=2000) == 1
     assert not old.exists() and fresh.exists()
     assert store.get("chunks/ab/abcd") == b"kept"
+
+
+def test_puts_racing_to_make_one_folder_all_succeed(tmp_path: Path) -> None:
+    """Many puts into a folder none has made yet: each makes it or finds it made."""
+    for attempt in range(20):
+        store = DirectoryStore(str(tmp_path / f"store-{attempt}"))
+        barrier = threading.Barrier(8)
+
+        def put(i: int, store: DirectoryStore = store, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            store.put(f"chunks/ab/{i:04d}", b"x")
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(put, range(8)))
+        assert [s.key for s in store.list("chunks/")] == [f"chunks/ab/{i:04d}" for i in range(8)]
