@@ -215,3 +215,63 @@ mounts that would collide in the controller. Renders nothing. */}}
 {{- end -}}
 {{- end -}}
 {{- end }}
+
+{{/* The external-snapshot-metadata sidecar (snapshotMetadata): the Service in front of it,
+the audience of its clients' tokens, and where its TLS files are in the sidecar. */}}
+{{- define "cairn.snapshotMetadataService" -}}
+{{- printf "%s-snapshot-metadata" (include "cairn.name" .) -}}
+{{- end }}
+
+{{- define "cairn.snapshotMetadataAudience" -}}
+{{- .Values.snapshotMetadata.audience | default (include "cairn.driver" .) -}}
+{{- end }}
+
+{{- define "cairn.snapshotMetadataTLSDir" -}}/etc/snapshot-metadata/tls{{- end }}
+
+{{/* The CA clients verify the sidecar with, base64-encoded as the SnapshotMetadataService's
+spec.caCert wants it: snapshotMetadata.caCert, or the key caSecretKey of the TLS Secret,
+read from the cluster at install time (lookup). */}}
+{{- define "cairn.snapshotMetadataCA" -}}
+{{- $sm := .Values.snapshotMetadata -}}
+{{- if $sm.caCert -}}
+{{- $sm.caCert | b64enc -}}
+{{- else -}}
+{{- $secret := lookup "v1" "Secret" .Release.Namespace $sm.tlsSecretName | default dict -}}
+{{- $ca := dig "data" $sm.caSecretKey "" $secret -}}
+{{- if not $ca -}}
+{{- fail (printf "snapshotMetadata.caSecretKey: could not read key %s of Secret %s in namespace %s. Helm reads it from the cluster when it installs or upgrades (helm template and client-side dry runs read no Secret): create the Secret first, or set snapshotMetadata.caCert to the CA's PEM instead" $sm.caSecretKey $sm.tlsSecretName .Release.Namespace) -}}
+{{- end -}}
+{{- $ca -}}
+{{- end -}}
+{{- end }}
+
+{{/* Refuse snapshotMetadata values the sidecar or its clients could not work with, with
+the reason. Renders nothing. */}}
+{{- define "cairn.checkSnapshotMetadata" -}}
+{{- $sm := .Values.snapshotMetadata -}}
+{{- if $sm.enabled -}}
+{{- if not $sm.tlsSecretName -}}
+{{- fail (printf "snapshotMetadata.enabled needs snapshotMetadata.tlsSecretName: an existing kubernetes.io/tls Secret in namespace %s (keys tls.crt and tls.key) whose certificate names %s.%s; the sidecar serves TLS only (see values.yaml for cert-manager or openssl)" .Release.Namespace (include "cairn.snapshotMetadataService" .) .Release.Namespace) -}}
+{{- end -}}
+{{- if and (not $sm.caCert) (not $sm.caSecretKey) -}}
+{{- fail "snapshotMetadata.enabled needs the CA that signed the sidecar's certificate, published in the SnapshotMetadataService for clients to verify it: set snapshotMetadata.caCert (its PEM, e.g. --set-file snapshotMetadata.caCert=ca.pem) or snapshotMetadata.caSecretKey (a key of the TLS Secret holding it, such as cert-manager's ca.crt)" -}}
+{{- end -}}
+{{- if and $sm.caCert $sm.caSecretKey -}}
+{{- fail "snapshotMetadata: set caCert or caSecretKey, not both (which CA should clients trust?)" -}}
+{{- end -}}
+{{- $taken := dict (toString .Values.controller.grpcHealthPort) "controller.grpcHealthPort" -}}
+{{- if .Values.sidecars.livenessProbe.enabled -}}
+{{- $_ := set $taken (toString .Values.controller.healthPort) "controller.healthPort" -}}
+{{- end -}}
+{{- if .Values.metrics.enabled -}}
+{{- $_ := set $taken (toString .Values.metrics.port.controller) "metrics.port.controller" -}}
+{{- end -}}
+{{- range $key := list "port" "healthPort" -}}
+{{- $port := toString (index $sm $key) -}}
+{{- if hasKey $taken $port -}}
+{{- fail (printf "snapshotMetadata.%s: port %s is %s already, in the same pod; choose another" $key $port (get $taken $port)) -}}
+{{- end -}}
+{{- $_ := set $taken $port (printf "snapshotMetadata.%s" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
