@@ -16,20 +16,14 @@ import errno
 import fcntl
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
-from csi.errors import InvalidArgument, NotFound, ResourceExhausted
+from csi.errors import NotFound, ResourceExhausted
+from csi.extents import Range, changed_blocks, check_read, check_write, subtract, to_extents, union
 from csi.model import Extent
 
-BLOCK = 64 * 1024
-"""The unit of comparison: a changed range is made of whole blocks of this size (cut at
-the start asked for and at the image's end)."""
-
-Range = tuple[int, int]
-"""[start, end) in bytes."""
-
-Read = Callable[[int, int, int], bytes]
+Pread = Callable[[int, int, int], bytes]
 """How bytes are read for a comparison: ``os.pread(fd, length, offset)``."""
 
 # <linux/fiemap.h> and <linux/fs.h>
@@ -79,11 +73,6 @@ def open_image(path: str, what: str, flags: int = os.O_RDONLY) -> int:
         return os.open(path, flags | os.O_CLOEXEC)
     except FileNotFoundError:
         raise NotFound(f"{what} does not exist") from None
-
-
-def check_start(start: int) -> None:
-    if start < 0:
-        raise InvalidArgument(f"a start offset cannot be negative, got {start}")
 
 
 def data_ranges(fd: int, start: int, end: int) -> Iterator[Range]:
@@ -167,116 +156,47 @@ def shared_ranges(base: int, target: int, start: int, end: int) -> list[Range]:
     return found
 
 
-def union(first: Iterable[Range], second: Iterable[Range]) -> list[Range]:
-    """Two sorted lists of ranges as one, merged where they overlap or touch."""
-    return list(merge(sorted([*first, *second])))
-
-
-def subtract(ranges: Sequence[Range], removed: Sequence[Range]) -> list[Range]:
-    """Sorted, disjoint ``ranges`` without what the sorted, disjoint ``removed`` covers."""
-    left: list[Range] = []
-    j = 0
-    for low, high in ranges:
-        position = low
-        while j < len(removed) and removed[j][1] <= position:
-            j += 1
-        k = j
-        while k < len(removed) and removed[k][0] < high:
-            if removed[k][0] > position:
-                left.append((position, removed[k][0]))
-            position = max(position, removed[k][1])
-            k += 1
-        if position < high:
-            left.append((position, high))
-    return left
-
-
-def merge(ranges: Iterable[Range]) -> Iterator[Range]:
-    """Ranges sorted by start, merged where they overlap or touch; empty ones dropped."""
-    current: Range | None = None
-    for low, high in ranges:
-        if high <= low:
-            continue
-        if current is not None and low <= current[1]:
-            current = (current[0], max(current[1], high))
-            continue
-        if current is not None:
-            yield current
-        current = (low, high)
-    if current is not None:
-        yield current
-
-
-def extents(ranges: Iterable[Range]) -> Iterator[Extent]:
-    return (Extent(low, high - low) for low, high in merge(ranges))
-
-
 def allocated(path: str, what: str, start: int) -> Iterator[Extent]:
     """The ranges of an image that may hold data, from ``start`` on."""
     fd = open_image(path, what)
     try:
-        yield from extents(data_ranges(fd, start, os.fstat(fd).st_size))
+        yield from to_extents(data_ranges(fd, start, os.fstat(fd).st_size))
     finally:
         os.close(fd)
 
 
 def changed(
-    base_path: str, target_path: str, start: int, names: tuple[str, str], *, block: int = BLOCK, read: Read = os.pread
+    base_path: str, target_path: str, start: int, names: tuple[str, str], *, read: Pread = os.pread
 ) -> Iterator[Extent]:
     """The ranges, from ``start`` on, where image ``target_path`` may differ from image
-    ``base_path`` (zeros past the base's end): whole ``block``-sized blocks, cut at
-    ``start`` and at the target's end. ``names`` say what the images are, for NotFound;
-    ``read`` reads what is compared."""
+    ``base_path`` (zeros past the base's end): whole blocks, cut at ``start`` and at the
+    target's end (see ``changed_blocks``). ``names`` say what the images are, for
+    NotFound; ``read`` reads what is compared."""
     base = open_image(base_path, names[0])
     try:
         target = open_image(target_path, names[1])
         try:
             base_size, target_size = os.fstat(base).st_size, os.fstat(target).st_size
             common = min(base_size, target_size)
-            differing: Iterable[Range] = ()
+            compared: Iterable[Range] = ()
             if start < common:
                 # What neither image holds is zeros in both; what both share is equal.
-                candidates = union(data_ranges(base, start, common), data_ranges(target, start, common))
+                candidates = list(union(data_ranges(base, start, common), data_ranges(target, start, common)))
                 if candidates:
                     compared = subtract(candidates, shared_ranges(base, target, start, common))
-                    differing = _differing_blocks(base, target, compared, block, read, start, target_size)
             grown = data_ranges(target, max(start, base_size), target_size)
-            yield from extents(_chain(differing, grown))
+            yield from changed_blocks(
+                compared,
+                lambda offset, length: read(base, length, offset),
+                lambda offset, length: read(target, length, offset),
+                grown,
+                start,
+                target_size,
+            )
         finally:
             os.close(target)
     finally:
         os.close(base)
-
-
-def _chain(*parts: Iterable[Range]) -> Iterator[Range]:
-    for part in parts:
-        yield from part
-
-
-def _differing_blocks(
-    base: int, target: int, ranges: Sequence[Range], block: int, read: Read, floor: int, ceiling: int
-) -> Iterator[Range]:
-    """The blocks (cut to [floor, ceiling)) in which the bytes of ``ranges`` differ
-    between two open files, in order; only the bytes of ``ranges`` are read, and a block
-    found differing is not read further."""
-    reported_until = 0
-    for low, high in ranges:
-        position = low
-        while position < high:
-            block_start = position - position % block
-            block_end = block_start + block
-            stop = min(high, block_end)
-            if block_end > reported_until and _differ(base, target, position, stop - position, read):
-                yield max(block_start, floor), min(block_end, ceiling)
-                reported_until = block_end
-            position = stop
-
-
-def _differ(base: int, target: int, offset: int, length: int, read: Read) -> bool:
-    ours = read(base, length, offset)
-    theirs = read(target, length, offset)
-    # A short read is the end of a file: zeros, as past the end of a volume that grew.
-    return ours.ljust(length, b"\0") != theirs.ljust(length, b"\0")
 
 
 class ImageReader:
@@ -291,9 +211,7 @@ class ImageReader:
         return self._size
 
     def read(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0:
-            raise InvalidArgument(f"cannot read {length} bytes at offset {offset}")
-        length = max(0, min(length, self._size - offset))
+        length = check_read("the snapshot", self._size, offset, length)
         parts: list[bytes] = []
         done = 0
         while done < length:
@@ -318,10 +236,7 @@ class ImageWriter:
         return self._size
 
     def write(self, offset: int, data: bytes) -> None:
-        if offset < 0 or offset + len(data) > self._size:
-            raise InvalidArgument(
-                f"{self._what}: cannot write {len(data)} bytes at offset {offset}: it holds {self._size} bytes"
-            )
+        check_write(self._what, self._size, offset, len(data))
         view = memoryview(data)
         try:
             while view:

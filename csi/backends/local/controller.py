@@ -35,6 +35,7 @@ from csi.errors import (
     OutOfRange,
     ResourceExhausted,
 )
+from csi.extents import check_start
 from csi.files import TEMP_SUFFIX, fsync_file
 from csi.model import (
     HEALTHY,
@@ -73,7 +74,7 @@ class LocalVolumes:
             mount.thaw_recorded(self.layout.freeze_journal)
         self.node_id = node_id
         self.topology: tuple[Segment, ...] = ({TOPOLOGY_NODE_KEY: node_id},)
-        self.read_compared: blocks.Read = os.pread
+        self.read_compared: blocks.Pread = os.pread
         """How ``changed`` reads the bytes it compares (the tests count them)."""
 
     # -- capacity and capabilities -------------------------------------------------
@@ -263,7 +264,7 @@ class LocalVolumes:
     def allocated(self, local_id: str, start: int = 0, *, secrets: Secrets = NO_SECRETS) -> Iterator[Extent]:
         """The ranges of the snapshot's image that may hold data (its holes read as
         zeros), from ``start`` on. Checked now; read as the caller iterates."""
-        blocks.check_start(start)
+        check_start(start)
         self.layout.require_record("snapshot", local_id)
         return blocks.allocated(self.layout.image("snapshot", local_id), f"snapshot {local_id!r}", start)
 
@@ -274,7 +275,7 @@ class LocalVolumes:
         from ``base_local_id`` of the same volume: what they share on disk is not read,
         the rest is compared (see ``blocks.changed``). Checked now; read as the caller
         iterates."""
-        blocks.check_start(start)
+        check_start(start)
         base = self.layout.require_record("snapshot", base_local_id)
         target = self.layout.require_record("snapshot", target_local_id)
         if base["source"] != target["source"]:

@@ -57,6 +57,7 @@ from csi.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from csi.extents import Range, Read, check_start, to_extents, union
 from csi.model import (
     HEALTHY,
     NO_SECRETS,
@@ -656,11 +657,11 @@ class NfsVolumes:
         with self._io(what):
             return self.tree.lstat(path).size
 
-    def _data_ranges(self, path: str, start: int, end: int, what: str) -> Iterator[blocks.Range]:
+    def _data_ranges(self, path: str, start: int, end: int, what: str) -> Iterator[Range]:
         with self._io(what):
             yield from self.tree.data_ranges(path, start, end)
 
-    def _reader(self, path: str, what: str) -> blocks.Read:
+    def _reader(self, path: str, what: str) -> Read:
         """Reads of a file, each opening it and closing it again (see ``blocks``): one
         that finds the client connected anew meanwhile (ESTALE) is made again."""
 
@@ -687,13 +688,13 @@ class NfsVolumes:
         """The ranges of the snapshot's image that may hold data, from ``start`` on: its
         data between its holes where the tree can tell them (``exportRoot``), the whole
         image through the user-space client. Checked now; read as the caller iterates."""
-        blocks.check_start(start)
+        check_start(start)
         path, _ = self._image_snapshot(local_id)
         return self._allocated(path, start, f"snapshot {local_id!r}")
 
     def _allocated(self, path: str, start: int, what: str) -> Iterator[Extent]:
         size = self._size_of(path, what)
-        yield from blocks.extents(self._data_ranges(path, start, size, what))
+        yield from to_extents(self._data_ranges(path, start, size, what))
 
     def changed(
         self, base_local_id: str, target_local_id: str, start: int = 0, *, secrets: Secrets = NO_SECRETS
@@ -703,7 +704,7 @@ class NfsVolumes:
         hold data and compared in aligned blocks (a hole and zeros are equal), and past
         the base's end whatever the target may hold is changed. Checked now; read as the
         caller iterates."""
-        blocks.check_start(start)
+        check_start(start)
         base_path, base = self._image_snapshot(base_local_id)
         target_path, target = self._image_snapshot(target_local_id)
         if base["source"] != target["source"]:
@@ -722,7 +723,7 @@ class NfsVolumes:
         base_size, target_size = self._size_of(base_path, base_what), self._size_of(target_path, target_what)
         common = min(base_size, target_size)
         # What neither image may hold is zeros in both: only the rest is read.
-        candidates = blocks.union(
+        candidates = union(
             self._data_ranges(base_path, start, common, base_what),
             self._data_ranges(target_path, start, common, target_what),
         )

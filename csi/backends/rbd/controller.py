@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
 import json
 import logging
 import os
@@ -51,6 +50,7 @@ from csi.backends.rbd.common import MAPPERS, Credentials, Kind, RbdSettings, ima
 from csi.backends.rbd.journal import OMAP_PAGE, Journal, Sweeper, forget_pool, remember_pool, remembered_pools
 from csi.checks import BackgroundCheck
 from csi.errors import AlreadyExists, CairnError, FailedPrecondition, InvalidArgument, NotFound
+from csi.extents import Range, aligned, changed_blocks, check_start
 from csi.model import (
     HEALTHY,
     NO_SECRETS,
@@ -682,7 +682,7 @@ class RbdVolumes:
     def allocated(self, local_id: str, start: int = 0, *, secrets: Secrets = NO_SECRETS) -> Iterator[Extent]:
         """The ranges of the snapshot image that may hold data, its parents' included, from
         ``start`` on: librbd's diff of the image since its creation. Found by the call."""
-        blocks.check_start(start)
+        check_start(start)
         pool, _ = split_id(local_id, "snapshot")
         with self._pool(pool, secrets) as (io, _journal):
             image, _metadata = self._open_snapshot(io, local_id)
@@ -713,7 +713,7 @@ class RbdVolumes:
         hold data, and compared in aligned blocks: a hole and zeros are equal, and past
         the base's end (the volume grew) whatever the target holds is changed. The
         checks are made by the call; the comparison runs as the caller iterates."""
-        blocks.check_start(start)
+        check_start(start)
         pools = {split_id(base_local_id, "snapshot")[0], split_id(target_local_id, "snapshot")[0]}
         with contextlib.ExitStack() as stack:
             ios = {pool: stack.enter_context(self._pool(pool, secrets))[0] for pool in sorted(pools)}
@@ -737,9 +737,10 @@ class RbdVolumes:
             common = min(base_size, target_size)
             in_base = blocks.diff(base, start, common, None, zeros=False, what=f"snapshot {base_local_id!r}")
             in_target = blocks.diff(target, start, target_size, None, zeros=False, what=f"snapshot {target_local_id!r}")
-        ranges = list(blocks.aligned(sorted(in_base + [e for e in in_target if e.offset < common]), start, common))
-        grown = [Extent(max(e.offset, common), e.end - max(e.offset, common)) for e in in_target if e.end > common]
-        return self._compared(base_local_id, target_local_id, ranges, grown, secrets)
+        held = sorted((e.offset, e.end) for e in [*in_base, *in_target] if e.offset < common)
+        ranges = list(aligned(held, start, common))
+        grown = [(max(e.offset, common), e.end) for e in in_target if e.end > common]
+        return self._compared(base_local_id, target_local_id, ranges, grown, start, secrets)
 
     def _changed_in_volume(
         self, base: rbd.Image, target: rbd.Image, start: int, target_size: int, secrets: Secrets
@@ -778,12 +779,14 @@ class RbdVolumes:
         self,
         base_local_id: str,
         target_local_id: str,
-        ranges: list[blocks.Range],
-        grown: list[Extent],
+        ranges: list[Range],
+        grown: list[Range],
+        start: int,
         secrets: Secrets,
     ) -> Iterator[Extent]:
-        """The blocks of ``ranges`` where the two snapshots' bytes differ, then ``grown``
-        (what the target holds past the base's end), merged where they touch."""
+        """The blocks of ``ranges`` where the two snapshots' bytes differ, cut at ``start``
+        and the target's end, then ``grown`` (what the target holds past the base's end),
+        merged where they touch."""
         pools = {split_id(base_local_id, "snapshot")[0], split_id(target_local_id, "snapshot")[0]}
         with contextlib.ExitStack() as stack:
             ios = {pool: stack.enter_context(self._pool(pool, secrets))[0] for pool in sorted(pools)}
@@ -793,7 +796,7 @@ class RbdVolumes:
                 stack.enter_context(image)
                 readers.append(blocks.ImageReader(image, int(image.size()), f"snapshot {local_id!r}"))
             base, target = readers
-            yield from blocks.merged(itertools.chain(blocks.differing(ranges, base.read, target.read), grown))
+            yield from changed_blocks(ranges, base.read, target.read, grown, start, target.size)
 
     @contextlib.contextmanager
     def read_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Iterator[BlockReader]:

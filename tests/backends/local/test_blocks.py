@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from csi.backends.base import SnapshotBlocks
-from csi.backends.local import CAPABILITIES, blocks
-from csi.backends.local.blocks import BLOCK
+from csi.backends.local import CAPABILITIES
 from csi.backends.local.controller import LocalVolumes
 from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from csi.extents import BLOCK, merge, subtract, to_extents, union
 from csi.model import AccessMode, AccessType, Capability, Extent, MiB, Snapshot, SourceRef, VolumeSpec
 from tests.support import leftovers, require_root, require_tools
 
@@ -201,8 +201,8 @@ def check_changed(ranges: list[Extent], base: bytes, target: bytes, start: int) 
         if block + BLOCK > start
         and base[max(block, start) : block + BLOCK] != target[max(block, start) : block + BLOCK]
     ]
-    expected = list(blocks.extents(differing))
-    reported = list(blocks.extents((max(e.offset, start), min(e.end, limit)) for e in ranges))
+    expected = list(to_extents(differing))
+    reported = list(to_extents((max(e.offset, start), min(e.end, limit)) for e in ranges))
     assert reported == expected
 
 
@@ -213,16 +213,16 @@ def check_allocated(ranges: list[Extent], image: bytes, start: int) -> None:
         assert image[low:high].count(0) == high - low, f"data in [{low}, {high}) outside {ranges}"
 
 
-# -- helpers of blocks.py ------------------------------------------------------------
+# -- range arithmetic (csi.extents) --------------------------------------------------
 
 
 @pytest.mark.unit
 def test_range_arithmetic() -> None:
-    assert list(blocks.merge([(0, 4), (4, 6), (5, 9), (9, 9), (12, 13)])) == [(0, 9), (12, 13)]
-    assert blocks.union([(0, 2), (8, 10)], [(1, 3), (10, 11)]) == [(0, 3), (8, 11)]
-    assert blocks.subtract([(0, 10), (20, 30)], [(2, 4), (6, 22), (25, 30)]) == [(0, 2), (4, 6), (22, 25)]
-    assert blocks.subtract([(0, 10)], []) == [(0, 10)]
-    assert blocks.subtract([(5, 10)], [(0, 20)]) == []
+    assert list(merge([(0, 4), (4, 6), (5, 9), (9, 9), (12, 13)])) == [(0, 9), (12, 13)]
+    assert list(union([(0, 2), (8, 10)], [(1, 3), (10, 11)])) == [(0, 3), (8, 11)]
+    assert list(subtract([(0, 10), (20, 30)], [(2, 4), (6, 22), (25, 30)])) == [(0, 2), (4, 6), (22, 25)]
+    assert list(subtract([(0, 10)], [])) == [(0, 10)]
+    assert list(subtract([(5, 10)], [(0, 20)])) == []
 
 
 def test_the_backend_offers_snapshot_blocks(volumes: LocalVolumes) -> None:

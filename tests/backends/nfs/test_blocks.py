@@ -26,13 +26,13 @@ from hypothesis import strategies as st
 
 from csi.backends.base import SnapshotBlocks
 from csi.backends.nfs import DIRECTORY_CAPABILITIES, IMAGE_CAPABILITIES, blocks, build
-from csi.backends.nfs.blocks import BLOCK
 from csi.backends.nfs.common import NfsSettings
 from csi.backends.nfs.controller import NfsVolumes
 from csi.backends.nfs.fs import LocalTree, Tree
 from csi.backends.nfs.libnfs import Client
 from csi.config import BackendConfig
 from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from csi.extents import BLOCK, Read, aligned, check_start, merge, to_extents, union
 from csi.model import AccessMode, AccessType, Capability, Extent, MiB, Snapshot, SourceRef, Volume, VolumeSpec
 from tests.nfs import EXPORT, NfsServer
 
@@ -200,8 +200,8 @@ def check_changed(ranges: list[Extent], base: bytes, target: bytes, start: int) 
         if block + BLOCK > start
         and base[max(block, start) : block + BLOCK] != target[max(block, start) : block + BLOCK]
     ]
-    expected = list(blocks.extents(differing))
-    reported = list(blocks.extents((max(e.offset, start), min(e.end, limit)) for e in ranges))
+    expected = list(to_extents(differing))
+    reported = list(to_extents((max(e.offset, start), min(e.end, limit)) for e in ranges))
     assert reported == expected
 
 
@@ -216,18 +216,18 @@ def covered(ranges: list[Extent], offset: int, length: int) -> bool:
     return any(e.offset <= offset and offset + length <= e.end for e in ranges)
 
 
-# -- the pure helpers of blocks.py -------------------------------------------------------------
+# -- range arithmetic (csi.extents) ------------------------------------------------------------
 
 
 @pytest.mark.unit
 def test_range_arithmetic() -> None:
-    assert list(blocks.merge([(0, 4), (4, 6), (5, 9), (9, 9), (12, 13)])) == [(0, 9), (12, 13)]
-    assert list(blocks.union([(0, 2), (8, 10)], [(1, 3), (10, 11)])) == [(0, 3), (8, 11)]
-    assert list(blocks.union([], [(5, 6)])) == [(5, 6)]
-    assert list(blocks.aligned([(10, 20), (BLOCK + 1, BLOCK + 2)], 5, 10 * BLOCK)) == [(5, 2 * BLOCK)]
-    assert list(blocks.aligned([(3 * BLOCK - 1, 5 * BLOCK)], 0, 4 * BLOCK + 7)) == [(2 * BLOCK, 4 * BLOCK + 7)]
+    assert list(merge([(0, 4), (4, 6), (5, 9), (9, 9), (12, 13)])) == [(0, 9), (12, 13)]
+    assert list(union([(0, 2), (8, 10)], [(1, 3), (10, 11)])) == [(0, 3), (8, 11)]
+    assert list(union([], [(5, 6)])) == [(5, 6)]
+    assert list(aligned([(10, 20), (BLOCK + 1, BLOCK + 2)], 5, 10 * BLOCK)) == [(5, 2 * BLOCK)]
+    assert list(aligned([(3 * BLOCK - 1, 5 * BLOCK)], 0, 4 * BLOCK + 7)) == [(2 * BLOCK, 4 * BLOCK + 7)]
     with pytest.raises(InvalidArgument, match="negative"):
-        blocks.check_start(-1)
+        check_start(-1)
 
 
 @pytest.mark.unit
@@ -249,7 +249,7 @@ def test_changed_of_bytes_in_memory_matches_a_full_comparison(
             edited[offset : offset + len(data)] = data
         target = bytes(edited)
 
-    def reader(content: bytes) -> blocks.Read:
+    def reader(content: bytes) -> Read:
         return lambda offset, length: content[offset : offset + length]
 
     common = min(len(base), len(target))

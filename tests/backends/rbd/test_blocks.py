@@ -13,11 +13,12 @@ import pytest
 import rbd
 
 from csi.backends.base import SnapshotBlocks
-from csi.backends.rbd import CAPABILITIES, blocks
+from csi.backends.rbd import CAPABILITIES
 from csi.backends.rbd.cluster import Clusters
 from csi.backends.rbd.common import RbdSettings
 from csi.backends.rbd.controller import RbdVolumes
 from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from csi.extents import aligned, differing, merge
 from csi.model import AccessMode, AccessType, Capability, Extent, MiB, Snapshot, SourceRef, VolumeSpec
 from tests.ceph import POOL, CephCluster
 
@@ -137,19 +138,16 @@ def test_blocks_that_differ_are_found_by_reading_whole_blocks() -> None:
     target[70_000] = 1  # block 1
     target[3 * 65536 + 5 : 3 * 65536 + 9] = b"abcd"  # block 3
     target[4 * 65536] = 2  # block 4: touches block 3
-    ranges = list(blocks.aligned([Extent(70_000, 10), Extent(3 * 65536, 2 * 65536)], 1000, len(base)))
+    ranges = list(aligned([(70_000, 70_010), (3 * 65536, 5 * 65536)], 1000, len(base)))
     assert ranges == [(65536, 2 * 65536), (3 * 65536, 5 * 65536)]
-    found = list(blocks.differing(ranges, lambda o, n: bytes(base[o : o + n]), lambda o, n: bytes(target[o : o + n])))
+    found = list(differing(ranges, lambda o, n: bytes(base[o : o + n]), lambda o, n: bytes(target[o : o + n])))
     assert found == [Extent(65536, 65536), Extent(3 * 65536, 2 * 65536)]
-    assert list(blocks.aligned([Extent(10, 5)], 12, 20)) == [(12, 20)], "cut at the start and the end"
+    assert list(aligned([(10, 15)], 12, 20)) == [(12, 20)], "cut at the start and the end"
     # The tests' own check: what the ranges miss, with a short base read as zeros past its end.
     assert first_difference_outside([Extent(0, 2)], b"abc", b"abd") == 2
     assert first_difference_outside([Extent(1, 2)], b"", b"\0ab\0") is None
     assert first_difference_outside([], b"ab", b"a") is None
-    assert list(blocks.merged([Extent(0, 5), Extent(5, 5), Extent(3, 1), Extent(20, 1)])) == [
-        Extent(0, 10),
-        Extent(20, 1),
-    ]
+    assert list(merge([(0, 5), (5, 10), (3, 4), (20, 21)])) == [(0, 10), (20, 21)]
 
 
 @pytest.mark.integration
