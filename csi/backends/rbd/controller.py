@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
+import rados
 import rbd
 
 from csi.backends.base import BlockReader, BlockWriter, check_publication
@@ -451,12 +452,10 @@ class RbdVolumes:
         pool, image_uuid = split_id(local_id, "volume")
         with self._pool(pool, secrets) as (io, journal):
             name = image_name("volume", image_uuid)
-            with contextlib.suppress(rbd.ImageNotFound), rbd.Image(io, name, read_only=True) as image:
-                nodes = _published(dict(image.metadata_list()))
-                if nodes:
-                    raise FailedPrecondition(
-                        f"volume {local_id} is still published to node(s) {', '.join(sorted(nodes))}"
-                    )
+            metadata = _metadata_of(io, name)
+            nodes = _published(metadata) if metadata is not None else {}
+            if nodes:
+                raise FailedPrecondition(f"volume {local_id} is still published to node(s) {', '.join(sorted(nodes))}")
             self._remove_image(io, name)
             journal.release("volume", image_uuid)
 
@@ -978,6 +977,50 @@ def _set_all_metadata(io: Any, name: str, values: Mapping[str, str]) -> None:
         io.execute(f"rbd_header.{image_id}", "rbd", "metadata_set", data)
 
     ceph_call(f"image {name}", write)
+
+
+METADATA_READ = 1024
+"""Metadata keys read in one call (the class method pages through the header itself)."""
+METADATA_BYTES = 1 << 20
+"""Room for the answer: far more than Cairn's few keys (a publication is one short key)."""
+
+
+def _metadata_of(io: Any, name: str) -> dict[str, str] | None:
+    """Image ``name``'s metadata, without opening the image (an open reads the header,
+    the object map and more, and registers a watch): the image's ID, then the class
+    method librbd's ``Image.metadata_list`` calls (``metadata_list`` of class ``rbd`` on
+    the header; in: the key to start after and how many to return; out: an encoded map
+    of names to values). None when there is no such image."""
+
+    def text(raw: bytes, at: int) -> tuple[bytes, int]:
+        (length,) = struct.unpack_from("<I", raw, at)
+        return raw[at + 4 : at + 4 + length], at + 4 + length
+
+    def read() -> dict[str, str] | None:
+        try:
+            raw = io.read(f"rbd_id.{name}")
+        except rados.ObjectNotFound:
+            return None
+        image_id = text(raw, 0)[0].decode()
+        found: dict[str, str] = {}
+        after = b""
+        while True:
+            request = struct.pack("<I", len(after)) + after + struct.pack("<Q", METADATA_READ)
+            try:
+                _, answer = io.execute(f"rbd_header.{image_id}", "rbd", "metadata_list", request, METADATA_BYTES)
+            except rados.ObjectNotFound:
+                return None  # removed meanwhile
+            (count,) = struct.unpack_from("<I", answer, 0)
+            at = 4
+            for _ in range(count):
+                key, at = text(answer, at)
+                value, at = text(answer, at)
+                found[key.decode()] = value.decode()
+                after = key
+            if count < METADATA_READ:
+                return found
+
+    return ceph_call(f"image {name}", read)
 
 
 def _set_metadata(image: rbd.Image, key: str, value: str) -> None:

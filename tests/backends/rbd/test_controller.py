@@ -782,3 +782,20 @@ def test_a_restore_killed_after_taking_the_rbd_snapshot_is_finished_by_its_retry
     backend.delete_snapshot(snap.local_id, secrets=secrets)
     backend.delete_volume(origin.local_id, secrets=secrets)
     backend.clusters.shutdown()
+
+
+def test_metadata_read_without_an_open_equals_librbds_list(
+    pool_io: Any, monkeypatch: pytest.MonkeyPatch, clean_pool: None
+) -> None:
+    rbd.RBD().create(pool_io, "cairn-metadata-probe", MiB, old_format=False)
+    try:
+        with rbd.Image(pool_io, "cairn-metadata-probe") as image:
+            for i in range(10):
+                image.metadata_set(f"key.{i:02d}", f"value {i} " + "x" * i)
+            expected = dict(image.metadata_list())
+        # Pages of three: the reader goes on after the last key of each page.
+        monkeypatch.setattr(controller, "METADATA_READ", 3)
+        assert controller._metadata_of(pool_io, "cairn-metadata-probe") == expected
+        assert controller._metadata_of(pool_io, "cairn-no-such-image") is None
+    finally:
+        rbd.RBD().remove(pool_io, "cairn-metadata-probe")
