@@ -171,9 +171,11 @@ def local_subject(root: Path, size: int) -> tuple[Subject, Registry]:
             os.close(fd)
 
     def drop() -> None:
+        # The images' pages, and those of the file under the loop device beneath them.
         for path in Path(root / "files").rglob("*"):
             if path.is_file():
                 drop_file_cache(str(path))
+        drop_file_cache(str(root.parent / "xfs.img"))
 
     def raw_read() -> None:
         subprocess.run(["dd", f"if={image}", "of=/dev/null", "bs=4M"], check=True, capture_output=True)
