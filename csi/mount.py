@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import select
 import stat
 import subprocess
@@ -44,6 +45,7 @@ from csi.errors import (
     CommandTimeout,
     DeadlineExceeded,
     FailedPrecondition,
+    InvalidArgument,
     refused,
 )
 from csi.files import TEMP_SUFFIX, fsync_dir, write_atomically
@@ -142,9 +144,21 @@ def probe_filesystem(device: str) -> str | None:
     raise FailedPrecondition(f"device {device} holds data blkid cannot name ({found}); refusing to format it")
 
 
+# What mkfs prints when it refuses its arguments (before it touches the device).
+_MKFS_REFUSALS = re.compile(r"usage:|invalid option|unrecognized option|unknown option|illegal option|bad option", re.I)
+
+
 def make_filesystem(device: str, fs: Filesystem, options: Sequence[str] = ()) -> None:
+    """Format ``device``; options from the StorageClass that mkfs refuses are the
+    caller's mistake (InvalidArgument naming them), not a failure of the node."""
     argv = [f"mkfs.{fs.value}", "-q", *_FAST_MKFS[fs], *options, device]
-    proc.run(argv, timeout=MKFS_TIMEOUT)
+    try:
+        proc.run(argv, timeout=MKFS_TIMEOUT)
+    except CommandFailed as exc:
+        if options and _MKFS_REFUSALS.search(exc.stderr):
+            first = exc.stderr.splitlines()[0] if exc.stderr else ""
+            raise InvalidArgument(f"mkfsOptions {' '.join(options)!r} refused by mkfs.{fs.value}: {first}") from exc
+        raise
 
 
 def mount(source: str, target: str, fstype: str, options: Sequence[str] = ()) -> None:

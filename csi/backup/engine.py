@@ -174,6 +174,7 @@ class Backups:
         if done is not None:
             if done.volume_id != volume_id:
                 raise AlreadyExists(f"snapshot {name!r} is a backup of another volume ({done.volume_id})")
+            self._finish_saved(repository, done, secrets)
             return _snapshot(done)
         backend, volume_local_id = self._route_volume(volume_id)
         if not backend.capabilities.blocks:
@@ -207,6 +208,22 @@ class Backups:
                 self._jobs[key] = job
                 job.thread.start()
         return Snapshot(local_id, name, volume_id, job.size, job.started, ready=False)
+
+    def _finish_saved(self, repository: Repository, done: Manifest, secrets: Secrets) -> None:
+        """Finish what a process that died after saving ``done`` left undone: the
+        snapshots of the volume's older backups, and the in-progress marker, which would
+        hold every collection off until it went stale. Nothing when no marker is left
+        (the usual case: one existence check) or a job of this process still runs."""
+        with self._lock:
+            job = self._jobs.get((repository.name, done.backup_id))
+        if (job is not None and job.running) or not repository.pending(done.backup_id):
+            return
+        saved = self._of_volume(repository, done.volume_id)
+        newest = max(saved, key=lambda m: m.created_at)
+        for old in saved:
+            if old is not newest:
+                self._drop_base(old.base_snapshot, secrets)
+        repository.abandon(done.backup_id)
 
     def _saved(self, repository: Repository, local_id: str) -> Manifest | None:
         try:

@@ -472,6 +472,11 @@ class Repository:
 
     # -- backups in progress and collection
 
+    def pending(self, backup_id: str) -> bool:
+        """Whether the backup's in-progress marker is there (its writer may be gone)."""
+        _check_backup_id(backup_id)
+        return self.store.exists(PENDING + backup_id)
+
     def abandon(self, backup_id: str) -> None:
         """Forget a backup that will not finish (deleted after the process writing it
         died): its in-progress marker goes, so collections need not wait for it to go

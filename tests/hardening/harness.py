@@ -5,6 +5,12 @@ backend holds (to prove a suite leaked or duplicated nothing).
 
 A new backend joins the suites by adding a profile factory to ``PROFILES``.
 
+A profile whose backend reads and fills blocks (local, rbd) also gets a directory backup
+repository in its driver config (``repository``, ``REPOSITORY``): its backups, restores
+and SnapshotMetadata calls are fuzzed, crashed and raced like the rest, and its leak
+checks count what the repository holds (manifests, chunks, markers; ``config`` is the
+repository's own) and the backend snapshots backups make (``cairn-backup-*``).
+
 A profile whose node path this host cannot run (nfs: the node mounts with the kernel's
 NFS client, which this host's kernel lacks; the vm tier runs that path in a guest) says so
 with ``node=False``: the suites then do the data part of a mount on the server side
@@ -14,16 +20,21 @@ with ``node=False``: the suites then do the data part of a mount on the server s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
 import os
 import random
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
@@ -38,7 +49,19 @@ from tests.conftest import running_driver
 from tests.nfs import EXPORT, NfsServer
 from tests.support import Driver, leftovers, require_root, require_tools
 
+if TYPE_CHECKING:
+    from csi.backup.repository import Repository
+
 SEED_VARIABLE = "CAIRN_TEST_SEED"
+REPOSITORY = "vault"
+"""The backup repository of every profile whose backend has block access: a name no
+backend or group of the suites has."""
+REPOSITORY_CHUNK = 256 * 1024
+"""Its chunk size: small, so that the suites' volumes of a few MiB make many chunks."""
+BACKUP_SNAPSHOT_PREFIX = "cairn-backup-"
+"""The names of the backend snapshots backups take (the driver's own prefix)."""
+SPARE = "spare"
+"""A second backend (local) that ``with_spare`` adds, to restore onto another backend."""
 
 
 def seed(name: str) -> int:
@@ -93,6 +116,40 @@ class Profile:
     """Test (function name) -> a defect of the backend that makes it fail every time:
     that test is marked ``xfail(strict=True)`` with it as the reason, so that it says
     when the defect is gone."""
+    backend: str = ""
+    """The name of the profile's backend in the driver config (the second part of IDs)."""
+    config: Path | None = None
+    """The driver's config file."""
+    repository: str = ""
+    """The backup repository of the driver config ("" where the backend has no block
+    access to back up from and restore to)."""
+    read_volume: Callable[[str], bytes] | None = None
+    """The whole content of a volume (by its CSI ID) as its backend holds it, read behind
+    the driver's back (only where ``repository`` is set)."""
+    write_volume: Callable[[str, int, bytes], None] | None = None
+    """Write bytes at an offset of a volume (by its CSI ID) behind the driver's back, as
+    a pod would through its device (only where ``repository`` is set)."""
+    backup_snapshots: Callable[[], set[str]] = lambda: set()
+    """The names of the backend snapshots that backups made and that still exist."""
+    filling: Callable[[], set[str]] = lambda: set()
+    """The local IDs of the volumes marked as waiting for content from a backup."""
+
+    @property
+    def repository_dir(self) -> Path:
+        return repository_folder(self.root)
+
+    def require_backups(self, what: str) -> None:
+        """Skip a test of backups and restores, saying why, where the profile has none."""
+        if not self.repository:
+            pytest.skip(
+                f"{what} needs a backend that reads and fills blocks, which the {self.name} profile's does not "
+                "(backups read snapshots and restores fill volumes through Capabilities.blocks; nfs offers it "
+                "for the image layout, tested in tests/backends/nfs/test_blocks.py and the contract suite, while "
+                "this profile uses the directory layout)"
+                if self.name == "nfs"
+                else f"{what} needs a backend that reads and fills blocks, which {self.name} does not "
+                "(backups read snapshots and restores fill volumes through Capabilities.blocks)"
+            )
 
     @contextmanager
     def driver(self) -> Iterator[Driver]:
@@ -112,17 +169,101 @@ class Profile:
             pytest.skip(f"{what} exercises the node path, which {self.name} cannot run here: {self.node_missing}")
 
 
-def local_profile(root: Path) -> Profile:
-    require_root()
-    require_tools("losetup", "blkid", "mkfs.ext4", "fsfreeze")
-    data = root / "driver" / "data"
+def repository_folder(root: Path) -> Path:
+    """Where the backup repository of the profile at ``root`` keeps its objects: under the
+    driver's directory, where the fuzzer's watch lets the driver write."""
+    return root / "driver" / "backups"
 
+
+def repository_config(root: Path) -> dict[str, Any]:
+    """The directory repository of a profile whose backend has block access."""
+    return {
+        "name": REPOSITORY,
+        "kind": "directory",
+        "path": str(repository_folder(root)),
+        "chunkSize": REPOSITORY_CHUNK,
+    }
+
+
+def repository_objects(root: Path) -> set[str]:
+    """What a profile's repository holds: every file but its ``config`` (made at the
+    first use, and kept), temporary files of interrupted writes included."""
+    folder = repository_folder(root)
+    if not folder.exists():
+        return set()
+    found = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink()}
+    return {f"repository {name}" for name in found if name != "config"}
+
+
+def local_files(data: Path) -> Callable[[], set[str]]:
     def objects() -> set[str]:
         if not data.exists():
             return set()
         return {str(p.relative_to(data)) for p in data.rglob("*") if p.is_file()}
 
-    return Profile("local", root, [], backend_objects=objects)
+    return objects
+
+
+def local_image(data: Path, volume_id: str) -> Path:
+    """The image file of a local volume, by its CSI ID."""
+    return data / "volumes" / f"{volume_id.split(':', 2)[2]}.img"
+
+
+def local_records(data: Path, folder: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The local IDs and records of a local backend's volumes or snapshots."""
+    for record in sorted((data / folder).glob("*.json")):
+        try:
+            content = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue  # removed, or being replaced, meanwhile
+        yield record.stem, content
+
+
+def local_profile(root: Path) -> Profile:
+    """The local backend, named ``local`` as in the embedded default (the name every ID
+    of the suites carries), given in a config file for the backup repository beside it."""
+    require_root()
+    require_tools("losetup", "blkid", "mkfs.ext4", "fsfreeze")
+    data = root / "driver" / "data"
+    config = root / "cairn.yaml"
+    root.mkdir(parents=True, exist_ok=True)
+    backend = {"name": "local", "kind": "local", "path": str(data)}
+    config.write_text(yaml.safe_dump({"backends": [backend], "backupRepositories": [repository_config(root)]}))
+    files = local_files(data)
+
+    def objects() -> set[str]:
+        return files() | repository_objects(root)
+
+    def read_volume(volume_id: str) -> bytes:
+        return local_image(data, volume_id).read_bytes()
+
+    def write_volume(volume_id: str, offset: int, payload: bytes) -> None:
+        with open(local_image(data, volume_id), "r+b") as handle:
+            handle.seek(offset)
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def backup_snapshots() -> set[str]:
+        names = {str(record.get("name", "")) for _, record in local_records(data, "snapshots")}
+        return {name for name in names if name.startswith(BACKUP_SNAPSHOT_PREFIX)}
+
+    def filling() -> set[str]:
+        return {local_id for local_id, record in local_records(data, "volumes") if record.get("filling")}
+
+    return Profile(
+        "local",
+        root,
+        ["--config", str(config)],
+        backend_objects=objects,
+        backend="local",
+        config=config,
+        repository=REPOSITORY,
+        read_volume=read_volume,
+        write_volume=write_volume,
+        backup_snapshots=backup_snapshots,
+        filling=filling,
+    )
 
 
 def rbd_profile(root: Path, ceph: CephCluster) -> Profile:
@@ -142,18 +283,97 @@ def rbd_profile(root: Path, ceph: CephCluster) -> Profile:
         "fuseDir": str(root / "driver" / "fuse"),  # under the driver: its leak check covers it
         "credentialsDir": str(credentials_dir),
     }
-    config.write_text(yaml.safe_dump({"backends": [backend]}))
+    config.write_text(yaml.safe_dump({"backends": [backend], "backupRepositories": [repository_config(root)]}))
+
+    def journal() -> list[str]:
+        try:
+            return ceph._run("rados", "-c", str(ceph.conf), "-p", POOL, "listomapkeys", "cairn.journal").split()
+        except RuntimeError:
+            return []
 
     def objects() -> set[str]:
         images = {f"image {n}" for n in ceph.rbd("ls", POOL).split()}
         trash = {f"trash {line}" for line in ceph.rbd("trash", "ls", POOL).splitlines() if line}
-        try:
-            journal = ceph._run("rados", "-c", str(ceph.conf), "-p", POOL, "listomapkeys", "cairn.journal")
-        except RuntimeError:
-            journal = ""
-        return images | trash | {f"journal {k}" for k in journal.split()}
+        return images | trash | {f"journal {k}" for k in journal()} | repository_objects(root)
 
-    return Profile("rbd", root, ["--config", str(config)], secrets=credentials, backend_objects=objects)
+    pool = AdminPool(ceph)
+
+    def backup_snapshots() -> set[str]:
+        prefix = "snapshot.name."
+        names = {key.removeprefix(prefix) for key in journal() if key.startswith(prefix)}
+        return {name for name in names if name.startswith(BACKUP_SNAPSHOT_PREFIX)}
+
+    return Profile(
+        "rbd",
+        root,
+        ["--config", str(config)],
+        secrets=credentials,
+        backend_objects=objects,
+        backend="ceph",
+        config=config,
+        repository=REPOSITORY,
+        read_volume=pool.read,
+        write_volume=pool.write,
+        backup_snapshots=backup_snapshots,
+        filling=pool.filling,
+        close=pool.close,
+    )
+
+
+class AdminPool:
+    """The test pool as Ceph's admin, opened at the first use: volumes read and written
+    behind the driver's back, and their metadata."""
+
+    def __init__(self, ceph: CephCluster) -> None:
+        self.ceph = ceph
+        self.cluster: Any = None
+        self.io: Any = None
+
+    def _io(self) -> Any:
+        if self.io is None:
+            import rados
+
+            self.cluster = rados.Rados(conffile=str(self.ceph.conf), rados_id="admin")
+            self.cluster.connect()
+            self.io = self.cluster.open_ioctx(POOL)
+        return self.io
+
+    @staticmethod
+    def image(volume_id: str) -> str:
+        return "cairn-vol-" + volume_id.rsplit("/", 1)[1]
+
+    def read(self, volume_id: str) -> bytes:
+        import rbd
+
+        with rbd.Image(self._io(), self.image(volume_id), read_only=True) as image:
+            size = int(image.size())
+            return b"".join(image.read(offset, min(8 << 20, size - offset)) for offset in range(0, size, 8 << 20))
+
+    def write(self, volume_id: str, offset: int, payload: bytes) -> None:
+        import rbd
+
+        with rbd.Image(self._io(), self.image(volume_id)) as image:
+            image.write(payload, offset)
+            image.flush()
+
+    def filling(self) -> set[str]:
+        import rbd
+
+        io = self._io()
+        found = set()
+        for name in rbd.RBD().list(io):
+            if not name.startswith("cairn-vol-"):
+                continue
+            with contextlib.suppress(rbd.ImageNotFound, KeyError), rbd.Image(io, name, read_only=True) as image:
+                if dict(image.metadata_list()).get("cairn.filling"):
+                    found.add(f"{POOL}/{name.removeprefix('cairn-vol-')}")
+        return found
+
+    def close(self) -> None:
+        if self.io is not None:
+            self.io.close()
+            self.cluster.shutdown()
+            self.io = self.cluster = None
 
 
 NFS_CONTROL_FOLDERS = frozenset({"volumes", "snapshots", "tmp", "trash", "archived"})
@@ -264,6 +484,8 @@ def nfs_profile(root: Path, server: NfsServer) -> Profile:
         root,
         ["--config", str(config)],
         backend_objects=objects,
+        backend=backend_name,
+        config=config,
         fs_type="",
         block=False,
         node=False,
@@ -340,6 +562,8 @@ def lvm_profile(root: Path, api: Cluster | None = None) -> Profile:
         root,
         args,
         backend_objects=held,
+        backend="lvm",
+        config=config,
         node=False,
         node_missing=LVM_NO_NODE,
         snapshots=False,
@@ -353,6 +577,105 @@ def lvm_profile(root: Path, api: Cluster | None = None) -> Profile:
 
 
 PROFILES = ("local", "rbd", "nfs", "lvm", "lvm-routed")
+
+
+# -- backups ---------------------------------------------------------------------------
+
+
+def open_repository(profile: Profile) -> Repository:
+    """The profile's backup repository, opened from its driver config as the driver and
+    ``cairn-csi client backups`` open it: to read its manifests in the test."""
+    from csi import config as driver_config
+    from csi.backup.configured import build_repositories
+
+    assert profile.config is not None and profile.repository
+    entries = [r for r in driver_config.load(str(profile.config)).repositories if r.name == profile.repository]
+    return build_repositories(entries)[profile.repository]
+
+
+def collect_garbage(profile: Profile) -> str:
+    """``cairn-csi client backups --config F REPOSITORY gc --grace 0``, as an operator
+    runs it: every chunk no manifest references goes, whatever its age. Its report."""
+    assert profile.config is not None and profile.repository
+    argv = [sys.executable, "-m", "csi", "client", "backups", "--config", str(profile.config)]
+    done = subprocess.run(
+        [*argv, profile.repository, "gc", "--grace", "0"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, f"gc failed ({done.returncode}): {done.stdout}{done.stderr}"
+    return done.stdout.strip()
+
+
+def repository_leftovers(profile: Profile) -> list[str]:
+    """What the repository holds besides its config and what its manifests need: markers
+    of backups or collections in progress (none may be, when this is asked), temporary
+    files of interrupted writes, chunks no manifest references."""
+    if not profile.repository:
+        return []
+    repository = open_repository(profile)
+    referenced = {digest for manifest in repository.manifests() for digest in manifest.chunks if digest}
+    found = []
+    for entry in sorted(repository_objects(profile.root)):
+        key = entry.removeprefix("repository ")
+        folder, _, name = key.rpartition("/")
+        if folder == "backups" or (folder.startswith("chunks/") and name in referenced):
+            continue
+        found.append(key)
+    return found
+
+
+def pending_backups(profile: Profile, wait: float = 30.0) -> list[str]:
+    """The backups marked in progress in the profile's repository, once none is or after
+    ``wait`` seconds. A backup is ready to use once its manifest is saved, and it ends
+    after that (it removes the backend snapshot of the volume's previous backup, then its
+    marker): what a test checks of a backup that is ready waits for that end."""
+    folder = profile.repository_dir / "pending"
+    deadline = time.monotonic() + wait
+    while True:
+        # (A name with "~" is the temporary file of a put a kill cut short: no marker, and
+        # the next collection sweeps it.)
+        found = sorted(p.name for p in folder.glob("*") if "~" not in p.name) if folder.exists() else []
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)
+
+
+def manifests(profile: Profile) -> dict[str, str]:
+    """The saved backups of the profile's repository: backup ID -> request name."""
+    return {m.backup_id: m.name for m in open_repository(profile).manifests()}
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def with_spare(profile: Profile) -> Profile:
+    """The profile with a second backend in its driver config: a local one named
+    ``SPARE`` beside the profile's own, so that one backup can be restored onto two
+    backends. Volumes name their backend in their parameters then; the spare's files
+    count among the backend's objects."""
+    assert profile.config is not None
+    spare_data = profile.root / "driver" / SPARE
+    document = yaml.safe_load(profile.config.read_text())
+    document["backends"].append({"name": SPARE, "kind": "local", "path": str(spare_data)})
+    config = profile.root / "cairn-with-spare.yaml"
+    config.write_text(yaml.safe_dump(document))
+    own_objects, own_read = profile.backend_objects, profile.read_volume
+    spare_files = local_files(spare_data)
+
+    def objects() -> set[str]:
+        return own_objects() | {f"{SPARE} {name}" for name in spare_files()}
+
+    def read_volume(volume_id: str) -> bytes:
+        if volume_id.split(":", 2)[1] == SPARE:
+            return local_image(spare_data, volume_id).read_bytes()
+        assert own_read is not None
+        return own_read(volume_id)
+
+    args = [*profile.driver_args]
+    args[args.index("--config") + 1] = str(config)
+    return dataclasses.replace(
+        profile, driver_args=args, config=config, backend_objects=objects, read_volume=read_volume
+    )
 
 
 @dataclass(frozen=True)

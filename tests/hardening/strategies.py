@@ -1,5 +1,5 @@
 """Hypothesis strategies for the CSI fuzzer: requests for every RPC of the Identity,
-Controller and Node services, built from the protobuf descriptors.
+Controller, Node and SnapshotMetadata services, built from the protobuf descriptors.
 
 A request starts valid and coherent (the IDs, paths, capabilities and contexts of volumes
 that really exist in the running driver), then a few of its fields, found by walking the
@@ -20,6 +20,13 @@ folder), and valid variants that all stay inside that folder, so anything the dr
 makes elsewhere on the export is a stray. RPCs a profile cannot serve on this host
 (``World.excluded``: the node path where the node's kernel client is missing) are
 neither swept nor drawn.
+
+Where the profile has a backup repository (``World.repository``), CreateSnapshot also
+asks for backups (the VolumeSnapshotClass parameters ``type: backup`` and ``repository``),
+valid and hostile (an unknown repository, a type without a repository and the reverse,
+extra keys); CreateVolume restores backups (a content source naming one); snapshot IDs,
+content sources and the SnapshotMetadata requests draw from the world's backend snapshots
+and backups alike, and races start backups and delete them while they run.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ MARK = "cairn-fuzz"
 HUGE = "x" * (1 << 20)
 MISSING_UUID = "00000000-0000-5000-8000-000000000000"
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-SERVICES = ("Identity", "Controller", "Node")
+SERVICES = ("Identity", "Controller", "Node", "SnapshotMetadata")
 MiB = 1 << 20
 INT64_MAX = (1 << 63) - 1
 INT32_MAX = (1 << 31) - 1
@@ -70,6 +77,7 @@ HOSTILE_MODES = (99, -1, 8, INT32_MAX, -(1 << 31))
 CAPACITIES = (0, 1, 4096, MiB, 64 * MiB, 300 * MiB, 1 << 30)
 HOSTILE_CAPACITIES = (-1, -(1 << 63), 1 << 40, 1 << 45, 1 << 62, INT64_MAX, INT64_MAX - MiB + 2)
 HOSTILE_MAX_ENTRIES = (-1, INT32_MAX, -(1 << 31))
+HOSTILE_OFFSETS = (-1, -(1 << 63), 64 * MiB + 1, 1 << 40, INT64_MAX, INT64_MAX - 4095)
 HOSTILE_FS_TYPES = ("ntfs", "EXT4", "ext3", "btrfs", "ext4\0", "../ext4", "ext4 ", HUGE)
 MOUNT_FLAGS: tuple[tuple[str, ...], ...] = ((), ("noatime",), ("nosuid", "nodev"), ("discard",), ("sync",))
 HOSTILE_MOUNT_FLAGS: tuple[tuple[str, ...], ...] = (
@@ -161,9 +169,22 @@ class World:
     """The profile's backend kind (local, rbd, nfs)."""
     excluded: frozenset[str] = frozenset()
     """RPCs not fuzzed (see ``NODE_PATH_RPCS``)."""
+    repository: str = ""
+    """The backup repository of the driver config ("" for none)."""
+    backups: list[str] = field(default_factory=list)
+    """Backup IDs (snapshots of the repository): made before the fuzz, and learned."""
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    """Two backend snapshots of one volume (base, target), for GetMetadataDelta."""
 
     def __post_init__(self) -> None:
         self.volumes.extend(f.volume_id for f in self.fixtures if f.volume_id not in self.volumes)
+
+    def is_backup(self, snapshot_id: str) -> bool:
+        return bool(self.repository) and snapshot_id.split(":", 2)[1:2] == [self.repository]
+
+    def backup_parameters(self) -> dict[str, str]:
+        """What a VolumeSnapshotClass of type backup sends."""
+        return {"type": "backup", "repository": self.repository or "nosuch"}
 
     # -- the fixed pools, derived from the fixtures ------------------------------------
 
@@ -171,7 +192,27 @@ class World:
         return [*_hostile_ids(self.fixtures[0].volume_id), *HOSTILE_TEXT[:4]]
 
     def hostile_snapshot_ids(self) -> list[str]:
-        return [*_hostile_ids(self.snapshots[0]), *HOSTILE_TEXT[:4]]
+        return [*_hostile_ids(self.snapshots[0]), *self.hostile_backup_ids(), *HOSTILE_TEXT[:4]]
+
+    def hostile_backup_ids(self) -> list[str]:
+        """IDs in the repository's name: missing, and local IDs that no backup can have
+        (the repository's own keys and folders, path tricks, overlong)."""
+        if not self.repository:
+            return []
+        prefix = f"1:{self.repository}:"
+        real = self.backups[0] if self.backups else prefix + "b-" + "0" * 40
+        return [
+            prefix + "b-" + "0" * 40,
+            prefix + "config",
+            prefix + "..",
+            prefix + "../config",
+            prefix + "pending",
+            prefix + "chunks/00",
+            real + "/../" + real.rsplit(":", 1)[1],
+            real[:-1],
+            prefix + "b" * 250,
+            f"1:{self.backend}:" + real.rsplit(":", 1)[1],
+        ]
 
     def fresh_staging_paths(self) -> list[str]:
         return [str(self.sandbox / f"stage-{i}") for i in range(3)]
@@ -465,6 +506,13 @@ class Pools:
             self.segments.strategy.map(lambda s: pb.Topology(segments=s)),
             [pb.Topology(segments=s) for s in self.segments.hostile],
         )
+        self.offset = Pool(
+            mixed(
+                st.sampled_from([0, 4096, MiB, 8 * MiB, 64 * MiB]), HOSTILE_OFFSETS, st.integers(-(1 << 63), INT64_MAX)
+            ),
+            HOSTILE_OFFSETS,
+        )
+        self.snapshot_parameters = self._snapshot_parameters()
         self.content_source = self._content_source()
         self.generic_map = Pool(
             st.dictionaries(text(), text(), max_size=3), [{"": ""}, {"k": HUGE}, {HUGE: "v"}, {"\0": "\0"}]
@@ -613,12 +661,43 @@ class Pools:
         ]
         return Pool(mixed(st.sampled_from(valid), hostile, self.generic_map_strategy()), hostile)
 
+    def _snapshot_parameters(self) -> Pool:
+        """VolumeSnapshotClass parameters: none, a backup into the repository; hostile:
+        an unknown repository, a type without a repository and a repository without a
+        type, a backend's name as the repository, unknown types and keys."""
+        w = self.world
+        repository = w.repository or "nosuch"
+        valid = [{}, {"type": "snapshot"}, w.backup_parameters()]
+        hostile: list[dict[str, str]] = [
+            {"type": "backup", "repository": "nosuch"},
+            {"type": "backup"},
+            {"repository": repository},
+            {"type": "snapshot", "repository": repository},
+            {"type": "backup", "repository": ""},
+            {"type": "backup", "repository": w.backend},
+            {"type": "backup", "repository": "../" + repository},
+            {"type": "backup", "repository": repository + "\0"},
+            {"type": "backup", "repository": HUGE},
+            {"type": "BACKUP", "repository": repository},
+            {"type": "tape"},
+            {"type": ""},
+            {"type": "backup", "repository": repository, "nonsense": "1"},
+            {"type": "backup", "repository": repository, "pool": "../x"},
+            {HUGE: "v"},
+        ]
+        random = st.dictionaries(st.sampled_from(["type", "repository", "x"]), text(), max_size=2)
+        return Pool(weighted((6, st.sampled_from(valid)), (3, st.sampled_from(hostile)), (1, random)), hostile)
+
     def _content_source(self) -> Pool:
+        w = self.world
         snapshot = self.snapshot_id.strategy.map(
             lambda i: pb.VolumeContentSource(snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=i))
         )
         volume = self.volume_id.strategy.map(
             lambda i: pb.VolumeContentSource(volume=pb.VolumeContentSource.VolumeSource(volume_id=i))
+        )
+        backup = live(lambda: w.backups, w.backups or w.snapshots).map(
+            lambda i: pb.VolumeContentSource(snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=i))
         )
         hostile = [
             pb.VolumeContentSource(snapshot=pb.VolumeContentSource.SnapshotSource()),
@@ -626,7 +705,14 @@ class Pools:
             pb.VolumeContentSource(snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=self.world.volumes[0])),
             pb.VolumeContentSource(volume=pb.VolumeContentSource.VolumeSource(volume_id=self.world.snapshots[0])),
         ]
-        return Pool(weighted((4, snapshot), (4, volume), (2, st.sampled_from(hostile))), hostile)
+        # A backup as a volume source, and backup IDs that name no backup.
+        hostile += [
+            pb.VolumeContentSource(volume=pb.VolumeContentSource.VolumeSource(volume_id=i)) for i in w.backups[:1]
+        ] + [
+            pb.VolumeContentSource(snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=i))
+            for i in w.hostile_backup_ids()[:4]
+        ]
+        return Pool(weighted((3, snapshot), (3, volume), (2, backup), (2, st.sampled_from(hostile))), hostile)
 
     def for_field(self, f: FieldDescriptor) -> Pool:
         """The pool of one field, by its name, then its type."""
@@ -639,6 +725,9 @@ class Pools:
         if message == "csi.v1.Topology":
             return self.topologies if f.is_repeated else self.topology
         if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            request = f.containing_type.full_name if f.containing_type is not None else ""
+            if name == "parameters" and request == "csi.v1.CreateSnapshotRequest":
+                return self.snapshot_parameters
             pool: Pool = getattr(self, name, self.generic_map)
             return pool
         if f.message_type is not None:  # any other message: present but empty
@@ -647,8 +736,12 @@ class Pools:
             return Pool(st.just(value), [value])
         if name in ("volume_id", "source_volume_id"):
             return self.volume_id
-        if name == "snapshot_id":
+        if name in ("snapshot_id", "base_snapshot_id", "target_snapshot_id"):
             return self.snapshot_id
+        if name == "starting_offset":
+            return self.offset
+        if name == "max_results":
+            return self.max_entries
         if name == "staging_target_path":
             return self.staging_path
         if name in ("target_path", "volume_path"):
@@ -794,13 +887,21 @@ def coherent(method: MethodDescriptor, world: World, fx: Fixture, choose: Choose
     staging = fx.staging_path or choose([*staged_at, *world.fresh_staging_paths()])
     target = fx.target_path or choose(world.fresh_target_paths())
     if name == "CreateVolume":
-        return pb.CreateVolumeRequest(
+        # Sometimes a restore of a backup, under names of its own (a volume's name with
+        # another source is refused before anything is made).
+        restore = choose([None, None, None, *world.backups[:1], *world.backups[-1:]])
+        request = pb.CreateVolumeRequest(
             name=choose([f"{MARK}-{i}" for i in range(6)]),
             capacity_range=pb.CapacityRange(required_bytes=choose([64 * MiB, 0, 16 * MiB, 300 * MiB])),
             volume_capabilities=[fx.capability],
             parameters=pv,
             secrets=secrets,
         )
+        restored = choose([f"{MARK}-restore-{i}" for i in range(3)])
+        if restore is not None:
+            request.name = restored
+            request.volume_content_source.snapshot.snapshot_id = restore
+        return request
     if name == "DeleteVolume":
         return pb.DeleteVolumeRequest(volume_id=volume, secrets=secrets)
     if name == "ControllerPublishVolume":
@@ -829,6 +930,11 @@ def coherent(method: MethodDescriptor, world: World, fx: Fixture, choose: Choose
         return pb.GetCapacityRequest(volume_capabilities=[fx.capability], parameters=pv)
     if name == "CreateSnapshot":
         snapshot_name = choose([f"{MARK}-snapshot-{i}" for i in range(4)])
+        backup_name = choose([f"{MARK}-backup-{i}" for i in range(3)])
+        if world.repository and choose([False, False, True]):
+            return pb.CreateSnapshotRequest(
+                source_volume_id=volume, name=backup_name, parameters=world.backup_parameters(), secrets=secrets
+            )
         return pb.CreateSnapshotRequest(source_volume_id=volume, name=snapshot_name, secrets=secrets)
     if name == "DeleteSnapshot":
         return pb.DeleteSnapshotRequest(snapshot_id=snapshot, secrets=secrets)
@@ -843,6 +949,22 @@ def coherent(method: MethodDescriptor, world: World, fx: Fixture, choose: Choose
         )
     if name == "ControllerGetVolume":
         return pb.ControllerGetVolumeRequest(volume_id=volume)
+    if name == "GetMetadataAllocated":
+        return pb.GetMetadataAllocatedRequest(
+            snapshot_id=choose([*(target for _, target in world.pairs[:1]), *world.snapshots]),
+            starting_offset=choose([0, 0, 4096, MiB, fx.capacity]),
+            max_results=choose([0, 1, 3, 256]),
+            secrets=secrets,
+        )
+    if name == "GetMetadataDelta":
+        base, target = choose([*world.pairs, (snapshot, choose(world.snapshots))])
+        return pb.GetMetadataDeltaRequest(
+            base_snapshot_id=base,
+            target_snapshot_id=target,
+            starting_offset=choose([0, 0, 4096, MiB, fx.capacity]),
+            max_results=choose([0, 1, 3, 256]),
+            secrets=secrets,
+        )
     if name == "ControllerModifyVolume":
         return pb.ControllerModifyVolumeRequest(volume_id=volume, mutable_parameters={"iops": "100"}, secrets=secrets)
     if name == "NodeStageVolume":
@@ -968,8 +1090,33 @@ def race(draw: st.DrawFn, world: World) -> Batch:
     listings = draw(st.integers(2, 5))
     idle = idle_fixture(world)
     secrets = dict(world.secrets)
-    if draw(st.booleans()):
-        made: Step = tuple(
+    what = draw(st.sampled_from(["volumes", "snapshots", "backups"] if world.repository else ["volumes", "snapshots"]))
+    made: Step
+    if what == "backups":
+        # Backups started, then deleted while they run (or just after), while listed.
+        made = tuple(
+            Call(
+                "Controller",
+                "CreateSnapshot",
+                pb.CreateSnapshotRequest(
+                    source_volume_id=f.volume_id,
+                    name=f"{MARK}-race-backup-{i}",
+                    parameters=world.backup_parameters(),
+                    secrets=secrets,
+                ),
+            )
+            for i, f in zip(range(count), world.fixtures, strict=False)
+        )
+        removed = tuple(
+            Call("Controller", "DeleteSnapshot", pb.DeleteSnapshotRequest(secrets=secrets), depends=i)
+            for i in range(len(made))
+        )
+        listed = tuple(
+            Call("Controller", "ListSnapshots", pb.ListSnapshotsRequest(secrets=secrets)) for _ in range(listings)
+        )
+        return made, listed + removed
+    if what == "volumes":
+        made = tuple(
             Call(
                 "Controller",
                 "CreateVolume",

@@ -16,6 +16,18 @@ On a profile without a node path (nfs here), a "mount" is ControllerPublish alon
 data is written and read on the server side; the stage rounds, which exist to test the
 node path, are skipped with the reason.
 
+Backups and restores (on the profiles with a backup repository) are crashed the same
+way. A backup runs in the background after CreateSnapshot answers, so its step is the
+CO's whole loop: CreateSnapshot asked again until the backup is ready to use. Its
+milestones are events in the repository or the backend besides child processes: the
+k-th new chunk stored (mid-upload), a volume marked as filling (mid-restore). After the
+retry there must be exactly one backup per name, restorable byte for byte; exactly one
+backend snapshot kept for the source (the newest backup's); no marker of a backup in
+progress; and, once the repository is collected, no chunk that no manifest references.
+A kill after the manifest is saved, which the random delays could hit by chance, waits
+until the backup has ended: that window has a test of its own, which kills there on
+purpose.
+
 The first two tests pin the freeze defect: a snapshot or clone of a mounted local volume
 freezes its filesystem, and a crash during the copy must not leave it frozen."""
 
@@ -29,7 +41,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +50,9 @@ import grpc
 import pytest
 
 from csi import loopdev
+from csi.backup.engine import backup_id
 from csi.generated import csi_pb2 as pb
+from tests.hardening import harness
 from tests.hardening.harness import Profile, frozen_filesystems, host_leftovers, local_profile, seed, thaw
 from tests.support import (
     CAP_SYS_RESOURCE,
@@ -56,6 +70,7 @@ from tests.support import (
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
 CALL_TIMEOUT = 120.0
+POLL = 0.05  # how often the CO asks again whether a backup is ready
 RETRY_FOR = 20.0  # a retry keeps trying this long (rbd: a dead client's watch expires first)
 ALONE = 0.25  # share of kills that hit the driver alone, leaving its children running
 # Answers no retry can change: a retry that gets one fails the test at once. Any other
@@ -163,7 +178,21 @@ class Api:
 
     def send(self, step: Step) -> Any:
         service, method, request = step
+        if service == "co":
+            return self.until_ready(request)
         return getattr(getattr(self.driver, service), method)(request, timeout=CALL_TIMEOUT)
+
+    def until_ready(self, request: Any) -> Any:
+        """CreateSnapshot of a backup, asked again as the external-snapshotter does until
+        the snapshot is ready to use; its last answer. An error is the step's error."""
+        deadline = time.monotonic() + CALL_TIMEOUT
+        controller = self.driver.controller  # this driver's: a kill closes its channel, which ends the loop
+        while True:
+            answer = controller.CreateSnapshot(request, timeout=CALL_TIMEOUT)
+            if answer.snapshot.ready_to_use:
+                return answer
+            assert time.monotonic() < deadline, f"backup {request.name!r} not ready within {CALL_TIMEOUT:g} s"
+            time.sleep(POLL)
 
     def retry(self, step: Step, deadline: float = RETRY_FOR) -> Any:
         """``step`` until it succeeds; an answer in FINAL, or errors for longer than
@@ -270,6 +299,20 @@ class Api:
     def snapshot_request(self, name: str, volume_id: str) -> Any:
         return pb.CreateSnapshotRequest(name=name, source_volume_id=volume_id, secrets=self.profile.secrets)
 
+    def backup_request(self, name: str, volume_id: str) -> Any:
+        """CreateSnapshot through a VolumeSnapshotClass of type backup."""
+        parameters = {"type": "backup", "repository": self.profile.repository}
+        return pb.CreateSnapshotRequest(
+            name=name, source_volume_id=volume_id, parameters=parameters, secrets=self.profile.secrets
+        )
+
+    def backup(self, name: str, volume_id: str) -> str:
+        """A finished backup's ID, asked for as the CO does."""
+        return str(self.retry(("co", "CreateSnapshot", self.backup_request(name, volume_id))).snapshot.snapshot_id)
+
+    def from_backup(self, backup: str) -> pb.VolumeContentSource:
+        return pb.VolumeContentSource(snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=backup))
+
     def delete_snapshot_request(self, snapshot_id: str) -> Any:
         return pb.DeleteSnapshotRequest(snapshot_id=snapshot_id, secrets=self.profile.secrets)
 
@@ -306,17 +349,21 @@ class Api:
 
     # what exists
 
-    def check_objects(self, volumes: dict[str, str], snapshots: dict[str, str]) -> None:
-        """Exactly the given volumes and snapshots (name -> ID) exist: listed once each,
-        and the backend holds exactly their pieces, nothing more."""
+    def check_objects(
+        self, volumes: dict[str, str], snapshots: dict[str, str], backups: Mapping[str, str] | None = None
+    ) -> None:
+        """Exactly the given volumes, snapshots and backups (name -> ID) exist: listed once
+        each, and the backend holds exactly the pieces of the volumes and snapshots,
+        nothing more (what the repository holds is checked on its own)."""
         listed = [
             e.volume.volume_id for e in self.retry(("controller", "ListVolumes", pb.ListVolumesRequest())).entries
         ]
         assert sorted(listed) == sorted(volumes.values()), f"volumes listed {listed}, expected {volumes}"
         request = pb.ListSnapshotsRequest(secrets=self.profile.secrets)
         listed = [e.snapshot.snapshot_id for e in self.retry(("controller", "ListSnapshots", request)).entries]
-        assert sorted(listed) == sorted(snapshots.values()), f"snapshots listed {listed}, expected {snapshots}"
-        held = {o for o in self.profile.backend_objects() if not o.startswith("trash ")}
+        wanted = sorted([*snapshots.values(), *(backups or {}).values()])
+        assert sorted(listed) == wanted, f"snapshots listed {listed}, expected {snapshots} and backups {backups}"
+        held = {o for o in self.profile.backend_objects() if not o.startswith(("trash ", "repository "))}
         expected = backend_pieces(self.profile.name, volumes, snapshots)
         assert held == expected, f"the backend holds {sorted(held - expected)} too, or lacks {sorted(expected - held)}"
 
@@ -476,6 +523,10 @@ class Scenario:
     """Whether the operation exists to exercise the node path (skipped without one)."""
     copies = False
     """Whether the operation makes a snapshot or a clone (skipped without snapshots)."""
+    backups = False
+    """Whether the operation backs up or restores (skipped without a backup repository)."""
+    random_kills: int | None = None
+    """At most this many kills at random delays (None: the profile's ``random_kills``)."""
 
     def __init__(self, api: Api, rng: random.Random) -> None:
         self.api = api
@@ -497,6 +548,29 @@ class Scenario:
 
     def finish(self) -> None:
         pass
+
+    def events(self) -> Mapping[str, Callable[[], bool]]:
+        """Milestones that are no child process: name -> whether it has happened yet."""
+        return {}
+
+    def where(self) -> str:
+        """Asked while the driver is stopped for its kill: what the kill hits ("" when
+        the kill point says it all)."""
+        return ""
+
+    def too_late(self) -> str:
+        """Asked while the driver is stopped for its kill: why the kill would land in a
+        window that a test of its own covers ("" when it does not). The kill then waits
+        until the operation has ended (``ended``)."""
+        return ""
+
+    def ended(self) -> None:
+        """Return once the operation has ended, after the CO's calls have."""
+
+    def window(self, duration: float) -> float:
+        """How long after the first step's start random kills may come, for an operation
+        that took ``duration`` when measured."""
+        return duration
 
 
 class Create(Scenario):
@@ -678,6 +752,180 @@ class Delete(Scenario):
         self.api.check_clean()
 
 
+def chunk_names(profile: Profile) -> set[str]:
+    """The chunks the profile's repository holds (their digests)."""
+    found: set[str] = set()
+    with contextlib.suppress(FileNotFoundError), os.scandir(profile.repository_dir / "chunks") as folders:
+        for folder in folders:
+            with contextlib.suppress(FileNotFoundError), os.scandir(folder.path) as chunks:
+                found.update(c.name for c in chunks if not c.name.startswith("."))
+    return found
+
+
+def kept_snapshots(api: Api, volume_id: str) -> list[str]:
+    """The backend snapshots (not backups) listed for a volume."""
+    request = pb.ListSnapshotsRequest(source_volume_id=volume_id, secrets=api.profile.secrets)
+    listed = [e.snapshot.snapshot_id for e in api.retry(("controller", "ListSnapshots", request)).entries]
+    return [i for i in listed if i.split(":", 2)[1] != api.profile.repository]
+
+
+def check_backups(
+    api: Api, volumes: dict[str, str], source: str, kept: dict[str, str], newest: str, wait: float = 30.0
+) -> None:
+    """Exactly the backups ``kept`` (name -> ID) exist, one each, in the repository and
+    the listings; the source keeps exactly one backend snapshot, the newest backup's; no
+    backup is marked in progress; and once the repository is collected (grace 0), no
+    chunk is left that no manifest references."""
+    profile = api.profile
+    markers = harness.pending_backups(profile, wait)
+    assert markers == [], f"markers of backups in progress are left: {markers}"
+    saved = harness.manifests(profile)
+    assert sorted(saved.values()) == sorted(kept), f"the repository holds backups {saved}, expected {sorted(kept)}"
+    assert {f"1:{profile.repository}:{b}" for b in saved} == set(kept.values()), (saved, kept)
+    base = harness.BACKUP_SNAPSHOT_PREFIX + kept[newest].rsplit(":", 1)[1]
+    assert profile.backup_snapshots() == {base}, (
+        f"backend snapshots of backups {sorted(profile.backup_snapshots())}; only the newest's, {base}, may stay"
+    )
+    bases = kept_snapshots(api, source)
+    assert len(bases) == 1, f"the source keeps the backend snapshots {bases}; only the newest backup's may stay"
+    api.check_objects(volumes, {base: bases[0]}, kept)
+    harness.open_repository(profile).collect(grace=0)
+    assert harness.repository_leftovers(profile) == [], "the repository holds what no backup needs"
+
+
+def write_data(api: Api, vol: Handle, rng: random.Random, size: int, writes: int, largest: int) -> str:
+    """Write ``writes`` random runs of bytes at random places in the volume behind the
+    driver's back (as a pod writes its device); the digest of its whole content."""
+    write, read = api.profile.write_volume, api.profile.read_volume
+    assert write is not None and read is not None
+    for _ in range(writes):
+        length = rng.randint(1, largest)
+        write(vol.id, rng.randrange(size - length), rng.randbytes(length))
+    return harness.digest(read(vol.id))
+
+
+class Backup(Scenario):
+    """Incremental backups of one volume, which each round changes in a few places first:
+    each round's backup reads what changed since the previous one's snapshot, which the
+    round before kept. After each round the older backup is deleted, the newest kept."""
+
+    backups = True
+    milestones = {"local": ("cp", "chunk"), "rbd": ("chunk",)}  # cp: the backend snapshot
+    random_kills = 3
+    SIZE = 16 * MiB
+
+    def prepare(self) -> None:
+        self.source = self.api.create("backed-up", self.SIZE)
+        self.volumes["backed-up"] = self.source.id
+        write_data(self.api, self.source, self.rng, self.SIZE, 6, 2 * MiB)
+        self.kept = {"backup-first": self.api.backup("backup-first", self.source.id)}
+
+    def setup(self, round_: int) -> list[Step]:
+        self.round, self.name = round_, f"backup-{round_}"
+        self.expected = write_data(self.api, self.source, self.rng, self.SIZE, 3, MiB)
+        self.local_id = backup_id(self.name)
+        self.started = time.time()
+        self.before = chunk_names(self.api.profile)
+        self.new_chunks = self.rng.randint(1, 3)
+        return [("co", "CreateSnapshot", self.api.backup_request(self.name, self.source.id))]
+
+    def events(self) -> Mapping[str, Callable[[], bool]]:
+        return {"chunk": lambda: len(chunk_names(self.api.profile) - self.before) >= self.new_chunks}
+
+    def saved(self) -> bool:
+        return (self.api.profile.repository_dir / "backups" / self.local_id).exists()
+
+    def where(self) -> str:
+        stored = len(chunk_names(self.api.profile) - self.before)
+        return f"{stored} new chunks stored" if stored else "no new chunk stored yet"
+
+    def window(self, duration: float) -> float:
+        """Until the manifest is saved (the CO learns of it only at its next ask)."""
+        return max(0.0, min(duration, self.saved_after))
+
+    def ended(self) -> None:
+        marker = self.api.profile.repository_dir / "pending" / self.local_id
+        assert wait_until(lambda: not marker.exists(), 60), "the backup did not end within 60 s"
+
+    def verify(self, answers: list[Any]) -> None:
+        snapshot = answers[0].snapshot
+        made = snapshot.snapshot_id
+        assert snapshot.ready_to_use and made == f"1:{self.api.profile.repository}:{self.local_id}", snapshot
+        again = self.api.send(("controller", "CreateSnapshot", self.api.backup_request(self.name, self.source.id)))
+        assert again.snapshot.snapshot_id == made and again.snapshot.ready_to_use, "a second retry made another backup"
+        self.kept[self.name] = made
+        manifest = self.api.profile.repository_dir / "backups" / self.local_id
+        self.saved_after = manifest.stat().st_mtime - self.started
+        check_backups(self.api, self.volumes, self.source.id, self.kept, self.name)
+        restored = self.api.create(f"restored-{self.round}", self.SIZE, self.api.from_backup(made))
+        try:
+            assert self.api.profile.read_volume is not None
+            content = self.api.profile.read_volume(restored.id)
+            assert harness.digest(content) == self.expected, "the backup does not restore the volume as it was"
+        finally:
+            self.api.delete(restored)
+
+    def cleanup(self) -> None:
+        for name in [n for n in self.kept if n != self.name]:
+            self.api.retry(("controller", "DeleteSnapshot", self.api.delete_snapshot_request(self.kept.pop(name))))
+
+    def finish(self) -> None:
+        for backup in self.kept.values():
+            self.api.retry(("controller", "DeleteSnapshot", self.api.delete_snapshot_request(backup)))
+        profile = self.api.profile
+        assert profile.backup_snapshots() == set(), "deleting every backup leaves their backend snapshots"
+        self.api.delete(self.source)
+        print(f"gc: {harness.collect_garbage(profile)}")
+        assert harness.repository_leftovers(profile) == []
+
+
+class Restore(Scenario):
+    """Restores of one backup onto the profile's backend, a new volume each round."""
+
+    backups = True
+    milestones = {"local": ("filling",), "rbd": ("filling",)}
+    random_kills = 2  # on rbd, each retry waits for the killed client's lock on the volume
+    SIZE = 16 * MiB
+
+    def prepare(self) -> None:
+        self.source = self.api.create("restore-source", self.SIZE)
+        self.volumes["restore-source"] = self.source.id
+        self.expected = write_data(self.api, self.source, self.rng, self.SIZE, 6, 2 * MiB)
+        self.backup = self.api.backup("restore-backup", self.source.id)
+
+    def setup(self, round_: int) -> list[Step]:
+        self.name = f"restored-{round_}"
+        request = self.api.create_request(self.name, self.SIZE, self.api.from_backup(self.backup))
+        return [("controller", "CreateVolume", request)]
+
+    def events(self) -> Mapping[str, Callable[[], bool]]:
+        return {"filling": lambda: bool(self.api.profile.filling())}
+
+    def where(self) -> str:
+        return "mid-fill" if self.api.profile.filling() else "no volume filling"
+
+    def verify(self, answers: list[Any]) -> None:
+        profile = self.api.profile
+        self.vol = self.api.handle(self.name, answers[0])
+        assert answers[0].volume.content_source.snapshot.snapshot_id == self.backup
+        request = self.api.create_request(self.name, self.SIZE, self.api.from_backup(self.backup))
+        again = self.api.send(("controller", "CreateVolume", request))
+        assert again.volume.volume_id == self.vol.id, "a second retry made another volume"
+        assert profile.filling() == set(), f"volumes still marked as filling: {profile.filling()}"
+        assert profile.read_volume is not None
+        assert harness.digest(profile.read_volume(self.vol.id)) == self.expected, "the restore is not the backup"
+        kept = {"restore-backup": self.backup}
+        check_backups(self.api, {**self.volumes, self.name: self.vol.id}, self.source.id, kept, "restore-backup")
+
+    def cleanup(self) -> None:
+        self.api.delete(self.vol)
+
+    def finish(self) -> None:
+        self.api.retry(("controller", "DeleteSnapshot", self.api.delete_snapshot_request(self.backup)))
+        self.api.delete(self.source)
+        print(f"gc: {harness.collect_garbage(self.api.profile)}")
+
+
 SCENARIOS: dict[str, type[Scenario]] = {
     "create": Create,
     "clone": Clone,
@@ -685,13 +933,18 @@ SCENARIOS: dict[str, type[Scenario]] = {
     "stage": Stage,
     "expand": Expand,
     "delete": Delete,
+    "backup": Backup,
+    "restore": Restore,
 }
 
 
-def run_steps(api: Api, steps: list[Step], point: KillPoint | None) -> tuple[list[Any], str]:
+def run_steps(
+    api: Api, steps: list[Step], point: KillPoint | None, scenario: Scenario | None = None
+) -> tuple[list[Any], str]:
     """Send ``steps`` in order; with a kill point, kill the driver there, restart it
     and send them all again (each is idempotent). Returns the answers and what the
-    kill hit."""
+    kill hit. ``scenario`` names the milestones that are events, and may defer a kill
+    that falls in a window with a test of its own."""
     if point is None:
         return [api.send(step) for step in steps], "no kill"
     driver = api.driver
@@ -703,15 +956,19 @@ def run_steps(api: Api, steps: list[Step], point: KillPoint | None) -> tuple[lis
         try:
             for step in steps:
                 api.send(step)
-        except grpc.RpcError:
-            pass  # the kill cut it short
+        except (grpc.RpcError, ValueError):
+            pass  # the kill cut it short (a CO's loop finds the channel closed: ValueError)
         finally:
             finished.set()
 
     sender = threading.Thread(target=send_all, daemon=True)
     sender.start()
     hit = str(point)
-    if point.milestone:
+    event = scenario.events().get(point.milestone) if scenario is not None and point.milestone else None
+    if event is not None:
+        if not wait_until(lambda: event() or finished.is_set(), 60, step=0.0005) or not event():
+            hit = f"after the operation (no {point.milestone} seen)"
+    elif point.milestone:
         if wait_for_child(pid, point.milestone, finished.is_set) is None:
             hit = f"after the operation (no {point.milestone} seen)"
     else:
@@ -719,6 +976,19 @@ def run_steps(api: Api, steps: list[Step], point: KillPoint | None) -> tuple[lis
         if finished.is_set():
             hit = f"after the operation ({point})"
     children = stop(driver, children=not point.alone)
+    late = scenario.too_late() if scenario is not None else ""
+    if late:
+        for stopped in [pid, *children]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGCONT)
+        finished.wait(CALL_TIMEOUT)
+        assert scenario is not None
+        scenario.ended()
+        children = stop(driver, children=not point.alone)
+        hit = f"after the operation ({point}: {late}, so the kill waited for the end)"
+    elif scenario is not None:
+        where = scenario.where()
+        hit = f"{hit}, {where}" if where else hit
     driver.kill(children=not point.alone)
     orphans = children if point.alone else []
     sender.join(CALL_TIMEOUT)
@@ -740,6 +1010,8 @@ def test_crash_and_retry(profile: Profile, operation: str) -> None:
         profile.require_node(f"crash and retry in {operation}")
     if SCENARIOS[operation].copies:
         profile.require_snapshots(f"crash and retry in {operation}")
+    if SCENARIOS[operation].backups:
+        profile.require_backups(f"crash and retry in {operation}")
     rng = random.Random(f"{seed(f'crash {profile.name} {operation}')}")
     with profile.driver() as driver:
         api = Api(profile, driver)
@@ -751,11 +1023,13 @@ def test_crash_and_retry(profile: Profile, operation: str) -> None:
             duration = time.monotonic() - started
             scenario.verify(answers)
             scenario.cleanup()
-            points = kill_points(rng, duration, scenario.milestones.get(profile.name, ()), profile.random_kills)
+            window = scenario.window(duration)
+            kills = min(profile.random_kills, scenario.random_kills or profile.random_kills)
+            points = kill_points(rng, window, scenario.milestones.get(profile.name, ()), kills)
             print(f"{operation} takes {duration * 1000:.0f} ms; kills: {', '.join(map(str, points))}")
             for round_, point in enumerate(points, start=1):
                 started = time.monotonic()
-                answers, hit = run_steps(api, scenario.setup(round_), point)
+                answers, hit = run_steps(api, scenario.setup(round_), point, scenario)
                 assert frozen_filesystems(profile.root) == [], f"left frozen by the kill {hit}"
                 scenario.verify(answers)
                 scenario.cleanup()
@@ -767,6 +1041,58 @@ def test_crash_and_retry(profile: Profile, operation: str) -> None:
             thaw(frozen_filesystems(profile.root))
             if host_leftovers(profile.root):
                 scrub_profile(profile)
+
+
+def test_a_backup_killed_after_its_manifest_is_saved_leaves_nothing_behind(profile: Profile) -> None:
+    """Kill the driver once a backup's manifest is saved and before the backup has ended
+    (the driver is stopped the moment the manifest shows, with its marker still there),
+    restart it and ask again as the CO does: one backup per name, restorable byte for
+    byte, one backend snapshot kept for the volume, no marker of a backup in progress,
+    nothing unreferenced once collected."""
+    profile.require_backups("a crash after a backup's manifest")
+    rng = random.Random(seed(f"crash after the manifest {profile.name}"))
+    size = 16 * MiB
+    with profile.driver() as driver:
+        api = Api(profile, driver)
+        source = api.create("backed-up", size)
+        try:
+            write_data(api, source, rng, size, 4, 2 * MiB)
+            kept = {"first": api.backup("first", source.id)}
+            for attempt in range(3):
+                name = f"second-{attempt}"
+                expected = write_data(api, source, rng, size, 3, MiB)
+                manifest = profile.repository_dir / "backups" / backup_id(name)
+                marker = profile.repository_dir / "pending" / backup_id(name)
+                api.send(("controller", "CreateSnapshot", api.backup_request(name, source.id)))
+                assert wait_until(manifest.exists, 60, step=0.0002), f"backup {name!r} saved no manifest in 60 s"
+                assert driver.process is not None
+                children = stop(driver, children=True)
+                if marker.exists():
+                    break
+                # Stopped after the backup had ended: let it go on, and try once more.
+                for stopped in [driver.process.pid, *children]:
+                    os.kill(stopped, signal.SIGCONT)
+                kept[name] = api.backup(name, source.id)
+            else:
+                pytest.skip("the driver could not be stopped between a manifest and the end of its backup")
+            previous_base_left = bool(profile.backup_snapshots() - {harness.BACKUP_SNAPSHOT_PREFIX + backup_id(name)})
+            driver.kill()
+            restart(driver)
+            kept[name] = api.backup(name, source.id)
+            print(
+                f"killed after the manifest of {name}; the previous backup's snapshot was still there: {previous_base_left}"
+            )
+            restored = api.create("restored", size, api.from_backup(kept[name]))
+            assert profile.read_volume is not None
+            assert harness.digest(profile.read_volume(restored.id)) == expected, "the backup does not restore"
+            api.delete(restored)
+            # Nothing runs after the retry: what is marked in progress then is left over.
+            check_backups(api, {"backed-up": source.id}, source.id, kept, name, wait=1.0)
+        finally:
+            for backup in kept.values():
+                api.retry(("controller", "DeleteSnapshot", api.delete_snapshot_request(backup)))
+            api.delete(source)
+            harness.collect_garbage(profile)
 
 
 # -- a regression the suite found -------------------------------------------------------

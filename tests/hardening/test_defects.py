@@ -288,6 +288,24 @@ def test_8_unparseable_mkfs_options_of_a_static_volume_are_invalid(driver: Drive
     vol.delete()
 
 
+def test_mkfs_options_the_tool_refuses_are_invalid(driver: Driver) -> None:
+    vol = Volume(driver, "refused", mount_capability())
+    vol.publish()
+    request = pb.NodeStageVolumeRequest(
+        volume_id=vol.id,
+        staging_target_path=vol.staging,
+        volume_capability=vol.cap,
+        publish_context=vol.context,
+        volume_context={"mkfsOptions": "--nonsense"},
+    )
+    try:
+        code, message = failure(driver.node.NodeStageVolume, request)
+        assert code is grpc.StatusCode.INVALID_ARGUMENT, f"{code.name}: {message}"
+        assert loopdev.find(vol.image()) == [] and not os.path.exists(vol.staging)
+    finally:
+        vol.delete()
+
+
 # 7 --------------------------------------------------------------------------------
 
 

@@ -1,4 +1,6 @@
-"""A structure-aware fuzzer over every RPC of the Identity, Controller and Node services.
+"""A structure-aware fuzzer over every RPC of the Identity, Controller, Node and
+SnapshotMetadata services (SnapshotMetadata's two RPCs answer with a stream, which is read
+to its end: an error in mid-stream counts like any other answer).
 
 Per backend: make a few real volumes (one staged and published on a filesystem, one as a
 raw block device, one idle; where the backend has no block access, a second filesystem
@@ -7,6 +9,14 @@ volume shared by many nodes) and a snapshot through the API, then send the deter
 seeded run of Hypothesis batches (mostly single mutated requests; some sent concurrently;
 a few raw byte strings). Then undo through the API everything the run made, and check.
 
+Where the profile has a backup repository, the world also holds two more snapshots of
+the idle volume (written to in between, behind the driver's back, so the two differ) for
+the SnapshotMetadata requests, and a finished backup of it; the fuzz starts more backups (some deleted while they run) and
+restores them. The clean-up deletes the backups first, and fails the run for a backend
+snapshot a backup made (``cairn-backup-*``) that outlives them; it then collects the
+repository (``gc --grace 0``, as an operator would), and whatever the repository still
+holds (a manifest, a chunk, a marker of a backup in progress) is left in the backend.
+
 A run fails on: UNKNOWN; INTERNAL for a request that parses; a call that hangs (no answer
 within CALL_TIMEOUT); an error message over MAX_DETAILS bytes or a RESOURCE_EXHAUSTED about
 metadata size; a node call that succeeds with a relative path; on nfs, a CreateVolume of
@@ -14,7 +24,9 @@ the sweep's attempts to leave the profile's folder that succeeds; a file made ou
 test's root (driver's working directory, /, /tmp) or outside the sandbox and the driver's
 directory within it; a mount outside them; the driver dying or not answering Probe; and,
 after the clean-up, a mount or loop device more than before, or an object left in the
-backend; on a backend whose profile names where it may write (nfs: the profile's folder
+backend (its backup repository included); a SnapshotMetadata stream whose ranges are
+not sorted, overlap, lie outside the volume or before ``starting_offset``, or come in
+messages of more than ``max_results``; on a backend whose profile names where it may write (nfs: the profile's folder
 and the backend's own on the export), anything it made elsewhere, after every batch.
 
 On a profile without a node path (nfs: the node mounts with the kernel's NFS client, which
@@ -32,6 +44,7 @@ CAIRN_TEST_SEED replays the same requests (concurrent batches may interleave dif
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -55,6 +68,7 @@ from hypothesis import HealthCheck, Phase, Verbosity, example, given, settings
 
 from csi import mount
 from csi.generated import csi_pb2 as pb
+from tests.ceph import POOL, CephCluster
 from tests.hardening import harness
 from tests.hardening import strategies as fz
 from tests.hardening.harness import HostState, Profile
@@ -268,6 +282,8 @@ class Outcome:
     details: str
     seconds: float
     response: bytes | None = None
+    stream: list[bytes] | None = None
+    """The messages of a streamed answer, read to its end (or to its error)."""
 
 
 @dataclass
@@ -295,7 +311,11 @@ class Fuzzer:
     def __post_init__(self) -> None:
         assert self.driver.channel is not None
         channel = self.driver.channel
-        self.stubs = {f"/csi.v1.{s}/{m.name}": channel.unary_unary(f"/csi.v1.{s}/{m.name}") for s, m in fz.methods()}
+        self.stubs: dict[str, Any] = {}
+        for service, method in fz.methods():
+            path = f"/csi.v1.{service}/{method.name}"
+            stub = channel.unary_stream if method.server_streaming else channel.unary_unary
+            self.stubs[path] = stub(path)
         self.pool = ThreadPoolExecutor(max_workers=8)
 
     # -- sending ----------------------------------------------------------------------
@@ -303,11 +323,18 @@ class Fuzzer:
     def send(self, call: fz.Call) -> Outcome:
         data = call.request if isinstance(call.request, bytes) else call.request.SerializeToString()
         started = time.monotonic()
+        stream: list[bytes] | None = [] if fz.methods_by_name()[call.method].server_streaming else None
         try:
-            response = self.stubs[call.path](data, timeout=CALL_TIMEOUT)
-            outcome = Outcome(grpc.StatusCode.OK, "", time.monotonic() - started, response)
+            if stream is None:
+                response = self.stubs[call.path](data, timeout=CALL_TIMEOUT)
+            else:
+                # Read to the end: an error raised in mid-stream is the call's answer.
+                for message in self.stubs[call.path](data, timeout=CALL_TIMEOUT):
+                    stream.append(message)
+                response = b""
+            outcome = Outcome(grpc.StatusCode.OK, "", time.monotonic() - started, response, stream)
         except grpc.RpcError as exc:
-            outcome = Outcome(exc.code(), exc.details() or "", time.monotonic() - started)
+            outcome = Outcome(exc.code(), exc.details() or "", time.monotonic() - started, None, stream)
         with self.lock:
             self.counts[call.method] += 1
             self.codes[(call.method, outcome.code.name)] += 1
@@ -412,9 +439,15 @@ class Fuzzer:
             request = call.request
             output = fz.methods_by_name()[call.method].output_type.name
             try:
-                getattr(pb, output).FromString(outcome.response or b"")
+                answers = [
+                    getattr(pb, output).FromString(m) for m in [outcome.response or b"", *(outcome.stream or [])]
+                ]
             except DecodeError as exc:
                 fail("unparseable response", str(exc))
+            else:
+                if outcome.stream is not None:
+                    for problem in block_metadata_problems(request, answers[1:]):
+                        fail("inconsistent block metadata", problem)
             for name in PATH_FIELDS:
                 value = getattr(request, name, "")
                 if call.service == "Node" and value and not value.startswith("/"):
@@ -441,6 +474,8 @@ class Fuzzer:
                 if world is not None:
                     world.snapshots.append(snapshot_id)
                     world.disposable_snapshots.append(snapshot_id)
+                    if world.is_backup(snapshot_id):
+                        world.backups.append(snapshot_id)
         elif method == "DeleteVolume" and world is not None and request.volume_id in world.disposable_volumes:
             world.disposable_volumes.remove(request.volume_id)
         elif method == "DeleteSnapshot" and world is not None and request.snapshot_id in world.disposable_snapshots:
@@ -540,6 +575,32 @@ class Fuzzer:
                     best, changed = candidate, True
                     break
         return fz.Call(call.service, call.method, best)
+
+
+def block_metadata_problems(request: Any, answers: list[Any]) -> list[str]:
+    """What is wrong with the messages of a SnapshotMetadata stream: ranges out of order
+    or overlapping (across messages too), outside the volume or before the offset asked
+    for, empty; more ranges in a message than ``max_results``; a capacity that changes."""
+    problems: list[str] = []
+    end = request.starting_offset
+    capacities = {a.volume_capacity_bytes for a in answers}
+    if len(capacities) > 1:
+        problems.append(f"volume_capacity_bytes changes within the stream: {sorted(capacities)}")
+    for number, answer in enumerate(answers):
+        if request.max_results > 0 and len(answer.block_metadata) > request.max_results:
+            problems.append(
+                f"message {number} has {len(answer.block_metadata)} ranges, max_results {request.max_results}"
+            )
+        for block in answer.block_metadata:
+            where = f"range ({block.byte_offset}, {block.size_bytes}) of message {number}"
+            if block.size_bytes <= 0:
+                problems.append(f"{where} is empty")
+            if block.byte_offset < end:
+                problems.append(f"{where} begins before {end} (the offset asked for, or the previous range's end)")
+            if block.byte_offset + block.size_bytes > answer.volume_capacity_bytes:
+                problems.append(f"{where} ends past the volume ({answer.volume_capacity_bytes} bytes)")
+            end = max(end, block.byte_offset + block.size_bytes)
+    return problems[:3]
 
 
 def parsed(call: fz.Call) -> Message | None:
@@ -683,21 +744,27 @@ def make_world(fuzzer: Fuzzer, profile: Profile, sandbox: Path) -> fz.World:
                 published=published,
             )
         )
+    idle = fixtures[2].volume_id
+    if profile.repository:
+        assert profile.write_volume is not None
+        profile.write_volume(idle, MiB, os.urandom(MiB))  # so that its backup has chunks to store
     if profile.snapshots:
-        snapshot = fuzzer.expect_ok(
-            fz.Call(
-                "Controller",
-                "CreateSnapshot",
-                pb.CreateSnapshotRequest(
-                    source_volume_id=fixtures[2].volume_id, name=f"{fz.MARK}-fixture-snapshot", secrets=secrets
-                ),
-            )
-        )
-        snapshot_id = snapshot.snapshot.snapshot_id  # type: ignore[attr-defined]
+        snapshot_id = take_snapshot(fuzzer, idle, f"{fz.MARK}-fixture-snapshot")
     else:
         # A backend without snapshots still gets requests naming one: an ID in its own
         # format (its volume's, made a snapshot's) that names nothing.
         snapshot_id = fixtures[2].volume_id.replace("vol-", "snap-")
+    snapshots, pairs, backups = [snapshot_id], [], []
+    if profile.repository:
+        assert profile.write_volume is not None
+        # Two more for SnapshotMetadata, which the deletes of the sweep (of the first
+        # snapshot) leave alone, with a change in between.
+        base = take_snapshot(fuzzer, idle, f"{fz.MARK}-fixture-snapshot-base")
+        profile.write_volume(idle, 8 * MiB, os.urandom(MiB))
+        later = take_snapshot(fuzzer, idle, f"{fz.MARK}-fixture-snapshot-later")
+        pairs = [(base, later), (later, base), (later, later), (snapshot_id, later)]
+        backups = [finished_backup(fuzzer, idle, f"{fz.MARK}-fixture-backup", profile.repository)]
+        snapshots += [later, base, *backups]
     backend = fixtures[0].volume_id.split(":")[1]
     world = fz.World(
         backend=backend,
@@ -707,12 +774,39 @@ def make_world(fuzzer: Fuzzer, profile: Profile, sandbox: Path) -> fz.World:
         secrets=secrets,
         parameters=dict(profile.parameters),
         fixtures=fixtures,
-        snapshots=[snapshot_id],
+        snapshots=snapshots,
         kind=profile.name,
         excluded=frozenset() if profile.node else fz.NODE_PATH_RPCS,
+        repository=profile.repository,
+        backups=backups,
+        pairs=pairs,
     )
     fuzzer.world = world
     return world
+
+
+def take_snapshot(fuzzer: Fuzzer, volume_id: str, name: str) -> str:
+    request = pb.CreateSnapshotRequest(source_volume_id=volume_id, name=name, secrets=fuzzer.profile.secrets)
+    answer = fuzzer.expect_ok(fz.Call("Controller", "CreateSnapshot", request))
+    snapshot_id: str = answer.snapshot.snapshot_id  # type: ignore[attr-defined]
+    return snapshot_id
+
+
+def finished_backup(fuzzer: Fuzzer, volume_id: str, name: str, repository: str) -> str:
+    """A backup of the volume, asked for again (as the CO does) until it is ready."""
+    request = pb.CreateSnapshotRequest(
+        source_volume_id=volume_id,
+        name=name,
+        parameters={"type": "backup", "repository": repository},
+        secrets=fuzzer.profile.secrets,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        snapshot: Any = fuzzer.expect_ok(fz.Call("Controller", "CreateSnapshot", request)).snapshot  # type: ignore[attr-defined]
+        if snapshot.ready_to_use:
+            return str(snapshot.snapshot_id)
+        assert time.monotonic() < deadline, f"the backup {name!r} was not ready within 60 s"
+        time.sleep(0.05)
 
 
 # -- clean-up through the API ---------------------------------------------------------------
@@ -754,14 +848,31 @@ def clean_up(fuzzer: Fuzzer, world: fz.World | None) -> list[str]:
                 pb.ControllerUnpublishVolumeRequest(volume_id=volume_id, secrets=secrets),
             )
         )
-    for snapshot_id in snapshots:
-        undo(
-            fz.Call("Controller", "DeleteSnapshot", pb.DeleteSnapshotRequest(snapshot_id=snapshot_id, secrets=secrets))
-        )
+    profile = fuzzer.profile
+    # Backups first: deleting the last backup of a volume removes the snapshot it kept.
+    backups = [s for s in snapshots if profile.repository and s.split(":", 2)[1:2] == [profile.repository]]
+
+    def delete_snapshots(ids: list[str]) -> None:
+        for snapshot_id in ids:
+            request = pb.DeleteSnapshotRequest(snapshot_id=snapshot_id, secrets=secrets)
+            undo(fz.Call("Controller", "DeleteSnapshot", request))
+
+    delete_snapshots(backups)
+    problems += [
+        f"backend snapshot {name} outlives the deletion of every backup" for name in sorted(profile.backup_snapshots())
+    ]
+    delete_snapshots([s for s in snapshots if s not in backups])
     for volume_id in volumes:
         undo(fz.Call("Controller", "DeleteVolume", pb.DeleteVolumeRequest(volume_id=volume_id, secrets=secrets)))
     problems += [f"volume {v} is still listed after the clean-up" for v in listed_volumes(fuzzer)]
     problems += [f"snapshot {s} is still listed after the clean-up" for s in listed_snapshots(fuzzer)]
+    if profile.repository:
+        # What no manifest references goes only with a collection: run one, as an operator
+        # would; whatever is left then is a leak (the test counts it with the backend's).
+        try:
+            print(f"gc after the clean-up: {harness.collect_garbage(profile)}")
+        except AssertionError as exc:
+            problems.append(str(exc))
     return problems
 
 
@@ -903,3 +1014,37 @@ def test_fuzz_every_rpc(profile: Profile) -> None:
         f"fuzz[{profile.name}] (replay with {harness.SEED_VARIABLE}={seed}): {len(classes)} failure classes, "
         f"{len(problems)} problems\n" + "\n".join(report + problems)
     )
+
+
+# -- defects the fuzz found, pinned -------------------------------------------------------
+
+
+def test_an_rbd_volume_made_under_a_huge_name_is_refused_or_deletable(
+    ceph: CephCluster, clean_pool: None, tmp_path: Path
+) -> None:
+    """Either CreateVolume refuses the name (INVALID_ARGUMENT), or the volume it makes
+    can be deleted again."""
+    profile = harness.rbd_profile(tmp_path, ceph)
+    request = pb.CreateVolumeRequest(
+        name=fz.HUGE,
+        capacity_range=pb.CapacityRange(required_bytes=16 * MiB),
+        volume_capabilities=[mount_capability()],
+        secrets=profile.secrets,
+    )
+    with profile.driver() as driver:
+        try:
+            volume = driver.controller.CreateVolume(request, timeout=60).volume
+        except grpc.RpcError as exc:
+            refused: Any = exc
+            assert refused.code() is grpc.StatusCode.INVALID_ARGUMENT, refused.details()
+            return
+        try:
+            delete = pb.DeleteVolumeRequest(volume_id=volume.volume_id, secrets=profile.secrets)
+            driver.controller.DeleteVolume(delete, timeout=60)
+            assert profile.backend_objects() == set()
+        finally:
+            # What the driver could not delete goes by hand, so the pool is left clean.
+            for image in ceph.rbd("ls", POOL).split():
+                ceph.rbd("rm", f"{POOL}/{image}")
+            with contextlib.suppress(RuntimeError):
+                ceph._run("rados", "-c", str(ceph.conf), "-p", POOL, "rm", "cairn.journal")
