@@ -6,8 +6,8 @@ repository on the host's disk:
 
 full backup
     A volume full of incompressible data, backed up whole: its time against reading the
-    image raw (``dd`` to /dev/null, 4 MiB blocks; the page cache of both dropped first),
-    and the throughput of each.
+    image raw (local: ``dd`` to /dev/null, 4 MiB blocks, the page cache of both dropped
+    first; rbd: ``rbd export`` to /dev/null), and the throughput of each.
 incremental, 1% clustered
     A second backup after rewriting 1% of the volume in one run of bytes: bytes read and
     time, against the full backup.
@@ -60,6 +60,7 @@ class Subject:
     raw_read: Callable[[], None]
     drop_cache: Callable[[], None]
     secrets: dict[str, str]
+    raw_label: str = "raw read (dd)"
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def measure(subject: Subject, registry: Registry, repository_root: Path, size: i
 
     lines = [
         f"{subject.name}: {size // MiB} MiB volume, 4 MiB chunks, directory repository",
-        f"  raw read (dd)            {raw:7.2f} s  {rate(size, raw)}",
+        f"  {subject.raw_label:<25}{raw:7.2f} s  {rate(size, raw)}",
         f"  full backup              {full.seconds:7.2f} s  {rate(size, full.seconds)}  "
         f"{full.seconds / raw:5.1f}x raw  read {full.read_bytes // MiB} MiB, stored {full.new_bytes // MiB} MiB",
     ]
@@ -215,7 +216,16 @@ def rbd_subject(root: Path, size: int) -> Iterator[tuple[Subject, Registry]]:
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
         volume_id = ids.encode("ceph", made.local_id)
-        subject = Subject("rbd (one memstore OSD)", backend, volume_id, write, raw_read, lambda: None, secrets)
+        subject = Subject(
+            "rbd (one memstore OSD)",
+            backend,
+            volume_id,
+            write,
+            raw_read,
+            lambda: None,
+            secrets,
+            "raw read (rbd export)",
+        )
         try:
             yield subject, Registry([backend])
         finally:
