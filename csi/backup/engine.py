@@ -218,11 +218,7 @@ class Backups:
             job = self._jobs.get((repository.name, done.backup_id))
         if (job is not None and job.running) or not repository.pending(done.backup_id):
             return
-        saved = self._of_volume(repository, done.volume_id)
-        newest = max(saved, key=lambda m: m.created_at)
-        for old in saved:
-            if old is not newest:
-                self._drop_base(old.base_snapshot, secrets)
+        self._drop_older_bases(repository, done.volume_id, secrets)
         repository.abandon(done.backup_id)
 
     def _saved(self, repository: Repository, local_id: str) -> Manifest | None:
@@ -349,9 +345,17 @@ class Backups:
             new_bytes=new_bytes,
         )
         repository.save(manifest)
-        if previous is not None:
-            self._drop_base(previous.base_snapshot, secrets)
+        self._drop_older_bases(repository, job.volume_id, secrets)
         return manifest
+
+    def _drop_older_bases(self, repository: Repository, volume_id: str, secrets: Secrets) -> None:
+        """Remove the backend snapshots of every saved backup of the volume but the
+        newest: one base per volume, also when backups of it ran side by side."""
+        saved = self._of_volume(repository, volume_id)
+        newest = max(saved, key=lambda m: m.created_at, default=None)
+        for old in saved:
+            if old is not newest:
+                self._drop_base(old.base_snapshot, secrets)
 
     def _of_volume(self, repository: Repository, volume_id: str) -> list[Manifest]:
         """The saved backups of a volume. Reads every manifest: a backup happens far less

@@ -366,3 +366,21 @@ def test_a_volume_of_a_backend_without_block_access_is_refused_by_name(tmp_path:
         backups.backup("vault", "nightly", ids.encode("plain", volume.local_id))
     with pytest.raises(InvalidArgument, match="'attic' is not configured"):
         backups.backup("attic", "nightly", ids.encode("plain", volume.local_id))
+
+
+def test_backups_of_one_volume_side_by_side_leave_one_base_snapshot(world: World) -> None:
+    volume = world.volume("data")
+    world.write(volume, 0, random.Random(9).randbytes(4 * CHUNK))
+    world.back_up("first", volume)
+    world.write(volume, 8 * CHUNK, b"new data both backups store")
+    world.store.hold = threading.Event()
+    world.backups.backup("vault", "left", volume)
+    world.backups.backup("vault", "right", volume)
+    assert world.store.holding.wait(30)
+    world.store.hold.set()
+    world.backups.wait()
+    for name in ("left", "right"):
+        assert world.backups.backup("vault", name, volume).ready
+    names = [s.name for s in world.backend("a").volumes.list_snapshots()]
+    newest = max(world.repository.manifests(), key=lambda m: m.created_at)
+    assert names == [SNAPSHOT_PREFIX + newest.backup_id]
