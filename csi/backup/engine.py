@@ -52,7 +52,8 @@ def backup_id(name: str) -> str:
 
 
 def chunk_indexes(extents: Iterable[Extent], chunk_size: int, count: int) -> Iterator[int]:
-    """The indexes of the chunks that ``extents`` (sorted) touch, each once, in order."""
+    """The indexes of the chunks that ``extents`` (sorted by offset; they may overlap)
+    touch, each once, in order."""
     last = -1
     for extent in extents:
         if extent.length <= 0:
@@ -61,18 +62,6 @@ def chunk_indexes(extents: Iterable[Extent], chunk_size: int, count: int) -> Ite
         end = min((extent.end - 1) // chunk_size, count - 1)
         yield from range(first, end + 1)
         last = max(last, end)
-
-
-def _merged(extents: Iterable[Extent]) -> list[Extent]:
-    """``extents`` sorted, overlapping and touching ones joined."""
-    merged: list[Extent] = []
-    for extent in sorted(extents):
-        if merged and extent.offset <= merged[-1].end:
-            last = merged[-1]
-            merged[-1] = Extent(last.offset, max(last.end, extent.end) - last.offset)
-        else:
-            merged.append(extent)
-    return merged
 
 
 def in_parallel(indexes: Iterable[int], work: Callable[[int], None], workers: int = WORKERS) -> None:
@@ -294,7 +283,7 @@ class Backups:
                 if size > previous.size:
                     # The chunk that was the last, and partial, is read again whole.
                     start = previous.size - previous.size % chunk_size
-                    ranges = _merged([*ranges, Extent(start, min(size, start + chunk_size) - start)])
+                    ranges = sorted([*ranges, Extent(start, min(size, start + chunk_size) - start)])
                 parent = previous.backup_id
             else:
                 chunks = [None] * count

@@ -147,6 +147,12 @@ def chunk_keys(world: World) -> set[str]:
 def test_chunk_indexes_cover_each_touched_chunk_once() -> None:
     extents = [Extent(0, 1), Extent(10, 5), Extent(CHUNK - 1, 2), Extent(5 * CHUNK, 3 * CHUNK)]
     assert list(chunk_indexes(extents, CHUNK, 7)) == [0, 1, 5, 6]
+    # Overlapping extents (a diff plus the chunk that grew) touch each chunk once.
+    assert list(chunk_indexes([Extent(0, 3 * CHUNK), Extent(CHUNK, 10), Extent(2 * CHUNK, CHUNK)], CHUNK, 7)) == [
+        0,
+        1,
+        2,
+    ]
 
 
 def test_a_full_backup_restores_byte_for_byte_onto_another_backend(world: World) -> None:
