@@ -27,6 +27,7 @@ from csi.backends.base import BlockReader, BlockWriter, check_publication, match
 from csi.backends.local import blocks
 from csi.backends.local.layout import Kind, Layout
 from csi.errors import (
+    Aborted,
     AlreadyExists,
     CommandFailed,
     FailedPrecondition,
@@ -125,10 +126,25 @@ class LocalVolumes:
             if spec.source is not None and spec.source.kind == "backup":
                 record["filling"] = True
             self.layout.commit("volume", local_id, record, temp)
+        except FileNotFoundError as exc:
+            self.layout.remove("volume", local_id)
+            if self._own_file(exc, "volume", local_id):
+                raise Aborted(self._deleted_meanwhile("volume", local_id, spec.name)) from exc
+            raise
         except BaseException:
             self.layout.remove("volume", local_id)
             raise
         return self._volume(local_id, record)
+
+    def _own_file(self, exc: FileNotFoundError, kind: Kind, local_id: str) -> bool:
+        """Whether the file that vanished is one of the creation's own: then a delete of
+        the same (deterministic) ID ran meanwhile and removed what it had begun."""
+        own = self.layout.image(kind, local_id), self.layout.record_path(kind, local_id)
+        return isinstance(exc.filename, str) and exc.filename.startswith(own)
+
+    @staticmethod
+    def _deleted_meanwhile(kind: Kind, local_id: str, name: str) -> str:
+        return f"{kind} {name!r} ({local_id}) was deleted while it was being created; retry the creation"
 
     def _source(self, source: SourceRef | None) -> tuple[str | None, int]:
         """The image to copy for a content source and its size; none for a backup (an ID
@@ -229,6 +245,11 @@ class LocalVolumes:
             fsync_file(temp)
             record = {"name": name, "source": source_local_id, "created": time.time()}
             self.layout.commit("snapshot", local_id, record, temp)
+        except FileNotFoundError as exc:
+            self.layout.remove("snapshot", local_id)
+            if self._own_file(exc, "snapshot", local_id):
+                raise Aborted(self._deleted_meanwhile("snapshot", local_id, name)) from exc
+            raise
         except BaseException:
             self.layout.remove("snapshot", local_id)
             raise

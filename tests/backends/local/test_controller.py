@@ -13,7 +13,7 @@ import pytest
 from csi.backends.local import CAPABILITIES
 from csi.backends.local.controller import LocalVolumes
 from csi.backends.local.layout import Layout
-from csi.errors import AlreadyExists, FailedPrecondition, NotFound, OutOfRange, ResourceExhausted
+from csi.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, OutOfRange, ResourceExhausted
 from csi.model import AccessMode, AccessType, Capability, MiB, SourceRef, VolumeSpec
 from tests.support import require_root
 
@@ -231,3 +231,27 @@ def test_volume_condition_reports_what_is_wrong(volumes: LocalVolumes) -> None:
 def test_free_space_is_the_owning_nodes_only(volumes: LocalVolumes) -> None:
     assert volumes.free_bytes({"topology.cairn.csi.io/node": "node-a"}) == volumes.free_bytes() > 0
     assert volumes.free_bytes({"topology.cairn.csi.io/node": "node-b"}) == 0
+
+
+def test_a_delete_racing_a_create_of_the_same_volume_makes_the_create_aborted(
+    volumes: LocalVolumes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DeleteVolume of a volume's (deterministic) ID while its CreateVolume is under way
+    removes the creation's temporary image: the create is ABORTED, for a retry, and
+    leaves nothing."""
+    from csi.backends.local import controller
+
+    real = controller.truncate
+    local_id = volumes.layout.local_id("volume", "raced")
+
+    def deleted_first(path: str, size: int, what: str) -> None:
+        volumes.delete_volume(local_id)
+        real(path, size, what)
+
+    monkeypatch.setattr(controller, "truncate", deleted_first)
+    with pytest.raises(Aborted, match="was deleted while it was being created"):
+        volumes.create_volume(spec("raced"))
+    monkeypatch.setattr(controller, "truncate", real)
+    assert not [f for f in files(volumes) if local_id in f]
+    assert volumes.create_volume(spec("raced")).local_id == local_id
+    volumes.delete_volume(local_id)
