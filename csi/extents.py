@@ -10,8 +10,10 @@ is read are each backend's own.
 
 from __future__ import annotations
 
+import errno
 import heapq
 import itertools
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from csi.errors import InvalidArgument
@@ -177,3 +179,24 @@ def _blocks(low: int, high: int, block: int) -> Iterator[Range]:
         end = min(high, (position // block + 1) * block)
         yield position, end
         position = end
+
+
+def data_ranges(fd: int, start: int, end: int) -> Iterator[Range]:
+    """The ranges of an open file within [start, end) that may hold data, in order; the
+    whole span where the filesystem cannot tell holes from data."""
+    position = max(start, 0)
+    while position < end:
+        try:
+            data = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return  # nothing but holes from here to the end of the file
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                yield position, end  # no SEEK_DATA here: all of it may hold data
+                return
+            raise
+        if data >= end:
+            return
+        stop = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, stop
+        position = stop

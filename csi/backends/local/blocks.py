@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 from csi.errors import NotFound, ResourceExhausted
-from csi.extents import Range, changed_blocks, check_read, check_write, subtract, to_extents, union
+from csi.extents import Range, changed_blocks, check_read, check_write, data_ranges, subtract, to_extents, union
 from csi.model import Extent
 
 Pread = Callable[[int, int, int], bytes]
@@ -73,27 +73,6 @@ def open_image(path: str, what: str, flags: int = os.O_RDONLY) -> int:
         return os.open(path, flags | os.O_CLOEXEC)
     except FileNotFoundError:
         raise NotFound(f"{what} does not exist") from None
-
-
-def data_ranges(fd: int, start: int, end: int) -> Iterator[Range]:
-    """The ranges of an open file within [start, end) that may hold data, in order; the
-    whole span where the filesystem cannot tell holes from data."""
-    position = max(start, 0)
-    while position < end:
-        try:
-            data = os.lseek(fd, position, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                return  # nothing but holes from here to the end of the file
-            if exc.errno == errno.EINVAL:
-                yield position, end  # no SEEK_DATA here: all of it may hold data
-                return
-            raise
-        if data >= end:
-            return
-        stop = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-        yield data, stop
-        position = stop
 
 
 def mapped_extents(fd: int, start: int, end: int) -> list[Mapped]:

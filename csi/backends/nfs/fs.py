@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
+from csi.extents import data_ranges
+
 FICLONE = 0x40049409
 """The ioctl that makes a file share another's extents (linux/fs.h)."""
 
@@ -228,22 +230,7 @@ class LocalTree:
         them. The file is open while the ranges are taken."""
         fd = os.open(self._path(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            position = max(start, 0)
-            while position < end:
-                try:
-                    data = os.lseek(fd, position, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno == errno.ENXIO:
-                        return  # only holes from here to the end of the file
-                    if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                        yield position, end  # no SEEK_DATA here: all of it may hold data
-                        return
-                    raise
-                if data >= end:
-                    return
-                stop = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-                yield data, stop
-                position = stop
+            yield from data_ranges(fd, start, end)
         finally:
             os.close(fd)
 
