@@ -836,6 +836,10 @@ class NodeAgent:
         self._synced = False
         self._known_orphans: set[str] = set()
         self._working = threading.RLock()  # held by every step; stop waits for it
+        self.passes = 0
+        """Full passes finished (each reads every object, checks presence, reports)."""
+        self.last_problem = ""
+        """Why the last pass failed ("" when it did not), for health answers and logs."""
 
     @property
     def health_name(self) -> str:
@@ -868,8 +872,9 @@ class NodeAgent:
                         since = str(obj.get("metadata", {}).get("resourceVersion") or since)
                         if self._stop.is_set():
                             return
-            except Exception:  # an agent that stops here stops the node's volumes
+            except Exception as exc:  # an agent that stops here stops the node's volumes
                 self._synced = False
+                self.last_problem = f"{type(exc).__name__}: {exc}"
                 log.exception("backend %s: node agent pass failed; retrying", self.backend)
                 self._stop.wait(1.0)
 
@@ -891,6 +896,8 @@ class NodeAgent:
                         log.warning("backend %s: cannot mark %s: %s", self.backend, obj["metadata"]["name"], exc)
             self.report(self._orphans({obj["metadata"]["name"] for obj in items}, held))
         self._synced = True
+        self.passes += 1
+        self.last_problem = "" if held is not None else "what this node holds could not be listed"
         return version
 
     def _held(self) -> set[str] | None:

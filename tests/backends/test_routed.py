@@ -132,16 +132,28 @@ def nodes(api: Cluster, tmp_path: Path) -> Iterator[Nodes]:
             api.kubectl("delete", "node", "--all", "--wait=false", check=False)
 
 
-def eventually(what: str, probe: Callable[[], T | None], timeout: float = 60) -> T:
-    """``probe``'s first answer that is not None or False, read until ``timeout``."""
+def eventually(
+    what: str, probe: Callable[[], T | None], timeout: float = 60, explain: Callable[[], str] | None = None
+) -> T:
+    """``probe``'s first answer that is not None or False, read until ``timeout``; on a
+    timeout the message carries what ``explain`` says of the state then."""
     deadline = time.monotonic() + timeout
     while True:
         found = probe()
         if found is not None and found is not False:
             return found
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:.0f} s")
+            raise AssertionError(f"{what}: not within {timeout:.0f} s" + (f"; {explain()}" if explain else ""))
         time.sleep(0.1)
+
+
+def agent_state(node: Node, name: str) -> str:
+    """What a node's agent and its LVM say, for a check that waited in vain."""
+    agent = node.agent
+    said = "no agent"
+    if agent is not None:
+        said = f"agent passes={agent.passes} serving={agent.serving()} last problem={agent.last_problem!r}"
+    return f"{said}; LVs on {node.name}: {node.lvs()}; object: {node.objects.get(VOLUMES, name)}"
 
 
 def spec(name: str, size: int = 8 * MiB, preferred: str = "", **extra: Any) -> VolumeSpec:
@@ -246,6 +258,7 @@ def test_a_volume_whose_lv_vanished_is_abnormal_and_still_deletes(nodes: Nodes) 
             if controller.get_volume(volume.local_id).condition.abnormal
             else None
         ),
+        explain=lambda: agent_state(nodes.a, REST("volume", "vanishing")),
     )
     assert condition.message == "its data is missing on node 'node-a'"
     assert [v.condition.abnormal for v in controller.list_volumes()] == [True]
@@ -269,7 +282,11 @@ def test_an_object_whose_step_keeps_failing_holds_up_no_other(nodes: Nodes, monk
         nodes.controller(wait=1.0).expand_volume(stuck.local_id, 2 * stuck.capacity_bytes, 0)
     removed = nodes.a.group.run("lvremove", "--yes", f"{nodes.a.group.name}/cairn-{REST('volume', 'vanishing')}")
     assert removed.returncode == 0, removed.stderr
-    eventually("the agent notices", lambda: controller.get_volume(vanishing.local_id).condition.abnormal)
+    eventually(
+        "the agent notices",
+        lambda: controller.get_volume(vanishing.local_id).condition.abnormal,
+        explain=lambda: agent_state(nodes.a, REST("volume", "vanishing")),
+    )
     before = controller.reports()["node-a"]["heartbeat"]
     eventually("node-a keeps reporting", lambda: controller.reports()["node-a"]["heartbeat"] != before)
     for volume in (stuck, vanishing):
