@@ -147,7 +147,10 @@ def _routed(
     if connector is not None and not how.node_in_ids:
         connector = NodeKeyedConnector(connector)
     log.info("backend %s: volumes on many nodes, reached through the Kubernetes API", backend.name)
-    return dataclasses.replace(backend, controller=routed, node=connector), agent
+    # Backups read and fill blocks in the controller, which holds no node's storage here:
+    # a routed backend offers none (no backup snapshots, no changed-block tracking).
+    capabilities = dataclasses.replace(backend.capabilities, blocks=False)
+    return dataclasses.replace(backend, capabilities=capabilities, controller=routed, node=connector), agent
 
 
 def _selected(objects: Objects, node_id: str, selector: dict[str, str], backend: str) -> bool:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from csi.client import parse_size
+from csi.errors import FailedPrecondition
 from tests.support import Driver
 
 
@@ -163,6 +164,12 @@ def test_an_lvm_backend_without_a_node_is_routed_when_the_api_is_there(tmp_path:
     spread = next(b for b in backends if b.name == "spread")
     assert type(spread.node).__name__ == "NodeKeyedConnector", "a local backend's IDs carry the node when routed"
     assert type(agents[1].executor).__name__ == "NodeKeyed"
+    files = next(b for b in backends if b.name == "files")
+    assert files.capabilities.blocks and not spread.capabilities.blocks, (
+        "block access (backups, changed-block tracking) is the controller's, which holds no node's storage when routed"
+    )
+    with pytest.raises(FailedPrecondition, match="'spread'"):
+        assert spread.blocks is None  # raises before
     assert asked == [True], "the API is asked for once"
     some = next(b for b in backends if b.name == "some").controller
     assert isinstance(some, RoutedVolumes) and some.nodes == {"worker-2"}
