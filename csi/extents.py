@@ -16,7 +16,7 @@ import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from csi.errors import InvalidArgument
+from csi.errors import InvalidArgument, ResourceExhausted
 from csi.model import Extent
 
 BLOCK = 64 * 1024
@@ -49,6 +49,22 @@ def check_write(what: str, size: int, offset: int, length: int) -> None:
     bytes."""
     if offset < 0 or length < 0 or offset + length > size:
         raise InvalidArgument(f"{what}: cannot write {length} bytes at offset {offset}: it has {size} bytes")
+
+
+def write_at(fd: int, offset: int, data: bytes, what: str) -> None:
+    """All of ``data`` at ``offset`` of the open image or device ``fd``; a full
+    filesystem or thin pool is ResourceExhausted naming ``what``."""
+    view = memoryview(data)
+    try:
+        while view:
+            written = os.pwrite(fd, view, offset)
+            if written <= 0:
+                raise OSError(errno.EIO, f"nothing written at {offset}")
+            view, offset = view[written:], offset + written
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhausted(f"no room to write {what}: {exc.strerror}") from exc
+        raise
 
 
 def merge(ranges: Iterable[Range]) -> Iterator[Range]:

@@ -161,7 +161,7 @@ def _lvm_subject(request: pytest.FixtureRequest, tmp_path: Path, thin: bool) -> 
     if thin and not has_device_mapper():
         pytest.skip(
             "thin pools need the kernel's device-mapper, which this kernel lacks; the vm tier runs thin pools "
-            "through the lvm node suite and csi-sanity, not this suite"
+            "through the lvm node suite, csi-sanity and this contract's block tests (test_snapshot_blocks)"
         )
     context = contextlib.ExitStack()
     group = context.enter_context(loop_volume_group(tmp_path, size=1024 * MiB))

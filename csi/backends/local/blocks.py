@@ -19,8 +19,18 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
-from csi.errors import NotFound, ResourceExhausted
-from csi.extents import Range, changed_blocks, check_read, check_write, data_ranges, subtract, to_extents, union
+from csi.errors import NotFound
+from csi.extents import (
+    Range,
+    changed_blocks,
+    check_read,
+    check_write,
+    data_ranges,
+    subtract,
+    to_extents,
+    union,
+    write_at,
+)
 from csi.model import Extent
 
 Pread = Callable[[int, int, int], bytes]
@@ -216,12 +226,4 @@ class ImageWriter:
 
     def write(self, offset: int, data: bytes) -> None:
         check_write(self._what, self._size, offset, len(data))
-        view = memoryview(data)
-        try:
-            while view:
-                written = os.pwrite(self._fd, view, offset)
-                view, offset = view[written:], offset + written
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ResourceExhausted(f"no room to write {self._what}: {exc.strerror}") from exc
-            raise
+        write_at(self._fd, offset, data, self._what)

@@ -3,8 +3,9 @@ group on one node; with a thin pool, snapshots, restores and clones are thin sna
 
 Settings:
     volumeGroup: the volume group (required)
-    thinPool: a thin pool in it; without one volumes are thick, and snapshots and clones
-        are not offered
+    thinPool: a thin pool in it; without one volumes are thick, and snapshots, clones and
+        block access (backups, restores from backups, changed-block tracking) are not
+        offered
     node: node ID that holds the volume group. Without it, in a Kubernetes cluster, every
         node running the node plugin (or those ``nodes`` lists) holds a volume group of
         that name, and the controller reaches them through the API (``backends.routed``);
@@ -46,6 +47,7 @@ def capabilities(thin: bool) -> Capabilities:
         node_local=True,
         snapshots=thin,
         clones=thin,
+        blocks=thin,
         refusals=_REFUSALS,
     )
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from csi import proc
 from csi.backends.lvm import failures
-from csi.errors import CommandFailed, InvalidArgument
+from csi.errors import CommandFailed, InvalidArgument, NotFound
 from csi.sizes import round_up as _round_up
 
 TIMEOUT = 60.0
@@ -124,6 +124,11 @@ class LogicalVolume:
         return bool(self.pool)
 
 
+def mapper_path(vg: str, lv: str) -> str:
+    """The device-mapper node LVM makes for an active LV (hyphens in names doubled)."""
+    return f"/dev/mapper/{vg.replace('-', '--')}-{lv.replace('-', '--')}"
+
+
 def valid_tag(text: str) -> bool:
     """Whether LVM accepts ``text`` as a tag: 1 to 1024 of A-Z a-z 0-9 _ + . - / = ! : & #,
     not starting with a hyphen (lvm(8); LVM would read one as an option)."""
@@ -205,6 +210,16 @@ class Lvm:
         except failures.VolumeNotFound:
             return None
         return found[0] if found else None
+
+    def thin_id(self, vg: str, name: str) -> int:
+        """The thin device ID of thin volume ``name`` in its pool's metadata (what the
+        thin-provisioning tools name it by); NotFound when there is no such thin volume."""
+        _check_names(vg, name)
+        rows = self._report("lvs", "lv", ("thin_id",), [f"{vg}/{name}"])
+        text = rows[0].get("thin_id", "") if rows else ""
+        if not text.isdigit():
+            raise NotFound(f"logical volume {vg}/{name} is not a thin volume")
+        return int(text)
 
     # Changes.
 

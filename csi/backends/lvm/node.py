@@ -13,7 +13,7 @@ import os
 
 from csi import ids, proc
 from csi.backends.base import Attachment, AttachRequest
-from csi.backends.lvm.lvm import LogicalVolume, Lvm
+from csi.backends.lvm.lvm import LogicalVolume, Lvm, mapper_path
 from csi.backends.lvm.volumes import BACKEND_TAG, UNWIPED_TAG, encode, lv_name
 from csi.errors import CairnError, NotFound
 
@@ -21,11 +21,6 @@ WIPE_TIMEOUT = 60.0
 POOL_ALERT = 90.0
 """Percent of a thin pool's data or metadata in use from which its volumes are reported
 abnormal (NodeGetVolumeStats): the kubelet then emits an event on the pods using them."""
-
-
-def mapper_path(vg: str, lv: str) -> str:
-    """The device-mapper node LVM makes for an active LV (hyphens in names doubled)."""
-    return f"/dev/mapper/{vg.replace('-', '--')}-{lv.replace('-', '--')}"
 
 
 class LvmConnector:

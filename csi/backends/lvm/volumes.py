@@ -15,6 +15,13 @@ rest of its extents may still hold a previous volume's data: raw block readers o
 volume can see it, as with plain LVM). Thin volumes read as zeros where never written.
 Snapshots, restores and clones are thin snapshots, so they need a thin pool; a thick
 backend declares neither.
+
+With a thin pool, where the controller runs beside the volume group, the backend also
+offers block access (``SnapshotBlocks``, for backups and changed-block tracking): the
+pool's metadata says what a snapshot maps and what two snapshots do not share
+(``blocks``), and a snapshot is read, or a volume restored from a backup written,
+through its device, active for that time only. A volume made from a backup is a blank
+thin volume tagged ``filling`` until its content is all written.
 """
 
 from __future__ import annotations
@@ -22,21 +29,33 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 
 from csi import ids
 from csi.backends.base import check_publication, matching, page_of
-from csi.backends.lvm import failures
-from csi.backends.lvm.lvm import LogicalVolume, Lvm, round_up
-from csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Unavailable
+from csi.backends.lvm import blocks, failures
+from csi.backends.lvm.lvm import LogicalVolume, Lvm, mapper_path, round_up
+from csi.errors import (
+    AlreadyExists,
+    CairnError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    Unavailable,
+)
+from csi.extents import Range, check_start, to_extents
 from csi.model import (
     HEALTHY,
     NO_SECRETS,
     TOPOLOGY_NODE_KEY,
     Capability,
+    Extent,
     Secrets,
     Segment,
     Snapshot,
@@ -56,6 +75,10 @@ CREATED_TAG = TAG + "created="
 PUBLISHED_TAG = TAG + "published="
 SIZE_TAG = TAG + "size="
 UNWIPED_TAG = TAG + "unwiped"
+FILLING_TAG = TAG + "filling"
+"""On a volume made from a backup until its content is all written."""
+FILL_STARTED_TAG = TAG + "fill-started"
+"""On a filling volume once a fill began: the next fill starts from a blank volume."""
 
 PARAM_STRIPES = "stripes"
 """StorageClass parameter: physical volumes a thick volume is striped over (default 1)."""
@@ -112,6 +135,8 @@ class LvmVolumes:
         self.node_id = node_id
         self._extent_size = 0
         self.topology: tuple[Segment, ...] = ({TOPOLOGY_NODE_KEY: node_id},)
+        self._activation = threading.Lock()
+        self._readers: dict[str, int] = {}  # LV -> users of its activation by this process
 
     # -- IDs ------------------------------------------------------------------------
 
@@ -214,7 +239,10 @@ class LvmVolumes:
         existing = self.lvm.volume(self.vg, name)
         if existing is None:
             stripes, mirrors = self._layout(spec)
-            source = self._source(spec.source)
+            restore = spec.source is not None and spec.source.kind == "backup"
+            if restore and not self.thin_pool:
+                raise InvalidArgument(f"backend {self.backend!r} has no thin pool: it cannot restore a backup")
+            source = None if restore else self._source(spec.source)
             size = round_up(choose_size(spec.required_bytes, spec.limit_bytes, source.size if source else 0), extent)
             if spec.limit_bytes and size > spec.limit_bytes:
                 raise OutOfRange(
@@ -232,6 +260,9 @@ class LvmVolumes:
                 tags += [SOURCE_TAG + f"{spec.source.kind}:{encode(spec.source.local_id)}", SIZE_TAG + str(size)]
                 self.lvm.snapshot(self.vg, source.name, name, tags, activate=False)
             else:
+                if restore and spec.source is not None:
+                    # Blank, and marked filling in the command that makes it.
+                    tags += [SOURCE_TAG + f"backup:{encode(spec.source.local_id)}", FILLING_TAG]
                 if not self.thin_pool:
                     tags.append(UNWIPED_TAG)
                 self.lvm.create(
@@ -285,6 +316,7 @@ class LvmVolumes:
         found = self._find(source.kind, source.local_id)
         if found is None:
             raise NotFound(f"source {source.kind} {source.local_id!r} does not exist")
+        _not_filling(found, f"source {source.kind} {source.local_id!r}")
         return found
 
     def delete_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
@@ -324,7 +356,7 @@ class LvmVolumes:
         if raw:
             kind, _, encoded = raw.partition(":")
             source_id = decode(encoded)
-            if kind in ("snapshot", "volume") and source_id:
+            if kind in ("snapshot", "volume", "backup") and source_id:
                 source = SourceRef(kind, source_id)  # type: ignore[arg-type]
         published = self._published(lv)
         strangers = sorted(set(published) - {self.node_id})
@@ -341,6 +373,7 @@ class LvmVolumes:
             topology=self.topology,
             published_nodes=tuple(sorted(published)),
             condition=condition,
+            filling=FILLING_TAG in lv.tags,
         )
 
     def expand_volume(
@@ -435,3 +468,98 @@ class LvmVolumes:
             return
         tags = [t for t in found.tags if t.startswith(PUBLISHED_TAG + encode(node_id) + ":")]
         self.lvm.delete_tags(self.vg, found.name, tags)
+
+    # -- blocks (SnapshotBlocks; declared with a thin pool) -------------------------
+
+    def allocated(self, local_id: str, start: int = 0, *, secrets: Secrets = NO_SECRETS) -> Iterator[Extent]:
+        check_start(start)
+        found = self._thin("snapshot", local_id)
+        what = f"snapshot {local_id}"
+        with self._active(found), blocks.metadata_snapshot(self.vg, self.thin_pool, what) as tmeta:
+            ranges = blocks.mapped(blocks.dump(tmeta, self.lvm.thin_id(self.vg, found.name)), what)
+        return to_extents(_cut(ranges, start, found.size))
+
+    def changed(
+        self, base_local_id: str, target_local_id: str, start: int = 0, *, secrets: Secrets = NO_SECRETS
+    ) -> Iterator[Extent]:
+        check_start(start)
+        base, target = self._thin("snapshot", base_local_id), self._thin("snapshot", target_local_id)
+        if tag_value(base.tags, SOURCE_TAG) != tag_value(target.tags, SOURCE_TAG):
+            raise InvalidArgument(
+                f"snapshots {base_local_id} and {target_local_id} are not snapshots of one volume: no changes "
+                "between them can be told"
+            )
+        what = f"snapshots {base_local_id} and {target_local_id}"
+        with self._active(target), blocks.metadata_snapshot(self.vg, self.thin_pool, what) as tmeta:
+            first, second = self.lvm.thin_id(self.vg, base.name), self.lvm.thin_id(self.vg, target.name)
+            ranges = blocks.unshared(blocks.delta(tmeta, first, second), what)
+        # Past the base's end the target is compared with zeros: what it maps there is
+        # among what the two do not share.
+        return to_extents(_cut(ranges, start, target.size))
+
+    @contextlib.contextmanager
+    def read_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Iterator[blocks.DeviceReader]:
+        found = self._thin("snapshot", local_id)
+        with self._active(found) as device, open(device, "rb", buffering=0) as opened:
+            yield blocks.DeviceReader(opened, found.size, f"snapshot {local_id}")
+
+    @contextlib.contextmanager
+    def fill_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Iterator[blocks.DeviceWriter]:
+        found = self._thin("volume", local_id)
+        if FILLING_TAG not in found.tags:
+            raise FailedPrecondition(f"volume {local_id} is not being restored from a backup: its content is its own")
+        if FILL_STARTED_TAG in found.tags:
+            found = self._blank_again(found)
+        self.lvm.add_tags(self.vg, found.name, [FILL_STARTED_TAG])
+        with self._active(found) as device, open(device, "r+b", buffering=0) as opened:
+            yield blocks.DeviceWriter(opened, found.size, f"volume {local_id}")
+            os.fsync(opened.fileno())
+        self.lvm.delete_tags(self.vg, found.name, [FILLING_TAG, FILL_STARTED_TAG])
+
+    def _blank_again(self, found: LogicalVolume) -> LogicalVolume:
+        """A filling volume that an earlier fill wrote to, made again blank with its tags
+        (a crash in between leaves no volume, which the CO's retry of the create makes)."""
+        tags = sorted(found.tags - {FILL_STARTED_TAG})
+        self.lvm.remove(self.vg, found.name)
+        self.lvm.create(self.vg, found.name, found.size, tags, thin_pool=self.thin_pool, activate=False)
+        made = self.lvm.volume(self.vg, found.name)
+        if made is None:
+            raise Unavailable(f"LV {self.vg}/{found.name} vanished right after it was made again")
+        return made
+
+    def _thin(self, kind: str, local_id: str) -> LogicalVolume:
+        if not self.thin_pool:
+            raise FailedPrecondition(f"backend {self.backend!r} has no thin pool: no block access on it")
+        with self._group_present():
+            return self._require(kind, local_id)
+
+    @contextlib.contextmanager
+    def _active(self, lv: LogicalVolume) -> Iterator[str]:
+        """``lv`` active for the time of the block (its device node yielded), and inactive
+        again once no caller in this process needs it: the controller leaves every LV
+        inactive, the node activates volumes when it stages them."""
+        with self._activation:
+            if not self._readers.get(lv.name):
+                self.lvm.activate(self.vg, lv.name)
+            self._readers[lv.name] = self._readers.get(lv.name, 0) + 1
+        try:
+            yield mapper_path(self.vg, lv.name)
+        finally:
+            with self._activation:
+                self._readers[lv.name] -= 1
+                if not self._readers[lv.name]:
+                    del self._readers[lv.name]
+                    with contextlib.suppress(CairnError):  # left active: harmless, and the next user deactivates it
+                        self.lvm.deactivate(self.vg, lv.name)
+
+
+def _cut(ranges: list[Range], start: int, end: int) -> list[Range]:
+    """Sorted ``ranges`` cut to [start, end)."""
+    return [(max(low, start), min(high, end)) for low, high in ranges if high > start and low < end]
+
+
+def _not_filling(lv: LogicalVolume, what: str) -> None:
+    """Refuse to copy a volume whose content a restore from a backup has not all written:
+    a snapshot or clone of it would keep a part of the backup, and never the rest."""
+    if FILLING_TAG in lv.tags:
+        raise FailedPrecondition(f"{what} is still being restored from a backup")
