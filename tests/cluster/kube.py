@@ -327,6 +327,10 @@ class Cluster:
         for sub in ("logs", "bin", "cni/bin", "cni/net.d", "containerd", "kubelet", "kubelet-plugins", "etcd"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._pod_logs_before = set(os.listdir(POD_LOGS)) if POD_LOGS.is_dir() else set()
+        # etcd's data in memory: a throwaway cluster needs no durable store, and its fsyncs,
+        # one per write, stall behind whatever else the host's disk is doing. stop()
+        # unmounts it with the other mounts under the cluster's directory.
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g,mode=0700", "tmpfs", str(self.root / "etcd")], check=True)
         self._pki()
         pki = self.root / "pki"
         etcd_port, etcd_peer = free_port(), free_port()
