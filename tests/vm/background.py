@@ -40,8 +40,9 @@ SUITES = (
     "tests/backends/lvm/test_node.py",  # device-mapper: activation, thin pools, snapshots
     "tests/backends/lvm/test_blocks.py",  # only its thin pool tests: the host reads the tools' output
     "tests/contract/test_snapshot_blocks.py",  # only its lvm-thin runs: the host runs the others
+    "tests/backup/test_lvm_round_trip.py",  # backups of thin LVs, restores onto a thin pool
 )
-AT_LEAST = 2 + 2 * 4 + 1 + 13 + 4 + 1 + 2 + 3
+AT_LEAST = 2 + 2 * 4 + 1 + 13 + 4 + 1 + 2 + 3 + 2
 # csi-sanity against lvm takes five minutes per run under emulation (hundreds of LVM
 # commands): the guest runs it in filesystem mode; raw block passes too (run it with
 # -k test_csi_sanity_lvm), and the lvm node suite covers raw block volumes every time.
