@@ -330,7 +330,9 @@ class Cluster:
         # etcd's data in memory: a throwaway cluster needs no durable store, and its fsyncs,
         # one per write, stall behind whatever else the host's disk is doing. stop()
         # unmounts it with the other mounts under the cluster's directory.
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g,mode=0700", "tmpfs", str(self.root / "etcd")], check=True)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1g,mode=0700", "tmpfs", str(self.root / "etcd")], check=True
+        )
         self._pki()
         pki = self.root / "pki"
         etcd_port, etcd_peer = free_port(), free_port()
