@@ -147,18 +147,22 @@ class RbdVolumes:
             if not removed:
                 return
 
-    def _remove_image(self, io: Any, name: str) -> None:
+    def _remove_image(self, io: Any, name: str, clone: bool = True) -> None:
         """Remove image ``name``, or move it to the trash while clones still read from it.
         librbd refuses to remove an image that has snapshots before it changes anything,
-        so the snapshots Cairn took of it are looked for only then: most images have none."""
+        so the snapshots Cairn took of it are looked for only then: most images have none.
+        Removing a clone may free its trashed parent, so the trash is purged then; an image
+        that is no clone (``clone`` False: made blank) frees nothing there."""
         try:
             if not self._removed(io, name) and not (_drop_own_snapshots(io, name) and self._removed(io, name)):
                 # Clones (snapshots or restored volumes) still read from it: keep the data in
                 # the trash until the last clone is gone.
                 ceph_call(f"image {name}", lambda: self.rbd.trash_move(io, name, 0))
+                return
         except rbd.ImageNotFound:
             return
-        self._purge_trash(io)
+        if clone:
+            self._purge_trash(io)
 
     def _removed(self, io: Any, name: str) -> bool:
         """Remove image ``name``: False when it still has snapshots (raises ImageNotFound
@@ -456,8 +460,12 @@ class RbdVolumes:
             nodes = _published(metadata) if metadata is not None else {}
             if nodes:
                 raise FailedPrecondition(f"volume {local_id} is still published to node(s) {', '.join(sorted(nodes))}")
-            self._remove_image(io, name)
-            journal.release("volume", image_uuid)
+            # A volume made blank (no source, or a backup's) clones nothing; one whose
+            # metadata is unreadable may.
+            source = _source_ref(metadata.get(SOURCE_KEY, "")) if metadata is not None else None
+            blank = metadata is not None and (source is None or source.kind == "backup")
+            self._remove_image(io, name, clone=not blank)
+            journal.release("volume", image_uuid, name=metadata.get(NAME_KEY, "") if metadata is not None else "")
 
     def get_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> Volume:
         pool, _ = split_id(local_id, "volume")

@@ -132,19 +132,26 @@ class Journal:
             # Released between the refused write and the read: reserve it afresh.
         raise Unavailable(f"the journal's reservation of {kind} name {name!r} keeps changing; try again")
 
-    def release(self, kind: Kind, image_uuid: str) -> None:
+    def release(self, kind: Kind, image_uuid: str, name: str = "") -> None:
         """Remove the reservation of ``image_uuid``: its record, and its name key if that
-        still maps to this UUID (checked by the same compound operation that removes it)."""
+        still maps to this UUID (checked by the same compound operation that removes it).
+        ``name``, when the caller knows it (the image's own metadata), saves reading the
+        record first; a name that does not map to this UUID is read from the record."""
+        uuid_key = f"{kind}.uuid.{image_uuid}"
+
+        def both(name_key: str) -> Callable[[Any], None]:
+            def build(op: Any) -> None:
+                op.omap_cmp(name_key, image_uuid, rados.LIBRADOS_CMPXATTR_OP_EQ)
+                self.io.remove_omap_keys(op, (uuid_key, name_key))
+
+            return build
+
+        if name and self._write(both(f"{kind}.name.{name}")):
+            return
         record = self.record(kind, image_uuid)
         if record is None:
             return  # nothing is reserved under this UUID
-        uuid_key, name_key = f"{kind}.uuid.{image_uuid}", f"{kind}.name.{record['name']}"
-
-        def both(op: Any) -> None:
-            op.omap_cmp(name_key, image_uuid, rados.LIBRADOS_CMPXATTR_OP_EQ)
-            self.io.remove_omap_keys(op, (uuid_key, name_key))
-
-        if not self._write(both):
+        if not self._write(both(f"{kind}.name.{record['name']}")):
             self._write(lambda op: self.io.remove_omap_keys(op, (uuid_key,)))
 
     def reserved(self, kind: Kind, after: str = "", page_size: int = 0) -> Iterator[str]:

@@ -45,6 +45,19 @@ def test_a_name_is_reserved_once_and_found_afterwards(journal: Journal, pool_io:
     assert keys(pool_io) == {}
 
 
+def test_a_release_given_the_name_removes_exactly_what_reading_the_record_would(journal: Journal, pool_io: Any) -> None:
+    kept = journal.reserve("volume", "kept")
+    named = journal.reserve("volume", "named")
+    journal.release("volume", named.uuid, name="named")
+    assert set(keys(pool_io)) == {"volume.name.kept", f"volume.uuid.{kept.uuid}"}
+    wrong = journal.reserve("volume", "wrong")
+    # A name that maps to another UUID is left alone; the record says which name is this one's.
+    journal.release("volume", wrong.uuid, name="kept")
+    assert set(keys(pool_io)) == {"volume.name.kept", f"volume.uuid.{kept.uuid}"}
+    journal.release("volume", kept.uuid, name="kept")
+    assert keys(pool_io) == {}
+
+
 def test_concurrent_reservers_of_one_name_agree_on_one_uuid(ceph: CephCluster, pool_io: Any) -> None:
     """Each reserver has its own connection, as two controllers would: the omap_cmp in the
     reserving write is what lets exactly one of them win each name."""
