@@ -221,12 +221,13 @@ class ControllerService(pb_grpc.ControllerServicer):
             metadata=claim_metadata(parameters),
         )
         # The source's lock too: a delete of the source waits (ABORTED) until the copy is made.
-        # (A backup is a snapshot to DeleteSnapshot, which holds it as one.)
-        source_lock = (
-            self.inflight.hold(str(source[0]), "snapshot" if restoring else source[1].kind)
-            if source
-            else contextlib.nullcontext()
-        )
+        # A backup is a snapshot to DeleteSnapshot, which holds it as one; its restores only
+        # read the repository, so many run at once (one backup restored into many volumes).
+        source_lock: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if source and restoring:
+            source_lock = self.inflight.share(str(source[0]), "snapshot")
+        elif source:
+            source_lock = self.inflight.hold(str(source[0]), source[1].kind)
         with self.inflight.hold(request.name, "volume name"), source_lock:
             for backend in self.scheduler.select(parameters):
                 if backend.volumes.lookup_volume(request.name, secrets=spec.secrets) is not None:

@@ -25,3 +25,20 @@ def test_lock_is_released_when_the_operation_fails() -> None:
         raise RuntimeError("backend failed")
     with inflight.hold("vol-1"):
         pass
+
+
+def test_shared_keys_admit_sharers_and_refuse_a_holder_until_the_last_leaves() -> None:
+    inflight = InFlight()
+    with inflight.share("backup-1", "snapshot"), inflight.share("backup-1", "snapshot"):
+        assert inflight.busy("backup-1", "snapshot")
+        with pytest.raises(Aborted, match="snapshot 'backup-1'"), inflight.hold("backup-1", "snapshot"):
+            pass
+        with inflight.hold("backup-1", "volume"):  # another namespace
+            pass
+    assert not inflight.busy("backup-1", "snapshot")
+    with inflight.hold("backup-1", "snapshot"), pytest.raises(Aborted), inflight.share("backup-1", "snapshot"):
+        pass
+    with inflight.share("backup-1", "snapshot"):
+        with inflight.share("backup-1", "snapshot"):
+            pass
+        assert inflight.busy("backup-1", "snapshot"), "one sharer is still there"
