@@ -277,9 +277,17 @@ class Backups:
             job.size = size
             chunks: list[str | None]
             base = self._usable_base(previous, backend, chunk_size, size, secrets)
-            if previous is not None and base is not None:
+            changed: list[Extent] | None = None
+            if base is not None:
+                try:
+                    changed = list(blocks.changed(base, snapshot.local_id, secrets=secrets))
+                except NotFound:
+                    # The base went since it was found: a backup of the volume that ran
+                    # beside this one finished and dropped it. Read what the snapshot holds.
+                    log.info("the base of a backup went meanwhile; reading it whole", extra={"backup": job.name})
+            if previous is not None and changed is not None:
                 chunks = list(previous.chunks[:count]) + [None] * max(0, count - len(previous.chunks))
-                ranges = list(blocks.changed(base, snapshot.local_id, secrets=secrets))
+                ranges = changed
                 if size > previous.size:
                     # The chunk that was the last, and partial, is read again whole.
                     start = previous.size - previous.size % chunk_size

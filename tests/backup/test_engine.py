@@ -190,6 +190,30 @@ def test_an_incremental_backup_reads_only_the_changed_chunks(world: World) -> No
     assert [s.name for s in snapshots] == [SNAPSHOT_PREFIX + backup_id("two")]
 
 
+def test_a_base_that_goes_while_a_backup_starts_makes_it_read_the_volume_whole(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backup of the same volume beside this one finished and dropped the base between
+    this backup finding it and diffing against it: this backup still succeeds."""
+    volume = world.volume("data")
+    world.write(volume, 0, random.Random(3).randbytes(SIZE // 2))
+    first = world.back_up("one", volume)
+    volumes = world.local("a")
+    diff = volumes.changed
+
+    def base_gone_first(base: str, target: str, start: int = 0, **kwargs: object) -> object:
+        volumes.delete_snapshot(base)
+        return diff(base, target, start, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(volumes, "changed", base_gone_first)
+    world.write(volume, 3 * CHUNK, b"changed")
+    second = world.back_up("two", volume)
+    manifest = world.backups.manifest(second)
+    assert manifest.parent == "" and manifest.read_bytes == SIZE // 2, "read whole: what the snapshot holds"
+    assert world.digest(world.restore(second, "two-copy")) == world.digest(volume)
+    assert world.backups.manifest(first).size == SIZE
+
+
 def test_a_chain_of_five_backups_restores_each_point_in_time(world: World) -> None:
     volume = world.volume("data")
     rng = random.Random(3)
