@@ -67,6 +67,8 @@ def path_problem(value: str) -> str | None:
 
 
 MAX_GID = (1 << 31) - 1
+MOUNT_OPTIONS_MAX = 4095
+"""Bytes of mount options, joined by commas, the kernel takes (one page, its NUL counted)."""
 
 
 def capability(message: pb.VolumeCapability, field: str = "volume_capability") -> Capability:
@@ -83,7 +85,16 @@ def capability(message: pb.VolumeCapability, field: str = "volume_capability") -
         group = message.mount.volume_mount_group
         if group and not (group.isdigit() and group.isascii() and int(group) <= MAX_GID):
             raise InvalidArgument(f"{field}.mount.volume_mount_group {group[:64]!r} is not a numeric group ID")
-        return Capability(AccessType.MOUNT, mode, message.mount.fs_type, tuple(message.mount.mount_flags), group)
+        flags = tuple(message.mount.mount_flags)
+        joined = len(",".join(flags).encode())
+        if joined > MOUNT_OPTIONS_MAX:
+            raise InvalidArgument(
+                f"{field}.mount.mount_flags hold {joined} bytes; the kernel takes at most {MOUNT_OPTIONS_MAX} bytes "
+                "of mount options"
+            )
+        if any("\0" in flag for flag in flags):
+            raise InvalidArgument(f"{field}.mount.mount_flags must not hold a NUL byte")
+        return Capability(AccessType.MOUNT, mode, message.mount.fs_type, flags, group)
     raise InvalidArgument(f"{field}.access_type (mount or block) is required")
 
 

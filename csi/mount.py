@@ -274,7 +274,7 @@ def bind(source: str, target: str, readonly: bool = False, options: Sequence[str
             _mount_call(["mount", "-o", ",".join(remount), target], "none", target, flags)
         else:
             proc.run(["mount", "-o", ",".join(remount), target])
-    except CommandFailed:
+    except BaseException:  # whatever failed, no writable (or half-optioned) bind stays
         unmount(target)
         raise
 

@@ -78,6 +78,16 @@ def test_an_option_the_table_does_not_know_goes_through_the_tool(tmpfs: Path, tm
         mount.unmount(str(target))
 
 
+def test_a_remount_that_cannot_even_start_leaves_no_bind(tmpfs: Path, tmp_path: Path) -> None:
+    """An option list mount(8) cannot be started with (longer than the kernel takes for
+    one argument: E2BIG, not a failed command) still takes the bind away."""
+    target = tmp_path / "target"
+    target.mkdir()
+    with pytest.raises(OSError, match="Argument list too long"):
+        mount.bind(str(tmpfs), str(target), readonly=True, options=["x" * (1 << 20)])
+    assert mount.find_mount(str(target)) is None, "a writable bind was left behind"
+
+
 def test_failures_are_classified_and_a_busy_unmount_names_its_holder(tmpfs: Path, tmp_path: Path) -> None:
     with pytest.raises(CommandNotFound, match="No such file or directory"):
         mount.bind(str(tmp_path / "missing"), str(tmpfs))

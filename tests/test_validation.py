@@ -313,6 +313,36 @@ CASES: list[tuple[str, str, Any, grpc.StatusCode, str]] = [
         grpc.StatusCode.FAILED_PRECONDITION,
         "is not staged at /s",
     ),
+    (
+        "node",
+        "NodePublishVolume",
+        pb.NodePublishVolumeRequest(
+            volume_id=WELL_FORMED_MISSING,
+            target_path="/t",
+            staging_target_path="/s",
+            readonly=True,
+            volume_capability=pb.VolumeCapability(
+                mount=pb.VolumeCapability.MountVolume(mount_flags=["x" * (1 << 20)]),
+                access_mode=pb.VolumeCapability.AccessMode(mode=pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER),
+            ),
+        ),
+        INVALID,
+        "volume_capability.mount.mount_flags hold 1048576 bytes; the kernel takes at most 4095",
+    ),
+    (
+        "node",
+        "NodeStageVolume",
+        pb.NodeStageVolumeRequest(
+            volume_id=WELL_FORMED_MISSING,
+            staging_target_path="/s",
+            volume_capability=pb.VolumeCapability(
+                mount=pb.VolumeCapability.MountVolume(mount_flags=["noatime", "a\0b"]),
+                access_mode=pb.VolumeCapability.AccessMode(mode=pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER),
+            ),
+        ),
+        INVALID,
+        "volume_capability.mount.mount_flags must not hold a NUL byte",
+    ),
     ("node", "NodeUnpublishVolume", pb.NodeUnpublishVolumeRequest(), INVALID, "volume_id is required"),
     (
         "node",
