@@ -839,7 +839,8 @@ class NodeAgent:
         self.passes = 0
         """Full passes finished (each reads every object, checks presence, reports)."""
         self.last_problem = ""
-        """Why the last pass failed ("" when it did not), for health answers and logs."""
+        """Why the last pass failed or checked nothing ("" when it did neither), for whoever
+        inspects the agent (the routed tests print it when a wait runs out)."""
 
     @property
     def health_name(self) -> str:
