@@ -173,6 +173,7 @@ class RbdConnector:
                 self._wait_until_released(device_type, pool, image, device)
         mountpoint = self._fuse_mountpoint(pool, image)
         if mount.is_mounted(mountpoint):
+            daemons = _fuse_daemons(mountpoint)
             loopdev.detach(os.path.join(mountpoint, image))
             # The kernel lets go of a detached loop device's file a moment later.
             deadline = time.monotonic() + RELEASE_TIMEOUT
@@ -184,6 +185,12 @@ class RbdConnector:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.1)
+            # rbd-fuse closes the image as it exits, a moment after its unmount; until then
+            # Ceph calls the image busy, and a DeleteVolume right after the unstage fails.
+            while any(_running(pid) for pid in daemons):
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"rbd-fuse still holds {pool}/{image} {RELEASE_TIMEOUT:g}s after its unmount")
+                time.sleep(0.05)
         with contextlib.suppress(FileNotFoundError, OSError):
             os.rmdir(mountpoint)
 
@@ -227,6 +234,32 @@ class RbdConnector:
         ):
             return None
         return f"image {pool}/{image} is no longer mapped on this node"
+
+
+def _fuse_daemons(mountpoint: str) -> list[int]:
+    """The rbd-fuse processes serving ``mountpoint`` (read from /proc: rbd-fuse leaves
+    no record of its own)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                argv = handle.read().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if argv and os.path.basename(argv[0]) == b"rbd-fuse" and mountpoint.encode() in argv:
+            found.append(int(entry))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie has closed everything: not running)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
+            return handle.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _exposed(path: str) -> bool:

@@ -106,8 +106,25 @@ def detach(driver: Driver, node: str, volume_id: str, secrets: dict[str, str], s
     driver.node.NodeUnstageVolume(
         pb.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=staging), timeout=120
     )
+    # Unstaged means the image is let go: an rbd-fuse still exiting keeps it open, and
+    # Ceph refuses the DeleteVolume that follows (the image is busy).
+    assert fuse_daemons(driver.root) == [], "unstage answered while rbd-fuse still held the image"
     unpublish = pb.ControllerUnpublishVolumeRequest(volume_id=volume_id, node_id=node, secrets=secrets)
     driver.controller.ControllerUnpublishVolume(unpublish, timeout=60)
+
+
+def fuse_daemons(root: Path) -> list[str]:
+    """The rbd-fuse processes still running with a mount point under ``root``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0") if entry.isdigit() else []
+            state = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()[0] if argv else "Z"
+        except OSError:
+            continue
+        if state != "Z" and os.path.basename(argv[0]) == b"rbd-fuse" and str(root).encode() in b" ".join(argv):
+            found.append(f"{entry}: {b' '.join(argv).decode(errors='replace')}")
+    return found
 
 
 def mappings(root: Path) -> list[str]:
