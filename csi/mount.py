@@ -679,7 +679,7 @@ class _Guard:
                 "device": self.device,
                 "boot": _boot_id(),
                 "guard": self.process.pid,
-                "guard_started": _start_time(self.process.pid),
+                "guard_started": proc.start_time(self.process.pid),
             }
             write_atomically(self.record, json.dumps(record).encode())  # before the guard may freeze
             self.process.stdin.write("freeze\n")
@@ -752,7 +752,7 @@ def _settle(path: str) -> bool:
         return True
     if record.get("boot") == _boot_id():  # a freeze does not survive a reboot
         deadline = time.monotonic() + GUARD_EXIT_WAIT
-        while _start_time(int(record["guard"])) == record.get("guard_started"):
+        while proc.start_time(int(record["guard"])) == record.get("guard_started"):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.05)
@@ -793,15 +793,3 @@ def _forget(path: str) -> None:
 def _boot_id() -> str:
     with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
         return handle.read().strip()
-
-
-def _start_time(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot), or None once it has ended
-    (a zombie has ended too). With the boot ID, it tells a process from a later one that
-    reuses its pid."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]

@@ -107,3 +107,15 @@ def spawn(argv: Sequence[str]) -> subprocess.Popen[str]:
         raise CommandFailed(argv, 127, f"{argv[0]} is not installed on this host") from exc
     log.debug("spawned helper", extra={"argv": list(argv), "pid": helper.pid})
     return helper
+
+
+def start_time(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot), or None once it has ended
+    (a zombie has ended too). With the boot ID, it tells a process from a later one that
+    reuses its pid."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]

@@ -167,3 +167,18 @@ def _clean_up(name: str, images: list[Path], attached: list[str], before: set[st
 
 def _must(result: subprocess.CompletedProcess[str]) -> None:
     assert result.returncode == 0, f"{' '.join(result.args[:2])} failed: {result.stderr.strip()}"
+
+
+THIN_POOL = "pool"
+THIN_CHUNK = 64 * 1024
+
+
+@contextlib.contextmanager
+def thin_pool_group(root: Path) -> Iterator[LoopVolumeGroup]:
+    """A 256 MiB volume group holding a 128 MiB thin pool ``THIN_POOL`` of 64 KiB chunks
+    (device-mapper needed); gone afterwards, as ``loop_volume_group``."""
+    with loop_volume_group(root, size=256 * MiB) as made:
+        pool = made.run("lvcreate", "--type", "thin-pool", "--chunksize", "64k", "--size", "128m", "--name",
+                        THIN_POOL, made.name)  # fmt: skip
+        assert pool.returncode == 0, pool.stderr
+        yield made

@@ -26,7 +26,7 @@ from csi.backup.repository import Repository
 from csi.config import BackendConfig
 from csi.model import AccessMode, AccessType, Capability, MiB, SourceRef, VolumeSpec
 from csi.registry import Registry
-from tests.lvm import LoopVolumeGroup, has_device_mapper, loop_volume_group
+from tests.lvm import LoopVolumeGroup, has_device_mapper, thin_pool_group
 from tests.support import require_root, require_tools
 
 pytestmark = pytest.mark.integration
@@ -45,10 +45,7 @@ def group(tmp_path: Path) -> Iterator[LoopVolumeGroup]:
         pytest.skip(
             "thin pools need the kernel's device-mapper, which this kernel lacks (the vm tier runs these tests)"
         )
-    with loop_volume_group(tmp_path, size=256 * MiB) as made:
-        pool = made.run("lvcreate", "--type", "thin-pool", "--chunksize", "64k", "--size", "128m", "--name", "pool",
-                        made.name)  # fmt: skip
-        assert pool.returncode == 0, pool.stderr
+    with thin_pool_group(tmp_path) as made:
         yield made
 
 

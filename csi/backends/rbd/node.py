@@ -187,7 +187,7 @@ class RbdConnector:
                     time.sleep(0.1)
             # rbd-fuse closes the image as it exits, a moment after its unmount; until then
             # Ceph calls the image busy, and a DeleteVolume right after the unstage fails.
-            while any(_running(pid) for pid in daemons):
+            while any(proc.start_time(pid) is not None for pid in daemons):
                 if time.monotonic() > deadline:
                     raise Unavailable(f"rbd-fuse still holds {pool}/{image} {RELEASE_TIMEOUT:g}s after its unmount")
                 time.sleep(0.05)
@@ -251,15 +251,6 @@ def _fuse_daemons(mountpoint: str) -> list[int]:
         if argv and os.path.basename(argv[0]) == b"rbd-fuse" and mountpoint.encode() in argv:
             found.append(int(entry))
     return found
-
-
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` still runs (a zombie has closed everything: not running)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
-            return handle.read().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _exposed(path: str) -> bool:

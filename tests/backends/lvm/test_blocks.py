@@ -20,7 +20,7 @@ from csi.backends.lvm.lvm import Lvm
 from csi.backends.lvm.volumes import LvmVolumes
 from csi.errors import FailedPrecondition, Unavailable
 from csi.model import AccessMode, AccessType, Capability, MiB, SourceRef, VolumeSpec
-from tests.lvm import LoopVolumeGroup, has_device_mapper, loop_volume_group
+from tests.lvm import LoopVolumeGroup, has_device_mapper, thin_pool_group
 from tests.support import require_root, require_tools
 
 KiB = 1024
@@ -116,10 +116,7 @@ def group(tmp_path: Path) -> Iterator[LoopVolumeGroup]:
     require_tools("lvm", "dmsetup", "thin_dump", "thin_delta")
     if not has_device_mapper():
         pytest.skip("this kernel has no device-mapper (the vm tier runs these tests)")
-    with loop_volume_group(tmp_path, size=256 * MiB) as made:
-        pool = made.run("lvcreate", "--type", "thin-pool", "--chunksize", "64k", "--size", "128m", "--name", "pool",
-                        made.name)  # fmt: skip
-        assert pool.returncode == 0, pool.stderr
+    with thin_pool_group(tmp_path) as made:
         yield made
 
 
