@@ -11,24 +11,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import faulthandler
+import functools
 import logging
 import os
 import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
+from typing import cast
 
 from prometheus_client.registry import Collector
 
 from csi import DRIVER_NAME, __version__, config, kube
 from csi import log as logsetup
 from csi.backends import local, lvm, nfs
-from csi.backends.base import Backend
+from csi.backends.base import Backend, SnapshotBlocks
 from csi.backends.routed import NodeAgent, NodeKeyed, NodeKeyedConnector, Objects, RoutedVolumes
 from csi.backup.configured import build_repositories
-from csi.backup.engine import Backups
+from csi.backup.engine import Backups, NodeBackups
+from csi.backup.repository import Repository
 from csi.config import BackendConfig
 from csi.controller import ControllerService
 from csi.errors import CairnError, ConfigError
@@ -82,13 +85,16 @@ def build_backends(
     controller: bool,
     node: bool,
     routing: Callable[[], Objects | None] = lambda: None,
+    repositories: Callable[[], Mapping[str, Repository]] = dict,
 ) -> tuple[list[Backend], list[NodeAgent]]:
     """The backends of the configuration, each with the halves this process's role
     needs, and the node agents of the routed ones. A node-local backend is routed
     through the Kubernetes API (``backends.routed``) when it pins no ``node``, and
     ``routing`` gives a connection (asked once, only when such a backend is configured):
     an lvm backend by default, a local backend only with a ``nodes`` list, as the
-    volumes of a local backend serving one node have IDs without their node."""
+    volumes of a local backend serving one node have IDs without their node. The agent
+    of a backend that reads its blocks copies backups into ``repositories`` (asked only
+    then) and restores from them."""
     backends, agents = [], []
     objects: Objects | None = None
     asked = False
@@ -101,7 +107,9 @@ def build_backends(
             objects, asked = routing(), True
         if candidate and objects is not None:
             # The controller half is the agent's, on each node; never built here.
-            backend, agent = _routed(builder(entry, node_id, False, node), entry, node_id, controller, node, objects)
+            backend, agent = _routed(
+                builder(entry, node_id, False, node), entry, node_id, controller, node, objects, repositories
+            )
             agents += [agent] if agent else []
         else:
             backend = builder(entry, node_id, controller, node)
@@ -110,7 +118,13 @@ def build_backends(
 
 
 def _routed(
-    backend: Backend, entry: BackendConfig, node_id: str, controller: bool, node: bool, objects: Objects
+    backend: Backend,
+    entry: BackendConfig,
+    node_id: str,
+    controller: bool,
+    node: bool,
+    objects: Objects,
+    repositories: Callable[[], Mapping[str, Repository]] = dict,
 ) -> tuple[Backend, NodeAgent | None]:
     """``backend`` served on many nodes: the controller half through NodeVolume objects,
     the node's own storage through an agent (on the nodes ``nodes`` lists, or every one)."""
@@ -143,13 +157,14 @@ def _routed(
         executor = BUILDERS[entry.kind](entry, node_id, True, False).volumes
         if not how.node_in_ids:
             executor = NodeKeyed(executor, backend.name, node_id)
-        agent = NodeAgent(backend.name, node_id, objects, executor, how.rest)
+        work = NodeBackups(repositories(), cast(SnapshotBlocks, executor)) if backend.capabilities.blocks else None
+        agent = NodeAgent(backend.name, node_id, objects, executor, how.rest, backups=work)
     if connector is not None and not how.node_in_ids:
         connector = NodeKeyedConnector(connector)
     log.info("backend %s: volumes on many nodes, reached through the Kubernetes API", backend.name)
-    # Backups read and fill blocks in the controller, which holds no node's storage here:
-    # a routed backend offers none (no backup snapshots, no changed-block tracking).
-    capabilities = dataclasses.replace(backend.capabilities, blocks=False)
+    # The controller holds no node's storage here: the nodes read and fill the blocks of
+    # backups and restores, and no changed-block tracking is offered.
+    capabilities = dataclasses.replace(backend.capabilities, blocks=False, node_blocks=backend.capabilities.blocks)
     return dataclasses.replace(backend, capabilities=capabilities, controller=routed, node=connector), agent
 
 
@@ -328,18 +343,20 @@ def build_server(args: argparse.Namespace) -> Server:
     driver_config = config.load(args.config) if args.config else config.embedded_default(args.data_dir)
     serves_controller = args.mode in ("all", "controller")
     serves_node = args.mode in ("all", "node")
+    repositories = functools.cache(lambda: build_repositories(driver_config.repositories))
     backends, agents = build_backends(
         driver_config,
         args.node_id,
         serves_controller,
         serves_node,
         lambda: node_routing(args.node_routing, args.kubeconfig),
+        repositories,
     )
     registry = Registry(backends)
     controller = snapshot_metadata = None
     backups: Backups | None = None
     if serves_controller:
-        backups = Backups(registry, build_repositories(driver_config.repositories))
+        backups = Backups(registry, repositories())
         controller = ControllerService(registry, Scheduler(registry), node_directory(args.check_nodes), backups)
         if offered(registry):
             snapshot_metadata = SnapshotMetadataService(registry)

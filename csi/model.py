@@ -159,6 +159,28 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
+class BackupOrder:
+    """One backup's copy, for whoever reads the snapshot's blocks: the controller, or the
+    node that holds a routed backend's volume. The snapshot is taken before the order."""
+
+    repository: str
+    backup_id: str
+    """Repository-local ID of the backup (``backup.engine.backup_id``)."""
+    name: str
+    """The request name the backup is made for."""
+    volume_id: str
+    """Driver-wide ID of the volume backed up."""
+    snapshot_id: str
+    """Driver-wide ID of the backend snapshot to copy (kept as the next backup's base)."""
+    base: str = ""
+    """Local ID of the previous backup's snapshot to diff against ("": read what the
+    snapshot holds)."""
+    parent: str = ""
+    """The backup ID of that previous backup ("" with no base)."""
+    started: float = 0.0
+
+
+@dataclass(frozen=True)
 class FilesystemStats:
     total_bytes: int
     available_bytes: int

@@ -7,7 +7,7 @@ the driver serves a single backend). Candidates then pass filters, like Cinder's
    offer every feature its ``requires`` parameter lists (snapshots, clones, ...);
 2. capabilities: it must offer every requested access mode and type;
 3. content source: a clone or restore of a snapshot stays on the source's backend; a
-   restore of a backup goes to any backend that fills volumes (``Capabilities.blocks``);
+   restore of a backup goes to any backend that fills volumes (``Capabilities.backups``);
 4. topology: its volumes must be reachable from a requisite segment;
 5. health: its last health check found nothing wrong, and it can tell its free space
    (Cinder leaves out a volume service that stopped reporting); UNAVAILABLE when none is;
@@ -95,7 +95,7 @@ class Scheduler:
         for backend in candidates:
             reasons = [r for r in (backend.capabilities.unsupported(c) for c in request.capabilities) if r]
             if request.source_kind == "backup":
-                if not backend.capabilities.blocks:
+                if not backend.capabilities.backups:
                     reasons.append("it cannot restore a backup (no block access)")
             elif request.source_kind and not backend.capabilities.offers(
                 "snapshots" if request.source_kind == "snapshot" else "clones"

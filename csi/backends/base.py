@@ -38,6 +38,7 @@ from csi.model import (
     NO_SECRETS,
     AccessMode,
     AccessType,
+    BackupOrder,
     Capability,
     Extent,
     Filesystem,
@@ -80,6 +81,10 @@ class Capabilities:
     blocks: bool = False
     """The controller half implements ``SnapshotBlocks``: changed-block tracking, backups
     of its volumes and restores of backups onto it."""
+    node_blocks: bool = False
+    """The nodes that hold the volumes read and fill their blocks (a routed backend whose
+    nodes declare ``blocks``; its controller half implements ``NodeBlocks``): backups of
+    its volumes and restores of backups onto it, no changed-block tracking service."""
     refusals: Mapping[tuple[AccessType, AccessMode], str] = field(default_factory=dict)
     """Why a combination is not offered, where the reason helps the user."""
 
@@ -100,6 +105,11 @@ class Capabilities:
             if capability.fs_type not in offered_fs:
                 return f"filesystem {capability.fs_type!r} is not offered (offered: {', '.join(sorted(offered_fs))})"
         return None
+
+    @property
+    def backups(self) -> bool:
+        """Whether volumes of the backend can be backed up and backups restored onto it."""
+        return self.blocks or self.node_blocks
 
     def offers(self, feature: str) -> bool:
         """Whether the backend offers one of FEATURES."""
@@ -256,6 +266,22 @@ class SnapshotBlocks(Protocol):
         content again. What is not written reads as zeros."""
 
 
+class NodeBlocks(Protocol):
+    """Block work done by the node that holds a volume, for a backend whose controller
+    half reaches no node's storage (declared by ``Capabilities.node_blocks``). Restores
+    need nothing here: the node fills a volume made from a backup before it reports the
+    volume made."""
+
+    def order_backup(self, snapshot_local_id: str, order: BackupOrder) -> None:
+        """Ask the snapshot's node to copy it as ``order`` says (an order given before
+        is kept: a retry finds it)."""
+
+    def backup_progress(self, snapshot_local_id: str, backup_id: str) -> int | None:
+        """The bytes of the snapshot the node has copied so far, or None once the backup
+        is saved; raises the node's error when its copy failed (once: the next order
+        starts it again)."""
+
+
 @dataclass(frozen=True)
 class AttachRequest:
     """What the node knows when it attaches a volume: how it will be used, what the
@@ -363,6 +389,14 @@ class Backend:
                 "restores from backups or changed-block tracking on it"
             )
         return cast(SnapshotBlocks, self.volumes)
+
+    @property
+    def node_blocks(self) -> NodeBlocks:
+        """The controller half's way to the nodes' block work; FailedPrecondition naming
+        the backend when it has none."""
+        if not self.capabilities.node_blocks:
+            raise FailedPrecondition(f"backend {self.name!r} ({self.kind}) has no node that reads its blocks")
+        return cast(NodeBlocks, self.volumes)
 
     @property
     def connector(self) -> NodeConnector:

@@ -39,13 +39,17 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import Any, Protocol, cast
 
 from csi import errors, ids
 from csi.backends.base import (
     Attachment,
     AttachRequest,
+    BlockReader,
+    BlockWriter,
     NodeConnector,
+    SnapshotBlocks,
     VolumeBackend,
     check_publication,
     matching,
@@ -66,7 +70,9 @@ from csi.model import (
     TOPOLOGY_NODE_KEY,
     AccessMode,
     AccessType,
+    BackupOrder,
     Capability,
+    Extent,
     Secrets,
     Segment,
     Snapshot,
@@ -96,6 +102,8 @@ POLL = 0.1  # seconds between two reads of an object the controller waits for
 ORPHANS_REPORTED = 100  # at most this many orphans on a NodeStorage (all are logged)
 
 PENDING, READY, FAILED = "Pending", "Ready", "Failed"
+COPYING, SAVED = "Copying", "Saved"  # a backup's copy on the node (status.backup.phase)
+PROGRESS_EVERY = 2.0  # seconds between two writes of a copy's or fill's progress
 _LABEL_VALUE = 63
 _OBJECT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # Errors a node answers that another node may not: the create moves on.
@@ -132,6 +140,7 @@ _CODES: dict[str, type[CairnError]] = {
         errors.Unavailable,
         errors.DeadlineExceeded,
         errors.Unimplemented,
+        errors.DataLoss,
     )
 }
 
@@ -281,6 +290,20 @@ class Objects:
 _KINDS = {VOLUMES: "NodeVolume", STORAGES: "NodeStorage"}
 
 
+def update(objects: Objects, name: str, change: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+    """Read, change (``change`` says whether it changed anything) and write NodeVolume
+    ``name`` until the write is not refused for a concurrent change; None when it is gone."""
+    for _ in range(20):
+        obj = objects.get(VOLUMES, name)
+        if obj is None or not change(obj):
+            return obj
+        try:
+            return objects.replace(VOLUMES, obj)
+        except Conflict:
+            continue
+    raise Aborted(f"{name}: changed by someone else twenty times in a row")
+
+
 # -- what travels in a NodeVolume ----------------------------------------------------
 
 
@@ -310,6 +333,40 @@ def _source_in(raw: Mapping[str, Any] | None) -> SourceRef | None:
     if not raw:
         return None
     return SourceRef(raw["kind"], raw["localId"])
+
+
+def _order_out(order: BackupOrder) -> dict[str, Any]:
+    return {
+        "repository": order.repository,
+        "backupId": order.backup_id,
+        "name": order.name,
+        "volumeId": order.volume_id,
+        "snapshotId": order.snapshot_id,
+        "base": order.base,
+        "parent": order.parent,
+        "started": order.started,
+    }
+
+
+def _order_in(raw: Mapping[str, Any]) -> BackupOrder:
+    return BackupOrder(
+        repository=str(raw["repository"]),
+        backup_id=str(raw["backupId"]),
+        name=str(raw["name"]),
+        volume_id=str(raw["volumeId"]),
+        snapshot_id=str(raw["snapshotId"]),
+        base=str(raw.get("base") or ""),
+        parent=str(raw.get("parent") or ""),
+        started=float(raw.get("started") or 0.0),
+    )
+
+
+def _fill_failed(obj: Mapping[str, Any] | None) -> bool:
+    """Whether the node's last fill of a restored volume failed and nobody answered it yet."""
+    if obj is None:
+        return False
+    status = obj.get("status") or {}
+    return int(status.get("fillFailures") or 0) > int(obj["spec"].get("fillRetries") or 0)
 
 
 def spec_of(obj: Mapping[str, Any]) -> VolumeSpec:
@@ -443,21 +500,17 @@ class RoutedVolumes:
                 return obj
             if time.monotonic() >= deadline:
                 node = ((obj or {}).get("spec") or {}).get("node", "?")
-                raise Aborted(f"{what}: node {node!r} has not finished it yet (its node plugin works on it)")
+                filled = ((obj or {}).get("status") or {}).get("filledBytes")
+                doing = (
+                    f"{int(filled)} bytes of the backup written"
+                    if filled is not None
+                    else "its node plugin works on it"
+                )
+                raise Aborted(f"{what}: node {node!r} has not finished it yet ({doing})")
             time.sleep(POLL)
 
     def _update(self, name: str, change: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
-        """Read, change (``change`` says whether it changed anything) and write object
-        ``name`` until the write is not refused for a concurrent change."""
-        for _ in range(20):
-            obj = self.objects.get(VOLUMES, name)
-            if obj is None or not change(obj):
-                return obj
-            try:
-                return self.objects.replace(VOLUMES, obj)
-            except Conflict:
-                continue
-        raise Aborted(f"{name}: changed by someone else twenty times in a row")
+        return update(self.objects, name, change)
 
     @staticmethod
     def _settled(obj: dict[str, Any] | None) -> bool:
@@ -475,19 +528,38 @@ class RoutedVolumes:
         elif obj["metadata"].get("deletionTimestamp"):
             raise Aborted(f"volume {spec.name!r} is being deleted; retry once it is gone")
         while True:
-            obj = self._await(name, self._settled, f"creating volume {spec.name!r}")
+            obj = self._await(name, lambda o: self._settled(o) or _fill_failed(o), f"creating volume {spec.name!r}")
             if obj is None:
                 raise Aborted(f"volume {spec.name!r} was deleted while it was being made; retry")
             status = obj.get("status") or {}
             if status.get("phase") == READY:
                 return matching(self._volume(obj), spec)
+            if _fill_failed(obj):
+                self._report_fill(obj, spec)
             self._next_node(obj, spec)
 
+    def _report_fill(self, obj: dict[str, Any], spec: VolumeSpec) -> None:
+        """A restore's fill failed on the node (a damaged chunk, an unreachable
+        repository): answer its error, once; the retry has the node write it all again
+        (the volume stays marked filling meanwhile)."""
+        status = obj["status"]
+        error = error_of(str(status.get("fillCode") or ""), str(status.get("fillMessage") or "the restore failed"))
+        failures = int(status.get("fillFailures") or 0)
+
+        def again(current: dict[str, Any]) -> bool:
+            if int(current["spec"].get("fillRetries") or 0) >= failures:
+                return False
+            current["spec"]["fillRetries"] = failures
+            return True
+
+        self._update(obj["metadata"]["name"], again)
+        raise error
+
     def _candidates(self, spec: VolumeSpec) -> list[str]:
-        """Nodes that may hold the new volume, best first: the source's node for a copy;
-        otherwise the preferred nodes in order, then the others with the most room first,
+        """Nodes that may hold the new volume, best first: the source's node for a copy of
+        a snapshot or volume; otherwise (also for a restore of a backup) the preferred nodes in order, then the others with the most room first,
         every one within the requisite topology and with room for the size asked."""
-        if spec.source is not None:
+        if spec.source is not None and spec.source.kind != "backup":  # a backup restores on any node
             kind = spec.source.kind
             source = self._object(kind, spec.source.local_id)
             if source is None or (source.get("status") or {}).get("phase") != READY:
@@ -766,6 +838,57 @@ class RoutedVolumes:
             created_at=float(status.get("createdAt") or 0),
         )
 
+    # -- backups: the node that holds the snapshot copies it ----------------------------
+
+    def _backup_object(self, snapshot_local_id: str) -> dict[str, Any]:
+        obj = self._object("snapshot", snapshot_local_id)
+        if obj is None or (obj.get("status") or {}).get("phase") != READY:
+            raise NotFound(f"snapshot {snapshot_local_id!r} does not exist")
+        return obj
+
+    def order_backup(self, snapshot_local_id: str, order: BackupOrder) -> None:
+        """Write the order on the snapshot's object for its node's agent (kept when one
+        for the same backup is there; a failure already reported is cleared, so the node
+        starts again)."""
+        obj = self._backup_object(snapshot_local_id)
+
+        def ask(current: dict[str, Any]) -> bool:
+            state = (current.get("status") or {}).get("backup") or {}
+            if (current["spec"].get("backup") or {}).get("backupId") == order.backup_id:
+                if state.get("phase") == FAILED and state.get("reported"):
+                    del current["status"]["backup"]
+                    return True
+                return False
+            current["spec"]["backup"] = _order_out(order)
+            current.setdefault("status", {}).pop("backup", None)
+            return True
+
+        self._update(obj["metadata"]["name"], ask)
+
+    def backup_progress(self, snapshot_local_id: str, backup_id: str) -> int | None:
+        obj = self._backup_object(snapshot_local_id)
+        state = (obj.get("status") or {}).get("backup") or {}
+        if state.get("backupId") != backup_id:
+            return 0  # not started on the node yet
+        if state.get("phase") == SAVED:
+            return None
+        if state.get("phase") == FAILED:
+            node = obj["spec"]["node"]
+            error = error_of(
+                str(state.get("code") or ""), f"on node {node!r}: {state.get('message') or 'the copy failed'}"
+            )
+
+            def reported(current: dict[str, Any]) -> bool:
+                found = (current.get("status") or {}).get("backup") or {}
+                if found.get("backupId") != backup_id or found.get("phase") != FAILED or found.get("reported"):
+                    return False
+                found["reported"] = True
+                return True
+
+            self._update(obj["metadata"]["name"], reported)
+            raise error
+        return int(state.get("doneBytes") or 0)
+
     # -- publication -----------------------------------------------------------------
 
     def publish_volume(
@@ -807,6 +930,21 @@ class RoutedVolumes:
 # -- the node's half -------------------------------------------------------------------
 
 
+class NodeBackupWork(Protocol):
+    """The backup work a node agent hands on (``backup.engine.NodeBackups``), with the
+    node's own block access to the backend's volumes."""
+
+    def copy(
+        self, snapshot_local_id: str, order: BackupOrder, cancelled: threading.Event, progress: Callable[[int], None]
+    ) -> object:
+        """Copy the snapshot into the order's repository and save the backup."""
+
+    def fill(
+        self, volume: Volume, backup_snapshot_id: str, cancelled: threading.Event, progress: Callable[[int], None]
+    ) -> object:
+        """Write the backup into ``volume`` (made from it, still filling)."""
+
+
 class NodeAgent:
     """Makes, grows and removes the NodeVolumes of one backend on this node with
     ``executor`` (the backend's controller half pinned to this node), and reports this
@@ -822,11 +960,13 @@ class NodeAgent:
         *,
         resync: float = RESYNC,
         clock: Callable[[], float] = time.time,
+        backups: NodeBackupWork | None = None,
     ) -> None:
         self.backend = backend
         self.node = node
         self.objects = objects
         self.executor = executor
+        self.backups = backups
         self.rest = rest
         self.resync = resync
         self.clock = clock
@@ -836,6 +976,10 @@ class NodeAgent:
         self._synced = False
         self._known_orphans: set[str] = set()
         self._working = threading.RLock()  # held by every step; stop waits for it
+        # Copies and fills run in their own threads (hours for a large volume), so the
+        # agent goes on with the other objects meanwhile: object name -> thread, cancel.
+        self._tasks: dict[str, tuple[threading.Thread, threading.Event]] = {}
+        self._tasks_lock = threading.Lock()
         self.passes = 0
         """Full passes finished (each reads every object, checks presence, reports)."""
         self.last_problem = ""
@@ -859,8 +1003,15 @@ class NodeAgent:
         for one in progress) and none will start. The thread itself ends when its watch
         does (a few seconds), doing nothing more."""
         self._stop.set()
+        deadline = time.monotonic() + timeout
         if self._working.acquire(timeout=timeout):
             self._working.release()
+        with self._tasks_lock:
+            tasks = list(self._tasks.values())
+        for _, cancelled in tasks:
+            cancelled.set()
+        for thread, _ in tasks:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -984,12 +1135,15 @@ class NodeAgent:
         report (a node that stops reporting looks lost to the controller)."""
         name = obj.get("metadata", {}).get("name", "?")
         try:
+            phase = (obj.get("status") or {}).get("phase")
             if obj["metadata"].get("deletionTimestamp"):
                 self._delete(obj)
-            elif (obj.get("status") or {}).get("phase") == PENDING:
+            elif phase == PENDING:
                 self._create(obj)
-            elif (obj.get("status") or {}).get("phase") == READY and spec.get("kind") == "volume":
+            elif phase == READY and spec.get("kind") == "volume":
                 self._grow(obj)
+            elif phase == READY and spec.get("kind") == "snapshot" and spec.get("backup"):
+                self._copy(obj)
         except Conflict:
             pass  # changed meanwhile: the watch brings the new version
         except CairnError as exc:
@@ -1009,10 +1163,15 @@ class NodeAgent:
             if written is None:
                 return
             obj = written
+        if self._running(obj["metadata"]["name"]):
+            return  # a fill of it runs: the volume is made, its content on the way
         status: dict[str, Any]
         try:
             if spec["kind"] == "volume":
                 volume = self.executor.create_volume(spec_of(obj))
+                if volume.filling:
+                    self._fill(obj, volume)  # Ready once the backup is written
+                    return
                 status = {"phase": READY, "capacityBytes": volume.capacity_bytes}
             else:
                 snapshot = self.executor.create_snapshot(
@@ -1045,6 +1204,7 @@ class NodeAgent:
         finalizers = obj["metadata"].get("finalizers") or []
         if FINALIZER not in finalizers:
             return
+        self._cancel(obj["metadata"]["name"])  # a copy reading it, a fill writing it
         try:
             if obj["spec"]["kind"] == "volume":
                 self.executor.delete_volume(self._local_id(obj))
@@ -1059,6 +1219,155 @@ class NodeAgent:
             return
         obj["metadata"]["finalizers"] = [f for f in finalizers if f != FINALIZER]
         self.objects.replace(VOLUMES, obj)
+
+    # -- copies and fills, in their own threads -------------------------------------------
+
+    def _start(self, name: str, what: str, work: Callable[[threading.Event], None]) -> None:
+        """Run ``work`` for object ``name`` in a thread of its own, unless one runs."""
+        with self._tasks_lock:
+            running = self._tasks.get(name)
+            if (running is not None and running[0].is_alive()) or self._stop.is_set():
+                return
+            cancelled = threading.Event()
+            thread = threading.Thread(
+                target=self._task, args=(name, what, work, cancelled), name=f"{what} {name}", daemon=True
+            )
+            self._tasks[name] = (thread, cancelled)
+            thread.start()
+
+    def _task(self, name: str, what: str, work: Callable[[threading.Event], None], cancelled: threading.Event) -> None:
+        try:
+            work(cancelled)
+        except Exception:  # its outcome is unwritten: the next pass starts it again
+            log.exception("backend %s: the %s of %s failed", self.backend, what, name)
+        finally:
+            with self._tasks_lock:
+                if self._tasks.get(name, (None,))[0] is threading.current_thread():
+                    del self._tasks[name]
+
+    def _running(self, name: str) -> bool:
+        with self._tasks_lock:
+            running = self._tasks.get(name)
+        return running is not None and running[0].is_alive()
+
+    def _cancel(self, name: str, timeout: float = 60.0) -> None:
+        """Stop the copy or fill of object ``name``, if one runs: it ends at its next chunk."""
+        with self._tasks_lock:
+            running = self._tasks.get(name)
+        if running is not None:
+            running[1].set()
+            running[0].join(timeout)
+
+    def _progress(self, write: Callable[[int], None]) -> Callable[[int], None]:
+        """``write`` of the bytes done so far, at most every PROGRESS_EVERY seconds (the
+        chunks are done by several threads)."""
+        lock = threading.Lock()
+        last = [time.monotonic()]
+
+        def told(done: int) -> None:
+            with lock:
+                if time.monotonic() - last[0] < PROGRESS_EVERY:
+                    return
+                last[0] = time.monotonic()
+            with contextlib.suppress(CairnError):  # progress only: the next one may pass
+                write(done)
+
+        return told
+
+    def _copy(self, obj: dict[str, Any]) -> None:
+        """Copy a backup's snapshot into its repository, as the controller ordered; the
+        outcome goes to ``status.backup``."""
+        name = obj["metadata"]["name"]
+        order = _order_in(obj["spec"]["backup"])
+        state = (obj.get("status") or {}).get("backup") or {}
+        if state.get("backupId") == order.backup_id and state.get("phase") in (SAVED, FAILED):
+            return
+        local_id = self._local_id(obj)
+
+        def tell(**fields: Any) -> None:
+            def change(current: dict[str, Any]) -> bool:
+                if current["metadata"].get("deletionTimestamp"):
+                    return False
+                if ((current["spec"].get("backup") or {}).get("backupId")) != order.backup_id:
+                    return False
+                current.setdefault("status", {})["backup"] = {"backupId": order.backup_id, **fields}
+                return True
+
+            update(self.objects, name, change)
+
+        def work(cancelled: threading.Event) -> None:
+            if self.backups is None:
+                raise FailedPrecondition(f"node {self.node!r} reads no blocks of backend {self.backend!r}")
+            tell(phase=COPYING, doneBytes=0)
+            try:
+                self.backups.copy(
+                    local_id, order, cancelled, self._progress(lambda d: tell(phase=COPYING, doneBytes=d))
+                )
+            except CairnError as exc:
+                if not cancelled.is_set():
+                    log.warning("backend %s: backup %r failed on this node: %s", self.backend, order.name, exc)
+                    tell(phase=FAILED, code=code_of(exc), message=str(exc))
+                return
+            tell(phase=SAVED)
+
+        if self.backups is None:
+            tell(phase=FAILED, code="FailedPrecondition", message=f"node {self.node!r} reads no blocks of this backend")
+            return
+        self._start(name, "backup", work)
+
+    def _fill(self, obj: dict[str, Any], volume: Volume) -> None:
+        """Write the backup a volume is restored from; the volume is Ready once written.
+        A failure is recorded (``fillFailures``) and waits for the controller to answer
+        it and ask again (``spec.fillRetries``): the volume stays marked filling."""
+        if _fill_failed(obj):
+            return
+        name = obj["metadata"]["name"]
+        backup = obj["spec"]["source"]["localId"]
+
+        def change_pending(edit: Callable[[dict[str, Any]], None]) -> None:
+            def change(current: dict[str, Any]) -> bool:
+                status = current.setdefault("status", {})
+                if current["metadata"].get("deletionTimestamp") or status.get("phase") != PENDING:
+                    return False
+                edit(status)
+                return True
+
+            update(self.objects, name, change)
+
+        def failed(exc: CairnError) -> None:
+            log.warning("backend %s: restoring %s into %s failed: %s", self.backend, backup, volume.local_id, exc)
+
+            def edit(status: dict[str, Any]) -> None:
+                status.update(
+                    fillFailures=int(status.get("fillFailures") or 0) + 1, fillCode=code_of(exc), fillMessage=str(exc)
+                )
+                status.pop("filledBytes", None)
+
+            change_pending(edit)
+
+        def work(cancelled: threading.Event) -> None:
+            try:
+                if self.backups is None:
+                    raise FailedPrecondition(f"node {self.node!r} fills no volumes of backend {self.backend!r}")
+                self.backups.fill(
+                    volume,
+                    backup,
+                    cancelled,
+                    self._progress(lambda d: change_pending(lambda s: s.update(filledBytes=d))),
+                )
+                made = self.executor.get_volume(volume.local_id)
+            except CairnError as exc:
+                if not cancelled.is_set():
+                    failed(exc)
+                return
+
+            def ready(status: dict[str, Any]) -> None:
+                status.clear()
+                status.update(phase=READY, capacityBytes=made.capacity_bytes)
+
+            change_pending(ready)
+
+        self._start(name, "restore", work)
 
 
 # -- backends whose local IDs carry no node --------------------------------------------
@@ -1091,7 +1400,7 @@ class NodeKeyed:
 
     def _volume(self, volume: Volume) -> Volume:
         source = volume.source
-        if source is not None:
+        if source is not None and source.kind != "backup":  # a backup's ID is driver-wide
             source = SourceRef(source.kind, self._out(source.local_id))
         return dataclasses.replace(volume, local_id=self._out(volume.local_id), source=source)
 
@@ -1112,7 +1421,9 @@ class NodeKeyed:
         return self.inner.max_volume_bytes(segment, secrets=secrets)
 
     def create_volume(self, spec: VolumeSpec) -> Volume:
-        source = SourceRef(spec.source.kind, self._in(spec.source.local_id)) if spec.source else None
+        source = spec.source
+        if source is not None and source.kind != "backup":
+            source = SourceRef(source.kind, self._in(source.local_id))
         return self._volume(self.inner.create_volume(dataclasses.replace(spec, source=source)))
 
     def delete_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
@@ -1154,6 +1465,26 @@ class NodeKeyed:
 
     def unpublish_volume(self, local_id: str, node_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
         self.inner.unpublish_volume(self._in(local_id), node_id, secrets=secrets)
+
+    # Block access, for a node's backups (when the inner backend declares it).
+
+    @property
+    def _blocks(self) -> SnapshotBlocks:
+        return cast(SnapshotBlocks, self.inner)
+
+    def allocated(self, local_id: str, start: int = 0, *, secrets: Secrets = NO_SECRETS) -> Iterator[Extent]:
+        return self._blocks.allocated(self._in(local_id), start, secrets=secrets)
+
+    def changed(
+        self, base_local_id: str, target_local_id: str, start: int = 0, *, secrets: Secrets = NO_SECRETS
+    ) -> Iterator[Extent]:
+        return self._blocks.changed(self._in(base_local_id), self._in(target_local_id), start, secrets=secrets)
+
+    def read_snapshot(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> AbstractContextManager[BlockReader]:
+        return self._blocks.read_snapshot(self._in(local_id), secrets=secrets)
+
+    def fill_volume(self, local_id: str, *, secrets: Secrets = NO_SECRETS) -> AbstractContextManager[BlockWriter]:
+        return self._blocks.fill_volume(self._in(local_id), secrets=secrets)
 
 
 class NodeKeyedConnector:

@@ -17,6 +17,7 @@ the repository lacks."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -29,10 +30,10 @@ from dataclasses import dataclass, field
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from csi import ids
-from csi.backends.base import Backend
+from csi.backends.base import Backend, SnapshotBlocks
 from csi.backup.repository import Manifest, Repository
 from csi.errors import Aborted, AlreadyExists, CairnError, FailedPrecondition, InvalidArgument, NotFound
-from csi.model import NO_SECRETS, Extent, Secrets, Snapshot, Volume
+from csi.model import NO_SECRETS, BackupOrder, Extent, Secrets, Snapshot, Volume
 from csi.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ SNAPSHOT_PREFIX = "cairn-backup-"
 """Names of the backend snapshots backups take (visible in the backend's listings)."""
 PROGRESS_STEP = 0.1
 """Log a running backup's progress at every tenth of the volume."""
+NODE_POLL = 1.0
+"""Seconds between two looks at a copy a node runs (a routed backend's)."""
 WORKERS = 4
 """Chunks read, hashed, compressed and stored (or fetched, checked and written) at once."""
 
@@ -99,6 +102,152 @@ def in_parallel(indexes: Iterable[int], work: Callable[[int], None], workers: in
 
 def is_zero(data: bytes) -> bool:
     return not data.strip(b"\0")
+
+
+Tally = Callable[[int, int, int], None]
+"""Told of each chunk copied: bytes read, bytes newly stored, and where the chunk ends."""
+
+
+def write_backup(
+    repository: Repository,
+    blocks: SnapshotBlocks,
+    snapshot_local_id: str,
+    order: BackupOrder,
+    *,
+    cancelled: threading.Event,
+    tally: Tally | None = None,
+    secrets: Secrets = NO_SECRETS,
+) -> Manifest:
+    """Copy what the repository lacks of the snapshot into it and save the manifest, on
+    whichever host reads the snapshot's blocks (the caller marks the backup in progress,
+    ``Repository.writing``). With a base (the previous backup's snapshot) only the ranges
+    changed since it are read, the other chunks taken from the previous manifest;
+    otherwise every allocated range. Aborted at the next chunk once ``cancelled`` is set."""
+    chunk_size = repository.chunk_size
+    previous: Manifest | None = None
+    if order.base and order.parent:
+        try:
+            previous = repository.manifest(order.parent)
+        except NotFound:
+            previous = None  # deleted since the order: read the snapshot whole
+    with blocks.read_snapshot(snapshot_local_id, secrets=secrets) as reader:
+        size = reader.size
+        count = -(-size // chunk_size)
+        changed: list[Extent] | None = None
+        if previous is not None and previous.chunk_size == chunk_size and previous.size <= size:
+            try:
+                changed = list(blocks.changed(order.base, snapshot_local_id, secrets=secrets))
+            except NotFound:
+                # The base went since it was found: a backup of the volume that ran
+                # beside this one finished and dropped it. Read what the snapshot holds.
+                log.info("the base of a backup went meanwhile; reading it whole", extra={"backup": order.name})
+        chunks: list[str | None]
+        if previous is not None and changed is not None:
+            chunks = list(previous.chunks[:count]) + [None] * max(0, count - len(previous.chunks))
+            ranges = changed
+            if size > previous.size:
+                # The chunk that was the last, and partial, is read again whole.
+                start = previous.size - previous.size % chunk_size
+                ranges = sorted([*ranges, Extent(start, min(size, start + chunk_size) - start)])
+            parent = previous.backup_id
+        else:
+            chunks = [None] * count
+            ranges = list(blocks.allocated(snapshot_local_id, secrets=secrets))
+            parent = ""
+        lock = threading.Lock()
+        totals = {"read": 0, "new": 0, "done": 0, "reported": 0.0}
+
+        def copy_chunk(index: int) -> None:
+            if cancelled.is_set():
+                raise Aborted(f"backup {order.name!r} was cancelled: its snapshot is being deleted")
+            offset = index * chunk_size
+            data = reader.read(offset, min(chunk_size, size - offset))
+            digest, stored = (None, 0) if is_zero(data) else repository.put_chunk(data)
+            chunks[index] = digest
+            with lock:
+                totals["read"] += len(data)
+                totals["new"] += stored
+                totals["done"] = max(totals["done"], offset + len(data))
+                due = size and totals["done"] / size >= totals["reported"] + PROGRESS_STEP
+                if due:
+                    totals["reported"] = totals["done"] / size
+            if tally is not None:
+                tally(len(data), stored, offset + len(data))
+            if due:
+                log.info(
+                    "backup progress",
+                    extra={
+                        "backup": order.name,
+                        "percent": int(100 * totals["reported"]),
+                        "read_bytes": totals["read"],
+                    },
+                )
+
+        in_parallel(chunk_indexes(ranges, chunk_size, count), copy_chunk)
+    manifest = Manifest(
+        backup_id=order.backup_id,
+        name=order.name,
+        volume_id=order.volume_id,
+        base_snapshot=order.snapshot_id,
+        parent=parent,
+        size=size,
+        chunk_size=chunk_size,
+        chunks=tuple(chunks),
+        created_at=order.started,
+        read_bytes=int(totals["read"]),
+        new_bytes=int(totals["new"]),
+    )
+    repository.save(manifest)
+    return manifest
+
+
+def check_room(volume: Volume, manifest: Manifest) -> None:
+    if volume.capacity_bytes < manifest.size:
+        raise FailedPrecondition(
+            f"volume {volume.local_id} has {volume.capacity_bytes} bytes, less than backup {manifest.name!r} "
+            f"({manifest.size})"
+        )
+
+
+def fill_from(
+    repository: Repository,
+    manifest: Manifest,
+    blocks: SnapshotBlocks,
+    volume_local_id: str,
+    *,
+    cancelled: threading.Event | None = None,
+    tally: Callable[[int], None] | None = None,
+    secrets: Secrets = NO_SECRETS,
+) -> Restored:
+    """Write the backup's non-zero chunks into a volume made from it (still filling),
+    each checked against its address first (DataLoss naming it otherwise); the fill's end
+    makes the writes durable and clears the mark. Zero chunks are not written: the new
+    volume reads zeros there. ``tally`` hears the bytes written so far."""
+    totals = {"chunks": 0, "bytes": 0}
+    lock = threading.Lock()
+    with blocks.fill_volume(volume_local_id, secrets=secrets) as writer:
+
+        def write_chunk(index: int) -> None:
+            if cancelled is not None and cancelled.is_set():
+                raise Aborted(f"the restore of backup {manifest.name!r} into {volume_local_id} was cancelled")
+            digest = manifest.chunks[index]
+            assert digest is not None
+            data = repository.get_chunk(digest, backup=manifest.name)
+            writer.write(index * manifest.chunk_size, data)
+            with lock:
+                totals["chunks"] += 1
+                totals["bytes"] += len(data)
+                written = totals["bytes"]
+            if tally is not None:
+                tally(written)
+
+        in_parallel((i for i, d in enumerate(manifest.chunks) if d is not None), write_chunk)
+    chunks, written = totals["chunks"], totals["bytes"]
+    log.info(
+        "backup restored",
+        extra={"backup": manifest.name, "volume": volume_local_id, "chunks": chunks, "bytes": written},
+    )
+    return Restored(chunks, written)
 
 
 @dataclass
@@ -166,7 +315,7 @@ class Backups:
             self._finish_saved(repository, done, secrets)
             return _snapshot(done)
         backend, volume_local_id = self._route_volume(volume_id)
-        if not backend.capabilities.blocks:
+        if not backend.capabilities.backups:
             raise InvalidArgument(
                 f"volume {volume_id} cannot be backed up: backend {backend.name!r} ({backend.kind}) "
                 "does not read its snapshots' blocks"
@@ -229,8 +378,11 @@ class Backups:
         volume_local_id: str,
         secrets: Secrets,
     ) -> None:
+        # The process that stores the chunks marks the backup in progress: this one, or
+        # the node that copies it for a routed backend.
+        writing = repository.writing(local_id) if backend.capabilities.blocks else contextlib.nullcontext()
         try:
-            with repository.writing(local_id):
+            with writing:
                 manifest = self._copy(job, repository, local_id, backend, volume_local_id, secrets)
             log.info(
                 "backup saved",
@@ -261,88 +413,79 @@ class Backups:
         volume_local_id: str,
         secrets: Secrets,
     ) -> Manifest:
-        blocks = backend.blocks
         earlier = self._of_volume(repository, job.volume_id)
         previous = max(earlier, key=lambda m: m.created_at, default=None)
         # The snapshots of backups older than the newest are no base of anything.
         for old in earlier:
             if old is not previous:
                 self._drop_base(old.base_snapshot, secrets)
-        snapshot = backend.volumes.create_snapshot(SNAPSHOT_PREFIX + local_id, volume_local_id, {}, secrets=secrets)
-        snapshot_id = ids.encode(backend.name, snapshot.local_id)
-        chunk_size = repository.chunk_size
-        with blocks.read_snapshot(snapshot.local_id, secrets=secrets) as reader:
-            size = reader.size
-            count = -(-size // chunk_size)
-            job.size = size
-            chunks: list[str | None]
-            base = self._usable_base(previous, backend, chunk_size, size, secrets)
-            changed: list[Extent] | None = None
-            if base is not None:
-                try:
-                    changed = list(blocks.changed(base, snapshot.local_id, secrets=secrets))
-                except NotFound:
-                    # The base went since it was found: a backup of the volume that ran
-                    # beside this one finished and dropped it. Read what the snapshot holds.
-                    log.info("the base of a backup went meanwhile; reading it whole", extra={"backup": job.name})
-            if previous is not None and changed is not None:
-                chunks = list(previous.chunks[:count]) + [None] * max(0, count - len(previous.chunks))
-                ranges = changed
-                if size > previous.size:
-                    # The chunk that was the last, and partial, is read again whole.
-                    start = previous.size - previous.size % chunk_size
-                    ranges = sorted([*ranges, Extent(start, min(size, start + chunk_size) - start)])
-                parent = previous.backup_id
-            else:
-                chunks = [None] * count
-                ranges = list(blocks.allocated(snapshot.local_id, secrets=secrets))
-                parent = ""
-            totals = {"read": 0, "new": 0}
-            progress = {"reported": 0.0}
-
-            def copy_chunk(index: int) -> None:
-                if job.cancelled.is_set():
-                    raise Aborted(f"backup {job.name!r} was cancelled: its snapshot is being deleted")
-                offset = index * chunk_size
-                data = reader.read(offset, min(chunk_size, size - offset))
-                digest, stored = (None, 0) if is_zero(data) else repository.put_chunk(data)
-                chunks[index] = digest
-                with self._lock:
-                    totals["read"] += len(data)
-                    totals["new"] += stored
-                    self._read[repository.name] += len(data)
-                    self._stored[repository.name] += stored
-                    job.done_bytes = max(job.done_bytes, offset + len(data))
-                    due = size and job.done_bytes / size >= progress["reported"] + PROGRESS_STEP
-                    if due:
-                        progress["reported"] = job.done_bytes / size
-                if due:
-                    log.info(
-                        "backup progress",
-                        extra={
-                            "backup": job.name,
-                            "percent": int(100 * progress["reported"]),
-                            "read_bytes": totals["read"],
-                        },
-                    )
-
-            in_parallel(chunk_indexes(ranges, chunk_size, count), copy_chunk)
-            read_bytes, new_bytes = totals["read"], totals["new"]
-        manifest = Manifest(
+        snapshot = self._take_snapshot(job, backend, local_id, volume_local_id, secrets)
+        base = self._usable_base(previous, backend, repository.chunk_size, snapshot.size_bytes, secrets)
+        order = BackupOrder(
+            repository=repository.name,
             backup_id=local_id,
             name=job.name,
             volume_id=job.volume_id,
-            base_snapshot=snapshot_id,
-            parent=parent,
-            size=size,
-            chunk_size=chunk_size,
-            chunks=tuple(chunks),
-            created_at=job.started,
-            read_bytes=read_bytes,
-            new_bytes=new_bytes,
+            snapshot_id=ids.encode(backend.name, snapshot.local_id),
+            base=base or "",
+            parent=previous.backup_id if base and previous is not None else "",
+            started=job.started,
         )
-        repository.save(manifest)
+        if backend.capabilities.blocks:
+
+            def tally(read: int, stored: int, end: int) -> None:
+                with self._lock:
+                    self._read[repository.name] += read
+                    self._stored[repository.name] += stored
+                    job.done_bytes = max(job.done_bytes, end)
+
+            manifest = write_backup(
+                repository,
+                backend.blocks,
+                snapshot.local_id,
+                order,
+                cancelled=job.cancelled,
+                tally=tally,
+                secrets=secrets,
+            )
+        else:
+            manifest = self._copy_on_node(job, repository, backend, snapshot.local_id, order)
         self._drop_older_bases(repository, job.volume_id, secrets)
+        return manifest
+
+    def _take_snapshot(
+        self, job: Progress, backend: Backend, local_id: str, volume_local_id: str, secrets: Secrets
+    ) -> Snapshot:
+        """The backup's backend snapshot, taken (or found, for a retry). A routed backend's
+        node may take longer than one call waits (Aborted): asked again until it answers
+        or the backup is cancelled."""
+        while True:
+            try:
+                return backend.volumes.create_snapshot(SNAPSHOT_PREFIX + local_id, volume_local_id, {}, secrets=secrets)
+            except Aborted:
+                if backend.capabilities.blocks or job.cancelled.wait(NODE_POLL):
+                    raise
+
+    def _copy_on_node(
+        self, job: Progress, repository: Repository, backend: Backend, snapshot_local_id: str, order: BackupOrder
+    ) -> Manifest:
+        """Have the node that holds the snapshot copy it (a routed backend: this process
+        holds no node's storage) and wait until it saved the manifest."""
+        remote = backend.node_blocks
+        remote.order_backup(snapshot_local_id, order)
+        while True:
+            if job.cancelled.is_set():
+                raise Aborted(f"backup {job.name!r} was cancelled: its snapshot is being deleted")
+            done = remote.backup_progress(snapshot_local_id, order.backup_id)
+            if done is None:
+                break
+            job.done_bytes = max(job.done_bytes, done)
+            job.cancelled.wait(NODE_POLL)
+        manifest = repository.manifest(order.backup_id)
+        with self._lock:
+            self._read[repository.name] += manifest.read_bytes
+            self._stored[repository.name] += manifest.new_bytes
+            job.done_bytes = manifest.size
         return manifest
 
     def _drop_older_bases(self, repository: Repository, volume_id: str, secrets: Secrets) -> None:
@@ -427,7 +570,7 @@ class Backups:
         if volume_id:
             candidates = [self._route_volume(volume_id)[0]]
         else:
-            candidates = [b for b in self.registry if b.capabilities.blocks and b.controller is not None]
+            candidates = [b for b in self.registry if b.capabilities.backups and b.controller is not None]
         for backend in candidates:
             after = ""
             while True:
@@ -475,31 +618,8 @@ class Backups:
         Zero chunks are not written: the new volume reads zeros there."""
         manifest = self.manifest(backup_snapshot_id)
         repository = self.repository(ids.decode(backup_snapshot_id, "snapshot").backend)
-        if volume.capacity_bytes < manifest.size:
-            raise FailedPrecondition(
-                f"volume {volume.local_id} has {volume.capacity_bytes} bytes, less than backup {manifest.name!r} "
-                f"({manifest.size})"
-            )
-        totals = {"chunks": 0, "bytes": 0}
-        lock = threading.Lock()
-        with backend.blocks.fill_volume(volume.local_id, secrets=secrets) as writer:
-
-            def write_chunk(index: int) -> None:
-                digest = manifest.chunks[index]
-                assert digest is not None
-                data = repository.get_chunk(digest, backup=manifest.name)
-                writer.write(index * manifest.chunk_size, data)
-                with lock:
-                    totals["chunks"] += 1
-                    totals["bytes"] += len(data)
-
-            in_parallel((i for i, d in enumerate(manifest.chunks) if d is not None), write_chunk)
-        chunks, written = totals["chunks"], totals["bytes"]
-        log.info(
-            "backup restored",
-            extra={"backup": manifest.name, "volume": volume.local_id, "chunks": chunks, "bytes": written},
-        )
-        return Restored(chunks, written)
+        check_room(volume, manifest)
+        return fill_from(repository, manifest, backend.blocks, volume.local_id, secrets=secrets)
 
     # -- metrics (a prometheus_client collector) -----------------------------------
 
@@ -562,3 +682,55 @@ def _snapshot(manifest: Manifest) -> Snapshot:
         size_bytes=manifest.size,
         created_at=manifest.created_at,
     )
+
+
+class NodeBackups:
+    """The backup work of a routed backend's node (``backends.routed``): the controller
+    holds no node's storage, so the node that holds a volume copies its backups' snapshots
+    into the repositories and fills the volumes restored onto it, with the same functions
+    the controller uses for the backends it reaches itself. Needs the repositories
+    configured (and their credentials mounted) on the node too."""
+
+    def __init__(self, repositories: Mapping[str, Repository], blocks: SnapshotBlocks) -> None:
+        self.repositories = dict(repositories)
+        self.blocks = blocks
+
+    def _repository(self, name: str) -> Repository:
+        repository = self.repositories.get(name)
+        if repository is None:
+            raise FailedPrecondition(
+                f"backup repository {name!r} is not configured on this node (the node plugin needs the same "
+                "backupRepositories as the controller)"
+            )
+        return repository
+
+    def copy(
+        self, snapshot_local_id: str, order: BackupOrder, cancelled: threading.Event, progress: Callable[[int], None]
+    ) -> Manifest:
+        """Copy the snapshot as ``order`` says and save the manifest (in progress in the
+        repository meanwhile). A copy cut short and ordered again stores no chunk twice."""
+        repository = self._repository(order.repository)
+        with repository.writing(order.backup_id):
+            return write_backup(
+                repository,
+                self.blocks,
+                snapshot_local_id,
+                order,
+                cancelled=cancelled,
+                tally=lambda read, stored, end: progress(end),
+            )
+
+    def fill(
+        self,
+        volume: Volume,
+        backup_snapshot_id: str,
+        cancelled: threading.Event,
+        progress: Callable[[int], None],
+    ) -> Restored:
+        """Write a backup (a driver-wide backup snapshot ID) into ``volume``, made from it
+        on this node and still filling."""
+        ref = ids.decode(backup_snapshot_id, "snapshot")
+        repository = self._repository(ref.backend)
+        manifest = repository.manifest(ref.local_id)
+        check_room(volume, manifest)
+        return fill_from(repository, manifest, self.blocks, volume.local_id, cancelled=cancelled, tally=progress)

@@ -6,7 +6,9 @@ them. Every object goes through the API server, every volume is an LV."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ import pytest
 import yaml
 
 from csi import ids
+from csi.backends.base import Backend
+from csi.backends.local import CAPABILITIES as LOCAL_CAPABILITIES
 from csi.backends.local.controller import LocalVolumes
 from csi.backends.local.layout import Layout
 from csi.backends.lvm.volumes import LvmVolumes, rest_of
@@ -33,7 +37,10 @@ from csi.backends.routed import (
     spec_of,
     storage_name,
 )
-from csi.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
+from csi.backup.directory import DirectoryStore
+from csi.backup.engine import SNAPSHOT_PREFIX, Backups, NodeBackups
+from csi.backup.repository import Repository
+from csi.errors import Aborted, AlreadyExists, DataLoss, FailedPrecondition, NotFound, ResourceExhausted
 from csi.generated import csi_pb2 as pb
 from csi.model import (
     TOPOLOGY_NODE_KEY,
@@ -41,9 +48,12 @@ from csi.model import (
     AccessType,
     Capability,
     MiB,
+    Snapshot,
     SourceRef,
+    Volume,
     VolumeSpec,
 )
+from csi.registry import Registry
 from tests.cluster.kube import Cluster
 from tests.conftest import running_driver
 from tests.lvm import LoopVolumeGroup, loop_volume_group
@@ -529,3 +539,164 @@ def test_a_node_selector_picks_the_nodes_that_serve_a_backend(api: Cluster) -> N
             build_backends(driver_config, "node-c", False, True, lambda: connect(api))
     finally:
         api.kubectl("delete", "node", "node-a", "node-b", "--wait=false", check=False)
+
+
+@dataclass
+class Backed:
+    """A routed local backend on two nodes whose agents copy backups and fill restores,
+    and the controller's backup engine beside it: each with its own handle on one
+    directory repository, as separate processes would have."""
+
+    controller: RoutedVolumes
+    backups: Backups
+    agents: dict[str, NodeAgent]
+    root: Path
+
+    def image(self, node: str, kind: str, local_id: str) -> Path:
+        folder = "volumes" if kind == "volume" else "snapshots"
+        return self.root / node / folder / f"{ids.split_node(local_id)[1]}.img"
+
+    def backup(self, name: str, volume_local_id: str) -> Snapshot:
+        """Ask as the CO does until the backup is ready."""
+
+        def ready() -> Snapshot | None:
+            found = self.backups.backup("vault", name, ids.encode("files", volume_local_id))
+            return found if found.ready else None
+
+        return eventually(f"backup {name} is saved", ready, timeout=90)
+
+    def restore(self, name: str, backup: Snapshot, preferred: str) -> Volume:
+        """Ask as the CO does (ABORTED while the node writes) until the volume is made."""
+        source = SourceRef("backup", ids.encode("vault", backup.local_id))
+
+        def made() -> Volume | None:
+            try:
+                return self.controller.create_volume(spec(name, backup.size_bytes, preferred=preferred, source=source))
+            except Aborted:
+                return None
+
+        return eventually(f"volume {name} is restored", made, timeout=90)
+
+
+def _repository(root: Path) -> Repository:
+    return Repository("vault", DirectoryStore(str(root / "vault")), chunk_size=64 * 1024)
+
+
+@pytest.fixture
+def backed(api: Cluster, tmp_path: Path) -> Iterator[Backed]:
+    objects = connect(api)
+
+    def rest(kind: str, name: str) -> str:
+        return Layout.local_id("volume" if kind == "volume" else "snapshot", name)
+
+    agents = {}
+    for node in ("node-a", "node-b"):
+        executor = NodeKeyed(LocalVolumes(str(tmp_path / node), node), "files", node)
+        work = NodeBackups({"vault": _repository(tmp_path)}, executor)
+        agents[node] = NodeAgent("files", node, objects, executor, rest, resync=2.0, backups=work)
+        agents[node].start()
+    controller = RoutedVolumes("files", objects, rest)
+    capabilities = dataclasses.replace(LOCAL_CAPABILITIES, blocks=False, node_blocks=True)
+    registry = Registry([Backend("files", "local", None, capabilities, controller, None)])
+    backups = Backups(registry, {"vault": _repository(tmp_path)})
+    try:
+        eventually("both nodes report", lambda: len(controller.reports()) == 2)
+        yield Backed(controller, backups, agents, tmp_path)
+    finally:
+        backups.wait(60)
+        for agent in agents.values():
+            agent.stop()
+        forget_routed_objects(objects, "cairn.csi.io/backend=files")
+
+
+def test_backups_of_a_routed_backend_are_copied_and_restored_by_the_nodes(backed: Backed) -> None:
+    """The controller holds no node's storage: node-b copies its volume's backups into the
+    repository (the second one reading only what changed), node-a fills a restore of them,
+    byte for byte, and a damaged chunk fails the restore with DATA_LOSS."""
+    volume = backed.controller.create_volume(spec("origin", 4 * MiB, preferred="node-b"))
+    image = backed.image("node-b", "volume", volume.local_id)
+    rng = random.Random(7)
+    with open(image, "r+b") as handle:
+        for offset in (0, 300 * 1024, 3 * MiB + 5):
+            handle.seek(offset)
+            handle.write(rng.randbytes(100 * 1024))
+    first = backed.backup("nightly-1", volume.local_id)
+    vault = _repository(backed.root)
+    full = vault.manifest(first.local_id)
+    assert full.parent == "" and full.read_bytes > 0
+
+    with open(image, "r+b") as handle:
+        handle.seek(2 * MiB)
+        handle.write(b"changed")
+    content = image.read_bytes()
+    second = backed.backup("nightly-2", volume.local_id)
+    incremental = vault.manifest(second.local_id)
+    assert incremental.parent == first.local_id
+    assert incremental.read_bytes == 64 * 1024, "only the chunk that changed is read"
+    backed.backups.wait(60)  # ready once saved; the older base goes right after
+    bases = [s for s in backed.controller.list_snapshots() if s.name.startswith(SNAPSHOT_PREFIX)]
+    assert [s.name for s in bases] == [SNAPSHOT_PREFIX + second.local_id], "one base per volume, the newest"
+    assert bases[0].local_id.startswith("node-b@")
+
+    restored = backed.restore("moved", second, preferred="node-a")
+    assert restored.topology == ({TOPOLOGY_NODE_KEY: "node-a"},), "a backup restores on any node"
+    assert backed.image("node-a", "volume", restored.local_id).read_bytes() == content
+
+    # A flipped byte in a stored chunk: the node's fill fails, the controller answers it.
+    digest = next(d for d in incremental.chunks if d is not None)
+    chunk = next((backed.root / "vault" / "chunks").rglob(digest))
+    damaged = bytearray(chunk.read_bytes())
+    damaged[-1] ^= 0xFF
+    chunk.write_bytes(bytes(damaged))
+    source = SourceRef("backup", ids.encode("vault", second.local_id))
+
+    def answered() -> BaseException | None:
+        try:
+            backed.controller.create_volume(spec("damaged", second.size_bytes, preferred="node-a", source=source))
+        except Aborted:
+            return None
+        except DataLoss as exc:
+            return exc
+        raise AssertionError("a restore of a damaged backup was made")
+
+    assert digest in str(eventually("the fill fails", answered))
+    assert backed.controller.lookup_volume("damaged") is None, "a volume not filled is not made"
+    damaged_object = backed.controller.objects.get(VOLUMES, Layout.local_id("volume", "damaged"))
+    assert damaged_object is not None
+    damaged_id = ids.with_node("files", "node-a", damaged_object["metadata"]["name"])
+    backed.controller.delete_volume(damaged_id)
+
+    for made in (second, first):
+        backed.backups.delete("vault", made.local_id)
+    assert [s for s in backed.controller.list_snapshots()] == [], "the bases went with their backups"
+    assert list((backed.root / "node-b" / "snapshots").glob("*")) == []
+    assert vault.manifests() == []
+    for made_volume in (restored, volume):
+        backed.controller.delete_volume(made_volume.local_id)
+    assert backed.controller.objects.list(VOLUMES, "cairn.csi.io/backend=files")[0] == []
+
+
+def test_a_routed_backup_deleted_while_its_node_copies_it_leaves_nothing(backed: Backed) -> None:
+    """Deleted right after it started: the node's copy is stopped and its snapshot goes;
+    no manifest, no marker, no snapshot is left, whatever point the copy had reached."""
+    volume = backed.controller.create_volume(spec("big", 48 * MiB, preferred="node-a"))
+    with open(backed.image("node-a", "volume", volume.local_id), "r+b") as handle:
+        handle.write(random.Random(3).randbytes(32 * MiB))
+    volume_id = ids.encode("files", volume.local_id)
+    started = backed.backups.backup("vault", "cut-short", volume_id)
+    assert not started.ready
+
+    def deleted() -> bool:
+        try:
+            backed.backups.delete("vault", started.local_id)
+        except Aborted:
+            return False  # the node has not let go of the snapshot yet: the CO retries
+        return True
+
+    eventually("the backup is deleted", deleted)
+    vault = _repository(backed.root)
+    assert vault.manifests() == []
+    assert not vault.pending(started.local_id)
+    assert backed.controller.list_snapshots() == []
+    assert list((backed.root / "node-a" / "snapshots").glob("*")) == []
+    backed.controller.delete_volume(volume.local_id)

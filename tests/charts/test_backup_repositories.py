@@ -145,7 +145,26 @@ def test_the_controller_mounts_each_repository_where_the_config_says(tmp_path: P
         if each["name"] != "cairn":
             assert not {m["name"] for m in each.get("volumeMounts", [])} & backup_volumes, each["name"]
     node = pods["cairn-csi-node"]
-    assert not [v for v in node["volumes"] if v["name"].startswith("backup-")], "backups run in the controller only"
+    assert not [v for v in node["volumes"] if v["name"].startswith("backup-")], "no node copies backups here"
+
+
+def test_with_a_routed_backend_the_node_plugins_mount_the_repositories_too(tmp_path: Path) -> None:
+    """An lvm backend on many nodes: each node copies the backups of its volumes and
+    fills the restores made on it, so its driver container gets the same Secrets and
+    volumes at the same paths as the controller's."""
+    values = {**TWO_REPOSITORIES, "backends": [{"name": "disks", "kind": "lvm", "volumeGroup": "vg0"}]}
+    pods = workloads(render_values(tmp_path, values))
+
+    def backup_mounts(pod: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        return {m["mountPath"]: m for m in container(pod, "cairn")["volumeMounts"] if m["name"].startswith("backup-")}
+
+    def backup_volumes(pod: dict[str, Any]) -> list[dict[str, Any]]:
+        return sorted((v for v in pod["volumes"] if v["name"].startswith("backup-")), key=lambda v: v["name"])
+
+    node, controller = pods["cairn-csi-node"], pods["cairn-csi-controller"]
+    assert backup_mounts(node) and backup_mounts(node) == backup_mounts(controller)
+    assert backup_volumes(node) == backup_volumes(controller)
+    assert len({v["name"] for v in node["volumes"]}) == len(node["volumes"]), "volume names collide"
 
 
 def test_a_claim_volume_and_a_repository_without_a_secret(tmp_path: Path) -> None:

@@ -162,6 +162,35 @@ the folder the driver config names as the repository's credentials. */}}
 {{- printf "/etc/cairn/backup/%s" .name -}}
 {{- end }}
 
+{{/* The backup repositories' Secrets and directories, mounted in the controller and,
+with routed backends, in the node plugins (their nodes copy backups and fill restores). */}}
+{{- define "cairn.backupMounts" -}}
+{{- range .Values.backupRepositories }}
+{{- if .secretName }}
+- {name: backup-keys-{{ .name }}, mountPath: {{ include "cairn.backupCredentials" . }}, readOnly: true}
+{{- end }}
+{{- if and (eq .kind "directory") .volume }}
+- {name: backup-data-{{ .name }}, mountPath: {{ .path }}}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "cairn.backupVolumes" -}}
+{{- range .Values.backupRepositories }}
+{{- if .secretName }}
+# The Secret of backup repository {{ .name }}: its S3 keys, its encryption key.
+- name: backup-keys-{{ .name }}
+  secret:
+    secretName: {{ .secretName }}
+{{- end }}
+{{- if and (eq .kind "directory") .volume }}
+# Where backup repository {{ .name }} keeps its files.
+- name: backup-data-{{ .name }}
+  {{- toYaml .volume | nindent 2 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Refuse backup repositories the driver or the pod would refuse, with the reason:
 settings the schema cannot require per kind, names the driver config forbids (a
 repository's name routes backup IDs, so it must differ from every backend and group),
