@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -131,6 +132,7 @@ def test_an_lvm_backend_without_a_node_is_routed_when_the_api_is_there(tmp_path:
     the wiring alone (the routing itself is tested against a real API server)."""
     from csi import config
     from csi.backends.routed import Objects, RoutedVolumes
+    from csi.backup.engine import NodeBackups
     from csi.cli import build_backends
 
     driver_config = config.parse(
@@ -151,7 +153,13 @@ def test_an_lvm_backend_without_a_node_is_routed_when_the_api_is_there(tmp_path:
         asked.append(True)
         return Objects(api=None)
 
-    backends, agents = build_backends(driver_config, "worker-1", True, True, routing)
+    opened: list[bool] = []
+
+    def repositories() -> dict[str, Any]:
+        opened.append(True)
+        return {"vault": "the repositories"}
+
+    backends, agents = build_backends(driver_config, "worker-1", True, True, routing, repositories)
     kinds = {b.name: type(b.controller).__name__ for b in backends}
     assert kinds == {
         "many": "RoutedVolumes",
@@ -166,10 +174,17 @@ def test_an_lvm_backend_without_a_node_is_routed_when_the_api_is_there(tmp_path:
     assert type(agents[1].executor).__name__ == "NodeKeyed"
     files = next(b for b in backends if b.name == "files")
     assert files.capabilities.blocks and not spread.capabilities.blocks, (
-        "block access (backups, changed-block tracking) is the controller's, which holds no node's storage when routed"
+        "no block access in the controller, which holds no node's storage when routed"
     )
     with pytest.raises(FailedPrecondition, match="'spread'"):
         assert spread.blocks is None  # raises before
+    assert spread.capabilities.node_blocks and spread.capabilities.backups, "its nodes copy and fill the blocks"
+    work = agents[1].backups
+    assert isinstance(work, NodeBackups) and work.repositories == {"vault": "the repositories"}
+    assert work.blocks is agents[1].executor
+    many = next(b for b in backends if b.name == "many")
+    assert not many.capabilities.backups and agents[0].backups is None, "thick lvm reads no blocks anywhere"
+    assert opened == [True], "asked for only by the agent of a backend that reads blocks"
     assert asked == [True], "the API is asked for once"
     some = next(b for b in backends if b.name == "some").controller
     assert isinstance(some, RoutedVolumes) and some.nodes == {"worker-2"}
