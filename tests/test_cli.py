@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -180,8 +180,8 @@ def test_an_lvm_backend_without_a_node_is_routed_when_the_api_is_there(tmp_path:
         assert spread.blocks is None  # raises before
     assert spread.capabilities.node_blocks and spread.capabilities.backups, "its nodes copy and fill the blocks"
     work = agents[1].backups
-    assert isinstance(work, NodeBackups) and work.repositories == {"vault": "the repositories"}
-    assert work.blocks is agents[1].executor
+    assert isinstance(work, NodeBackups) and dict[str, Any](work.repositories) == {"vault": "the repositories"}
+    assert work.blocks is cast(object, agents[1].executor)
     many = next(b for b in backends if b.name == "many")
     assert not many.capabilities.backups and agents[0].backups is None, "thick lvm reads no blocks anywhere"
     assert opened == [True], "asked for only by the agent of a backend that reads blocks"
