@@ -308,10 +308,17 @@ class Backups:
         and the next ask starts it again."""
         repository = self.repository(repository_name)
         local_id = backup_id(name)
+        key = (repository.name, local_id)
         done = self._saved(repository, local_id)
         if done is not None:
             if done.volume_id != volume_id:
                 raise AlreadyExists(f"snapshot {name!r} is a backup of another volume ({done.volume_id})")
+            with self._lock:
+                job = self._jobs.get(key)
+            if job is not None and job.running:
+                # Saved, and the snapshots of the volume's older backups are going: ready
+                # once they are gone (a node that copied it saved it a moment before).
+                return Snapshot(local_id, name, volume_id, job.size, job.started, ready=False)
             self._finish_saved(repository, done, secrets)
             return _snapshot(done)
         backend, volume_local_id = self._route_volume(volume_id)
@@ -320,7 +327,6 @@ class Backups:
                 f"volume {volume_id} cannot be backed up: backend {backend.name!r} ({backend.kind}) "
                 "does not read its snapshots' blocks"
             )
-        key = (repository.name, local_id)
         with self._lock:
             job = self._jobs.get(key)
             if job is not None and job.volume_id != volume_id:
@@ -351,13 +357,34 @@ class Backups:
         """Finish what a process that died after saving ``done`` left undone: the
         snapshots of the volume's older backups, and the in-progress marker, which would
         hold every collection off until it went stale. Nothing when no marker is left
-        (the usual case: one existence check) or a job of this process still runs."""
+        (the usual case: one existence check) or a job of this process still runs. A
+        node that copied a backup removed its marker when it saved the manifest, before
+        this process could remove the older snapshots: for such backends, their listing
+        (one read) says whether any is left."""
         with self._lock:
             job = self._jobs.get((repository.name, done.backup_id))
-        if (job is not None and job.running) or not repository.pending(done.backup_id):
+        if job is not None and job.running:
             return
-        self._drop_older_bases(repository, done.volume_id, secrets)
-        repository.abandon(done.backup_id)
+        if repository.pending(done.backup_id):
+            self._drop_older_bases(repository, done.volume_id, secrets)
+            repository.abandon(done.backup_id)
+        elif self._older_bases_on_nodes(done, secrets):
+            self._drop_older_bases(repository, done.volume_id, secrets)
+
+    def _older_bases_on_nodes(self, done: Manifest, secrets: Secrets) -> bool:
+        """Whether the volume of ``done``, on a backend whose nodes copy its backups,
+        holds another backup's snapshot besides the one of ``done``."""
+        try:
+            backend, volume_local_id = self._route_volume(done.volume_id)
+        except CairnError:
+            return False  # the volume's backend is gone from the config: nothing to drop there
+        if not backend.capabilities.node_blocks:
+            return False
+        own = SNAPSHOT_PREFIX + done.backup_id
+        return any(
+            s.source_volume_local_id == volume_local_id and s.name.startswith(SNAPSHOT_PREFIX) and s.name != own
+            for s in _listed_snapshots(backend, secrets)
+        )
 
     def _saved(self, repository: Repository, local_id: str) -> Manifest | None:
         try:
@@ -572,16 +599,10 @@ class Backups:
         else:
             candidates = [b for b in self.registry if b.capabilities.backups and b.controller is not None]
         for backend in candidates:
-            after = ""
-            while True:
-                page = backend.volumes.list_snapshots(after=after, limit=500, secrets=secrets)
-                for snapshot in page:
-                    if snapshot.name == name:
-                        backend.volumes.delete_snapshot(snapshot.local_id, secrets=secrets)
-                        return
-                if not page:
-                    break
-                after = page[-1].local_id
+            for snapshot in _listed_snapshots(backend, secrets):
+                if snapshot.name == name:
+                    backend.volumes.delete_snapshot(snapshot.local_id, secrets=secrets)
+                    return
 
     def get(self, repository_name: str, local_id: str) -> Snapshot:
         """The backup as a snapshot; one running in this process is not ready yet."""
@@ -674,6 +695,14 @@ class Backups:
             thread.join(timeout)
 
 
+def _listed_snapshots(backend: Backend, secrets: Secrets) -> Iterator[Snapshot]:
+    """Every snapshot the backend lists, read a page at a time."""
+    after = ""
+    while page := backend.volumes.list_snapshots(after=after, limit=500, secrets=secrets):
+        yield from page
+        after = page[-1].local_id
+
+
 def _snapshot(manifest: Manifest) -> Snapshot:
     return Snapshot(
         local_id=manifest.backup_id,
@@ -710,6 +739,8 @@ class NodeBackups:
         """Copy the snapshot as ``order`` says and save the manifest (in progress in the
         repository meanwhile). A copy cut short and ordered again stores no chunk twice."""
         repository = self._repository(order.repository)
+        with contextlib.suppress(NotFound):
+            return repository.manifest(order.backup_id)  # saved before this node plugin restarted
         with repository.writing(order.backup_id):
             return write_backup(
                 repository,

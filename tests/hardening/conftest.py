@@ -12,8 +12,9 @@ from tests.hardening.harness import PROFILES, Profile, local_profile, lvm_profil
 def profile(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Profile]:
     """Each hardening test runs once per backend; rbd brings the session's Ceph cluster
     and must leave its pool as it found it; nfs brings the session's NFS server, and
-    removes its folders from the export afterwards; lvm brings a volume group of its own, and lvm-routed the session's API server too. A test that a known defect of the
-    backend fails every time is marked xfail(strict=True) with it as the reason."""
+    removes its folders from the export afterwards; lvm brings a volume group of its own;
+    lvm-routed and local-routed bring the session's API server. A test that a known defect
+    of the backend fails every time is marked xfail(strict=True) with it as the reason."""
     if request.param == "rbd":
         ceph = request.getfixturevalue("ceph")
         request.getfixturevalue("clean_pool")
@@ -24,6 +25,8 @@ def profile(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Profile]
         made = lvm_profile(tmp_path)
     elif request.param == "lvm-routed":
         made = lvm_profile(tmp_path, request.getfixturevalue("api_server"))
+    elif request.param == "local-routed":
+        made = local_profile(tmp_path, request.getfixturevalue("api_server"))
     else:
         made = local_profile(tmp_path)
     defect = made.known_defects.get(request.node.originalname)

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
-from csi import loopdev, mount
+from csi import ids, loopdev, mount
 from csi.backends.nfs import tree_ops
 from csi.backends.nfs.fs import opened
 from csi.backends.nfs.libnfs import Client
@@ -47,7 +47,7 @@ from tests.ceph import POOL, USER, CephCluster
 from tests.cluster.kube import Cluster
 from tests.conftest import running_driver
 from tests.nfs import EXPORT, NfsServer
-from tests.support import Driver, leftovers, require_root, require_tools
+from tests.support import NODE_ID, Driver, leftovers, require_root, require_tools
 
 if TYPE_CHECKING:
     from csi.backup.repository import Repository
@@ -205,8 +205,8 @@ def local_files(data: Path) -> Callable[[], set[str]]:
 
 
 def local_image(data: Path, volume_id: str) -> Path:
-    """The image file of a local volume, by its CSI ID."""
-    return data / "volumes" / f"{volume_id.split(':', 2)[2]}.img"
+    """The image file of a local volume, by its CSI ID (routed: its node stripped)."""
+    return data / "volumes" / f"{ids.split_node(volume_id.split(':', 2)[2])[1]}.img"
 
 
 def local_records(data: Path, folder: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -219,20 +219,30 @@ def local_records(data: Path, folder: str) -> Iterator[tuple[str, dict[str, Any]
         yield record.stem, content
 
 
-def local_profile(root: Path) -> Profile:
+def local_profile(root: Path, api: Cluster | None = None) -> Profile:
     """The local backend, named ``local`` as in the embedded default (the name every ID
-    of the suites carries), given in a config file for the backup repository beside it."""
+    of the suites carries), given in a config file for the backup repository beside it.
+    With ``api``, it is served on many nodes (a ``nodes`` list of the driver's own node):
+    the controller half goes through NodeVolume objects on that API server and the
+    driver's own node agent makes them, copies the backups and fills the restores (a
+    crash of the driver is a crash of both)."""
     require_root()
     require_tools("losetup", "blkid", "mkfs.ext4", "fsfreeze")
     data = root / "driver" / "data"
     config = root / "cairn.yaml"
     root.mkdir(parents=True, exist_ok=True)
-    backend = {"name": "local", "kind": "local", "path": str(data)}
+    backend: dict[str, Any] = {"name": "local", "kind": "local", "path": str(data)}
+    args = ["--config", str(config)]
+    stack = contextlib.ExitStack()
+    node_objects: Callable[[], set[str]] = lambda: set()  # noqa: E731
+    if api is not None:
+        backend["nodes"] = [NODE_ID]
+        args, node_objects = routed(api, "local", args, stack)
     config.write_text(yaml.safe_dump({"backends": [backend], "backupRepositories": [repository_config(root)]}))
     files = local_files(data)
 
     def objects() -> set[str]:
-        return files() | repository_objects(root)
+        return files() | repository_objects(root) | node_objects()
 
     def read_volume(volume_id: str) -> bytes:
         return local_image(data, volume_id).read_bytes()
@@ -252,9 +262,9 @@ def local_profile(root: Path) -> Profile:
         return {local_id for local_id, record in local_records(data, "volumes") if record.get("filling")}
 
     return Profile(
-        "local",
+        "local-routed" if api is not None else "local",
         root,
-        ["--config", str(config)],
+        args,
         backend_objects=objects,
         backend="local",
         config=config,
@@ -263,7 +273,41 @@ def local_profile(root: Path) -> Profile:
         write_volume=write_volume,
         backup_snapshots=backup_snapshots,
         filling=filling,
+        close=stack.close,
+        ready=serving if api is not None else lambda driver: None,
     )
+
+
+def routed(
+    api: Cluster, backend: str, args: list[str], stack: contextlib.ExitStack
+) -> tuple[list[str], Callable[[], set[str]]]:
+    """A routed profile's driver arguments (the API server as its node routing) and its
+    NodeVolume objects, as backend objects; ``stack`` removes them when the profile closes."""
+    from csi.backends.routed import VOLUMES, Objects
+    from tests.support import forget_routed_objects
+
+    objects = Objects.connect(api.client_configuration())
+    selector = f"cairn.csi.io/backend={backend}"
+    stack.callback(forget_routed_objects, objects, selector)
+
+    def node_objects() -> set[str]:
+        return {f"nodevolume {o['metadata']['name']}" for o in objects.list(VOLUMES, selector)[0]}
+
+    return [*args, "--node-routing", "kubernetes", "--kubeconfig", str(api.kubeconfig)], node_objects
+
+
+def serving(driver: Driver) -> None:
+    """Until the driver's health service says SERVING: a routed backend is healthy once a
+    node (here the driver's own agent) has reported."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(driver.channel)
+    deadline = time.monotonic() + 60
+    while health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status != (
+        health_pb2.HealthCheckResponse.SERVING
+    ):
+        assert time.monotonic() < deadline, "the driver's node agent did not report within 60 s"
+        time.sleep(0.1)
 
 
 def rbd_profile(root: Path, ceph: CephCluster) -> Profile:
@@ -531,31 +575,10 @@ def lvm_profile(root: Path, api: Cluster | None = None) -> Profile:
     args = ["--config", str(config)]
     node_objects: Callable[[], set[str]] = lambda: set()  # noqa: E731
     if api is not None:
-        from csi.backends.routed import VOLUMES, Objects
-        from tests.support import forget_routed_objects
-
-        objects = Objects.connect(api.client_configuration())
-        args += ["--node-routing", "kubernetes", "--kubeconfig", str(api.kubeconfig)]
-        stack.callback(forget_routed_objects, objects, "cairn.csi.io/backend=lvm")
-
-        def node_objects() -> set[str]:
-            return {f"nodevolume {o['metadata']['name']}" for o in objects.list(VOLUMES, "cairn.csi.io/backend=lvm")[0]}
+        args, node_objects = routed(api, "lvm", args, stack)
 
     def held() -> set[str]:
         return {f"lv {row['lv_name']}" for row in group.report("lvs", "lv_name")} | node_objects()
-
-    def ready(driver: Driver) -> None:
-        """Until the driver's health service says SERVING: a routed backend is healthy
-        once a node (here the driver's own agent) has reported."""
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        health = health_pb2_grpc.HealthStub(driver.channel)
-        deadline = time.monotonic() + 60
-        while health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status != (
-            health_pb2.HealthCheckResponse.SERVING
-        ):
-            assert time.monotonic() < deadline, "the driver's node agent did not report within 60 s"
-            time.sleep(0.1)
 
     return Profile(
         "lvm-routed" if api is not None else "lvm",
@@ -572,11 +595,11 @@ def lvm_profile(root: Path, api: Cluster | None = None) -> Profile:
         # Routed, each kill also lands in the agent or the API; the milestones and fewer
         # random kills keep the suite's time in bounds.
         random_kills=8 if api is None else 4,
-        ready=ready if api is not None else lambda driver: None,
+        ready=serving if api is not None else lambda driver: None,
     )
 
 
-PROFILES = ("local", "rbd", "nfs", "lvm", "lvm-routed")
+PROFILES = ("local", "rbd", "nfs", "lvm", "lvm-routed", "local-routed")
 
 
 # -- backups ---------------------------------------------------------------------------

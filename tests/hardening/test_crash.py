@@ -398,6 +398,10 @@ def backend_pieces(kind: str, volumes: dict[str, str], snapshots: dict[str, str]
             elif kind == "lvm-routed":  # the LV, and the object that holds its record
                 rest = local_id.split("@", 1)[1]
                 pieces |= {f"lv cairn-{rest}", f"nodevolume {rest}"}
+            elif kind == "local-routed":  # the files, and the object the controller reads
+                folder = "volumes" if what == "volume" else "snapshots"
+                rest = local_id.split("@", 1)[1]
+                pieces |= {f"{folder}/{rest}.img", f"{folder}/{rest}.json", f"nodevolume {rest}"}
             else:
                 image_uuid = local_id.rsplit("/", 1)[1]
                 prefix = "cairn-vol-" if what == "volume" else "cairn-snap-"
