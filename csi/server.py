@@ -315,6 +315,10 @@ class Services:
 
 
 HEALTH_INTERVAL = 10.0
+FIRST_HEALTH_CHECK = 0.5
+"""Until the first check finds the backends healthy, checks come sooner: after this many
+seconds, twice as long each time, up to HEALTH_INTERVAL (a node agent's first report, a
+storage cluster still starting: the pod is ready seconds after, not a whole interval)."""
 STOP_GRACE = 10.0
 """How long a stop lets the calls in flight finish before it cancels them."""
 STOP_STEP = 3.0
@@ -395,11 +399,11 @@ class Server:
         if self.metrics is not None:
             self.metrics.start()
         self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
-        self._update_health()
+        ready = self._update_health()
         self._server.start()
         if self._health_server is not None:
             self._health_server.start()
-        threading.Thread(target=self._watch_health, name="health", daemon=True).start()
+        threading.Thread(target=self._watch_health, args=(ready,), name="health", daemon=True).start()
         log.info("serving", extra={"endpoint": self.endpoint.address, "health_port": self.health_port or None})
         # After the CSI endpoint serves: the kubelet calls NodeGetInfo there as soon as
         # the registration socket appears.
@@ -410,7 +414,8 @@ class Server:
             self.stop(grace=0)
             raise
 
-    def _update_health(self) -> None:
+    def _update_health(self) -> bool:
+        """Set the health services from ``ready`` and the companions; whether ready."""
         try:
             ready = self._ready()
         except Exception:
@@ -424,10 +429,14 @@ class Server:
                 log.exception("cannot read the state of %s", companion.health_name)
                 serving = False
             self.health.set(companion.health_name, _status(serving))
+        return ready
 
-    def _watch_health(self) -> None:
-        while not self._stopped.wait(HEALTH_INTERVAL):
-            self._update_health()
+    def _watch_health(self, ready: bool) -> None:
+        """Check every HEALTH_INTERVAL seconds, sooner until ``ready`` was seen once."""
+        wait = min(FIRST_HEALTH_CHECK, HEALTH_INTERVAL)
+        while not self._stopped.wait(HEALTH_INTERVAL if ready else wait):
+            ready = self._update_health() or ready
+            wait = min(2 * wait, HEALTH_INTERVAL)
 
     def stop(self, grace: float = STOP_GRACE, step: float = STOP_STEP) -> bool:
         """Refuse new calls, let calls in flight finish (up to ``grace`` seconds), then

@@ -345,3 +345,33 @@ def test_a_broken_log_or_metrics_never_fails_a_call(tmp_path: Path, caplog: pyte
     finally:
         logging.getLogger("csi.server").removeHandler(broken)
         instance.stop()
+
+
+def test_readiness_is_checked_sooner_until_first_seen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver not ready at start (a node agent's first report, a storage cluster still
+    starting) is checked again within about a second, not a whole interval later; once
+    it was ready, every interval."""
+    from grpc_health.v1 import health_pb2
+
+    import csi.server
+
+    monkeypatch.setattr(csi.server, "HEALTH_INTERVAL", 3600.0)
+    monkeypatch.setattr(csi.server, "FIRST_HEALTH_CHECK", 0.05)
+    asked: list[float] = []
+
+    def ready() -> bool:
+        asked.append(time.monotonic())
+        return len(asked) >= 4
+
+    instance = Server(f"unix://{tmp_path}/s.sock", Services(Misbehaving(), None, None), ready=ready)
+    instance.start()
+    serving = health_pb2.HealthCheckResponse.SERVING
+    try:
+        deadline = time.monotonic() + 30
+        while instance.health.Check(health_pb2.HealthCheckRequest(), None).status != serving:
+            assert time.monotonic() < deadline, f"not ready after {len(asked)} checks"
+            time.sleep(0.02)
+        time.sleep(0.5)
+        assert len(asked) == 4, "once ready, the next check waits a whole interval"
+    finally:
+        instance.stop()
