@@ -26,6 +26,7 @@ from collections.abc import Callable, Collection
 
 from csi import mount
 from csi.errors import FailedPrecondition, ResourceExhausted, refused
+from csi.waiting import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +140,14 @@ def detach(path: str, wait: float = DETACH_WAIT) -> None:
             # otherwise it detached meanwhile: at its last close, or by another call
         log.debug("asked loop device to detach", extra={"device": device, "file": path})
     deadline = time.monotonic() + wait
+    backoff = Backoff()
     while held := _find(path, among=devices):
         if time.monotonic() >= deadline:
             raise FailedPrecondition(
                 f"loop device {', '.join(held)} of {path} is still in use {wait:g}s after it was detached: "
                 f"{_holders(held)}; it detaches once that lets go of it, and a retry then succeeds"
             )
-        time.sleep(0.05)
+        backoff.sleep()
 
 
 def refresh_size(device: str) -> None:

@@ -50,6 +50,7 @@ from csi.errors import (
 )
 from csi.files import TEMP_SUFFIX, fsync_dir, write_atomically
 from csi.model import Filesystem, FilesystemStats
+from csi.waiting import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -752,10 +753,11 @@ def _settle(path: str) -> bool:
         return True
     if record.get("boot") == _boot_id():  # a freeze does not survive a reboot
         deadline = time.monotonic() + GUARD_EXIT_WAIT
+        backoff = Backoff()
         while proc.start_time(int(record["guard"])) == record.get("guard_started"):
             if time.monotonic() > deadline:
                 return False
-            time.sleep(0.05)
+            backoff.sleep()
         if not _thaw(target, device):
             return False
     _forget(path)

@@ -148,7 +148,7 @@ class Profile:
                 "this profile uses the directory layout)"
                 if self.name == "nfs"
                 else f"{what} needs a backend that reads and fills blocks, which {self.name} does not "
-                "(backups read snapshots and restores fill volumes through Capabilities.blocks)"
+                "(backups read snapshots and restores fill volumes through Capabilities.blocks, or node_blocks where the nodes do it)"
             )
 
     @contextmanager

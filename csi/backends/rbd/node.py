@@ -6,8 +6,9 @@
 * ``rbd-fuse``: where the kernel has neither the rbd nor the nbd module, the image is
   exposed as a file by rbd-fuse and attached through a loop device.
 
-Mappings are found again from the system (``rbd device list``, loop devices' backing
-files), so a restarted node plugin needs no saved state to unmap. The Ceph key goes to
+Mappings are found again from the system (krbd's in sysfs, rbd-nbd's through ``rbd
+device list``, loop devices' backing files), so a restarted node plugin needs no saved
+state to unmap. The Ceph key goes to
 the tools in a private 0600 file that is removed as soon as the tool has read it; it
 never appears on a command line.
 """
@@ -34,6 +35,7 @@ from csi.errors import (
     NotFound,
     Unavailable,
 )
+from csi.waiting import Backoff
 
 MAP_TIMEOUT = 120.0
 KEY_PREFIX = "cairn-key-"
@@ -85,6 +87,14 @@ class RbdConnector:
         return os.path.join(self.settings.fuse_dir, f"{pool}.{image}")
 
     def _mapped(self, device_type: str, pool: str, image: str) -> str | None:
+        """The device that maps the image's head with ``device_type`` (krbd, nbd), or None.
+        krbd's mappings are read from sysfs; rbd-nbd's are asked of the rbd tool (they live
+        in its daemons' arguments), and only when some nbd device is connected at all:
+        starting the tool costs tens of milliseconds per question."""
+        if device_type == "krbd":
+            return _krbd_device(pool, image)
+        if not _nbd_connected():
+            return None
         try:
             listed = proc.run(["rbd", "device", "list", "--device-type", device_type, "--format", "json"]).stdout
         except CommandFailed:
@@ -177,6 +187,7 @@ class RbdConnector:
             loopdev.detach(os.path.join(mountpoint, image))
             # The kernel lets go of a detached loop device's file a moment later.
             deadline = time.monotonic() + RELEASE_TIMEOUT
+            backoff = Backoff()
             while True:
                 try:
                     mount.unmount(mountpoint)
@@ -184,13 +195,14 @@ class RbdConnector:
                 except CommandBusy:
                     if time.monotonic() > deadline:
                         raise
-                    time.sleep(0.1)
+                    backoff.sleep()
             # rbd-fuse closes the image as it exits, a moment after its unmount; until then
             # Ceph calls the image busy, and a DeleteVolume right after the unstage fails.
+            backoff = Backoff()
             while any(proc.start_time(pid) is not None for pid in daemons):
                 if time.monotonic() > deadline:
                     raise Unavailable(f"rbd-fuse still holds {pool}/{image} {RELEASE_TIMEOUT:g}s after its unmount")
-                time.sleep(0.05)
+                backoff.sleep()
         with contextlib.suppress(FileNotFoundError, OSError):
             os.rmdir(mountpoint)
 
@@ -207,10 +219,11 @@ class RbdConnector:
         it has, Ceph calls the image busy. Unstage answers only when the mapping is gone."""
         pid_file = f"/sys/block/{os.path.basename(device)}/pid"
         deadline = time.monotonic() + RELEASE_TIMEOUT
+        backoff = Backoff()
         while self._mapped(device_type, pool, image) or (device_type == "nbd" and os.path.exists(pid_file)):
             if time.monotonic() > deadline:
                 raise Unavailable(f"{device} still maps {pool}/{image} {RELEASE_TIMEOUT:g}s after unmapping")
-            time.sleep(0.1)
+            backoff.sleep()
 
     def refresh_size(self, local_id: str, device: str, size: int) -> None:
         # A loop device over rbd-fuse must be told (rbd-fuse reads the new size when the
@@ -222,8 +235,9 @@ class RbdConnector:
             loopdev.refresh_size(device)
             return
         deadline = time.monotonic() + RESIZE_WAIT
+        backoff = Backoff()
         while size and mount.device_size(device) < size and time.monotonic() < deadline:
-            time.sleep(0.1)
+            backoff.sleep()
 
     def problem(self, local_id: str) -> str | None:
         pool, image = self._spec(local_id)
@@ -234,6 +248,47 @@ class RbdConnector:
         ):
             return None
         return f"image {pool}/{image} is no longer mapped on this node"
+
+
+SYSFS_RBD = "/sys/bus/rbd/devices"
+"""The kernel RBD client's mappings: one folder per device (``/dev/rbd<id>``), with the
+files ``pool``, ``pool_ns``, ``name`` and ``current_snap`` ("-" for the image's head)."""
+SYSFS_BLOCK = "/sys/block"
+
+
+def _sysfs_value(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip()
+    except OSError:
+        return None  # unmapped meanwhile, or an attribute this kernel lacks
+
+
+def _krbd_device(pool: str, image: str) -> str | None:
+    """The krbd device that maps ``pool/image`` (its head, in no namespace), or None."""
+    try:
+        entries = sorted(os.listdir(SYSFS_RBD))
+    except OSError:
+        return None  # no rbd module: nothing is mapped by it
+    for entry in entries:
+        folder = os.path.join(SYSFS_RBD, entry)
+        if (
+            _sysfs_value(os.path.join(folder, "pool")) == pool
+            and _sysfs_value(os.path.join(folder, "name")) == image
+            and _sysfs_value(os.path.join(folder, "current_snap")) in ("-", None)
+            and not _sysfs_value(os.path.join(folder, "pool_ns"))
+        ):
+            return f"/dev/rbd{entry}"
+    return None
+
+
+def _nbd_connected() -> bool:
+    """Whether any nbd device is connected (its daemon's pid shows in sysfs)."""
+    try:
+        entries = os.listdir(SYSFS_BLOCK)
+    except OSError:
+        return False
+    return any(e.startswith("nbd") and os.path.exists(os.path.join(SYSFS_BLOCK, e, "pid")) for e in entries)
 
 
 def _fuse_daemons(mountpoint: str) -> list[int]:
