@@ -557,8 +557,9 @@ class RoutedVolumes:
 
     def _candidates(self, spec: VolumeSpec) -> list[str]:
         """Nodes that may hold the new volume, best first: the source's node for a copy of
-        a snapshot or volume; otherwise (also for a restore of a backup) the preferred nodes in order, then the others with the most room first,
-        every one within the requisite topology and with room for the size asked."""
+        a snapshot or volume; otherwise (a restore of a backup too) the preferred nodes in
+        order, then the others with the most room first, every one within the requisite
+        topology and with room for the size asked."""
         if spec.source is not None and spec.source.kind != "backup":  # a backup restores on any node
             kind = spec.source.kind
             source = self._object(kind, spec.source.local_id)
@@ -1155,16 +1156,31 @@ class NodeAgent:
         return ids.with_node(self.backend, self.node, obj["metadata"]["name"])
 
     def _create(self, obj: dict[str, Any]) -> None:
-        spec = obj["spec"]
+        name = obj["metadata"]["name"]
+        if self._running(name):
+            return  # a fill of it runs: the volume is made, its content on the way
         if FINALIZER not in (obj["metadata"].get("finalizers") or []):
             # The finalizer first: from here on the object is not gone before the volume.
+            # (The write is refused for a version older than the object's.)
             obj["metadata"]["finalizers"] = [*(obj["metadata"].get("finalizers") or []), FINALIZER]
             written = self.objects.replace(VOLUMES, obj)
             if written is None:
                 return
             obj = written
-        if self._running(obj["metadata"]["name"]):
-            return  # a fill of it runs: the volume is made, its content on the way
+        else:
+            # A watch may bring an older version after a newer one was handled (events lag
+            # under load): read the object again before making anything, or a volume that
+            # was made and then removed (deleted, or gone by hand) would be made again.
+            fresh = self.objects.get(VOLUMES, name)
+            if (
+                fresh is None
+                or fresh["metadata"].get("deletionTimestamp")
+                or (fresh.get("status") or {}).get("phase") != PENDING
+                or (fresh.get("spec") or {}).get("node") != self.node
+            ):
+                return
+            obj = fresh
+        spec = obj["spec"]
         status: dict[str, Any]
         try:
             if spec["kind"] == "volume":
@@ -1278,11 +1294,16 @@ class NodeAgent:
         """Copy a backup's snapshot into its repository, as the controller ordered; the
         outcome goes to ``status.backup``."""
         name = obj["metadata"]["name"]
-        order = _order_in(obj["spec"]["backup"])
-        state = (obj.get("status") or {}).get("backup") or {}
+        if self._running(name):
+            return
+        fresh = self.objects.get(VOLUMES, name)  # not an older version a lagging watch brought
+        if fresh is None or fresh["metadata"].get("deletionTimestamp") or not fresh["spec"].get("backup"):
+            return
+        order = _order_in(fresh["spec"]["backup"])
+        state = (fresh.get("status") or {}).get("backup") or {}
         if state.get("backupId") == order.backup_id and state.get("phase") in (SAVED, FAILED):
             return
-        local_id = self._local_id(obj)
+        local_id = self._local_id(fresh)
 
         def tell(**fields: Any) -> None:
             def change(current: dict[str, Any]) -> bool:
@@ -1295,25 +1316,33 @@ class NodeAgent:
 
             update(self.objects, name, change)
 
+        backups = self.backups
+        if backups is None:
+            tell(phase=FAILED, code="FailedPrecondition", message=f"node {self.node!r} reads no blocks of this backend")
+            return
+
         def work(cancelled: threading.Event) -> None:
-            if self.backups is None:
-                raise FailedPrecondition(f"node {self.node!r} reads no blocks of backend {self.backend!r}")
             tell(phase=COPYING, doneBytes=0)
             try:
-                self.backups.copy(
-                    local_id, order, cancelled, self._progress(lambda d: tell(phase=COPYING, doneBytes=d))
-                )
-            except CairnError as exc:
+                backups.copy(local_id, order, cancelled, self._progress(lambda d: tell(phase=COPYING, doneBytes=d)))
+            except Exception as exc:
                 if not cancelled.is_set():
-                    log.warning("backend %s: backup %r failed on this node: %s", self.backend, order.name, exc)
-                    tell(phase=FAILED, code=code_of(exc), message=str(exc))
+                    code, message = self._failure(f"backup {order.name!r}", exc)
+                    tell(phase=FAILED, code=code, message=message)
                 return
             tell(phase=SAVED)
 
-        if self.backups is None:
-            tell(phase=FAILED, code="FailedPrecondition", message=f"node {self.node!r} reads no blocks of this backend")
-            return
         self._start(name, "backup", work)
+
+    def _failure(self, what: str, exc: Exception) -> tuple[str, str]:
+        """How a copy's or fill's failure travels to the controller (code, message),
+        logged here; anything outside the domain's errors is Internal, with its traceback
+        in this node plugin's log."""
+        if isinstance(exc, CairnError):
+            log.warning("backend %s: %s failed on this node: %s", self.backend, what, exc)
+            return code_of(exc), str(exc)
+        log.exception("backend %s: %s failed on this node", self.backend, what)
+        return "Internal", f"{what} failed on node {self.node!r}: {type(exc).__name__}: {exc}"
 
     def _fill(self, obj: dict[str, Any], volume: Volume) -> None:
         """Write the backup a volume is restored from; the volume is Ready once written.
@@ -1334,13 +1363,11 @@ class NodeAgent:
 
             update(self.objects, name, change)
 
-        def failed(exc: CairnError) -> None:
-            log.warning("backend %s: restoring %s into %s failed: %s", self.backend, backup, volume.local_id, exc)
+        def failed(exc: Exception) -> None:
+            code, message = self._failure(f"the restore of {backup} into {volume.local_id}", exc)
 
             def edit(status: dict[str, Any]) -> None:
-                status.update(
-                    fillFailures=int(status.get("fillFailures") or 0) + 1, fillCode=code_of(exc), fillMessage=str(exc)
-                )
+                status.update(fillFailures=int(status.get("fillFailures") or 0) + 1, fillCode=code, fillMessage=message)
                 status.pop("filledBytes", None)
 
             change_pending(edit)
@@ -1356,7 +1383,7 @@ class NodeAgent:
                     self._progress(lambda d: change_pending(lambda s: s.update(filledBytes=d))),
                 )
                 made = self.executor.get_volume(volume.local_id)
-            except CairnError as exc:
+            except Exception as exc:
                 if not cancelled.is_set():
                     failed(exc)
                 return

@@ -34,13 +34,14 @@ from csi.backends.routed import (
     NodeKeyed,
     Objects,
     RoutedVolumes,
+    code_of,
     spec_of,
     storage_name,
 )
 from csi.backup.directory import DirectoryStore
 from csi.backup.engine import SNAPSHOT_PREFIX, Backups, NodeBackups
 from csi.backup.repository import Repository
-from csi.errors import Aborted, AlreadyExists, DataLoss, FailedPrecondition, NotFound, ResourceExhausted
+from csi.errors import Aborted, AlreadyExists, CairnError, DataLoss, FailedPrecondition, NotFound, ResourceExhausted
 from csi.generated import csi_pb2 as pb
 from csi.model import (
     TOPOLOGY_NODE_KEY,
@@ -274,6 +275,26 @@ def test_a_volume_whose_lv_vanished_is_abnormal_and_still_deletes(nodes: Nodes) 
     assert [v.condition.abnormal for v in controller.list_volumes()] == [True]
     controller.delete_volume(volume.local_id)
     assert nodes.object(REST("volume", "vanishing")) is None
+
+
+def test_an_older_version_of_an_object_makes_nothing_again(nodes: Nodes) -> None:
+    """A watch may bring an object's older version (still Pending) after the newer one
+    was handled, when events lag under load: a volume made and then gone (deleted, or
+    removed by hand) must not be made again from it. The agent reads the object again
+    before it makes anything."""
+    controller = reported(nodes)
+    volume = controller.create_volume(spec("lagging", preferred="node-a"))
+    name = REST("volume", "lagging")
+    current = nodes.object(name)
+    assert current is not None and FINALIZER in current["metadata"]["finalizers"]
+    stale = {**current, "status": {"phase": PENDING}}  # as the event of the finalizer's write
+    removed = nodes.a.group.run("lvremove", "--yes", f"{nodes.a.group.name}/cairn-{name}")
+    assert removed.returncode == 0, removed.stderr
+    assert nodes.a.agent is not None
+    nodes.a.agent.handle(stale)
+    assert f"cairn-{name}" not in nodes.a.lvs(), "the LV was made again from an older version"
+    controller.delete_volume(volume.local_id)
+    assert nodes.a.lvs() == [] and nodes.object(name) is None
 
 
 def test_an_object_whose_step_keeps_failing_holds_up_no_other(nodes: Nodes, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -699,4 +720,37 @@ def test_a_routed_backup_deleted_while_its_node_copies_it_leaves_nothing(backed:
     assert not vault.pending(started.local_id)
     assert backed.controller.list_snapshots() == []
     assert list((backed.root / "node-a" / "snapshots").glob("*")) == []
+    backed.controller.delete_volume(volume.local_id)
+
+
+def test_a_copy_that_fails_on_its_node_is_answered_once_then_started_again(
+    backed: Backed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node's copy that fails (here, an error outside the domain's, as a broken disk
+    would raise) is answered to the CO once, naming the node, as INTERNAL; the next ask
+    has the node copy it again."""
+    volume = backed.controller.create_volume(spec("flaky", 1 * MiB, preferred="node-a"))
+    work = backed.agents["node-a"].backups
+    assert work is not None
+
+    def broken(*args: Any, **kwargs: Any) -> object:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(work, "copy", broken)
+    volume_id = ids.encode("files", volume.local_id)
+
+    def answered() -> CairnError | None:
+        try:
+            backed.backups.backup("vault", "flaky-1", volume_id)
+        except CairnError as exc:
+            return exc
+        return None
+
+    failure = eventually("the node's failure is answered", answered)
+    assert code_of(failure) == "Internal" and "node-a" in str(failure) and "Input/output error" in str(failure)
+    monkeypatch.undo()
+    saved = backed.backup("flaky-1", volume.local_id)
+    assert _repository(backed.root).manifest(saved.local_id).name == "flaky-1"
+    backed.backups.wait(60)
+    backed.backups.delete("vault", saved.local_id)
     backed.controller.delete_volume(volume.local_id)
