@@ -960,8 +960,10 @@ def run_steps(
         try:
             for step in steps:
                 api.send(step)
-        except (grpc.RpcError, ValueError):
-            pass  # the kill cut it short (a CO's loop finds the channel closed: ValueError)
+        except (grpc.RpcError, ValueError, AttributeError):
+            # The kill cut it short: a CO's loop finds the channel closed (ValueError), or
+            # gone between two steps (the killed driver's handle drops it: AttributeError).
+            pass
         finally:
             finished.set()
 
