@@ -82,6 +82,7 @@ from csi.model import (
     VolumeSpec,
     reaches,
 )
+from csi.waiting import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ API_TIMEOUT = 5.0  # seconds for one API request
 WAIT = 8.0  # seconds a controller call waits for the node before answering ABORTED
 RESYNC = 10.0  # seconds between two full reads of an agent's objects (and heartbeats)
 STALE = 60.0  # seconds after which a node's storage report no longer counts
-POLL = 0.1  # seconds between two reads of an object the controller waits for
+POLL = 0.1  # seconds at most between two reads of an object the controller waits for
 ORPHANS_REPORTED = 100  # at most this many orphans on a NodeStorage (all are logged)
 
 PENDING, READY, FAILED = "Pending", "Ready", "Failed"
@@ -494,6 +495,7 @@ class RoutedVolumes:
         """Read object ``name`` until ``done`` says so, for at most ``self.wait`` seconds;
         ABORTED (the CO retries) when the node has not answered by then."""
         deadline = time.monotonic() + self.wait
+        backoff = Backoff(longest=POLL)  # a node answers most steps within milliseconds
         while True:
             obj = self.objects.get(VOLUMES, name)
             if done(obj):
@@ -507,7 +509,7 @@ class RoutedVolumes:
                     else "its node plugin works on it"
                 )
                 raise Aborted(f"{what}: node {node!r} has not finished it yet ({doing})")
-            time.sleep(POLL)
+            backoff.sleep()
 
     def _update(self, name: str, change: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
         return update(self.objects, name, change)
