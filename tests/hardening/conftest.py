@@ -13,7 +13,7 @@ def profile(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Profile]
     """Each hardening test runs once per backend; rbd brings the session's Ceph cluster
     and must leave its pool as it found it; nfs brings the session's NFS server, and
     removes its folders from the export afterwards; lvm brings a volume group of its own;
-    lvm-routed and local-routed bring the session's API server. A test that a known defect
+    local-routed brings the session's API server. A test that a known defect
     of the backend fails every time is marked xfail(strict=True) with it as the reason."""
     if request.param == "rbd":
         ceph = request.getfixturevalue("ceph")
@@ -23,8 +23,6 @@ def profile(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Profile]
         made = nfs_profile(tmp_path, request.getfixturevalue("nfs_server"))
     elif request.param == "lvm":
         made = lvm_profile(tmp_path)
-    elif request.param == "lvm-routed":
-        made = lvm_profile(tmp_path, request.getfixturevalue("api_server"))
     elif request.param == "local-routed":
         made = local_profile(tmp_path, request.getfixturevalue("api_server"))
     else:

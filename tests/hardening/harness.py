@@ -552,12 +552,13 @@ LVM_NO_SNAPSHOTS = (
 )
 
 
-def lvm_profile(root: Path, api: Cluster | None = None) -> Profile:
+def lvm_profile(root: Path) -> Profile:
     """The lvm backend, thick, on a volume group of loop devices under a private LVM
     configuration: LVM metadata only, the node path and thin pools need device-mapper.
-    With ``api``, the backend is served on many nodes: the driver's controller half goes
-    through NodeVolume objects on that API server, and its own node agent makes them (a
-    crash of the driver is a crash of both)."""
+    (Served on many nodes, its controller half is the same routing the local-routed
+    profile runs through the suites, and the node's agent the same LVM code this profile
+    kills mid-command; tests/backends/test_routed.py cuts a routed lvm create short on
+    either side.)"""
     from tests.lvm import loop_volume_group
 
     require_root()
@@ -572,18 +573,14 @@ def lvm_profile(root: Path, api: Cluster | None = None) -> Profile:
     config = root / "cairn.yaml"
     backend = {"name": "lvm", "kind": "lvm", "volumeGroup": group.name, "lvmConfig": group.config}
     config.write_text(yaml.safe_dump({"backends": [backend]}))
-    args = ["--config", str(config)]
-    node_objects: Callable[[], set[str]] = lambda: set()  # noqa: E731
-    if api is not None:
-        args, node_objects = routed(api, "lvm", args, stack)
 
     def held() -> set[str]:
-        return {f"lv {row['lv_name']}" for row in group.report("lvs", "lv_name")} | node_objects()
+        return {f"lv {row['lv_name']}" for row in group.report("lvs", "lv_name")}
 
     return Profile(
-        "lvm-routed" if api is not None else "lvm",
+        "lvm",
         root,
-        args,
+        ["--config", str(config)],
         backend_objects=held,
         backend="lvm",
         config=config,
@@ -592,14 +589,11 @@ def lvm_profile(root: Path, api: Cluster | None = None) -> Profile:
         snapshots=False,
         no_snapshots=LVM_NO_SNAPSHOTS,
         close=stack.close,
-        # Routed, each kill also lands in the agent or the API; the milestones and fewer
-        # random kills keep the suite's time in bounds.
-        random_kills=8 if api is None else 4,
-        ready=serving if api is not None else lambda driver: None,
+        random_kills=8,
     )
 
 
-PROFILES = ("local", "rbd", "nfs", "lvm", "lvm-routed", "local-routed")
+PROFILES = ("local", "rbd", "nfs", "lvm", "local-routed")
 
 
 # -- backups ---------------------------------------------------------------------------

@@ -395,9 +395,6 @@ def backend_pieces(kind: str, volumes: dict[str, str], snapshots: dict[str, str]
                     pieces |= {f"snapshots/{local_id}.json", f"snapshots/{local_id}.data"}
             elif kind == "lvm":
                 pieces.add(f"lv cairn-{local_id.split('@', 1)[1]}")
-            elif kind == "lvm-routed":  # the LV, and the object that holds its record
-                rest = local_id.split("@", 1)[1]
-                pieces |= {f"lv cairn-{rest}", f"nodevolume {rest}"}
             elif kind == "local-routed":  # the files, and the object the controller reads
                 folder = "volumes" if what == "volume" else "snapshots"
                 rest = local_id.split("@", 1)[1]
