@@ -217,7 +217,7 @@ class RbdConnector:
     def _wait_until_released(self, device_type: str, pool: str, image: str, device: str) -> None:
         """Unmapping returns before an rbd-nbd daemon has exited and closed the image; until
         it has, Ceph calls the image busy. Unstage answers only when the mapping is gone."""
-        pid_file = f"/sys/block/{os.path.basename(device)}/pid"
+        pid_file = os.path.join(SYSFS_BLOCK, os.path.basename(device), "pid")
         deadline = time.monotonic() + RELEASE_TIMEOUT
         backoff = Backoff()
         while self._mapped(device_type, pool, image) or (device_type == "nbd" and os.path.exists(pid_file)):
