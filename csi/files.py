@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
+from collections.abc import Callable
 
 from csi.errors import ConfigError
 
@@ -39,24 +40,24 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-class DirectorySync:
-    """Makes the entries of one directory durable for concurrent callers with as few
-    fsyncs as will do (group commit): a caller is covered by any fsync of the directory
-    that *starts* after its change, so while one fsync runs the callers that arrive
-    wait, and the next fsync covers them all. Sixteen calls in flight cost about two
-    fsyncs, not sixteen; a lone call costs one, as before."""
+class GroupCommit:
+    """Makes changes durable for concurrent callers with as few flushes as will do
+    (group commit): a caller is covered by any flush that *starts* after its change, so
+    while one flush runs the callers that arrive wait, and the next flush covers them
+    all. Sixteen calls in flight cost about two flushes, not sixteen; a lone call costs
+    one."""
 
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self.flush = flush
         self.syncs = 0
-        """fsyncs made (the tests count them)."""
+        """flushes made (the tests count them)."""
         self._cond = threading.Condition()
         self._requested = 0  # tickets handed out, one per call
-        self._covered = 0  # the highest ticket a finished fsync covers
+        self._covered = 0  # the highest ticket a finished flush covers
         self._running = False
 
     def sync(self) -> None:
-        """Return once an fsync of the directory that began after this call did."""
+        """Return once a flush that began after this call did."""
         with self._cond:
             self._requested += 1
             ticket = self._requested
@@ -69,14 +70,22 @@ class DirectorySync:
                 self._cond.release()
                 done = False
                 try:
-                    fsync_dir(self.directory)
+                    self.flush()
                     done = True
                 finally:
                     self._cond.acquire()
                     self._running = False
-                    if done:  # a failed fsync covers nothing: each waiter tries for itself
+                    if done:  # a failed flush covers nothing: each waiter tries for itself
                         self._covered, self.syncs = covers, self.syncs + 1
                     self._cond.notify_all()
+
+
+class DirectorySync(GroupCommit):
+    """Group commit of one directory's entries (its fsync)."""
+
+    def __init__(self, directory: str) -> None:
+        super().__init__(lambda: fsync_dir(directory))
+        self.directory = directory
 
 
 def remove_stale_socket(path: str) -> None:

@@ -196,10 +196,13 @@ def repository_objects(root: Path) -> set[str]:
 
 
 def local_files(data: Path) -> Callable[[], set[str]]:
+    """The files of a local backend's objects (its journal is bookkeeping, replayed and
+    dropped at each start, and kept short while it runs)."""
+
     def objects() -> set[str]:
         if not data.exists():
             return set()
-        return {str(p.relative_to(data)) for p in data.rglob("*") if p.is_file()}
+        return {str(p.relative_to(data)) for p in data.rglob("*") if p.is_file() and p.parent.name != "journal"}
 
     return objects
 

@@ -78,6 +78,11 @@ class LocalVolumes:
         self.read_compared: blocks.Pread = os.pread
         """How ``changed`` reads the bytes it compares (the tests count them)."""
 
+    def close(self) -> None:
+        """Close the journal's file (a later change opens another): for a folder that is
+        about to be unmounted."""
+        self.layout.journal.close()
+
     # -- capacity and capabilities -------------------------------------------------
 
     def health(self) -> str | None:
@@ -102,7 +107,9 @@ class LocalVolumes:
         existing = self.layout.read_record("volume", local_id)
         if existing is not None:
             # A retry: answered from what was made, even if the source is gone since.
-            return matching(self._volume(local_id, existing), spec)
+            answer = matching(self._volume(local_id, existing), spec)
+            self.layout.confirm("volume", local_id, existing)
+            return answer
         source_image, source_size = self._source(spec.source)
         size = choose_size(spec.required_bytes, spec.limit_bytes, source_size)
         image = self.layout.image("volume", local_id)
@@ -115,17 +122,20 @@ class LocalVolumes:
             truncate(temp, size, spec.name)
             if preallocate:
                 _preallocate(temp, size)
-            fsync_file(temp)
+            holds_data = bool(source_image) or preallocate
+            if holds_data:
+                fsync_file(temp)
             record = {
                 "name": spec.name,
                 "source": _source_record(spec.source),
                 "parameters": dict(spec.parameters),
                 "created": time.time(),
                 "published": {},
+                "size": size,
             }
             if spec.source is not None and spec.source.kind == "backup":
                 record["filling"] = True
-            self.layout.commit("volume", local_id, record, temp)
+            self.layout.commit("volume", local_id, record, temp, holds_data)
         except FileNotFoundError as exc:
             self.layout.remove("volume", local_id)
             if self._own_file(exc, "volume", local_id):
@@ -222,6 +232,10 @@ class LocalVolumes:
         if _parse_bool(record["parameters"].get(PARAM_PREALLOCATE, "false"), PARAM_PREALLOCATE):
             _preallocate(image, size)
         fsync_file(image)
+        # Read again: a publication may have rewritten the record meanwhile.
+        latest = self.layout.require_record("volume", local_id)
+        latest["size"] = size
+        self.layout.write_record("volume", local_id, latest)
         return size
 
     # -- snapshots ------------------------------------------------------------------
@@ -234,7 +248,9 @@ class LocalVolumes:
         if existing is not None:
             if existing["name"] != name or existing["source"] != source_local_id:
                 raise AlreadyExists(f"snapshot {name!r} exists for another source volume")
-            return self._snapshot(local_id, existing)
+            answer = self._snapshot(local_id, existing)
+            self.layout.confirm("snapshot", local_id, existing)
+            return answer
         source = SourceRef("volume", source_local_id)
         source_image, _ = self._source(source)
         assert source_image is not None
@@ -244,7 +260,7 @@ class LocalVolumes:
             self._copy_source(source, source_image, temp)
             fsync_file(temp)
             record = {"name": name, "source": source_local_id, "created": time.time()}
-            self.layout.commit("snapshot", local_id, record, temp)
+            self.layout.commit("snapshot", local_id, record, temp, holds_data=True)
         except FileNotFoundError as exc:
             self.layout.remove("snapshot", local_id)
             if self._own_file(exc, "snapshot", local_id):
@@ -349,6 +365,7 @@ class LocalVolumes:
             os.fsync(fd)
         finally:
             os.close(fd)
+        self.layout.durable["volume"].sync()  # the image is there before the record says it is filled
         # Read again: a publication may have rewritten the record while the content was written.
         current = self.layout.read_record("volume", local_id)
         if current is None:
@@ -369,6 +386,9 @@ class LocalVolumes:
         if node_id not in published:
             published[node_id] = readonly
             self.layout.write_record("volume", local_id, record)
+        # What a node writes to the image must not depend on the journal's replay, which
+        # makes a lost blank image again: its name is flushed before any node has it.
+        self.layout.durable["volume"].sync()
         return {"image": self.layout.image("volume", local_id)}
 
     def unpublish_volume(self, local_id: str, node_id: str, *, secrets: Secrets = NO_SECRETS) -> None:

@@ -9,20 +9,33 @@
     <path>/frozen/<hash>.json         a filesystem frozen for a copy in progress (see
                                       ``mount.frozen``); thawed and removed at start-up
                                       if the copy never ended
+    <path>/journal/*.journal          the write-ahead journal of the records (``journal``)
 
 The UUID is derived from the request name (UUIDv5), so the ID of a volume is known
 before anything is written; that is what makes CreateVolume idempotent without a
-journal. An object exists when its record *and* its image exist. Creation writes the
-image and the record under temporary names and flushes both, then renames the record
-and the image into place and flushes the folder once (``commit``); deletion removes
-the image, then the record, and flushes the folder. So a crash leaves temporary files,
-a record without an image, or an image without a record (the folder's renames need not
-reach the disk in order), and ``recover`` (run at start-up, when nothing is in flight)
-removes all three; an object is only ever acknowledged once the folder's flush made it
-whole. Folder flushes are shared by concurrent calls (``files.DirectorySync``).
+database. An object exists when its record *and* its image exist.
+
+What makes a change durable is the journal (``journal.py``): a record is written to its
+file without a flush, then appended to the journal, whose flush (shared by the calls in
+flight) comes before the answer. A creation renames its image into place first; an image
+holding data (a copy, a preallocated image) is flushed before it is renamed, and its
+folder flushed before the journal names it, while a blank image is not flushed at all:
+its record holds its size, and the replay at start-up makes any blank image the journal
+names whole again (there, of that size). A volume's folder is flushed again before it is
+published (so data a node writes to it never depends on the replay) and before a restore
+marks it filled. A deletion removes the image, then the record, and journals the
+removal.
+
+So after a crash the files may hold temporary files, a record without an image, or an
+image without a record, and the journal may hold changes the files lost; ``recover``
+(at start-up, when nothing is in flight) first replays the journal, then removes
+temporary files and halves of objects the journal does not name, which no call ever
+acknowledged. A retried creation that finds its object whole journals it again before
+answering, so an object is only ever acknowledged once it is durable.
 
 Listings page through an ordered index of each folder's record names (``Index``), kept
-in memory: the files stay the only store, so crash safety is the files' own.
+in memory: the files stay the store, and the journal only holds what they may not hold
+durably yet.
 """
 
 from __future__ import annotations
@@ -39,8 +52,9 @@ import uuid
 from collections.abc import Iterator
 from typing import Any, Literal
 
+from csi.backends.local import journal
 from csi.errors import NotFound
-from csi.files import TEMP_SUFFIX, DirectorySync, write_atomically
+from csi.files import TEMP_SUFFIX, DirectorySync, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +62,7 @@ Kind = Literal["volume", "snapshot"]
 _PREFIX = {"volume": "vol", "snapshot": "snap"}
 _FOLDER = {"volume": "volumes", "snapshot": "snapshots"}
 _FREEZE_JOURNAL = "frozen"
+_JOURNAL = "journal"
 _NAMESPACE = {kind: uuid.uuid5(uuid.NAMESPACE_URL, f"https://cairn.csi.io/local/{kind}") for kind in _PREFIX}
 _LOCAL_ID = {
     kind: re.compile(rf"^{prefix}-[0-9a-f]{{8}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{12}}$")
@@ -77,7 +92,7 @@ class Index:
     unless it fell in the same timestamp tick as a change the index knows, or between
     this process's change and its reading of the time: so the index is read again once
     ``SETTLED_NS`` after the last time it adopted. A change made elsewhere is listed
-    within that delay at worst; the files stay the only store, and every listed entry is
+    within that delay at worst; the files stay the store, and every listed entry is
     read from its record.
     """
 
@@ -137,11 +152,21 @@ class Index:
         self.scans += 1
 
 
+def _known(key: journal.Key) -> tuple[Kind, str] | None:
+    """A journal entry's kind and ID, when they are ones this backend issues."""
+    kind, local_id = key
+    for known in ("volume", "snapshot"):
+        if kind == known and _LOCAL_ID[known].match(local_id):
+            return known, local_id
+    return None
+
+
 class Layout:
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
         self.index = {kind: Index(os.path.join(self.root, _FOLDER[kind]), _LOCAL_ID[kind]) for kind in _FOLDER}
         self.durable = {kind: DirectorySync(os.path.join(self.root, _FOLDER[kind])) for kind in _FOLDER}
+        self.journal = journal.Journal(os.path.join(self.root, _JOURNAL), self.settle)
 
     @classmethod
     def containing(cls, image: str) -> Layout:
@@ -153,7 +178,7 @@ class Layout:
         return os.path.join(self.root, _FREEZE_JOURNAL)
 
     def ensure(self) -> None:
-        for folder in (*_FOLDER.values(), _FREEZE_JOURNAL):
+        for folder in (*_FOLDER.values(), _FREEZE_JOURNAL, _JOURNAL):
             os.makedirs(os.path.join(self.root, folder), exist_ok=True)
 
     @staticmethod
@@ -197,22 +222,27 @@ class Layout:
         return record
 
     def write_record(self, kind: Kind, local_id: str, record: dict[str, Any]) -> None:
-        path = self.record_path(kind, local_id)
-        write_atomically(path, json.dumps(record, sort_keys=True).encode())
-        self.index[kind].changed(local_id, present=True)
-
-    def commit(self, kind: Kind, local_id: str, record: dict[str, Any], temp_image: str) -> None:
-        """Make a new object whole: its record, then its image (written and flushed under
-        ``temp_image``), renamed into place, and the folder flushed once."""
+        """Write an object's record and return once the journal holds it."""
         path = self.record_path(kind, local_id)
         with open(path + TEMP_SUFFIX, "wb") as handle:
             handle.write(json.dumps(record, sort_keys=True).encode())
-            handle.flush()
-            os.fsync(handle.fileno())
         os.rename(path + TEMP_SUFFIX, path)
-        os.rename(temp_image, self.image(kind, local_id))
         self.index[kind].changed(local_id, present=True)
+        self.journal.append(kind, local_id, record)
+
+    def commit(self, kind: Kind, local_id: str, record: dict[str, Any], temp_image: str, holds_data: bool) -> None:
+        """Make a new object whole: its image (written under ``temp_image``, and flushed
+        there when it ``holds_data``) renamed into place, then its record."""
+        os.rename(temp_image, self.image(kind, local_id))
+        if holds_data:
+            self.durable[kind].sync()  # the image is there before the journal says so
+        self.write_record(kind, local_id, record)
+
+    def confirm(self, kind: Kind, local_id: str, record: dict[str, Any]) -> None:
+        """Make an object found whole durable before a retry answers with it: the call
+        that made it may have died before its journal entry (or its folder's flush)."""
         self.durable[kind].sync()
+        self.journal.append(kind, local_id, record)
 
     def ids(self, kind: Kind, after: str = "") -> Iterator[str]:
         """Local IDs that have a record and sort after ``after``, in order: candidates
@@ -220,19 +250,32 @@ class Layout:
         return self.index[kind].after(after)
 
     def remove(self, kind: Kind, local_id: str) -> None:
-        """Remove image, temporary image and record; what is missing is fine. The record
-        goes last so an interrupted removal is finished by the next call or recovery."""
+        """Remove image, temporary image and record, and return once the journal holds
+        the removal; what is missing is fine. The record goes last so an interrupted
+        removal is finished by the next call or recovery."""
         image, record = self.image(kind, local_id), self.record_path(kind, local_id)
         for path in (image, image + TEMP_SUFFIX, record + TEMP_SUFFIX, record):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         self.index[kind].changed(local_id, present=False)
-        self.durable[kind].sync()
+        self.journal.append(kind, local_id, None)
+
+    def settle(self, keys: set[journal.Key]) -> None:
+        """Flush the record files and images of the objects named, then the folders: a
+        checkpoint's work, after which the journal entries naming them may go."""
+        paths = []
+        for key in sorted(keys):
+            if (known := _known(key)) is not None:
+                paths += [self.record_path(*known), self.image(*known)]
+        journal.flush_existing(paths)
+        for sync in self.durable.values():
+            sync.sync()
 
     def recover(self) -> None:
-        """Remove what crashed creations and deletions left: temporary files, records
-        without an image and images without a record. Only safe when no operation is in
-        flight (start-up)."""
+        """Replay the journal, then remove what crashed creations and deletions left:
+        temporary files, records without an image and images without a record. Only
+        safe when no operation is in flight (start-up)."""
+        self._replay()
         for kind, folder in _FOLDER.items():
             directory = os.path.join(self.root, folder)
             entries = set(os.listdir(directory))
@@ -244,3 +287,55 @@ class Layout:
                 if entry.endswith(TEMP_SUFFIX) or orphan_record or orphan_image:
                     log.warning("removing what an interrupted %s creation left", kind, extra={"path": path})
                     os.unlink(path)
+
+    def _replay(self) -> None:
+        """Bring the files to what the journal says (each object's last entry), flush
+        them, and drop the journal."""
+        folder = os.path.join(self.root, _JOURNAL)
+        final = journal.read(folder)
+        for key, record in final.items():
+            if (known := _known(key)) is None:
+                log.warning("the journal names an object this backend does not issue", extra={"id": key[1]})
+                continue
+            typed, local_id = known
+            if record is None:
+                image, path = self.image(typed, local_id), self.record_path(typed, local_id)
+                for leftover in (image, image + TEMP_SUFFIX, path + TEMP_SUFFIX, path):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(leftover)
+                continue
+            self._restore(typed, local_id, record)
+        self.settle(set(final))
+        for path in journal.files_in(folder):
+            os.unlink(path)
+        fsync_dir(folder)
+
+    def _restore(self, kind: Kind, local_id: str, record: dict[str, Any]) -> None:
+        """One object as its last journal entry has it: the record's file, and a blank
+        volume's image (never flushed) at least as large as the record says."""
+        path = self.record_path(kind, local_id)
+        data = json.dumps(record, sort_keys=True).encode()
+        try:
+            with open(path, "rb") as handle:
+                same = handle.read() == data
+        except FileNotFoundError:
+            same = False
+        if not same:
+            with open(path + TEMP_SUFFIX, "wb") as handle:
+                handle.write(data)
+            os.rename(path + TEMP_SUFFIX, path)
+        size = record.get("size")
+        if kind != "volume" or not isinstance(size, int):
+            return  # a snapshot's image is a copy, flushed before its record was journaled
+        image = self.image(kind, local_id)
+        try:
+            short = os.stat(image).st_size < size
+        except FileNotFoundError:
+            if record.get("source") is not None and not record.get("filling"):
+                return  # a copy, flushed before it was journaled: gone by hand (recovery drops the record)
+            log.warning("making a blank volume's image again from the journal", extra={"id": local_id})
+            with open(image, "wb"):
+                pass
+            short = True
+        if short:
+            os.truncate(image, size)

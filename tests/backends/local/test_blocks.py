@@ -88,12 +88,24 @@ def where(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 
 @contextlib.contextmanager
+def opened(root: Path) -> Iterator[LocalVolumes]:
+    """A backend in ``root``, its journal closed afterwards (the folder is unmounted next)."""
+    volumes = LocalVolumes(str(root), "node-a")
+    try:
+        yield volumes
+    finally:
+        volumes.close()
+
+
+@contextlib.contextmanager
 def backend(where: Path) -> Iterator[LocalVolumes]:
     """A backend in a fresh folder under ``where``, removed afterwards (many per module)."""
     folder = tempfile.mkdtemp(dir=where)
+    volumes = LocalVolumes(os.path.join(folder, "local"), "node-a")
     try:
-        yield LocalVolumes(os.path.join(folder, "local"), "node-a")
+        yield volumes
     finally:
+        volumes.close()
         shutil.rmtree(folder)
 
 
@@ -387,8 +399,7 @@ def test_changed_reads_nothing_successive_reflink_snapshots_share(tmp_path: Path
     """On XFS, a snapshot is a reflink copy: after one block of a 64 MiB volume full of
     data changed, the next snapshot shares the rest with the previous one, and that is
     found without reading it."""
-    with xfs_mounted(tmp_path) as mounted:
-        volumes = LocalVolumes(str(mounted / "local"), "node-a")
+    with xfs_mounted(tmp_path) as mounted, opened(mounted / "local") as volumes:
         volume = volumes.create_volume(spec("pvc-1", 64 * MiB))
         image = volumes.layout.image("volume", volume.local_id)
         for offset in range(0, 64 * MiB, 4 * MiB):
@@ -418,8 +429,7 @@ def test_changed_reads_nothing_successive_reflink_snapshots_share(tmp_path: Path
 def test_preallocated_snapshots_share_their_unwritten_extents(tmp_path: Path) -> None:
     """A preallocated volume's untouched space is unwritten extents, which read as zeros
     and which reflink copies share: none of it is read, and none of it changed."""
-    with xfs_mounted(tmp_path) as mounted:
-        volumes = LocalVolumes(str(mounted / "local"), "node-a")
+    with xfs_mounted(tmp_path) as mounted, opened(mounted / "local") as volumes:
         volume = volumes.create_volume(spec("thick", 32 * MiB, preallocate="true"))
         image = volumes.layout.image("volume", volume.local_id)
         write(image, 1 * MiB, b"\x07" * 8 * KiB)

@@ -3,6 +3,7 @@ recovery, snapshots and clones, expansion and publication."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -32,7 +33,9 @@ def volumes(tmp_path: Path) -> LocalVolumes:
 
 
 def files(backend: LocalVolumes) -> list[str]:
-    return sorted(str(p.relative_to(backend.layout.root)) for p in Path(backend.layout.root).rglob("*") if p.is_file())
+    """The backend's objects' files (its journal aside)."""
+    root = Path(backend.layout.root)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.parent.name != "journal")
 
 
 def test_create_is_idempotent_on_name(volumes: LocalVolumes) -> None:
@@ -116,9 +119,8 @@ def test_crash_leftovers_are_cleaned_at_start_and_retry_finishes(tmp_path: Path)
     # renaming the image into place:
     image = backend.layout.image("volume", local_id)
     Path(image + ".tmp").write_bytes(b"")
-    backend.layout.write_record(
-        "volume", local_id, {"name": "pvc-crash", "source": None, "parameters": {}, "published": {}, "created": 0}
-    )
+    record: dict[str, object] = {"name": "pvc-crash", "source": None, "parameters": {}, "published": {}, "created": 0}
+    Path(backend.layout.record_path("volume", local_id)).write_text(json.dumps(record))
     assert backend.lookup_volume("pvc-crash") is None, "an unfinished volume must not be visible"
     retried = backend.create_volume(spec("pvc-crash"))
     assert retried.local_id == local_id
@@ -126,7 +128,7 @@ def test_crash_leftovers_are_cleaned_at_start_and_retry_finishes(tmp_path: Path)
     # The same crash, abandoned: the next start removes both pieces.
     other = Layout.local_id("volume", "pvc-abandoned")
     Path(backend.layout.image("volume", other) + ".tmp").write_bytes(b"")
-    backend.layout.write_record("volume", other, {"name": "pvc-abandoned"})
+    Path(backend.layout.record_path("volume", other)).write_text(json.dumps({"name": "pvc-abandoned"}))
     LocalVolumes(root, "node-a")
     assert files(backend) == [f"volumes/{local_id}.img", f"volumes/{local_id}.json"]
     # A creation whose image rename reached the disk and whose record rename did not (a
@@ -199,9 +201,11 @@ def small(tmp_path: Path) -> Iterator[LocalVolumes]:
     root = tmp_path / "small"
     root.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(root)], check=True)
+    volumes = LocalVolumes(str(root), "node-a")
     try:
-        yield LocalVolumes(str(root), "node-a")
+        yield volumes
     finally:
+        volumes.close()
         subprocess.run(["umount", str(root)], check=True)
 
 
