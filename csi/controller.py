@@ -22,6 +22,7 @@ from csi.errors import (
     NotFound,
     OutOfRange,
     ResourceExhausted,
+    Unavailable,
     Unimplemented,
 )
 from csi.filesystems import MINIMUM_BYTES, parse_filesystem
@@ -229,12 +230,16 @@ class ControllerService(pb_grpc.ControllerServicer):
         elif source:
             source_lock = self.inflight.hold(str(source[0]), source[1].kind)
         with self.inflight.hold(request.name, "volume name"), source_lock:
-            for backend in self.scheduler.select(parameters):
-                if backend.volumes.lookup_volume(request.name, secrets=spec.secrets) is not None:
-                    # A retry: the backend compares the request with what it made.
-                    return self._created(
-                        backend, self._filled(backend, backend.volumes.create_volume(spec), spec), vol_context
-                    )
+            candidates = self.scheduler.select(parameters)
+            # A retry goes back to the backend that made the volume, whatever the scheduler
+            # would choose now. With one candidate and no source, that is where placement
+            # leads anyway, and the backend's create answers a retry from what it made: the
+            # lookup (a round trip on a remote backend) is only needed if placement fails.
+            direct = len(candidates) == 1 and source is None
+            if not direct:
+                for backend in candidates:
+                    if (retried := self._retried(backend, spec, vol_context)) is not None:
+                        return retried
             if source and not restoring:
                 self.registry.route(source[0].backend, source[1].kind, str(source[0]))
             placement = PlacementRequest(
@@ -247,8 +252,16 @@ class ControllerService(pb_grpc.ControllerServicer):
                 source_kind=source[1].kind if source else None,
                 secrets=spec.secrets,
             )
+            try:
+                placed = self.scheduler.place(placement)
+            except (ResourceExhausted, Unavailable):
+                # A retry of a volume that filled its backend, or of one on a backend that
+                # cannot say how much room it has now: answered from what was made.
+                if direct and (retried := self._retried(candidates[0], spec, vol_context)) is not None:
+                    return retried
+                raise
             full: ResourceExhausted | None = None
-            for backend in self.scheduler.place(placement):
+            for backend in placed:
                 try:
                     volume = backend.volumes.create_volume(spec)
                 except ResourceExhausted as exc:
@@ -258,6 +271,15 @@ class ControllerService(pb_grpc.ControllerServicer):
                 return self._created(backend, self._filled(backend, volume, spec), vol_context)
             assert full is not None
             raise full
+
+    def _retried(
+        self, backend: Backend, spec: VolumeSpec, vol_context: dict[str, str]
+    ) -> pb.CreateVolumeResponse | None:
+        """The answer to a retry of a creation ``backend`` made (the backend compares the
+        request with what it made), or None when it holds no volume of that name."""
+        if backend.volumes.lookup_volume(spec.name, secrets=spec.secrets) is None:
+            return None
+        return self._created(backend, self._filled(backend, backend.volumes.create_volume(spec), spec), vol_context)
 
     def _filled(self, backend: Backend, volume: Volume, spec: VolumeSpec) -> Volume:
         """A volume restored from a backup, with its content written: by this call, or

@@ -8,7 +8,7 @@ they raise is a domain error, which the server's interceptor maps with
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from functools import partial
 from typing import Any, NoReturn, cast
@@ -21,11 +21,11 @@ from csi.backends.base import Backend, Capabilities, Expansion
 from csi.controller import ControllerService
 from csi.errors import CairnError
 from csi.generated import csi_pb2 as pb
-from csi.model import TOPOLOGY_NODE_KEY, AccessMode, AccessType, GiB, MiB, Volume, VolumeSpec
+from csi.model import NO_SECRETS, TOPOLOGY_NODE_KEY, AccessMode, AccessType, GiB, MiB, Volume, VolumeSpec
 from csi.registry import Registry
 from csi.scheduler import Scheduler
 from csi.status import to_status
-from tests.fakes import FAKE_CAPABILITIES, fake_backend, fake_volumes
+from tests.fakes import FAKE_CAPABILITIES, FakeVolumes, fake_backend, fake_volumes
 
 pytestmark = pytest.mark.unit
 
@@ -164,6 +164,34 @@ def test_a_retried_name_never_lands_on_a_second_backend() -> None:
     assert code is grpc.StatusCode.ALREADY_EXISTS, "a retry that differs is compared by the backend that has it"
     assert "create_volume" not in fake_volumes(b).calls
     assert (volume_count(a), volume_count(b)) == (1, 0)
+
+
+def test_one_candidate_is_asked_to_create_without_a_lookup_and_a_retry_on_it_full_still_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With one candidate, placement leads where a retry must go: the backend's create
+    answers the retry, and the name is looked up only when placement fails (here the
+    volume filled its backend, which now also says it is unwell)."""
+    a = fake_backend("a", size_limit=8 * MiB)
+    lookups: list[str] = []
+    real = FakeVolumes.lookup_volume
+
+    def counted(volumes: FakeVolumes, name: str, *, secrets: Mapping[str, str] = NO_SECRETS) -> Volume | None:
+        lookups.append(name)
+        return real(volumes, name, secrets=secrets)
+
+    monkeypatch.setattr(FakeVolumes, "lookup_volume", counted)
+    svc = service(a)
+    created = svc.CreateVolume(create_request("pvc-1", backend="a"), CONTEXT)
+    assert lookups == [], "the create went straight to the backend"
+    assert fake_volumes(a).free_bytes() == 0
+    assert svc.CreateVolume(create_request("pvc-1", backend="a"), CONTEXT) == created
+    assert lookups == ["pvc-1"], "placement found no room, so the name was looked up"
+    fake_volumes(a).problem = "pool is degraded"
+    assert svc.CreateVolume(create_request("pvc-1", backend="a"), CONTEXT) == created
+    code, _ = status_of(lambda: svc.CreateVolume(create_request("pvc-2", backend="a"), CONTEXT))
+    assert code is grpc.StatusCode.UNAVAILABLE, "a new name on an unwell backend is refused as before"
+    assert volume_count(a) == 1
 
 
 def test_a_clone_stays_on_its_sources_backend() -> None:

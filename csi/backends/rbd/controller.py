@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -78,6 +79,7 @@ IMAGE_KEY = "cairn.image"  # the image's own name, written by earlier versions: 
 PARAM_POOL, PARAM_DATA_POOL, PARAM_FEATURES, PARAM_MAPPER = "pool", "dataPool", "imageFeatures", "mapper"
 PARAM_MAP_OPTIONS = "mapOptions"
 HEALTH_INTERVAL = 30.0  # seconds between two checks of the cluster
+DF_FRESH = 1.0  # seconds a reading of the pools' free space answers placements
 
 
 T = TypeVar("T")
@@ -94,6 +96,8 @@ class RbdVolumes:
         self.sweeper = Sweeper()
         self.rbd = rbd.RBD()
         self._health = BackgroundCheck(f"rbd pool {settings.pool}", self._check_cluster, HEALTH_INTERVAL)
+        self._df_lock = threading.Lock()
+        self._df_read: dict[Credentials | None, tuple[float, dict[str, int]]] = {}
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -201,7 +205,16 @@ class RbdVolumes:
         return None
 
     def _df(self, secrets: Secrets) -> dict[str, int]:
-        connection = self.clusters.connection(Credentials.from_secrets(secrets))
+        """Each pool's free space, read at most once every ``DF_FRESH`` seconds for one set
+        of credentials: a placement needs a figure, not a round trip to the monitors per
+        create (images are thin; a figure a moment old places as well)."""
+        credentials = Credentials.from_secrets(secrets)
+        now = time.monotonic()
+        with self._df_lock:
+            cached = self._df_read.get(credentials)
+        if cached is not None and now - cached[0] < DF_FRESH:
+            return cached[1]
+        connection = self.clusters.connection(credentials)
 
         def df() -> dict[str, int]:
             rc, out, err = connection.mon_command(json.dumps({"prefix": "df", "format": "json"}), b"")
@@ -209,7 +222,10 @@ class RbdVolumes:
                 raise FailedPrecondition(f"Ceph refused 'df': {err}")
             return {p["name"]: int(p["stats"]["max_avail"]) for p in json.loads(out)["pools"]}
 
-        return ceph_call("the pool statistics", df)
+        free = ceph_call("the pool statistics", df)
+        with self._df_lock:
+            self._df_read[credentials] = (now, free)
+        return free
 
     def free_bytes(self, segment: Segment | None = None, *, secrets: Secrets = NO_SECRETS) -> int:
         """The pool's free space as Ceph computes it (after replication), the same from
