@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -36,6 +37,8 @@ from csi.errors import (
     Unavailable,
 )
 from csi.waiting import Backoff
+
+log = logging.getLogger(__name__)
 
 MAP_TIMEOUT = 120.0
 KEY_PREFIX = "cairn-key-"
@@ -120,9 +123,14 @@ class RbdConnector:
             raise InvalidArgument(f"mapper {mapper!r} is not one of {', '.join(MAPPERS)}")
         monitors = publish_context.get("monitors") or ",".join(self.settings.monitors)
         if mapper == "rbd-fuse":
-            existing_file = os.path.join(self._fuse_mountpoint(pool, image), image)
-            if mount.is_mounted(self._fuse_mountpoint(pool, image)):
-                return loopdev.attach(existing_file, read_only=read_only)
+            mountpoint = self._fuse_mountpoint(pool, image)
+            if mount.is_mounted(mountpoint):
+                if _fuse_daemons(mountpoint):
+                    return loopdev.attach(os.path.join(mountpoint, image), read_only=read_only)
+                # Its rbd-fuse died with an earlier node plugin (a restarted container, a
+                # stage cut short): the mount answers nothing. It goes, and a new one comes.
+                log.warning("replacing an rbd-fuse mount whose daemon is gone", extra={"mountpoint": mountpoint})
+                self._release_fuse(pool, image)
         else:
             existing = self._mapped("krbd" if mapper == "krbd" else "nbd", pool, image)
             if existing:
@@ -181,6 +189,11 @@ class RbdConnector:
             if device:
                 proc.run(["rbd", "device", "unmap", *_rbd_device_args(device_type), device], timeout=MAP_TIMEOUT)
                 self._wait_until_released(device_type, pool, image, device)
+        self._release_fuse(pool, image)
+
+    def _release_fuse(self, pool: str, image: str) -> None:
+        """Detach the loop device over the image's rbd-fuse file, unmount it, and wait
+        for its rbd-fuse to exit; nothing when it is not mounted."""
         mountpoint = self._fuse_mountpoint(pool, image)
         if mount.is_mounted(mountpoint):
             daemons = _fuse_daemons(mountpoint)

@@ -5,6 +5,7 @@ volume."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,6 +159,39 @@ def test_a_staged_volume_survives_a_plugin_restart_and_unstages_after_it(
     assert Path(target, "before").read_text() == "written before the restart"
     assert Path(target, "after").read_text() == "and after it"
     detach(node_a, "test-node", volume_id, secrets, staging, target)
+    node_a.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id, secrets=secrets), timeout=120)
+
+
+def test_a_stage_whose_rbd_fuse_died_exposes_the_image_again(
+    node_a: Driver, mapper: str, secrets: dict[str, str]
+) -> None:
+    """A node plugin killed during a stage takes its rbd-fuse with it and leaves the
+    mount behind, answering nothing ("Transport endpoint is not connected"): the retry
+    replaces it instead of failing on it for ever."""
+    if mapper != "rbd-fuse":
+        pytest.skip("only rbd-fuse leaves a mount whose daemon can die")
+    cap = mount_capability("ext4")
+    volume_id = create(node_a, "dead-fuse", cap, secrets)
+    target = str(node_a.root / "pod")
+    staging = attach(node_a, "test-node", volume_id, cap, secrets, target)
+    Path(target, "kept").write_text("written before its rbd-fuse died")
+    os.sync()
+    node_a.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=target), timeout=60)
+    # What the killed stage left: the filesystem not mounted yet, the loop device not
+    # attached yet, and the rbd-fuse mount with its daemon gone.
+    device = mount.find_mount(staging)
+    assert device is not None
+    subprocess.run(["umount", staging], check=True)
+    subprocess.run(["losetup", "--detach", device.source], check=True)
+    [daemon] = fuse_daemons(node_a.root)
+    os.kill(int(daemon.split(":")[0]), signal.SIGKILL)
+    [dead] = mappings(node_a.root.parent)
+    with pytest.raises(OSError):
+        os.listdir(dead)
+    staging = attach(node_a, "test-node", volume_id, cap, secrets, target)
+    assert Path(target, "kept").read_text() == "written before its rbd-fuse died"
+    detach(node_a, "test-node", volume_id, secrets, staging, target)
+    assert mappings(node_a.root.parent) == []
     node_a.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id, secrets=secrets), timeout=120)
 
 
