@@ -51,6 +51,7 @@ import argparse
 import math
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import threading
@@ -135,7 +136,26 @@ def describe_machine() -> None:
         f"Python {platform.python_version()}, grpcio {grpc.__version__}, "
         f"files on {filesystem_of(where)} ({where}); load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
+    print(
+        f"a new file there (open with O_CREAT, then close; the median of {FILE_ROUNDS}) costs "
+        f"{duration(new_file_cost(where))}: a local volume is two new files"
+    )
     print()
+
+
+FILE_ROUNDS = 500
+
+
+def new_file_cost(where: Path) -> float:
+    """The median cost of making an empty file in a folder of its own under ``where``:
+    what the filesystem's inode allocation costs, which a local create pays twice."""
+    with tempfile.TemporaryDirectory(prefix="cairn-bench-files-", dir=where) as folder:
+        costs = []
+        for i in range(FILE_ROUNDS):
+            started = time.perf_counter()
+            os.close(os.open(os.path.join(folder, str(i)), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            costs.append(time.perf_counter() - started)
+    return statistics.median(costs)
 
 
 def filesystem_of(path: Path) -> str:
