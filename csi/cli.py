@@ -380,6 +380,11 @@ def build_server(args: argparse.Namespace) -> Server:
     metrics = Metrics(args.metrics_port, watched, collectors=collectors) if args.metrics_port else None
     if serves_node and args.registration_dir:
         companions.append(RegistrationServer(args.registration_dir, args.kubelet_registration_path))
+    closers = [
+        (f"closing backend {b.name}", close)
+        for b in backends
+        if b.controller is not None and callable(close := getattr(b.controller, "close", None))
+    ]
     return Server(
         args.endpoint,
         services,
@@ -388,6 +393,7 @@ def build_server(args: argparse.Namespace) -> Server:
         ready=identity.ready,
         metrics=metrics,
         companions=companions,
+        closers=closers,
     )
 
 

@@ -13,7 +13,8 @@ import yaml
 
 from csi.client import parse_size
 from csi.errors import FailedPrecondition
-from tests.support import Driver
+from csi.generated import csi_pb2 as pb
+from tests.support import Driver, mount_capability
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -25,9 +26,22 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
 def test_sigterm_stops_gracefully_and_removes_the_socket(tmp_path: Path) -> None:
     driver = Driver(tmp_path).start()
     assert driver.socket.exists()
+    request = pb.CreateVolumeRequest(
+        name="pvc-1",
+        capacity_range=pb.CapacityRange(required_bytes=1 << 20),
+        volume_capabilities=[mount_capability("ext4")],
+    )
+    made = driver.controller.CreateVolume(request, timeout=30).volume.volume_id
+    assert list((driver.data / "journal").iterdir()), "the create was journaled"
     assert driver.stop() == 0
     assert not driver.socket.exists()
     assert "stopping" in driver.log.read_text()
+    assert list((driver.data / "journal").iterdir()) == [], "a clean stop leaves nothing to replay"
+    driver.start()
+    try:
+        assert [v.volume.volume_id for v in driver.controller.ListVolumes(pb.ListVolumesRequest()).entries] == [made]
+    finally:
+        driver.stop()
 
 
 @pytest.mark.parametrize(

@@ -90,11 +90,33 @@ def test_calls_still_running_after_the_grace_are_named_as_cut_short(
         channel.close()
 
 
-def test_a_finished_stop_is_complete(tmp_path: Path) -> None:
-    instance = Server(f"unix://{tmp_path}/s.sock", Services(Stuck(), None, None))
+def test_a_finished_stop_is_complete_and_closes_the_backends(tmp_path: Path) -> None:
+    closed: list[str] = []
+    closers = [("closing backend a", lambda: closed.append("a")), ("closing backend b", lambda: closed.append("b"))]
+    instance = Server(f"unix://{tmp_path}/s.sock", Services(Stuck(), None, None), closers=closers)
     instance.start()
     assert instance.stop(grace=1, step=1) is True
+    assert closed == ["a", "b"]
     assert instance.stop() is True  # a second stop has nothing to do
+    assert closed == ["a", "b"]
+
+
+def test_a_stop_that_cut_a_call_short_closes_no_backend(tmp_path: Path) -> None:
+    """A call still running may still write what a close would settle: the backend is
+    left as after a crash, for its start-up to mend."""
+    service, closed = Stuck(), []
+    instance = Server(
+        f"unix://{tmp_path}/s.sock", Services(service, None, None), closers=[("closing", lambda: closed.append(1))]
+    )
+    instance.start()
+    channel = grpc.insecure_channel(f"unix://{tmp_path}/s.sock")
+    pending = pb_grpc.IdentityStub(channel).Probe.future(pb.ProbeRequest())
+    assert service.entered.wait(10)
+    assert instance.stop(grace=0.2, step=0.2) is False
+    assert closed == []
+    service.release.set()
+    pending.cancel()
+    channel.close()
 
 
 # A driver process stands in for the real one: the stop path is the one `cairn-csi` runs

@@ -1015,6 +1015,12 @@ class NodeAgent:
             cancelled.set()
         for thread, _ in tasks:
             thread.join(max(0.0, deadline - time.monotonic()))
+        if not any(thread.is_alive() for thread, _ in tasks):
+            # Nothing runs on the node's storage any more: let it settle what it keeps
+            # for a crash (the local backend's journal).
+            close = getattr(self.executor, "close", None)
+            if callable(close):
+                close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -1413,6 +1419,12 @@ class NodeKeyed:
         self.node = node
         self.volume_parameters = inner.volume_parameters
         self.snapshot_parameters = inner.snapshot_parameters
+
+    def close(self) -> None:
+        """Close the backend on the node, where it keeps something to close."""
+        close = getattr(self.inner, "close", None)
+        if callable(close):
+            close()
 
     @property
     def topology(self) -> tuple[Segment, ...]:

@@ -138,15 +138,22 @@ class Journal:
             running.join()
 
     def close(self) -> None:
-        """Wait for a checkpoint that runs and close the journal file (appends after
-        this start a new one)."""
+        """A clean end (a stop, a folder about to be unmounted): wait for a checkpoint
+        that runs, then checkpoint the current file too, so that nothing is left to
+        replay. Appends after this start a new file."""
         self.wait()
         with self._cond:
             current, self._current = self._current, None
-            while current is not None and current.users:
-                self._cond.wait()
-        if current is not None:
+            stuck = self._stuck
+        if current is None:
+            return
+        if stuck:  # an older file stayed: this one must outlive it
+            with self._cond:
+                while current.users:
+                    self._cond.wait()
             os.close(current.fd)
+            return
+        self._checkpoint_of(current)
 
     def _start(self) -> _File:
         path = os.path.join(self.folder, f"{time.time_ns():020d}-{os.getpid()}{SUFFIX}")
@@ -161,6 +168,14 @@ class Journal:
         self._checkpoint.start()
 
     def _settle(self, full: _File) -> None:
+        try:
+            self._checkpoint_of(full)
+        finally:
+            with self._cond:
+                self._checkpoint = None
+
+    def _checkpoint_of(self, full: _File) -> None:
+        """Flush what ``full`` names once its appends have ended, then remove it."""
         try:
             with self._cond:
                 while full.users:
@@ -178,9 +193,6 @@ class Journal:
             )
             with self._cond:
                 self._stuck = True
-        finally:
-            with self._cond:
-                self._checkpoint = None
 
 
 def flush_existing(paths: Iterable[str]) -> None:

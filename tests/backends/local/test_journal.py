@@ -150,6 +150,17 @@ def test_a_retry_that_finds_its_volume_journals_it_again(root: str, monkeypatch:
     assert LocalVolumes(root, "node-a").get_volume(made.local_id) == made
 
 
+def test_a_clean_close_settles_and_removes_the_journal(root: str) -> None:
+    volumes = LocalVolumes(root, "node-a")
+    made = volumes.create_volume(spec("pvc-1"))
+    gone = volumes.create_volume(spec("pvc-2"))
+    volumes.delete_volume(gone.local_id)
+    assert len(journal_files(root)) == 1
+    volumes.close()
+    assert journal_files(root) == [], "a clean stop leaves nothing to replay"
+    assert LocalVolumes(root, "node-a").list_volumes() == [made]
+
+
 def test_torn_entries_are_skipped_and_later_ones_count() -> None:
     first = journal.encode("volume", "vol-1", {"name": "a"})
     torn = journal.encode("volume", "vol-2", {"name": "b"})[:-9]

@@ -162,14 +162,19 @@ def test_a_staged_volume_survives_a_plugin_restart_and_unstages_after_it(
     node_a.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id, secrets=secrets), timeout=120)
 
 
-def test_a_stage_whose_rbd_fuse_died_exposes_the_image_again(
-    node_a: Driver, mapper: str, secrets: dict[str, str]
-) -> None:
+@pytest.fixture
+def fuse_node(tmp_path: Path, ceph: CephCluster) -> Iterator[Driver]:
+    """A driver mapping with rbd-fuse, whatever mappers the host offers."""
+    require_tools("rbd-fuse", "losetup", "mkfs.ext4")
+    with running_driver(tmp_path / "a", config_for(tmp_path, ceph, "a", "rbd-fuse")) as driver:
+        yield driver
+
+
+def test_a_stage_whose_rbd_fuse_died_exposes_the_image_again(fuse_node: Driver, secrets: dict[str, str]) -> None:
     """A node plugin killed during a stage takes its rbd-fuse with it and leaves the
     mount behind, answering nothing ("Transport endpoint is not connected"): the retry
     replaces it instead of failing on it for ever."""
-    if mapper != "rbd-fuse":
-        pytest.skip("only rbd-fuse leaves a mount whose daemon can die")
+    node_a = fuse_node
     cap = mount_capability("ext4")
     volume_id = create(node_a, "dead-fuse", cap, secrets)
     target = str(node_a.root / "pod")
