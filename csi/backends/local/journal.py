@@ -120,7 +120,10 @@ class Journal:
             current.touched.add((kind, local_id))
             current.users += 1
             if current.size >= self.limit and self._checkpoint is None and not self._stuck:
-                self._rotate(current)
+                try:
+                    self._rotate(current)
+                except OSError:  # no new file (a full disk): this one goes on, the next append tries again
+                    log.exception("cannot start a new journal file", extra={"folder": self.folder})
         try:
             if written != len(line):
                 raise OSError(f"journal {current.path}: short write ({written} of {len(line)} bytes)")
@@ -158,7 +161,13 @@ class Journal:
     def _start(self) -> _File:
         path = os.path.join(self.folder, f"{time.time_ns():020d}-{os.getpid()}{SUFFIX}")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        fsync_dir(self.folder)  # the file must be there for its flushes to mean anything
+        try:
+            fsync_dir(self.folder)  # the file must be there for its flushes to mean anything
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
         self._current = _File(path, fd, GroupCommit(lambda: os.fdatasync(fd)))
         return self._current
 

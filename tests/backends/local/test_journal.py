@@ -230,3 +230,23 @@ def test_a_failed_checkpoint_keeps_its_file_and_stops_later_ones(root: str, smal
         os.unlink(volumes.layout.record_path("volume", volume.local_id))
     again = LocalVolumes(root, "node-a")
     assert len(again.list_volumes()) == 60
+
+
+def test_a_new_file_that_cannot_be_made_leaves_the_full_one_in_use(
+    root: str, small_journal: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    volumes = LocalVolumes(root, "node-a")
+    volumes.create_volume(spec("pvc-0"))
+
+    def full_disk(folder: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as broken:
+        broken.setattr(journal, "fsync_dir", full_disk)
+        made = [volumes.create_volume(spec(f"pvc-{i}")) for i in range(1, 40)]
+        assert len(journal_files(root)) == 1, "every append went on in the one file"
+    volumes.create_volume(spec("pvc-40"))
+    volumes.layout.journal.wait()
+    volumes.close()
+    assert journal_files(root) == []
+    assert len(LocalVolumes(root, "node-a").list_volumes()) == 41 == len(made) + 2
