@@ -380,10 +380,12 @@ def build_server(args: argparse.Namespace) -> Server:
     metrics = Metrics(args.metrics_port, watched, collectors=collectors) if args.metrics_port else None
     if serves_node and args.registration_dir:
         companions.append(RegistrationServer(args.registration_dir, args.kubelet_registration_path))
+    # Only the local backend keeps something a clean stop settles (its journal); other
+    # backends' close methods end connections their own threads may still use.
     closers = [
         (f"closing backend {b.name}", close)
         for b in backends
-        if b.controller is not None and callable(close := getattr(b.controller, "close", None))
+        if b.kind == "local" and b.controller is not None and callable(close := getattr(b.controller, "close", None))
     ]
     return Server(
         args.endpoint,
