@@ -152,6 +152,14 @@ class Index:
         self.scans += 1
 
 
+def _replace(path: str, data: bytes) -> None:
+    """Write ``path`` whole under a temporary name and rename it into place, unflushed
+    (the journal makes it durable): a reader sees the old content or the new."""
+    with open(path + TEMP_SUFFIX, "wb") as handle:
+        handle.write(data)
+    os.rename(path + TEMP_SUFFIX, path)
+
+
 def _known(key: journal.Key) -> tuple[Kind, str] | None:
     """A journal entry's kind and ID, when they are ones this backend issues."""
     kind, local_id = key
@@ -224,9 +232,7 @@ class Layout:
     def write_record(self, kind: Kind, local_id: str, record: dict[str, Any]) -> None:
         """Write an object's record and return once the journal holds it."""
         path = self.record_path(kind, local_id)
-        with open(path + TEMP_SUFFIX, "wb") as handle:
-            handle.write(json.dumps(record, sort_keys=True).encode())
-        os.rename(path + TEMP_SUFFIX, path)
+        _replace(path, json.dumps(record, sort_keys=True).encode())
         self.index[kind].changed(local_id, present=True)
         self.journal.append(kind, local_id, record)
 
@@ -321,9 +327,7 @@ class Layout:
         except FileNotFoundError:
             same = False
         if not same:
-            with open(path + TEMP_SUFFIX, "wb") as handle:
-                handle.write(data)
-            os.rename(path + TEMP_SUFFIX, path)
+            _replace(path, data)
         size = record.get("size")
         if kind != "volume" or not isinstance(size, int):
             return  # a snapshot's image is a copy, flushed before its record was journaled
