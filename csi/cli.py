@@ -440,6 +440,9 @@ def run_until_signalled(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # SIGUSR1 writes every thread's stack to the log and serves on: where a call that
+    # never answers (a backend library waiting on something) is held, without a stop.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     log.info("serving until SIGTERM or SIGINT")
     while not signalled.wait(SIGNAL_POLL):
         pass

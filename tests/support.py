@@ -134,6 +134,24 @@ class Driver(Stubs):
         """How many times the log says a driver started serving (it is kept across restarts)."""
         return self.log.read_text(errors="replace").count(SERVING) if self.log.exists() else 0
 
+    def thread_stacks(self, wait: float = 5.0) -> str:
+        """Every thread's stack, as the running driver writes them to its log at SIGUSR1
+        (for the message of a test that found a call held); what the log gained."""
+        if self.process is None:
+            return "(the driver is not running)"
+        start = self.log.stat().st_size
+        self.process.send_signal(signal.SIGUSR1)
+        deadline, seen, text = time.monotonic() + wait, "", ""
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            with open(self.log, "rb") as handle:
+                handle.seek(start)
+                text = handle.read().decode(errors="replace")
+            if "most recent call first" in text and text == seen:
+                break  # written, and nothing added since the last look
+            seen = text
+        return text
+
     def stop(self) -> int:
         """SIGTERM the driver and return its exit code. The driver ends within
         STOP_DEADLINE of the signal, however its stop goes; past that (and a margin for a

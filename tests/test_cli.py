@@ -44,6 +44,16 @@ def test_sigterm_stops_gracefully_and_removes_the_socket(tmp_path: Path) -> None
         driver.stop()
 
 
+def test_sigusr1_logs_every_threads_stack_and_serves_on(tmp_path: Path) -> None:
+    driver = Driver(tmp_path).start()
+    try:
+        stacks = driver.thread_stacks()
+        assert "most recent call first" in stacks and "csi/cli.py" in stacks, stacks
+        assert driver.identity.Probe(pb.ProbeRequest(), timeout=10).ready.value
+    finally:
+        assert driver.stop() == 0
+
+
 @pytest.mark.parametrize(
     ("config", "message"),
     [

@@ -191,7 +191,11 @@ class Api:
             answer = controller.CreateSnapshot(request, timeout=CALL_TIMEOUT)
             if answer.snapshot.ready_to_use:
                 return answer
-            assert time.monotonic() < deadline, f"backup {request.name!r} not ready within {CALL_TIMEOUT:g} s"
+            if time.monotonic() >= deadline:
+                pytest.fail(
+                    f"backup {request.name!r} not ready within {CALL_TIMEOUT:g} s; the driver's threads:\n"
+                    + self.driver.thread_stacks()[-20000:]
+                )
             time.sleep(POLL)
 
     def retry(self, step: Step, deadline: float = RETRY_FOR) -> Any:

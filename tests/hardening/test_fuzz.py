@@ -425,7 +425,11 @@ class Fuzzer:
         elif code is grpc.StatusCode.INTERNAL and parses:
             fail("INTERNAL")
         elif code is grpc.StatusCode.DEADLINE_EXCEEDED and outcome.seconds >= CALL_TIMEOUT * 0.9:
-            fail("hang", f"no answer within {CALL_TIMEOUT:g}s")
+            # Where the call is held, while it still is: the driver's threads.
+            fail(
+                "hang",
+                f"no answer within {CALL_TIMEOUT:g}s; the driver's threads:\n{self.driver.thread_stacks()[-8000:]}",
+            )
             self.hangs += 1
         elif code is grpc.StatusCode.RESOURCE_EXHAUSTED and re.search("metadata|header", details, re.I):
             fail("error message over the client's metadata limit")
