@@ -12,7 +12,9 @@ the Ceph tools in the same run, against a throw-away single-node cluster:
                     THROUGHPUT_IN_FLIGHT calls in flight, in calls a second (printed
                     apart)  vs  RBD.create, then RBD.remove, from as many threads
     stage+unstage   NodeStage + NodeUnstage (ext4, rbd-fuse)  vs  rbd-fuse + losetup +
-                    mkfs.ext4 + mount, then the reverse, run directly
+                    mkfs.ext4 + mount, then the reverse, run directly, until the
+                    rbd-fuse daemon has exited and let go of the image (as the
+                    driver's unstage does: until then a delete or another map fails)
 
 Run as root: python bench/rbd_backend.py [--rounds N]. Prints medians; no thresholds.
 """
@@ -34,6 +36,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import MiB, in_flight, median_seconds, parse_rounds, report, sh
+from csi import proc
+from csi.backends.rbd.node import fuse_daemons
 from csi.generated import csi_pb2 as pb
 from tests.ceph import POOL, USER, CephCluster
 from tests.support import Driver, mount_capability
@@ -204,7 +208,11 @@ def stage(
         sh("mount", "-t", "ext4", device, staging)
         sh("umount", staging)
         sh("losetup", "--detach", device)
-        sh("umount", str(fuse))
+        # Until its rbd-fuse has exited, the image is busy (a delete or another node's
+        # map fails): the driver's unstage answers only then, and so does this one.
+        with proc.Exits(fuse_daemons(str(fuse))) as daemon:
+            sh("umount", str(fuse))
+            daemon.wait(30)
         timings.append(time.perf_counter() - started)
         remove_once_released(io, name)
     return cairn, statistics.median(timings)

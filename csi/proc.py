@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import select
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from types import TracebackType
 
 from csi.errors import CommandFailed, CommandTimeout, command_failed
 
@@ -119,3 +122,49 @@ def start_time(pid: int) -> str | None:
     except OSError:
         return None
     return None if fields[0] in ("Z", "X") else fields[19]
+
+
+class Exits:
+    """The ends of processes this one did not start (a daemon that forked away, so
+    there is no child to wait for). Each is watched through a pidfd opened while it is
+    known to run: a later process that reuses its pid is never taken for it, and a wait
+    wakes the moment the last one ends rather than at a polling step. A zombie has
+    ended. Close it (or use it as a context manager) to release the descriptors."""
+
+    def __init__(self, pids: Iterable[int]) -> None:
+        self._fds: list[int] = []
+        for pid in pids:
+            try:
+                self._fds.append(os.pidfd_open(pid))
+            except ProcessLookupError:
+                continue  # ended already
+
+    def wait(self, timeout: float) -> bool:
+        """Whether every watched process has ended, waiting at most ``timeout`` seconds."""
+        poller = select.poll()
+        running = set(self._fds)
+        for fd in running:
+            poller.register(fd, select.POLLIN)
+        deadline = time.monotonic() + timeout
+        while running:
+            left = max(0, math.ceil((deadline - time.monotonic()) * 1000))
+            for fd, _event in poller.poll(left):
+                poller.unregister(fd)
+                running.discard(fd)
+            if running and not left:
+                return False
+        return True
+
+    def close(self) -> None:
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> Exits:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()

@@ -125,7 +125,7 @@ class RbdConnector:
         if mapper == "rbd-fuse":
             mountpoint = self._fuse_mountpoint(pool, image)
             if mount.is_mounted(mountpoint):
-                if _fuse_daemons(mountpoint):
+                if fuse_daemons(mountpoint):
                     return loopdev.attach(os.path.join(mountpoint, image), read_only=read_only)
                 # Its rbd-fuse died with an earlier node plugin (a restarted container, a
                 # stage cut short): the mount answers nothing. It goes, and a new one comes.
@@ -196,26 +196,24 @@ class RbdConnector:
         for its rbd-fuse to exit; nothing when it is not mounted."""
         mountpoint = self._fuse_mountpoint(pool, image)
         if mount.is_mounted(mountpoint):
-            daemons = _fuse_daemons(mountpoint)
-            loopdev.detach(os.path.join(mountpoint, image))
-            # The kernel lets go of a detached loop device's file a moment later.
-            deadline = time.monotonic() + RELEASE_TIMEOUT
-            backoff = Backoff()
-            while True:
-                try:
-                    mount.unmount(mountpoint)
-                    break
-                except CommandBusy:
-                    if time.monotonic() > deadline:
-                        raise
-                    backoff.sleep()
-            # rbd-fuse closes the image as it exits, a moment after its unmount; until then
-            # Ceph calls the image busy, and a DeleteVolume right after the unstage fails.
-            backoff = Backoff()
-            while any(proc.start_time(pid) is not None for pid in daemons):
-                if time.monotonic() > deadline:
+            with proc.Exits(fuse_daemons(mountpoint)) as daemons:
+                loopdev.detach(os.path.join(mountpoint, image))
+                # The kernel lets go of a detached loop device's file a moment later.
+                deadline = time.monotonic() + RELEASE_TIMEOUT
+                backoff = Backoff()
+                while True:
+                    try:
+                        mount.unmount(mountpoint)
+                        break
+                    except CommandBusy:
+                        if time.monotonic() > deadline:
+                            raise
+                        backoff.sleep()
+                # rbd-fuse closes the image as it exits, a moment after its unmount; until
+                # then Ceph calls the image busy, and a DeleteVolume right after the unstage
+                # fails.
+                if not daemons.wait(max(0.0, deadline - time.monotonic())):
                     raise Unavailable(f"rbd-fuse still holds {pool}/{image} {RELEASE_TIMEOUT:g}s after its unmount")
-                backoff.sleep()
         with contextlib.suppress(FileNotFoundError, OSError):
             os.rmdir(mountpoint)
 
@@ -304,7 +302,7 @@ def _nbd_connected() -> bool:
     return any(e.startswith("nbd") and os.path.exists(os.path.join(SYSFS_BLOCK, e, "pid")) for e in entries)
 
 
-def _fuse_daemons(mountpoint: str) -> list[int]:
+def fuse_daemons(mountpoint: str) -> list[int]:
     """The rbd-fuse processes serving ``mountpoint`` (read from /proc: rbd-fuse leaves
     no record of its own)."""
     found = []
