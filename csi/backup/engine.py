@@ -18,6 +18,7 @@ the repository lacks."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -46,6 +47,12 @@ NODE_POLL = 1.0
 """Seconds between two looks at a copy a node runs (a routed backend's)."""
 WORKERS = 4
 """Chunks read, hashed, compressed and stored (or fetched, checked and written) at once."""
+BASE_PATIENCE = 60.0
+"""How long the asks of a backup saved by a process that died before it removed the
+snapshots of the volume's older backups keep it not ready while removing them fails: the
+dead process may have had one open, and Ceph calls an image busy until the dead client's
+watch expires (30 s by default). Past that it is reported ready, and the volume's next
+backup removes what is left."""
 
 
 def backup_id(name: str) -> str:
@@ -288,6 +295,8 @@ class Backups:
         self._read: Counter[str] = Counter()
         self._stored: Counter[str] = Counter()
         self._ended: Counter[tuple[str, str]] = Counter()
+        # Saved backups whose older bases could not be removed yet: since when (monotonic).
+        self._finishing: dict[tuple[str, str], float] = {}
 
     def __contains__(self, name: object) -> bool:
         return name in self.repositories
@@ -319,7 +328,8 @@ class Backups:
                 # Saved, and the snapshots of the volume's older backups are going: ready
                 # once they are gone (a node that copied it saved it a moment before).
                 return Snapshot(local_id, name, volume_id, job.size, job.started, ready=False)
-            self._finish_saved(repository, done, secrets)
+            if not self._finish_saved(repository, done, secrets):
+                return dataclasses.replace(_snapshot(done), ready=False)
             return _snapshot(done)
         backend, volume_local_id = self._route_volume(volume_id)
         if not backend.capabilities.backups:
@@ -353,23 +363,38 @@ class Backups:
                 job.thread.start()
         return Snapshot(local_id, name, volume_id, job.size, job.started, ready=False)
 
-    def _finish_saved(self, repository: Repository, done: Manifest, secrets: Secrets) -> None:
+    def _finish_saved(self, repository: Repository, done: Manifest, secrets: Secrets) -> bool:
         """Finish what a process that died after saving ``done`` left undone: the
         snapshots of the volume's older backups, and the in-progress marker, which would
         hold every collection off until it went stale. Nothing when no marker is left
         (the usual case: one existence check) or a job of this process still runs. A
         node that copied a backup removed its marker when it saved the manifest, before
         this process could remove the older snapshots: for such backends, their listing
-        (one read) says whether any is left."""
+        (one read) says whether any is left.
+
+        False (not ready yet; the next ask tries again) while an older snapshot cannot
+        be removed, for at most BASE_PATIENCE: the marker stays meanwhile."""
+        key = (repository.name, done.backup_id)
         with self._lock:
-            job = self._jobs.get((repository.name, done.backup_id))
+            job = self._jobs.get(key)
         if job is not None and job.running:
-            return
+            return True
         if repository.pending(done.backup_id):
-            self._drop_older_bases(repository, done.volume_id, secrets)
+            if not self._drop_older_bases(repository, done.volume_id, secrets):
+                with self._lock:
+                    since = self._finishing.setdefault(key, time.monotonic())
+                if time.monotonic() - since < BASE_PATIENCE:
+                    return False
+                log.warning(
+                    "a saved backup's older base snapshots are still there; left for the volume's next backup",
+                    extra={"backup": done.name, "repository": repository.name, "waited": BASE_PATIENCE},
+                )
             repository.abandon(done.backup_id)
+            with self._lock:
+                self._finishing.pop(key, None)
         elif self._older_bases_on_nodes(done, secrets):
             self._drop_older_bases(repository, done.volume_id, secrets)
+        return True
 
     def _older_bases_on_nodes(self, done: Manifest, secrets: Secrets) -> bool:
         """Whether the volume of ``done``, on a backend whose nodes copy its backups,
@@ -515,14 +540,14 @@ class Backups:
             job.done_bytes = manifest.size
         return manifest
 
-    def _drop_older_bases(self, repository: Repository, volume_id: str, secrets: Secrets) -> None:
+    def _drop_older_bases(self, repository: Repository, volume_id: str, secrets: Secrets) -> bool:
         """Remove the backend snapshots of every saved backup of the volume but the
-        newest: one base per volume, also when backups of it ran side by side."""
+        newest: one base per volume, also when backups of it ran side by side. Whether
+        every one went."""
         saved = self._of_volume(repository, volume_id)
         newest = max(saved, key=lambda m: m.created_at, default=None)
-        for old in saved:
-            if old is not newest:
-                self._drop_base(old.base_snapshot, secrets)
+        dropped = [self._drop_base(old.base_snapshot, secrets) for old in saved if old is not newest]
+        return all(dropped)
 
     def _of_volume(self, repository: Repository, volume_id: str) -> list[Manifest]:
         """The saved backups of a volume. Reads every manifest: a backup happens far less
@@ -551,9 +576,11 @@ class Backups:
             return None
         return ref.local_id
 
-    def _drop_base(self, snapshot_id: str, secrets: Secrets) -> None:
+    def _drop_base(self, snapshot_id: str, secrets: Secrets) -> bool:
+        """Remove a backup's backend snapshot; whether it is gone. One that cannot go is
+        left for the volume's next backup (or the next ask of a saved one), which tries again."""
         if not snapshot_id:
-            return
+            return True
         try:
             ref = ids.decode(snapshot_id, "snapshot")
             backend = self.registry.route(ref.backend, "snapshot", snapshot_id)
@@ -561,8 +588,9 @@ class Backups:
         except NotFound:
             pass
         except CairnError as exc:
-            # Left for the next backup of the volume, which tries again.
             log.warning("could not remove a backup's base snapshot: %s", exc, extra={"snapshot": snapshot_id})
+            return False
+        return True
 
     def delete(self, repository_name: str, local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
         """Delete a backup: a running one is cancelled first (its snapshot goes with it),

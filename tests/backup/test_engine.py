@@ -6,9 +6,11 @@ cancellation, and damaged chunks that fail a restore by name."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +21,14 @@ from csi import ids
 from csi.backends import local
 from csi.backends.base import Backend
 from csi.backends.local.controller import LocalVolumes
+from csi.backup import engine
 from csi.backup.directory import DirectoryStore
 from csi.backup.engine import SNAPSHOT_PREFIX, Backups, backup_id, chunk_indexes, in_parallel
 from csi.backup.repository import Repository
 from csi.backup.store import Store, Stored
 from csi.config import BackendConfig
 from csi.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
-from csi.model import AccessMode, AccessType, Capability, Extent, MiB, SourceRef, VolumeSpec
+from csi.model import NO_SECRETS, AccessMode, AccessType, Capability, Extent, MiB, Secrets, SourceRef, VolumeSpec
 from csi.registry import Registry
 
 pytestmark = pytest.mark.unit
@@ -414,3 +417,64 @@ def test_backups_of_one_volume_side_by_side_leave_one_base_snapshot(world: World
     names = [s.name for s in world.backend("a").volumes.list_snapshots()]
     newest = max(world.repository.manifests(), key=lambda m: m.created_at)
     assert names == [SNAPSHOT_PREFIX + newest.backup_id]
+
+
+def crashed_before_its_older_base_went(world: World, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str, Backups]:
+    """A volume with two saved backups, the second saved by a process that died before
+    it removed the first's snapshot (so its in-progress marker is left too), and the
+    engine of the process started after it: the volume's ID, the second's ID, the engine."""
+    volume = world.volume("data")
+    world.write(volume, 0, random.Random(11).randbytes(4 * CHUNK))
+    world.back_up("first", volume)
+    world.write(volume, 0, b"changed since the first")
+    with monkeypatch.context() as patch:
+        patch.setattr(world.backups, "_drop_older_bases", lambda *args, **kwargs: True)
+        second = ids.decode(world.back_up("second", volume)).local_id
+    world.store.put("pending/" + second, json.dumps({"since": time.time()}).encode())
+    assert len(world.backend("a").volumes.list_snapshots()) == 2
+    return volume, second, Backups(world.registry, {"vault": world.repository})
+
+
+def busy_snapshots(world: World, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Make deleting a snapshot of backend a fail as an image a dead client still
+    watches does, until the returned event is set."""
+    volumes = world.local("a")
+    delete = volumes.delete_snapshot
+    released = threading.Event()
+
+    def busy(local_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
+        if not released.is_set():
+            raise FailedPrecondition(f"snapshot {local_id} is in use")
+        delete(local_id, secrets=secrets)
+
+    monkeypatch.setattr(volumes, "delete_snapshot", busy)
+    return released
+
+
+def test_a_saved_backup_is_ready_only_once_the_older_base_a_crash_left_is_gone(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    volume, second, restarted = crashed_before_its_older_base_went(world, monkeypatch)
+    released = busy_snapshots(world, monkeypatch)
+    for _ in range(2):
+        assert not restarted.backup("vault", "second", volume).ready
+        assert world.repository.pending(second), "the marker stays until the older base is gone"
+    released.set()
+    assert restarted.backup("vault", "second", volume).ready
+    assert not world.repository.pending(second)
+    assert [s.name for s in world.backend("a").volumes.list_snapshots()] == [SNAPSHOT_PREFIX + second]
+
+
+def test_an_older_base_that_stays_busy_is_left_to_the_next_backup(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    volume, second, restarted = crashed_before_its_older_base_went(world, monkeypatch)
+    released = busy_snapshots(world, monkeypatch)
+    monkeypatch.setattr(engine, "BASE_PATIENCE", 0.0)
+    assert restarted.backup("vault", "second", volume).ready, "no wait past the patience"
+    assert not world.repository.pending(second)
+    assert len(world.backend("a").volumes.list_snapshots()) == 2
+    released.set()
+    world.backups = restarted
+    third = ids.decode(world.back_up("third", volume)).local_id
+    assert [s.name for s in world.backend("a").volumes.list_snapshots()] == [SNAPSHOT_PREFIX + third]
