@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,30 @@ def test_logs_show_one_line_per_call_and_no_secret(kube: Kube, release: dict[str
         assert ceph.user_key not in kube.kubectl(
             "logs", f"--namespace={NAMESPACE}", node["metadata"]["name"], "-c", "cairn"
         )
+
+
+def restarts(kube: Kube, name: str) -> int:
+    found: dict[str, Any] = json.loads(kube.kubectl("get", "pod", f"--namespace={NAMESPACE}", name, "-o", "json"))
+    return sum(int(c["restartCount"]) for c in found["status"]["containerStatuses"] if c["name"] == "cairn")
+
+
+@pytest.mark.parametrize("component", ["controller", "node"])
+def test_sigusr1_writes_the_plugins_thread_stacks_to_its_log(
+    kube: Kube, release: dict[str, Any], component: str
+) -> None:
+    """The README's command: the driver is PID 1 of its container, and serves on."""
+    (plugin,) = plugin_pods(kube, component)
+    name = plugin["metadata"]["name"]
+    before = restarts(kube, name)
+    kube.kubectl("exec", f"--namespace={NAMESPACE}", name, "-c", "cairn", "--", "sh", "-c", "kill -USR1 1")
+    deadline = time.monotonic() + 30
+    while "most recent call first" not in (
+        log := kube.kubectl("logs", f"--namespace={NAMESPACE}", name, "-c", "cairn")
+    ):
+        assert time.monotonic() < deadline, f"no thread stacks in the {component}'s log:\n{log[-2000:]}"
+        time.sleep(0.5)
+    assert "csi/cli.py" in log
+    assert restarts(kube, name) == before, "the signal restarted the plugin"
 
 
 @pytest.mark.parametrize(("component", "port"), [("controller", 9812), ("node", 9813)])
