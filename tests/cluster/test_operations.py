@@ -12,14 +12,18 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 
+from csi.generated import csi_pb2 as pb
+from csi.generated import csi_pb2_grpc as pb_grpc
 from tests.ceph import USER, CephCluster
 from tests.cluster.conftest import CHART, NAMESPACE, RELEASE, Kube
 from tests.cluster.kube import NODE
 from tests.cluster.test_flows import bound, claim, gone, pod
 from tests.conformance.test_sanity import SECRET_NAMES, check, imposed_skips, run_sanity
+from tests.support import mount_capability
 
 pytestmark = pytest.mark.cluster
 
@@ -70,7 +74,30 @@ def test_csi_sanity_against_the_installed_driver(
     shutil.rmtree(work, ignore_errors=True)
 
 
-def test_logs_show_one_line_per_call_and_no_secret(kube: Kube, release: dict[str, Any], ceph: CephCluster) -> None:
+@pytest.fixture
+def called(kube: Kube, release: dict[str, Any]) -> None:
+    """A CreateVolume and a DeleteVolume through the controller's socket, so the tests of
+    its logs and metrics need no earlier test to have made a volume."""
+    link = Path(tempfile.mkdtemp(prefix="cairn-")) / "controller.sock"  # a short path to a deep socket
+    link.symlink_to(controller_socket(kube))
+    try:
+        with grpc.insecure_channel(f"unix://{link}") as channel:
+            controller = pb_grpc.ControllerStub(channel)
+            request = pb.CreateVolumeRequest(
+                name=f"called-{uuid.uuid4().hex[:8]}",
+                capacity_range=pb.CapacityRange(required_bytes=1 << 20),
+                volume_capabilities=[mount_capability("ext4")],
+                parameters={"backend": "local"},
+            )
+            made = controller.CreateVolume(request, timeout=60).volume
+            controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=made.volume_id), timeout=60)
+    finally:
+        shutil.rmtree(link.parent)
+
+
+def test_logs_show_one_line_per_call_and_no_secret(
+    kube: Kube, release: dict[str, Any], ceph: CephCluster, called: None
+) -> None:
     (controller,) = plugin_pods(kube, "controller")
     log = kube.kubectl("logs", f"--namespace={NAMESPACE}", controller["metadata"]["name"], "-c", "cairn")
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
@@ -112,7 +139,9 @@ def test_sigusr1_writes_the_plugins_thread_stacks_to_its_log(
 
 
 @pytest.mark.parametrize(("component", "port"), [("controller", 9812), ("node", 9813)])
-def test_metrics_are_scraped_through_the_pod(kube: Kube, release: dict[str, Any], component: str, port: int) -> None:
+def test_metrics_are_scraped_through_the_pod(
+    kube: Kube, release: dict[str, Any], called: None, component: str, port: int
+) -> None:
     (plugin,) = plugin_pods(kube, component)
     name = plugin["metadata"]["name"]
     # From inside the pod: this cluster's pod IPs are loopback addresses, which the API
