@@ -133,11 +133,15 @@ class Exits:
 
     def __init__(self, pids: Iterable[int]) -> None:
         self._fds: list[int] = []
-        for pid in pids:
-            try:
-                self._fds.append(os.pidfd_open(pid))
-            except ProcessLookupError:
-                continue  # ended already
+        try:
+            for pid in pids:
+                try:
+                    self._fds.append(os.pidfd_open(pid))
+                except ProcessLookupError:
+                    continue  # ended already
+        except BaseException:
+            self.close()  # no descriptor outlives a failed start (EMFILE)
+            raise
 
     def wait(self, timeout: float) -> bool:
         """Whether every watched process has ended, waiting at most ``timeout`` seconds."""

@@ -598,6 +598,7 @@ class Backups:
         repository = self.repository(repository_name)
         with self._lock:
             job = self._jobs.get((repository.name, local_id))
+            self._finishing.pop((repository.name, local_id), None)
         if job is not None:
             job.cancelled.set()
             if job.thread is not None:
