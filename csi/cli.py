@@ -380,13 +380,7 @@ def build_server(args: argparse.Namespace) -> Server:
     metrics = Metrics(args.metrics_port, watched, collectors=collectors) if args.metrics_port else None
     if serves_node and args.registration_dir:
         companions.append(RegistrationServer(args.registration_dir, args.kubelet_registration_path))
-    # Only the local backend keeps something a clean stop settles (its journal); other
-    # backends' close methods end connections their own threads may still use.
-    closers = [
-        (f"closing backend {b.name}", close)
-        for b in backends
-        if b.kind == "local" and b.controller is not None and callable(close := getattr(b.controller, "close", None))
-    ]
+    settlers = [(f"settling backend {b.name}", b.controller.settle) for b in backends if b.controller is not None]
     return Server(
         args.endpoint,
         services,
@@ -395,7 +389,7 @@ def build_server(args: argparse.Namespace) -> Server:
         ready=identity.ready,
         metrics=metrics,
         companions=companions,
-        closers=closers,
+        closers=settlers,
     )
 
 

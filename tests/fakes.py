@@ -94,6 +94,9 @@ class FakeVolumes:
 
     # -- capacity -------------------------------------------------------------------
 
+    def settle(self) -> None:
+        """Nothing to settle: the fake keeps everything in memory."""
+
     def health(self) -> str | None:
         return self.problem
 

@@ -213,6 +213,12 @@ class VolumeBackend(Protocol):
     def unpublish_volume(self, local_id: str, node_id: str, *, secrets: Secrets = NO_SECRETS) -> None:
         """Forget that ``node_id`` uses the volume; not an error if it did not."""
 
+    def settle(self) -> None:
+        """At a clean stop, with no call in flight: make durable and tidy what the
+        backend keeps for a crash, so that its next start has nothing to mend (the local
+        backend's journal). Nothing for a backend that keeps nothing of the kind; it does
+        not end connections that the backend's own threads may still use."""
+
 
 class BlockReader(Protocol):
     """A snapshot's content, open for reading."""

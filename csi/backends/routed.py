@@ -446,6 +446,9 @@ class RoutedVolumes:
         # Never empty: an empty topology means "usable everywhere".
         return tuple({TOPOLOGY_NODE_KEY: node} for node in sorted(reports)) or ({TOPOLOGY_NODE_KEY: ""},)
 
+    def settle(self) -> None:
+        """Nothing to settle here: the nodes keep the storage, and their agents settle it."""
+
     def health(self) -> str | None:
         try:
             reports = self.reports()
@@ -1018,9 +1021,7 @@ class NodeAgent:
         if not any(thread.is_alive() for thread, _ in tasks):
             # Nothing runs on the node's storage any more: let it settle what it keeps
             # for a crash (the local backend's journal).
-            close = getattr(self.executor, "close", None)
-            if callable(close):
-                close()
+            self.executor.settle()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -1420,11 +1421,8 @@ class NodeKeyed:
         self.volume_parameters = inner.volume_parameters
         self.snapshot_parameters = inner.snapshot_parameters
 
-    def close(self) -> None:
-        """Close the backend on the node, where it keeps something to close."""
-        close = getattr(self.inner, "close", None)
-        if callable(close):
-            close()
+    def settle(self) -> None:
+        self.inner.settle()
 
     @property
     def topology(self) -> tuple[Segment, ...]:

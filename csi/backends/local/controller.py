@@ -78,9 +78,9 @@ class LocalVolumes:
         self.read_compared: blocks.Pread = os.pread
         """How ``changed`` reads the bytes it compares (the tests count them)."""
 
-    def close(self) -> None:
-        """Close the journal's file (a later change opens another): for a folder that is
-        about to be unmounted."""
+    def settle(self) -> None:
+        """Checkpoint the journal and remove its file (a later change opens another): at
+        a clean stop, or for a folder about to be unmounted."""
         self.layout.journal.close()
 
     # -- capacity and capabilities -------------------------------------------------

@@ -193,6 +193,9 @@ class LvmVolumes:
 
     # -- capacity -------------------------------------------------------------------
 
+    def settle(self) -> None:
+        """Nothing to settle: LVM's metadata is written when its call answers."""
+
     def health(self) -> str | None:
         try:
             self.lvm.volume_group(self.vg)

@@ -255,6 +255,9 @@ class NfsVolumes:
 
     # -- capacity and health ------------------------------------------------------------
 
+    def settle(self) -> None:
+        """Nothing to settle: every change is on the server when its call answers."""
+
     def health(self) -> str | None:
         try:
             self.tree.fsstat("")

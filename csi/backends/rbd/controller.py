@@ -183,6 +183,9 @@ class RbdVolumes:
 
     # -- capacity and capabilities -------------------------------------------------
 
+    def settle(self) -> None:
+        """Nothing to settle: every change is in Ceph when its call answers."""
+
     def health(self) -> str | None:
         return self._health.result()
 

@@ -94,7 +94,7 @@ def opened(root: Path) -> Iterator[LocalVolumes]:
     try:
         yield volumes
     finally:
-        volumes.close()
+        volumes.settle()
 
 
 @contextlib.contextmanager
@@ -105,7 +105,7 @@ def backend(where: Path) -> Iterator[LocalVolumes]:
     try:
         yield volumes
     finally:
-        volumes.close()
+        volumes.settle()
         shutil.rmtree(folder)
 
 

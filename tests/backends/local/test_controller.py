@@ -205,7 +205,7 @@ def small(tmp_path: Path) -> Iterator[LocalVolumes]:
     try:
         yield volumes
     finally:
-        volumes.close()
+        volumes.settle()
         subprocess.run(["umount", str(root)], check=True)
 
 

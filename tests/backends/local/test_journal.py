@@ -156,7 +156,7 @@ def test_a_clean_close_settles_and_removes_the_journal(root: str) -> None:
     gone = volumes.create_volume(spec("pvc-2"))
     volumes.delete_volume(gone.local_id)
     assert len(journal_files(root)) == 1
-    volumes.close()
+    volumes.settle()
     assert journal_files(root) == [], "a clean stop leaves nothing to replay"
     assert LocalVolumes(root, "node-a").list_volumes() == [made]
 
@@ -247,6 +247,6 @@ def test_a_new_file_that_cannot_be_made_leaves_the_full_one_in_use(
         assert len(journal_files(root)) == 1, "every append went on in the one file"
     volumes.create_volume(spec("pvc-40"))
     volumes.layout.journal.wait()
-    volumes.close()
+    volumes.settle()
     assert journal_files(root) == []
     assert len(LocalVolumes(root, "node-a").list_volumes()) == 41 == len(made) + 2
